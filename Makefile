@@ -1,0 +1,57 @@
+# Small Makefile: every target creates the virtual environment it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+
+.PHONY: install install-dev run lint format typecheck test test-only system-deps lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
+	$(BIN)/pip install -q -r requirements-dev.lock
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+# Debian packages the tests run for real (redis-server); installed only when missing.
+system-deps:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+run: install
+	@echo "Hub on http://localhost:$(PORT) (embedded memory backend). In another shell:"
+	@echo "  curl -N http://localhost:$(PORT)/v1/channels/demo/events"
+	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"event\":\"token\",\"data\":\"hello\"}' http://localhost:$(PORT)/v1/channels/demo/events"
+	$(BIN)/python -m hub --port $(PORT)
+
+lint: install-dev
+	$(BIN)/ruff check hub tests
+	$(BIN)/ruff format --check hub tests
+
+format: install-dev
+	$(BIN)/ruff check --fix hub tests
+	$(BIN)/ruff format hub tests
+
+typecheck: install-dev
+	$(BIN)/mypy
+
+test-only: install-dev system-deps
+	$(BIN)/pytest
+
+test: lint typecheck test-only
+
+lock: $(BIN)/python
+	@echo "Edit the pins in requirements*.lock; verify with: $(BIN)/pip install -r requirements-dev.lock && make test"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

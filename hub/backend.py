@@ -1,0 +1,234 @@
+"""The backend contract: what a channel store must do, the ids it hands out, and the errors it raises.
+
+Two implementations: `MemoryBackend` (embedded, one process) and `RedisBackend` (Redis Streams, any number of nodes).
+One contract test suite runs against both. Nothing here imports aiohttp.web.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "TRIM_SLACK_MAX",
+    "ZERO_ID",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "ChannelClosed",
+    "ChannelInfo",
+    "Entry",
+    "InvalidPosition",
+    "NewEvent",
+    "RangeResult",
+    "ReadResult",
+    "Reset",
+    "TailReader",
+    "check_position",
+    "format_id",
+    "parse_id",
+]
+
+ZERO_ID = "0-0"
+# Trimming is approximate, like Redis `MAXLEN ~`: a channel keeps at least `history` entries and is trimmed only once
+# the excess reaches min(TRIM_SLACK_MAX, history), so a busy channel is not trimmed on every append.
+TRIM_SLACK_MAX = 100
+_MAX_U64 = (1 << 64) - 1
+_ID_RE = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})")
+
+StreamKey = tuple[int, int]
+
+
+class BackendError(Exception):
+    """Base class of the errors a backend raises on purpose."""
+
+
+class BackendUnavailable(BackendError):
+    """The store cannot be reached or did not answer in time. Nothing was changed, or it is unknown (publish: 503)."""
+
+
+class InvalidPosition(BackendError, ValueError):
+    """A resume position that is not a stream id."""
+
+
+class ChannelClosed(BackendError):
+    """The channel was finished with `close`; it accepts no more events until it is deleted."""
+
+
+def parse_id(value: str) -> StreamKey:
+    """Parse `<ms>-<seq>` (or `0`, meaning before the first entry) into a comparable key.
+
+    Raises InvalidPosition for anything else, so a malformed `Last-Event-ID` is a 400, not a server error.
+    """
+    if value == "0":
+        return (0, 0)
+    m = _ID_RE.fullmatch(value)
+    if m is None:
+        raise InvalidPosition(f"not a stream id: {value[:64]!r}")
+    ms, seq = int(m.group(1)), int(m.group(2))
+    if ms > _MAX_U64 or seq > _MAX_U64:
+        raise InvalidPosition(f"stream id out of range: {value[:64]!r}")
+    return (ms, seq)
+
+
+def format_id(key: StreamKey) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: its SSE event name and its data, already a string."""
+
+    event: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored event. `id` is the stream id, which is also the SSE `id:`; `close` marks the channel's last event."""
+
+    id: str
+    event: str
+    data: str
+    close: bool = False
+    key: StreamKey = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", parse_id(self.id))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    length: int
+    first_id: str | None
+    last_id: str
+    closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    """History after a position, with what is needed to tell whether the position can still be honoured.
+
+    `entries` are the entries with id > `after`, oldest first, at most `limit`; `more` says the limit cut them.
+    The metadata is read atomically with the entries.
+    """
+
+    exists: bool
+    entries: list[Entry]
+    more: bool
+    first_id: str | None  # oldest retained entry
+    last_id: str  # last id ever generated in this stream (ZERO_ID when none)
+    max_deleted_id: str  # newest id removed by trimming (ZERO_ID when none)
+    closed: bool  # the newest entry carries the close flag
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Why a position cannot be honoured exactly, and the position the stream continues after instead."""
+
+    reason: str  # "trimmed" | "expired" | "unknown_position" | "deleted"
+    continue_after: str
+    requested: str
+
+
+def check_position(after: str, r: RangeResult) -> Reset | None:
+    """Decide whether resuming after `after` would silently skip events; if so, say why and where to continue.
+
+    Every entry a stream ever held is either still retained (id >= first_id) or was trimmed (id <= max_deleted_id).
+    So: a trimmed id newer than the position means a gap; a position newer than anything generated, or one that falls
+    between what was trimmed and what is retained, was never an entry of this stream (it was recreated after expiry,
+    deletion or a Redis data loss) and its gap cannot be ruled out.
+    """
+    pos = parse_id(after)
+    if pos == (0, 0):
+        if r.exists and parse_id(r.max_deleted_id) > pos:
+            return Reset("trimmed", r.max_deleted_id, after)
+        return None
+    if not r.exists:
+        return Reset("expired", ZERO_ID, after)
+    max_deleted = parse_id(r.max_deleted_id)
+    if pos > parse_id(r.last_id):
+        return Reset("unknown_position", r.max_deleted_id, after)
+    if max_deleted > pos:
+        return Reset("trimmed", r.max_deleted_id, after)
+    if r.first_id is not None and pos < parse_id(r.first_id) and pos != max_deleted:
+        return Reset("unknown_position", r.max_deleted_id, after)
+    return None
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """What one live-tail read returned: new entries per channel, and channels deleted since the last read."""
+
+    entries: dict[str, list[Entry]] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+
+
+class TailReader(Protocol):
+    """A node's single live-tail cursor over many channels. Only `Fanout` uses it."""
+
+    async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
+        """Entries with id > positions[channel], for every channel given, oldest first per channel.
+
+        Blocks up to `block_s` while there is nothing; returns early on new entries, on a deletion, or when
+        `interrupt()` is called (then possibly empty). Never skips entries: the caller passes the last id it received,
+        never "latest". Raises BackendUnavailable when the store is unreachable; a later call may succeed.
+        """
+        ...
+
+    async def interrupt(self) -> None:
+        """Make a `read()` in progress (or about to start) return soon, so a changed channel set takes effect."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    """A store of channels, each an append-only, trimmed, expiring sequence of events with strictly increasing ids.
+
+    Ids are `<ms>-<seq>` strings (Redis stream ids), strictly increasing per channel; their ms part is the append time.
+    All methods raise BackendUnavailable when the store is unreachable, within a bounded time, never hanging.
+    """
+
+    async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+        """Append `events` in order, atomically (all or none), and return their ids.
+
+        With `close`, the last event carries the close flag and the channel accepts nothing more. Trims the channel to
+        about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed.
+        """
+        ...
+
+    async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
+        """History after `after` (exclusive) plus the channel's metadata, read atomically. See RangeResult."""
+        ...
+
+    async def info(self, channel: str) -> ChannelInfo | None:
+        """The channel's length and ends, or None when it does not exist."""
+        ...
+
+    async def delete(self, channel: str) -> bool:
+        """Remove the channel; live tail readers on every node report it in `ReadResult.deleted`. False if absent."""
+        ...
+
+    def open_reader(self) -> TailReader:
+        """A new live-tail cursor (the Redis one holds its own connection)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable unless the store answers now (readiness)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def entries_after(entries: Sequence[Entry], after: StreamKey) -> list[Entry]:
+    """The entries newer than `after` (entries sorted by id)."""
+    if not entries or entries[0].key > after:
+        return list(entries)
+    return [e for e in entries if e.key > after]
+
+
+def positions_key(positions: Mapping[str, str]) -> dict[str, StreamKey]:
+    return {ch: parse_id(pos) for ch, pos in positions.items()}

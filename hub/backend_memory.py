@@ -1,0 +1,202 @@
+"""MemoryBackend: channels kept in this process, with the same ids, trimming, expiry, close and reset as Redis.
+
+The embedded backend for development and single-node use. It is product code with its own contract tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .backend import (
+    TRIM_SLACK_MAX,
+    ZERO_ID,
+    ChannelClosed,
+    ChannelInfo,
+    Entry,
+    NewEvent,
+    RangeResult,
+    ReadResult,
+    StreamKey,
+    format_id,
+    parse_id,
+)
+
+__all__ = ["MemoryBackend"]
+
+_SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass(slots=True)
+class _Channel:
+    entries: list[Entry] = field(default_factory=list)
+    keys: list[StreamKey] = field(default_factory=list)
+    last: StreamKey = (0, 0)
+    max_deleted: StreamKey = (0, 0)
+    expires_at: float = 0.0
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.entries) and self.entries[-1].close
+
+
+class MemoryBackend:
+    def __init__(self, *, history: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._history = history
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._channels: dict[str, _Channel] = {}
+        self._readers: set[_MemoryTailReader] = set()
+        self._changed = asyncio.Event()
+        self._last_sweep = 0.0
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+
+    def _get(self, channel: str, now: float) -> _Channel | None:
+        ch = self._channels.get(channel)
+        if ch is not None and ch.expires_at <= now:
+            del self._channels[channel]
+            return None
+        return ch
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < _SWEEP_INTERVAL_S:
+            return
+        self._last_sweep = now
+        for name in [n for n, ch in self._channels.items() if ch.expires_at <= now]:
+            del self._channels[name]
+
+    def _next_id(self, ch: _Channel, now: float) -> StreamKey:
+        ms = int(now * 1000)
+        return (ms, 0) if ms > ch.last[0] else (ch.last[0], ch.last[1] + 1)
+
+    def _trim(self, ch: _Channel) -> None:
+        excess = len(ch.entries) - self._history
+        if excess >= min(TRIM_SLACK_MAX, max(1, self._history)):
+            ch.max_deleted = ch.keys[excess - 1]
+            del ch.entries[:excess]
+            del ch.keys[:excess]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- Backend ------------------------------------------------------------------------------------------------------
+
+    async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+        now = self._clock()
+        self._sweep(now)
+        ch = self._get(channel, now)
+        if ch is None:
+            ch = self._channels[channel] = _Channel()
+        elif ch.closed:
+            raise ChannelClosed(channel)
+        ids: list[str] = []
+        last_index = len(events) - 1
+        for i, ev in enumerate(events):
+            key = self._next_id(ch, now)
+            entry = Entry(format_id(key), ev.event, ev.data, close and i == last_index)
+            ch.entries.append(entry)
+            ch.keys.append(key)
+            ch.last = key
+            ids.append(entry.id)
+        self._trim(ch)
+        ch.expires_at = now + self._ttl_s
+        self._notify()
+        return ids
+
+    async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
+        pos = parse_id(after)
+        ch = self._get(channel, self._clock())
+        if ch is None:
+            return RangeResult(False, [], False, None, ZERO_ID, ZERO_ID, False)
+        start = bisect.bisect_right(ch.keys, pos)
+        entries = ch.entries[start : start + limit]
+        return RangeResult(
+            exists=True,
+            entries=entries,
+            more=len(ch.entries) - start > limit,
+            first_id=ch.entries[0].id if ch.entries else None,
+            last_id=format_id(ch.last),
+            max_deleted_id=format_id(ch.max_deleted),
+            closed=ch.closed,
+        )
+
+    async def info(self, channel: str) -> ChannelInfo | None:
+        ch = self._get(channel, self._clock())
+        if ch is None:
+            return None
+        first = ch.entries[0].id if ch.entries else None
+        return ChannelInfo(length=len(ch.entries), first_id=first, last_id=format_id(ch.last), closed=ch.closed)
+
+    async def delete(self, channel: str) -> bool:
+        ch = self._get(channel, self._clock())
+        if ch is None:
+            return False
+        del self._channels[channel]
+        for reader in self._readers:
+            reader.deleted.append(channel)
+        self._notify()
+        return True
+
+    def open_reader(self) -> _MemoryTailReader:
+        reader = _MemoryTailReader(self)
+        self._readers.add(reader)
+        return reader
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._notify()
+
+    # -- for the reader -----------------------------------------------------------------------------------------------
+
+    def _collect(self, positions: Mapping[str, str]) -> dict[str, list[Entry]]:
+        now = self._clock()
+        out: dict[str, list[Entry]] = {}
+        for name, pos in positions.items():
+            ch = self._get(name, now)
+            if ch is None or not ch.keys or ch.keys[-1] <= (key := parse_id(pos)):
+                continue
+            out[name] = ch.entries[bisect.bisect_right(ch.keys, key) :]
+        return out
+
+
+class _MemoryTailReader:
+    def __init__(self, backend: MemoryBackend) -> None:
+        self._backend = backend
+        self._interrupted = False
+        self._wake = asyncio.Event()
+        self.deleted: list[str] = []
+
+    async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
+        deadline = time.monotonic() + block_s
+        while True:
+            changed = self._backend._changed
+            entries = self._backend._collect(positions)
+            if entries or self.deleted or self._interrupted:
+                deleted, self.deleted = self.deleted, []
+                self._interrupted = False
+                return ReadResult(entries, deleted)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return ReadResult()
+            self._wake = asyncio.Event()
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+
+    async def interrupt(self) -> None:
+        self._interrupted = True
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        self._backend._readers.discard(self)
+        await self.interrupt()

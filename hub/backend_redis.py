@@ -1,0 +1,299 @@
+"""RedisBackend: one Redis Stream per channel; appends and history reads are Lua scripts, so each is atomic.
+
+Key layout (the only place that builds keys): `<prefix>ch:{<channel>}` per channel (the hash tag keeps a channel on
+one cluster slot) and `<prefix>control`, a short stream through which deletions reach every node's tail reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .backend import (
+    TRIM_SLACK_MAX,
+    ZERO_ID,
+    BackendUnavailable,
+    ChannelClosed,
+    ChannelInfo,
+    Entry,
+    NewEvent,
+    RangeResult,
+    ReadResult,
+)
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger(__name__)
+
+_CONTROL_MAXLEN = 1000
+# Entries per channel one tail read may return; the rest comes with the next read, in order.
+_READ_COUNT = 1000
+
+# Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
+# Trimming is done here rather than with `XADD MAXLEN ~`, because Redis does not record what trimming removed, and
+# resuming clients must be told exactly when their position fell off the history: after trimming, the id of the newest
+# removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
+# KEYS[1] stream; ARGV: maxlen, ttl_ms, close flag ("1"/"0"), then event/data pairs.
+_APPEND_LUA = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local f = last[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'c' then return redis.error_reply('CLOSED channel is closed') end
+  end
+end
+local ids = {}
+local n = (#ARGV - 3) / 2
+for i = 1, n do
+  local ev, d = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  if i == n and ARGV[3] == '1' then
+    ids[i] = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'c', '1')
+  else
+    ids[i] = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d)
+  end
+end
+local maxlen = tonumber(ARGV[1])
+local excess = redis.call('XLEN', KEYS[1]) - maxlen
+if excess >= math.min(%(slack)d, maxlen) then
+  local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
+  redis.call('XSETID', KEYS[1], ids[n], 'MAXDELETEDID', gone[#gone][1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return ids
+""" % {"slack": TRIM_SLACK_MAX}
+
+# History after a position plus the metadata `check_position` needs, read atomically.
+# KEYS[1] stream; ARGV[1] exclusive start ("(<id>"), ARGV[2] count (0: metadata only).
+_RANGE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local length, last_id, max_deleted, first, last_entry = 0, '0-0', '0-0', false, false
+for i = 1, #info, 2 do
+  local k = info[i]
+  if k == 'length' then length = info[i + 1]
+  elseif k == 'last-generated-id' then last_id = info[i + 1]
+  elseif k == 'max-deleted-entry-id' then max_deleted = info[i + 1]
+  elseif k == 'first-entry' then first = info[i + 1]
+  elseif k == 'last-entry' then last_entry = info[i + 1] end
+end
+local closed, first_id = 0, ''
+if first then first_id = first[1] end
+if last_entry then
+  local f = last_entry[2]
+  for j = 1, #f, 2 do if f[j] == 'c' then closed = 1 end end
+end
+local entries = {}
+if tonumber(ARGV[2]) > 0 then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+return {1, length, last_id, max_deleted, first_id, closed, entries}
+"""
+
+# Delete a channel and tell every node's tail reader, in one step.
+# KEYS[1] stream, KEYS[2] control stream; ARGV[1] channel name, ARGV[2] control maxlen.
+_DELETE_LUA = """
+local n = redis.call('DEL', KEYS[1])
+if n == 1 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'op', 'delete', 'ch', ARGV[1])
+end
+return n
+"""
+
+
+def _entry(raw: Any) -> Entry:
+    entry_id, fields = raw[0], raw[1]
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    return Entry(entry_id, fields.get("e", "message"), fields.get("d", ""), "c" in fields)
+
+
+class RedisBackend:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        history: int,
+        ttl_s: float,
+        timeout_s: float = 5.0,
+        max_connections: int = 32,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._history = history
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._timeout_s = timeout_s
+        # No automatic retries: a retried XADD after a lost reply would append twice. Callers see the error (503).
+        self._client_kwargs: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_connect_timeout": timeout_s,
+            "socket_timeout": None,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections, **self._client_kwargs)
+        self._append = self._redis.register_script(_APPEND_LUA)
+        self._range = self._redis.register_script(_RANGE_LUA)
+        self._delete = self._redis.register_script(_DELETE_LUA)
+
+    def stream_key(self, channel: str) -> str:
+        return f"{self._prefix}ch:{{{channel}}}"
+
+    @property
+    def control_key(self) -> str:
+        return f"{self._prefix}control"
+
+    async def _call(self, coro: Any) -> Any:
+        """Run one Redis call with a deadline; map connection failures to BackendUnavailable."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await coro
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+
+    async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+        args: list[Any] = [self._history, self._ttl_ms, "1" if close else "0"]
+        for ev in events:
+            args += (ev.event, ev.data)
+        try:
+            ids = await self._call(self._append(keys=[self.stream_key(channel)], args=args))
+        except ResponseError as e:
+            if str(e).startswith("CLOSED"):
+                raise ChannelClosed(channel) from None
+            raise
+        return list(ids)
+
+    async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
+        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=[f"({after}", limit + 1]))
+        if raw[0] == 0:
+            return RangeResult(False, [], False, None, ZERO_ID, ZERO_ID, False)
+        _, _length, last_id, max_deleted, first_id, closed, entries = raw
+        parsed = [_entry(e) for e in entries]
+        return RangeResult(
+            exists=True,
+            entries=parsed[:limit],
+            more=len(parsed) > limit,
+            first_id=first_id or None,
+            last_id=last_id,
+            max_deleted_id=max_deleted,
+            closed=bool(closed),
+        )
+
+    async def info(self, channel: str) -> ChannelInfo | None:
+        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=["(0-0", 0]))
+        if raw[0] == 0:
+            return None
+        _, length, last_id, _max_deleted, first_id, closed, _ = raw
+        return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
+
+    async def delete(self, channel: str) -> bool:
+        keys = [self.stream_key(channel), self.control_key]
+        n = await self._call(self._delete(keys=keys, args=[channel, _CONTROL_MAXLEN]))
+        return bool(n)
+
+    def open_reader(self) -> _RedisTailReader:
+        return _RedisTailReader(self)
+
+    async def ping(self) -> None:
+        try:
+            await self._call(self._redis.ping())
+        except RedisError as e:
+            raise BackendUnavailable(f"redis error: {type(e).__name__}") from e
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class _RedisTailReader:
+    """One connection doing `XREAD BLOCK` over the control stream and every active channel of this node.
+
+    `interrupt()` sends `CLIENT UNBLOCK` from the shared pool, so a new channel joins the read at once. The reader
+    never reads from `$`: it always passes the last id it delivered, so nothing appended between two reads is lost.
+    """
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        # Typed as Any: redis-py's stubs do not model decode_responses=True, and this parses replies itself.
+        self._conn: Any = aioredis.Redis.from_url(backend._url, single_connection_client=True, **backend._client_kwargs)
+        self._client_id: int | None = None
+        self._control_pos: str | None = None
+        self._reading = False
+        self._interrupting = False
+
+    async def _prepare(self) -> None:
+        if self._client_id is None:
+            self._client_id = int(await self._conn.execute_command("CLIENT", "ID"))
+        if self._control_pos is None:
+            # The control stream's current end: deletions before this reader existed are not its business.
+            last = await self._conn.xrevrange(self._backend.control_key, count=1)
+            self._control_pos = last[0][0] if last else ZERO_ID
+
+    async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
+        backend = self._backend
+        self._reading = True
+        try:
+            async with asyncio.timeout(block_s + backend._timeout_s):
+                await self._prepare()
+                assert self._control_pos is not None
+                streams = {backend.control_key: self._control_pos}
+                key_to_channel: dict[str, str] = {}
+                for channel, pos in positions.items():
+                    key = backend.stream_key(channel)
+                    key_to_channel[key] = channel
+                    streams[key] = pos
+                raw = await self._conn.xread(streams, count=_READ_COUNT, block=max(1, int(block_s * 1000)))
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+            await self._reset()
+            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+        finally:
+            self._reading = False
+        result = ReadResult()
+        if not raw:
+            return result
+        # RESP2 gives [[key, entries], ...]; RESP3 a mapping.
+        items = raw.items() if isinstance(raw, dict) else raw
+        for key, entries in items:
+            if key == backend.control_key:
+                for entry_id, fields in entries:
+                    self._control_pos = entry_id
+                    if fields.get("op") == "delete" and "ch" in fields:
+                        result.deleted.append(fields["ch"])
+            elif (name := key_to_channel.get(key)) is not None:
+                result.entries[name] = [_entry(e) for e in entries]
+        return result
+
+    async def _reset(self) -> None:
+        self._client_id = None
+        try:
+            await self._conn.connection.disconnect() if self._conn.connection else None
+        except Exception:  # the connection is being thrown away; its own errors do not matter
+            log.debug("error while dropping the tail connection", exc_info=True)
+
+    async def interrupt(self) -> None:
+        """Unblock a pending XREAD. The command may not have reached Redis yet, so retry briefly until it has."""
+        if self._interrupting:
+            return
+        self._interrupting = True
+        try:
+            for _ in range(400):
+                if not self._reading:
+                    return
+                client_id = self._client_id
+                if client_id is not None and await self._backend._call(self._backend._redis.client_unblock(client_id)):
+                    return
+                await asyncio.sleep(0.005)
+        finally:
+            self._interrupting = False
+
+    async def aclose(self) -> None:
+        await self._conn.aclose()

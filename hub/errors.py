@@ -1,0 +1,69 @@
+"""API errors and the middleware that turns every failure into a JSON body `{"error", "message"}` with its status."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+from aiohttp import web
+
+from .backend import BackendUnavailable, ChannelClosed, InvalidPosition
+
+__all__ = ["ApiError", "error_middleware", "json_error"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A client-facing error: HTTP status, a stable machine-readable code, and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def json_error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": code, "message": message}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return json_error(e.status, e.code, e.message, e.headers)
+    except InvalidPosition as e:
+        return json_error(400, "invalid_id", str(e))
+    except ChannelClosed:
+        return json_error(409, "channel_closed", "the channel was closed; delete it before publishing again")
+    except BackendUnavailable as e:
+        log.warning("backend unavailable during %s %s: %s", request.method, request.path, e)
+        return json_error(503, "backend_unavailable", "the backend is unavailable; retry later", {"Retry-After": "1"})
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        message = e.reason if e.status != 413 else "request body is over the size limit"
+        return json_error(e.status, code, message, {k: v for k, v in e.headers.items() if k == "Allow"})
+    except Exception:
+        # Details go to the log, never to the client.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal", "internal error")

@@ -1,0 +1,325 @@
+"""Fanout: one live read per active channel per node, each event encoded once, the same bytes to every subscriber.
+
+A single task tails every channel that has local subscribers through one `TailReader` (one Redis connection doing one
+multiplexed `XREAD`). Subscribers are not tasks and have no queues: an event batch is appended, as one shared bytes
+object, to each subscriber's pending list, and the subscriber's own request handler writes it out in one write.
+A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it loses nothing, as it resumes by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Protocol
+
+import orjson
+
+from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, parse_id
+from .metrics import HubMetrics
+from .sse import comment, encode_event
+
+__all__ = ["Fanout", "Subscriber", "encode_reset"]
+
+log = logging.getLogger(__name__)
+
+_HEARTBEAT = comment("keep-alive")
+_BACKOFF_MIN_S = 0.05
+_BACKOFF_MAX_S = 2.0
+
+
+class _Transport(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+    def abort(self) -> None: ...
+
+
+def encode_reset(reset: Reset) -> bytes:
+    """The in-band `reset` event. Its id is where the stream continues after, so a reconnect does not repeat it."""
+    data = orjson.dumps(
+        {"reason": reset.reason, "requested": reset.requested, "continue_after": reset.continue_after}
+    ).decode()
+    return encode_event(reset.continue_after, "reset", data)
+
+
+class Subscriber:
+    """One open SSE stream: a pending-bytes list its handler drains, and the id of the last event handed to it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_pending",
+        "_pending_bytes",
+        "_waiter",
+        "channel",
+        "cut",
+        "ended",
+        "last_key",
+        "max_buffer_bytes",
+        "transport",
+    )
+
+    def __init__(self, channel: str, transport: _Transport | None, max_buffer_bytes: int) -> None:
+        self.channel = channel
+        self.transport = transport
+        self.max_buffer_bytes = max_buffer_bytes
+        self.last_key: StreamKey = (0, 0)
+        self.ended = False  # no more data will come; the handler finishes after writing what is pending
+        self.cut = False  # cut off as a slow consumer
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, data: bytes, last_key: StreamKey | None = None, *, end: bool = False) -> bool:
+        """Queue bytes for the handler. Returns False if this made the subscriber a slow consumer (now cut off)."""
+        if self.ended:
+            return True
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if last_key is not None:
+            self.last_key = last_key
+        buffered = self._pending_bytes + (self.transport.get_write_buffer_size() if self.transport else 0)
+        if buffered > self.max_buffer_bytes:
+            self._cut_off()
+            return False
+        if end:
+            self.ended = True
+        self._wake()
+        return True
+
+    def end(self) -> None:
+        """Finish the stream after what is already pending."""
+        self.ended = True
+        self._wake()
+
+    def _cut_off(self) -> None:
+        self.cut = True
+        self.ended = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self.transport is not None:
+            # The handler may be blocked in a drain that would never finish; aborting wakes it with an error.
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next_chunk(self) -> bytes | None:
+        """Wait for pending bytes and take them all, joined; None once the stream is over and everything was taken."""
+        while not self._pending:
+            if self.ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        return data
+
+
+class _Channel:
+    __slots__ = ("position", "subscribers")
+
+    def __init__(self, position: str) -> None:
+        self.position = position  # id of the last entry read from the backend for this channel (or where it started)
+        self.subscribers: set[Subscriber] = set()
+
+
+class Fanout:
+    def __init__(self, backend: Backend, metrics: HubMetrics, *, block_s: float, heartbeat_s: float) -> None:
+        self._backend = backend
+        self._metrics = metrics
+        self._block_s = block_s
+        self._heartbeat_s = heartbeat_s
+        self._channels: dict[str, _Channel] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._reader: TailReader | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wakeup = asyncio.Event()
+        self._interrupt_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.healthy = True  # False while the live tail cannot read the backend
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._reader = self._backend.open_reader()
+        self._tasks = [
+            asyncio.create_task(self._tail_loop(), name="fanout-tail"),
+            asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._reader is not None:
+            await self._reader.aclose()
+
+    async def drain(self, spread_s: float, wait_s: float) -> None:
+        """End every stream, spread at random over `spread_s` so clients do not all reconnect at once, and wait
+        up to `wait_s` for their handlers to finish writing."""
+        loop = asyncio.get_running_loop()
+        subs = list(self._subscribers)
+        for sub in subs:
+            loop.call_later(random.uniform(0, spread_s), sub.end)
+        deadline = loop.time() + wait_s
+        while self._subscribers and loop.time() < deadline:  # noqa: ASYNC110 - bounded wait on handlers we don't own
+            await asyncio.sleep(0.05)
+
+    # -- subscribers --------------------------------------------------------------------------------------------------
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def register(self, sub: Subscriber) -> None:
+        """Count a stream as open (it gets heartbeats and drain) before it has caught up."""
+        self._subscribers.add(sub)
+        self._metrics.connections_open.set(len(self._subscribers))
+
+    def try_attach(self, sub: Subscriber, position: str) -> bool:
+        """Join the live feed at `position` if this node's tail is not ahead of it.
+
+        False means the tail has already passed `position`: the caller reads the history in between and tries again.
+        Synchronous, so nothing can be dispatched between the check and the join: no gap, no duplicate.
+        """
+        key = parse_id(position)
+        ch = self._channels.get(sub.channel)
+        if ch is None:
+            ch = self._channels[sub.channel] = _Channel(position)
+            self._metrics.channels_active.set(len(self._channels))
+            self._kick_reader()
+        elif parse_id(ch.position) > key:
+            return False
+        # If the subscriber is ahead of the tail, it skips what it already has (dispatch compares last_key).
+        sub.last_key = key
+        ch.subscribers.add(sub)
+        return True
+
+    def detach(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        self._metrics.connections_open.set(len(self._subscribers))
+        ch = self._channels.get(sub.channel)
+        if ch is not None:
+            ch.subscribers.discard(sub)
+        # An idle channel is dropped from the tail at the next read, not here: a quick reconnect keeps its position.
+
+    # -- the live tail ------------------------------------------------------------------------------------------------
+
+    def _kick_reader(self) -> None:
+        self._wakeup.set()
+        if self._reader is not None and (self._interrupt_task is None or self._interrupt_task.done()):
+            self._interrupt_task = asyncio.create_task(self._reader.interrupt(), name="fanout-interrupt")
+            self._interrupt_task.add_done_callback(_log_task_error)
+
+    def _snapshot(self) -> dict[str, _Channel]:
+        idle = [name for name, ch in self._channels.items() if not ch.subscribers]
+        for name in idle:
+            del self._channels[name]
+        if idle:
+            self._metrics.channels_active.set(len(self._channels))
+        return dict(self._channels)
+
+    async def _tail_loop(self) -> None:
+        assert self._reader is not None
+        backoff = _BACKOFF_MIN_S
+        while not self._stopping:
+            snapshot = self._snapshot()
+            if not snapshot:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._wakeup.clear()
+            try:
+                result = await self._reader.read({n: ch.position for n, ch in snapshot.items()}, block_s=self._block_s)
+            except BackendUnavailable as e:
+                self.healthy = False
+                self._metrics.backend_errors.labels("tail").inc()
+                log.warning("live tail read failed (%s); retrying in %.2fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            self.healthy = True
+            backoff = _BACKOFF_MIN_S
+            for name in result.deleted:
+                self._on_deleted(name)
+            for name, entries in result.entries.items():
+                ch = snapshot.get(name)
+                # Apply only to the same channel object the read was made for: a channel dropped and re-added during
+                # the read starts from another position, and these entries may not fit it.
+                if entries and ch is not None and self._channels.get(name) is ch:
+                    self._dispatch(name, ch, entries)
+
+    def _dispatch(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
+        encoded = [encode_event(e.id, e.event, e.data) for e in entries]
+        payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
+        first, last = entries[0].key, entries[-1].key
+        end = entries[-1].close
+        ch.position = entries[-1].id
+        now = time.time()
+        lag = self._metrics.delivery_lag_seconds
+        for e in entries:
+            lag.observe(max(0.0, now - e.key[0] / 1000))
+        delivered = 0
+        cut = 0
+        for sub in tuple(ch.subscribers):
+            lk = sub.last_key
+            if lk >= last:
+                continue
+            if lk < first:
+                data, n = payload, len(entries)
+            else:
+                i = next(i for i, e in enumerate(entries) if e.key > lk)
+                data, n = b"".join(encoded[i:]), len(entries) - i
+            if sub.push(data, last, end=end):
+                delivered += n
+            else:
+                cut += 1
+                ch.subscribers.discard(sub)
+        if delivered:
+            self._metrics.events_delivered.inc(delivered)
+        if cut:
+            self._metrics.slow_disconnects.inc(cut)
+        if end:
+            # Nothing can follow the close marker: release the channel.
+            del self._channels[name]
+            self._metrics.channels_active.set(len(self._channels))
+
+    def _on_deleted(self, name: str) -> None:
+        ch = self._channels.pop(name, None)
+        if ch is None:
+            return
+        self._metrics.channels_active.set(len(self._channels))
+        data = encode_reset(Reset("deleted", "0-0", ch.position))
+        for sub in ch.subscribers:
+            sub.push(data, end=True)
+        if ch.subscribers:
+            self._metrics.resets.labels("deleted").inc(len(ch.subscribers))
+
+    async def _heartbeat_loop(self) -> None:
+        # One timer for the whole node instead of one per connection.
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            cut = 0
+            for sub in tuple(self._subscribers):
+                if not sub.push(_HEARTBEAT):
+                    cut += 1
+                    self.detach(sub)
+            if cut:
+                self._metrics.slow_disconnects.inc(cut)
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("tail interrupt failed: %r", exc)

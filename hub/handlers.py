@@ -1,0 +1,251 @@
+"""HTTP handlers: validate, call the backend or the fan-out, respond. No Redis command is issued here."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
+from .errors import ApiError
+from .fanout import Subscriber, encode_reset
+from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE
+from .sse import comment, encode_event, retry
+
+__all__ = ["routes"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_EVENT_FIELDS = frozenset({"event", "data", "close"})
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+routes = web.RouteTableDef()
+
+
+def _channel(request: web.Request) -> str:
+    name = request.match_info["channel"]
+    if not CHANNEL_RE.fullmatch(name):
+        raise ApiError(400, "invalid_channel", "channel names are 1-200 characters of A-Z a-z 0-9 _ . : @ -")
+    return name
+
+
+def _draining(request: web.Request) -> None:
+    if request.app[STATE].draining:
+        raise ApiError(503, "draining", "this node is shutting down; retry on another", {"Retry-After": "1"})
+
+
+# -- publish --------------------------------------------------------------------------------------------------------
+
+
+def _parse_events(body: Any) -> tuple[list[NewEvent], bool]:
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise ApiError(400, "invalid_body", "the body is an empty array; send at least one event")
+    events: list[NewEvent] = []
+    close = False
+    last = len(items) - 1
+    for i, item in enumerate(items):
+        where = f"event {i}" if isinstance(body, list) else "the event"
+        if not isinstance(item, dict):
+            raise ApiError(400, "invalid_body", f"{where} is not a JSON object")
+        unknown = item.keys() - _EVENT_FIELDS
+        if unknown:
+            raise ApiError(400, "invalid_body", f"{where} has unknown fields: {', '.join(sorted(unknown))[:200]}")
+        if "data" not in item:
+            raise ApiError(400, "invalid_body", f"{where} has no data")
+        name = item.get("event", "message")
+        if not isinstance(name, str) or not EVENT_RE.fullmatch(name):
+            raise ApiError(400, "invalid_event", f"{where}: event names are 1-64 characters of A-Z a-z 0-9 _ . : -")
+        flag = item.get("close", False)
+        if not isinstance(flag, bool):
+            raise ApiError(400, "invalid_body", f"{where}: close must be true or false")
+        if flag and i != last:
+            raise ApiError(400, "invalid_body", f"{where}: only the last event of a body may close the channel")
+        close = flag
+        data = item["data"]
+        events.append(NewEvent(name, data if isinstance(data, str) else orjson.dumps(data).decode()))
+    return events, close
+
+
+@routes.post("/v1/channels/{channel}/events")
+async def publish(request: web.Request) -> web.Response:
+    channel = _channel(request)
+    settings = request.app[SETTINGS]
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise ApiError(413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes} bytes")
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    events, close = _parse_events(body)
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        ids = await request.app[BACKEND].append(channel, events, close=close)
+    except BackendUnavailable:
+        metrics.backend_errors.labels("append").inc()
+        raise
+    metrics.publish_seconds.observe(time.perf_counter() - started)
+    metrics.events_published.inc(len(ids))
+    return web.Response(status=201, body=orjson.dumps({"ids": ids}), content_type="application/json")
+
+
+# -- subscribe ------------------------------------------------------------------------------------------------------
+
+
+def _requested_position(request: web.Request) -> str | None:
+    value = request.headers.get("Last-Event-ID")
+    if value is None or value == "":
+        value = request.query.get("last_event_id")
+    if value is None or value == "":
+        return None
+    value = value.strip()
+    parse_id(value)  # InvalidPosition -> 400
+    return value
+
+
+@routes.get("/v1/channels/{channel}/events")
+async def subscribe(request: web.Request) -> web.StreamResponse:
+    channel = _channel(request)
+    _draining(request)
+    position = _requested_position(request)
+    backend = request.app[BACKEND]
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
+
+    first: RangeResult | None = None
+    if position is None:
+        # Live: start after whatever the channel holds now.
+        info = await backend.info(channel)
+        if info is not None and info.closed:
+            return web.Response(status=204)
+        position = info.last_id if info is not None else ZERO_ID
+    else:
+        first = await backend.range(channel, position, limit=settings.replay_page)
+        if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
+            # The client already has the end marker: 204 tells EventSource to stop reconnecting.
+            return web.Response(status=204)
+
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    fanout = request.app[FANOUT]
+    sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
+    fanout.register(sub)
+    metrics.connections_total.inc()
+    try:
+        await resp.write(retry(settings.retry_ms) + comment("ok"))
+        if await _catch_up(request, resp, sub, position, first):
+            while (chunk := await sub.next_chunk()) is not None:
+                await resp.write(chunk)
+    except ConnectionError:
+        # The client went away, or was cut off as a slow consumer; it resumes from its last id.
+        pass
+    except BackendUnavailable as e:
+        metrics.backend_errors.labels("history").inc()
+        log.info("ending stream on %s: %s", channel, e)
+    finally:
+        fanout.detach(sub)
+    return resp
+
+
+async def _catch_up(
+    request: web.Request, resp: web.StreamResponse, sub: Subscriber, position: str, r: RangeResult | None
+) -> bool:
+    """Replay history after `position` until this node's live tail can take over; then attach to it.
+
+    Returns False when the stream is already over (the close marker was replayed).
+    """
+    backend = request.app[BACKEND]
+    fanout = request.app[FANOUT]
+    page = request.app[SETTINGS].replay_page
+    while True:
+        if r is not None:
+            reset = check_position(position, r)
+            if reset is not None:
+                request.app[METRICS].resets.labels(reset.reason).inc()
+                await resp.write(encode_reset(reset))
+                position = reset.continue_after
+                r = await backend.range(sub.channel, position, limit=page)
+                continue
+            if r.entries:
+                await resp.write(b"".join(encode_event(e.id, e.event, e.data) for e in r.entries))
+                position = r.entries[-1].id
+                if r.entries[-1].close:
+                    return False
+            elif r.closed and parse_id(position) >= parse_id(r.last_id):
+                return False
+            if r.more:
+                r = await backend.range(sub.channel, position, limit=page)
+                continue
+        if fanout.try_attach(sub, position):
+            return True
+        r = await backend.range(sub.channel, position, limit=page)
+
+
+# -- channel management ---------------------------------------------------------------------------------------------
+
+
+@routes.get("/v1/channels/{channel}")
+async def channel_info(request: web.Request) -> web.Response:
+    channel = _channel(request)
+    info = await request.app[BACKEND].info(channel)
+    if info is None:
+        raise ApiError(404, "channel_not_found", "no such channel")
+    body = {"length": info.length, "first_id": info.first_id, "last_id": info.last_id, "closed": info.closed}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+@routes.delete("/v1/channels/{channel}")
+async def channel_delete(request: web.Request) -> web.Response:
+    channel = _channel(request)
+    if not await request.app[BACKEND].delete(channel):
+        raise ApiError(404, "channel_not_found", "no such channel")
+    return web.Response(status=204)
+
+
+# -- operations -----------------------------------------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problem = None
+    if state.draining:
+        problem = "draining"
+    else:
+        try:
+            await request.app[BACKEND].ping()
+        except BackendUnavailable:
+            problem = "backend_unavailable"
+        else:
+            if not request.app[FANOUT].healthy:
+                problem = "live_tail_failing"
+    if problem is not None:
+        body = orjson.dumps({"status": "unavailable", "reason": problem})
+        return web.Response(status=503, body=body, content_type="application/json")
+    return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,111 @@
+"""HubSettings: every setting of a hub node in one frozen dataclass, with its flag, environment variable and default.
+
+`--name` on the command line, `HUB_NAME` in the environment (flags win). Validated at construction, so a bad value
+stops the process at start with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DEFAULT_HEARTBEAT_S", "DEFAULT_HISTORY", "DEFAULT_RETRY_MS", "DEFAULT_TTL_S", "HubSettings"]
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 8080
+DEFAULT_HISTORY = 10_000
+DEFAULT_TTL_S = 86_400.0
+DEFAULT_HEARTBEAT_S = 15.0
+DEFAULT_RETRY_MS = 2_000
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_GRACE_S = 10.0
+DEFAULT_KEY_PREFIX = "hub:"
+DEFAULT_REDIS_TIMEOUT_S = 3.0
+DEFAULT_MAX_BUFFER_BYTES = 1 << 20
+DEFAULT_REPLAY_PAGE = 500
+DEFAULT_TAIL_BLOCK_S = 5.0
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _opt(default: Any, flag: str, help: str) -> Any:
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubSettings:
+    host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
+    port: int = _opt(DEFAULT_PORT, "port", "TCP port to listen on")
+    redis_url: str | None = _opt(None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend")
+    key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key this hub uses")
+    history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (approximately, like MAXLEN ~)")
+    ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel lives after its last publish")
+    heartbeat_s: float = _opt(DEFAULT_HEARTBEAT_S, "heartbeat", "seconds between keep-alive comments")
+    retry_ms: int = _opt(DEFAULT_RETRY_MS, "retry-ms", "reconnection delay hint sent to clients (retry:)")
+    max_body_bytes: int = _opt(DEFAULT_MAX_BODY_BYTES, "max-body", "largest publish body accepted, in bytes")
+    log_level: str = _opt("info", "log-level", "debug, info, warning or error")
+    grace_s: float = _opt(DEFAULT_GRACE_S, "grace", "seconds a shutdown may take before streams are cut")
+    redis_timeout_s: float = _opt(DEFAULT_REDIS_TIMEOUT_S, "redis-timeout", "deadline of one Redis call, seconds")
+    max_buffer_bytes: int = _opt(
+        DEFAULT_MAX_BUFFER_BYTES, "max-buffer", "bytes a subscriber may leave unread before it is cut off"
+    )
+    replay_page: int = _opt(DEFAULT_REPLAY_PAGE, "replay-page", "history entries read per round trip on resume")
+    tail_block_s: float = _opt(DEFAULT_TAIL_BLOCK_S, "tail-block", "longest blocking read of the live tail, seconds")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid setting {name} (HUB_{name.upper().replace('-', '_')}): {what}")
+
+        need(1 <= self.port <= 65535, "port", "must be 1-65535")
+        need(self.history >= 1, "history", "must be at least 1")
+        need(self.ttl_s >= 1, "ttl", "must be at least 1 second")
+        need(self.heartbeat_s > 0, "heartbeat", "must be positive")
+        need(self.retry_ms >= 0, "retry-ms", "must not be negative")
+        need(self.max_body_bytes >= 1024, "max-body", "must be at least 1024")
+        need(self.log_level in _LOG_LEVELS, "log-level", f"must be one of {', '.join(_LOG_LEVELS)}")
+        need(self.grace_s >= 0, "grace", "must not be negative")
+        need(self.redis_timeout_s > 0, "redis-timeout", "must be positive")
+        need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
+        need(self.replay_page >= 1, "replay-page", "must be at least 1")
+        need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
+        need(
+            self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis-url",
+            "must start with redis://, rediss:// or unix://",
+        )
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> HubSettings:
+        """Build settings from flags over `HUB_*` environment variables over defaults."""
+        parser = argparse.ArgumentParser(prog="python -m hub", description="SSE hub node")
+        for f in dataclasses.fields(cls):
+            flag = f.metadata["flag"]
+            env = "HUB_" + flag.upper().replace("-", "_")
+            parser.add_argument(f"--{flag}", dest=f.name, default=None, help=f"{f.metadata['help']} [{env}]")
+        ns = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            env = "HUB_" + f.metadata["flag"].upper().replace("-", "_")
+            raw = getattr(ns, f.name)
+            if raw is None:
+                raw = environ.get(env)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f, raw, env)
+        return cls(**values)
+
+
+def _convert(f: dataclasses.Field[Any], raw: str, env: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"invalid setting {f.metadata['flag']} ({env}): {raw!r} is not a number") from None
+    return raw
