@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "MAX_KEY",
     "TRIM_SLACK_MAX",
     "ZERO_ID",
     "Backend",
@@ -36,6 +37,7 @@ ZERO_ID = "0-0"
 # the excess reaches min(TRIM_SLACK_MAX, history), so a busy channel is not trimmed on every append.
 TRIM_SLACK_MAX = 100
 _MAX_U64 = (1 << 64) - 1
+MAX_KEY = (_MAX_U64, _MAX_U64)
 _ID_RE = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})")
 
 StreamKey = tuple[int, int]
@@ -212,8 +214,11 @@ class Backend(Protocol):
         """Remove the channel; live tail readers on every node report it in `ReadResult.deleted`. False if absent."""
         ...
 
-    def open_reader(self) -> TailReader:
-        """A new live-tail cursor (the Redis one holds its own connection)."""
+    async def open_reader(self) -> TailReader:
+        """A new live-tail cursor (the Redis one holds its own connection).
+
+        Deletions are reported from this call on. If the store is unreachable now, from the first successful read.
+        """
         ...
 
     async def ping(self) -> None:

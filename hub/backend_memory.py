@@ -142,7 +142,7 @@ class MemoryBackend:
         self._notify()
         return True
 
-    def open_reader(self) -> _MemoryTailReader:
+    async def open_reader(self) -> _MemoryTailReader:
         reader = _MemoryTailReader(self)
         self._readers.add(reader)
         return reader

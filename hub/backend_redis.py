@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backend import (
+    MAX_KEY,
     TRIM_SLACK_MAX,
     ZERO_ID,
     BackendUnavailable,
@@ -28,6 +29,7 @@ from .backend import (
     NewEvent,
     RangeResult,
     ReadResult,
+    format_id,
 )
 
 __all__ = ["RedisBackend"]
@@ -35,8 +37,9 @@ __all__ = ["RedisBackend"]
 log = logging.getLogger(__name__)
 
 _CONTROL_MAXLEN = 1000
+_MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
-_READ_COUNT = 1000
+_READ_COUNT = 200
 
 # Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
 # Trimming is done here rather than with `XADD MAXLEN ~`, because Redis does not record what trimming removed, and
@@ -63,14 +66,14 @@ for i = 1, n do
 end
 local maxlen = tonumber(ARGV[1])
 local excess = redis.call('XLEN', KEYS[1]) - maxlen
-if excess >= math.min(%(slack)d, maxlen) then
+if excess >= math.min(TRIM_SLACK, maxlen) then
   local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
   redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   redis.call('XSETID', KEYS[1], ids[n], 'MAXDELETEDID', gone[#gone][1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return ids
-""" % {"slack": TRIM_SLACK_MAX}
+""".replace("TRIM_SLACK", str(TRIM_SLACK_MAX))
 
 # History after a position plus the metadata `check_position` needs, read atomically.
 # KEYS[1] stream; ARGV[1] exclusive start ("(<id>"), ARGV[2] count (0: metadata only).
@@ -174,7 +177,9 @@ class RedisBackend:
         return list(ids)
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
-        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=[f"({after}", limit + 1]))
+        # Redis cannot express "after the largest id" as an exclusive start; nothing can follow it anyway.
+        count = 0 if after == _MAX_ID else limit + 1
+        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=[f"({after}", count]))
         if raw[0] == 0:
             return RangeResult(False, [], False, None, ZERO_ID, ZERO_ID, False)
         _, _length, last_id, max_deleted, first_id, closed, entries = raw
@@ -201,8 +206,16 @@ class RedisBackend:
         n = await self._call(self._delete(keys=keys, args=[channel, _CONTROL_MAXLEN]))
         return bool(n)
 
-    def open_reader(self) -> _RedisTailReader:
-        return _RedisTailReader(self)
+    async def open_reader(self) -> _RedisTailReader:
+        reader = _RedisTailReader(self)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await reader._prepare()
+        except (RedisError, TimeoutError, OSError) as e:
+            # Not fatal: a node may start before Redis; the first successful read prepares the reader instead.
+            log.warning("live tail not prepared yet (%s); will retry", type(e).__name__)
+            await reader._reset()
+        return reader
 
     async def ping(self) -> None:
         try:

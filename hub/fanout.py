@@ -74,14 +74,16 @@ class Subscriber:
         """Queue bytes for the handler. Returns False if this made the subscriber a slow consumer (now cut off)."""
         if self.ended:
             return True
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if last_key is not None:
-            self.last_key = last_key
+        # Judge by what is still unsent *before* this push: one batch larger than the bound, sent to a client that
+        # keeps up, is not a slow consumer; a client that has not taken the previous bytes is.
         buffered = self._pending_bytes + (self.transport.get_write_buffer_size() if self.transport else 0)
         if buffered > self.max_buffer_bytes:
             self._cut_off()
             return False
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if last_key is not None:
+            self.last_key = last_key
         if end:
             self.ended = True
         self._wake()
@@ -149,7 +151,7 @@ class Fanout:
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._reader = self._backend.open_reader()
+        self._reader = await self._backend.open_reader()
         self._tasks = [
             asyncio.create_task(self._tail_loop(), name="fanout-tail"),
             asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),

@@ -81,6 +81,8 @@ class SSEParser:
             self._started = True
             if text.startswith("\ufeff"):
                 text = text[1:]
+        if not text:
+            return []
         if self._seen_cr and text.startswith("\n"):
             # The LF of a CRLF pair that was split across chunks: the line already ended at the CR.
             text = text[1:]

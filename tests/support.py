@@ -1,4 +1,4 @@
-"""Test helpers: real redis-server and hub processes on free loopback ports, and an SSE reader on the project's parser."""
+"""Test helpers: real redis-server and hub processes on free loopback ports; an SSE reader on the project's parser."""
 
 from __future__ import annotations
 

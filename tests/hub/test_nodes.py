@@ -1,0 +1,129 @@
+"""Several hub nodes on one real Redis, a node's bounded use of Redis, and a Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from hub.backend_redis import RedisBackend
+from tests.conftest import ClientFactory
+from tests.hub.test_api import publish, subscribe
+from tests.support import RedisServer, collect
+
+
+def _redis_backend(server: RedisServer, prefix: str = "nodes:", **kw: Any) -> RedisBackend:
+    kw.setdefault("history", 10_000)
+    kw.setdefault("ttl_s", 3600.0)
+    return RedisBackend(server.url, prefix=prefix, timeout_s=kw.pop("timeout_s", 1.0), **kw)
+
+
+async def test_publish_on_one_node_resume_and_live_on_another(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    a_backend, b_backend = _redis_backend(redis_server, "two:"), _redis_backend(redis_server, "two:")
+    try:
+        node_a = await make_client(a_backend)
+        node_b = await make_client(b_backend)
+        live_b = await subscribe(node_b, "shared")
+        ids = await publish(node_a, "shared", [{"data": str(i)} for i in range(10)])
+        assert [e.id for e in await collect(live_b, count=10)] == ids
+        # A client that saw ids[3] on node A resumes on node B with exactly what it missed.
+        resumed = await subscribe(node_b, "shared", last_id=ids[3])
+        assert [e.data for e in await collect(resumed, count=6)] == [str(i) for i in range(4, 10)]
+        more = await publish(node_b, "shared", {"data": "10"})
+        assert [e.id for e in await collect(resumed, count=1)] == more
+        live_b.close()
+        resumed.close()
+    finally:
+        await a_backend.aclose()
+        await b_backend.aclose()
+
+
+async def test_delete_on_one_node_resets_subscribers_on_another(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    a_backend, b_backend = _redis_backend(redis_server, "del:"), _redis_backend(redis_server, "del:")
+    try:
+        node_a = await make_client(a_backend)
+        node_b = await make_client(b_backend)
+        await publish(node_a, "gone", {"data": "x"})
+        live_b = await subscribe(node_b, "gone")
+        await asyncio.sleep(0.1)
+        assert (await node_a.delete("/v1/channels/gone")).status == 204
+        evs = await collect(live_b)
+        assert [e.event for e in evs] == ["reset"]
+    finally:
+        await a_backend.aclose()
+        await b_backend.aclose()
+
+
+async def test_many_subscribers_share_one_read_and_few_redis_connections(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    backend = _redis_backend(redis_server, "share:")
+    try:
+        node = await make_client(backend)
+        clients_before = int((await admin.info("clients"))["connected_clients"])
+        subs = [await subscribe(node, f"room:{i % 4}") for i in range(60)]
+        await asyncio.sleep(0.2)
+        await admin.config_resetstat()
+        for round_ in range(20):
+            for room in range(4):
+                await publish(node, f"room:{room}", {"data": str(round_)})
+        for resp in subs:
+            assert [e.data for e in await collect(resp, count=20)] == [str(i) for i in range(20)]
+        stats = await admin.info("commandstats")
+        xread_calls = int(stats.get("cmdstat_xread", {}).get("calls", 0))
+        # 60 subscribers x 80 events, but the node reads each event once: at most one XREAD per publish (+ slack).
+        assert 0 < xread_calls <= 80 + 5
+        clients_after = int((await admin.info("clients"))["connected_clients"])
+        assert clients_after - clients_before <= 4
+        for resp in subs:
+            resp.close()
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+async def test_redis_outage_fails_fast_and_node_recovers_by_itself(
+    make_client: ClientFactory, own_redis: RedisServer
+) -> None:
+    backend = _redis_backend(own_redis, "outage:", timeout_s=1.0)
+    try:
+        node = await make_client(backend)
+        ids = await publish(node, "c", {"data": "before"})
+        own_redis.stop()
+        started = time.monotonic()
+        resp = await node.post("/v1/channels/c/events", json={"data": "during"})
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"] == "backend_unavailable" and resp.headers["Retry-After"]
+        assert time.monotonic() - started < 5  # fails within its deadline, never hangs
+        assert (await node.get("/readyz")).status == 503
+        assert (await node.get(f"/v1/channels/c/events?last_event_id={ids[0]}")).status == 503
+        own_redis.start()  # same port, empty (no persistence in this test)
+        deadline = time.monotonic() + 10
+        while (await node.get("/readyz")).status != 200:
+            assert time.monotonic() < deadline, "node did not become ready after Redis came back"
+            await asyncio.sleep(0.1)
+        live = await subscribe(node, "c")
+        after = await publish(node, "c", {"data": "after"})
+        [ev] = await collect(live, count=1)
+        assert ev.id == after[0]
+        live.close()
+    finally:
+        await backend.aclose()

@@ -1,0 +1,96 @@
+"""`python -m hub` as a real process: settings from flags and environment, start-up log, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from tests.support import ROOT, HubProcess, RedisServer, collect
+
+
+@pytest.fixture
+def hubs() -> Iterator[list[HubProcess]]:
+    started: list[HubProcess] = []
+    yield started
+    for h in started:
+        h.close()
+
+
+def _start(hubs: list[HubProcess], *args: str, env: dict[str, str] | None = None) -> HubProcess:
+    node = HubProcess(*args, env=env)
+    hubs.append(node)
+    node.start()
+    return node
+
+
+async def test_embedded_backend_is_announced_and_settings_come_from_environment(hubs: list[HubProcess]) -> None:
+    node = _start(hubs, env={"HUB_RETRY_MS": "1234", "HUB_LOG_LEVEL": "info"})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{node.url}/v1/channels/x/events") as resp:
+            assert (await resp.content.readuntil(b"\n\n")) == b"retry: 1234\n\n"
+    assert "embedded memory backend" in node.log()
+
+
+async def test_flag_overrides_environment_and_redis_backend_is_used(
+    hubs: list[HubProcess], redis_server: RedisServer
+) -> None:
+    node = _start(
+        hubs,
+        "--retry-ms",
+        "777",
+        "--redis-url",
+        redis_server.url,
+        "--key-prefix",
+        "proc:",
+        env={"HUB_RETRY_MS": "1234"},
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{node.url}/v1/channels/x/events") as resp:
+            assert (await resp.content.readuntil(b"\n\n")) == b"retry: 777\n\n"
+        async with s.get(f"{node.url}/readyz") as ready:
+            assert ready.status == 200
+    assert "Redis backend" in node.log()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--history", "0"], "history"),
+        (["--port", "http"], "port"),
+        (["--redis-url", "localhost:6379"], "redis-url"),
+        (["--log-level", "loud"], "log-level"),
+    ],
+)
+def test_bad_settings_stop_the_process_with_a_clear_message(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "hub", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+async def test_sigterm_drains_streams_and_exits_within_grace(hubs: list[HubProcess]) -> None:
+    node = _start(hubs, "--grace", "3")
+    async with aiohttp.ClientSession() as s:
+        streams = [await s.get(f"{node.url}/v1/channels/d{i % 2}/events") for i in range(6)]
+        for r in streams:
+            await r.content.readuntil(b"\n\n")
+        for ch in ("d0", "d1"):
+            async with s.post(f"{node.url}/v1/channels/{ch}/events", json=[{"data": "a"}, {"data": "b"}]) as p:
+                assert p.status == 201
+        started = time.monotonic()
+        node.signal(signal.SIGTERM)
+        # Every stream gets its pending events, then a clean end: the clients would reconnect elsewhere and resume.
+        results = await asyncio.gather(*(collect(r, timeout_s=10) for r in streams))
+        for evs in results:
+            assert [e.data for e in evs] == ["a", "b"]
+        code = await asyncio.to_thread(node.wait, 10)
+        assert code == 0
+        assert time.monotonic() - started < 3 + 2
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await s.get(f"{node.url}/v1/channels/d0/events")
