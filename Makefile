@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-dev run lint format typecheck test test-only system-deps lock clean
+.PHONY: install install-dev run lint format typecheck test test-only system-deps bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,12 @@ run: install
 	$(BIN)/python -m hub --port $(PORT)
 
 lint: install-dev
-	$(BIN)/ruff check hub tests
-	$(BIN)/ruff format --check hub tests
+	$(BIN)/ruff check hub tests bench
+	$(BIN)/ruff format --check hub tests bench
 
 format: install-dev
-	$(BIN)/ruff check --fix hub tests
-	$(BIN)/ruff format hub tests
+	$(BIN)/ruff check --fix hub tests bench
+	$(BIN)/ruff format hub tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy
@@ -49,6 +49,10 @@ test-only: install-dev system-deps
 	$(BIN)/pytest
 
 test: lint typecheck test-only
+
+# Benchmarks report figures; they are never pass/fail and not part of `make test`.
+bench: install-dev system-deps
+	$(BIN)/python bench/core.py --out bench/results.md
 
 lock: $(BIN)/python
 	@echo "Edit the pins in requirements*.lock; verify with: $(BIN)/pip install -r requirements-dev.lock && make test"

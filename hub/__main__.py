@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import sys
 
 import uvloop
@@ -20,6 +21,14 @@ from .settings import HubSettings
 _SHUTDOWN_TIMEOUT_SHARE = 0.08
 
 
+def _raise_fd_limit() -> None:
+    # Every SSE connection holds a file descriptor; the usual soft limit (1024) is far below what a node serves.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    logging.getLogger("hub").info("file descriptor limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = HubSettings.from_args(argv, os.environ)
@@ -30,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _raise_fd_limit()
     app = create_app(settings)
 
     async def freeze_heap(app: web.Application) -> None:

@@ -144,7 +144,12 @@ class RedisBackend:
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
         }
-        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections, **self._client_kwargs)
+        # A blocking pool: under a burst, commands wait (within the call deadline) for one of a bounded number of
+        # connections instead of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, **self._client_kwargs
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)

@@ -127,3 +127,20 @@ async def test_redis_outage_fails_fast_and_node_recovers_by_itself(
         live.close()
     finally:
         await backend.aclose()
+
+
+async def test_bursts_beyond_the_redis_pool_wait_for_a_connection_instead_of_failing(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    backend = _redis_backend(redis_server, "burst:", max_connections=3)
+    try:
+        node = await make_client(backend)
+        ids = await asyncio.gather(*(publish(node, f"b:{i % 5}", {"data": str(i)}) for i in range(60)))
+        assert len({(n % 5, i[0]) for n, i in enumerate(ids)}) == 60
+        streams = await asyncio.gather(*(subscribe(node, f"b:{i % 5}", query="0") for i in range(60)))
+        assert all(s.status == 200 for s in streams)
+        for s in streams:
+            assert len(await collect(s, count=12)) == 12
+            s.close()
+    finally:
+        await backend.aclose()
