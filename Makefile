@@ -54,8 +54,16 @@ test: lint typecheck test-only
 bench: install-dev system-deps
 	$(BIN)/python bench/core.py --out bench/results.md
 
-lock: $(BIN)/python
-	@echo "Edit the pins in requirements*.lock; verify with: $(BIN)/pip install -r requirements-dev.lock && make test"
+# Re-resolve the pins from pyproject.toml in throw-away environments.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q .
+	{ echo "# Runtime dependencies, pinned. Regenerate with \`make lock\` after changing pyproject.toml."; \
+	  .lock-venv/bin/pip freeze --exclude sse-hub; } > requirements.lock
+	.lock-venv/bin/pip install -q ".[dev]"
+	{ echo "# Development and test dependencies, pinned (on top of requirements.lock). Regenerate with \`make lock\`."; \
+	  echo "-r requirements.lock"; .lock-venv/bin/pip freeze --exclude sse-hub | grep -vxF -f requirements.lock; } \
+	  > requirements-dev.lock
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

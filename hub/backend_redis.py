@@ -149,7 +149,7 @@ class RedisBackend:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s, **self._client_kwargs
         )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
