@@ -5,20 +5,52 @@ The only module that reads os.environ.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import resource
+import signal
 import sys
 
 import uvloop
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
-from .app import create_app
+from .app import begin_drain, create_app
 from .settings import HubSettings
+
+log = logging.getLogger("hub")
 
 # Fraction of the grace period aiohttp may wait for handlers after our own drain (it applies this twice).
 _SHUTDOWN_TIMEOUT_SHARE = 0.08
+
+
+async def _drain_on_signal(app: web.Application) -> None:
+    """Replace aiohttp's SIGTERM/SIGINT handlers (installed just before start-up) with: drain while still listening,
+    so load balancers see readiness 503 and new subscriptions get 503 + Retry-After, then exit. A second signal exits
+    at once."""
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[None]] = []
+
+    def exit_now() -> None:
+        raise GracefulExit()
+
+    async def drain_then_exit() -> None:
+        try:
+            await begin_drain(app)
+        finally:
+            loop.call_soon(exit_now)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if draining:
+            log.warning("%s again: exiting now", sig.name)
+            exit_now()
+        log.info("%s: draining", sig.name)
+        draining.append(loop.create_task(drain_then_exit()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 def _raise_fd_limit() -> None:
@@ -26,7 +58,7 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    logging.getLogger("hub").info("file descriptor limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    log.info("file descriptor limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
 
     app.on_startup.append(freeze_heap)
-    logging.getLogger("hub").info("hub listening on http://%s:%d", settings.host, settings.port)
+    app.on_startup.append(_drain_on_signal)
+    log.info("hub listening on http://%s:%d", settings.host, settings.port)
     web.run_app(
         app,
         host=settings.host,

@@ -18,7 +18,7 @@ from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE, NodeState
 from .metrics import HubMetrics
 from .settings import HubSettings
 
-__all__ = ["create_app", "make_backend"]
+__all__ = ["begin_drain", "create_app", "make_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,15 @@ def _redact(url: str) -> str:
     return scheme + sep + rest
 
 
+async def begin_drain(app: web.Application) -> None:
+    """Mark the node draining (readiness 503, new streams 503) and end open streams, spread over part of the grace
+    period, once their pending events are written. Returns when they are gone or the wait is over."""
+    settings = app[SETTINGS]
+    app[STATE].draining = True
+    if FANOUT in app:
+        await app[FANOUT].drain(settings.grace_s * _DRAIN_SPREAD, settings.grace_s * _DRAIN_WAIT)
+
+
 def create_app(
     settings: HubSettings,
     *,
@@ -75,13 +84,8 @@ def create_app(
         yield
         await fanout.stop()
 
-    async def on_shutdown(app: web.Application) -> None:
-        # Readiness fails from here on; open streams end (spread out) once their pending events are written.
-        app[STATE].draining = True
-        if FANOUT in app:
-            await app[FANOUT].drain(settings.grace_s * _DRAIN_SPREAD, settings.grace_s * _DRAIN_WAIT)
-
     app.cleanup_ctx.extend([backend_ctx, fanout_ctx])
-    app.on_shutdown.append(on_shutdown)
+    # Normally the drain has already run (see begin_drain) and this finds nothing left to end.
+    app.on_shutdown.append(begin_drain)
     app.add_routes(routes)
     return app

@@ -89,12 +89,17 @@ class NewEvent:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A stored event. `id` is the stream id, which is also the SSE `id:`; `close` marks the channel's last event."""
+    """A stored event. `id` is the stream id, which is also the SSE `id:`; `close` marks the channel's last event.
+
+    `prev` is the id of the entry appended just before it in the same stream ("0-0" for the first), so a reader can
+    prove it missed nothing between two reads; None when unknown.
+    """
 
     id: str
     event: str
     data: str
     close: bool = False
+    prev: str | None = field(default=None, compare=False)
     key: StreamKey = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:

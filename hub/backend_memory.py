@@ -28,6 +28,7 @@ from .backend import (
 __all__ = ["MemoryBackend"]
 
 _SWEEP_INTERVAL_S = 1.0
+_MAX_PENDING_DELETIONS = 10_000
 
 
 @dataclass(slots=True)
@@ -98,7 +99,7 @@ class MemoryBackend:
         last_index = len(events) - 1
         for i, ev in enumerate(events):
             key = self._next_id(ch, now)
-            entry = Entry(format_id(key), ev.event, ev.data, close and i == last_index)
+            entry = Entry(format_id(key), ev.event, ev.data, close and i == last_index, format_id(ch.last))
             ch.entries.append(entry)
             ch.keys.append(key)
             ch.last = key
@@ -138,7 +139,7 @@ class MemoryBackend:
             return False
         del self._channels[channel]
         for reader in self._readers:
-            reader.deleted.append(channel)
+            reader.note_deleted(channel)
         self._notify()
         return True
 
@@ -172,6 +173,12 @@ class _MemoryTailReader:
         self._interrupted = False
         self._wake = asyncio.Event()
         self.deleted: list[str] = []
+
+    def note_deleted(self, channel: str) -> None:
+        # Bounded: a reader that is not being read (a node with no active channels) must not grow without end.
+        # A notice dropped here is not a silent gap: the reader's continuity check (Entry.prev) catches a recreation.
+        if len(self.deleted) < _MAX_PENDING_DELETIONS and channel not in self.deleted[-16:]:
+            self.deleted.append(channel)
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
         deadline = time.monotonic() + block_s

@@ -14,9 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backend import (
     MAX_KEY,
@@ -45,6 +43,7 @@ _READ_COUNT = 200
 # Trimming is done here rather than with `XADD MAXLEN ~`, because Redis does not record what trimming removed, and
 # resuming clients must be told exactly when their position fell off the history: after trimming, the id of the newest
 # removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
+# Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
 # KEYS[1] stream; ARGV: maxlen, ttl_ms, close flag ("1"/"0"), then event/data pairs.
 _APPEND_LUA = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -55,14 +54,17 @@ if #last > 0 then
   end
 end
 local ids = {}
+local prev = '0-0'
+if #last > 0 then prev = last[1][1] end
 local n = (#ARGV - 3) / 2
 for i = 1, n do
   local ev, d = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
   if i == n and ARGV[3] == '1' then
-    ids[i] = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'c', '1')
+    prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
-    ids[i] = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d)
+    prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev)
   end
+  ids[i] = prev
 end
 local maxlen = tonumber(ARGV[1])
 local excess = redis.call('XLEN', KEYS[1]) - maxlen
@@ -117,7 +119,7 @@ def _entry(raw: Any) -> Entry:
     entry_id, fields = raw[0], raw[1]
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
-    return Entry(entry_id, fields.get("e", "message"), fields.get("d", ""), "c" in fields)
+    return Entry(entry_id, fields.get("e", "message"), fields.get("d", ""), "c" in fields, fields.get("p"))
 
 
 class RedisBackend:
@@ -150,6 +152,7 @@ class RedisBackend:
             url, max_connections=max_connections, timeout=timeout_s, **self._client_kwargs
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+        self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
@@ -162,23 +165,27 @@ class RedisBackend:
         return f"{self._prefix}control"
 
     async def _call(self, coro: Any) -> Any:
-        """Run one Redis call with a deadline; map connection failures to BackendUnavailable."""
+        """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
+
+        Error replies such as OOM, READONLY (after a failover) or MISCONF are the store refusing work, not a client
+        mistake; the one error a script raises on purpose, CLOSED, becomes ChannelClosed.
+        """
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await coro
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+        except ResponseError as e:
+            if str(e).startswith("CLOSED"):
+                raise ChannelClosed(str(e)) from None
+            log.warning("redis refused a command: %s", e)
+            raise BackendUnavailable(f"redis error: {str(e).split(' ', 1)[0]}") from e
+        except (RedisError, TimeoutError, OSError) as e:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
 
     async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
         args: list[Any] = [self._history, self._ttl_ms, "1" if close else "0"]
         for ev in events:
             args += (ev.event, ev.data)
-        try:
-            ids = await self._call(self._append(keys=[self.stream_key(channel)], args=args))
-        except ResponseError as e:
-            if str(e).startswith("CLOSED"):
-                raise ChannelClosed(channel) from None
-            raise
+        ids = await self._call(self._append(keys=[self.stream_key(channel)], args=args))
         return list(ids)
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
@@ -223,10 +230,17 @@ class RedisBackend:
         return reader
 
     async def ping(self) -> None:
-        try:
-            await self._call(self._redis.ping())
-        except RedisError as e:
-            raise BackendUnavailable(f"redis error: {type(e).__name__}") from e
+        if not self._version_checked:
+            info = await self._call(self._redis.info("server"))
+            version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
+            if version < (7, 0):
+                # XSETID MAXDELETEDID and max-deleted-entry-id, which make resets exact, came with Redis 7.0.
+                log.error(
+                    "Redis %s is too old: the hub needs Redis 7.0 or newer (or Valkey)", info.get("redis_version")
+                )
+                raise BackendUnavailable("Redis 7.0 or newer is required")
+            self._version_checked = True
+        await self._call(self._redis.ping())
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -270,9 +284,10 @@ class _RedisTailReader:
                     key_to_channel[key] = channel
                     streams[key] = pos
                 raw = await self._conn.xread(streams, count=_READ_COUNT, block=max(1, int(block_s * 1000)))
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as e:
+        except (RedisError, TimeoutError, OSError) as e:
+            # Any failure, error replies included, drops the connection: a fresh one starts from a known state.
             await self._reset()
-            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
         finally:
             self._reading = False
         result = ReadResult()

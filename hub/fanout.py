@@ -17,7 +17,7 @@ from typing import Protocol
 
 import orjson
 
-from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, parse_id
+from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
 from .metrics import HubMetrics
 from .sse import comment, encode_event
 
@@ -145,8 +145,10 @@ class Fanout:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup = asyncio.Event()
         self._interrupt_task: asyncio.Task[None] | None = None
+        self._kick_again = False
         self._stopping = False
-        self.healthy = True  # False while the live tail cannot read the backend
+        self._draining = False
+        self._tail_ok = True  # False while the live tail cannot read the backend
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -157,12 +159,18 @@ class Fanout:
             asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),
         ]
 
+    @property
+    def healthy(self) -> bool:
+        """The live tail is running and its last read succeeded (readiness)."""
+        return self._tail_ok and bool(self._tasks) and not self._tasks[0].done()
+
     async def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
-        for t in self._tasks:
+        tasks = [*self._tasks, *([self._interrupt_task] if self._interrupt_task is not None else [])]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         if self._reader is not None:
@@ -171,6 +179,7 @@ class Fanout:
     async def drain(self, spread_s: float, wait_s: float) -> None:
         """End every stream, spread at random over `spread_s` so clients do not all reconnect at once, and wait
         up to `wait_s` for their handlers to finish writing."""
+        self._draining = True
         loop = asyncio.get_running_loop()
         subs = list(self._subscribers)
         for sub in subs:
@@ -189,6 +198,9 @@ class Fanout:
         """Count a stream as open (it gets heartbeats and drain) before it has caught up."""
         self._subscribers.add(sub)
         self._metrics.connections_open.set(len(self._subscribers))
+        if self._draining:
+            # Accepted just before the drain began: it ends after its catch-up, like the others.
+            sub.end()
 
     def try_attach(self, sub: Subscriber, position: str) -> bool:
         """Join the live feed at `position` if this node's tail is not ahead of it.
@@ -199,7 +211,7 @@ class Fanout:
         key = parse_id(position)
         ch = self._channels.get(sub.channel)
         if ch is None:
-            ch = self._channels[sub.channel] = _Channel(position)
+            ch = self._channels[sub.channel] = _Channel(format_id(key))
             self._metrics.channels_active.set(len(self._channels))
             self._kick_reader()
         elif parse_id(ch.position) > key:
@@ -219,11 +231,43 @@ class Fanout:
 
     # -- the live tail ------------------------------------------------------------------------------------------------
 
+    def break_channel(self, name: str, reason: str) -> None:
+        """This node's view of a channel no longer matches the store (entries vanished, or the stream was recreated).
+
+        End its streams and forget it: each client reconnects with its last id, and the catch-up tells it exactly
+        what happened (`reset`) instead of the live feed silently skipping events.
+        """
+        ch = self._channels.pop(name, None)
+        if ch is None:
+            return
+        log.warning(
+            "channel %s: live tail lost continuity (%s); ending %d streams so they resume",
+            name,
+            reason,
+            len(ch.subscribers),
+        )
+        self._metrics.tail_breaks.inc()
+        self._metrics.channels_active.set(len(self._channels))
+        for sub in ch.subscribers:
+            sub.end()
+
     def _kick_reader(self) -> None:
         self._wakeup.set()
-        if self._reader is not None and (self._interrupt_task is None or self._interrupt_task.done()):
-            self._interrupt_task = asyncio.create_task(self._reader.interrupt(), name="fanout-interrupt")
-            self._interrupt_task.add_done_callback(_log_task_error)
+        if self._reader is None:
+            return
+        if self._interrupt_task is not None and not self._interrupt_task.done():
+            # That interrupt may already have ended the read that lacked this channel; send another when it is done.
+            self._kick_again = True
+            return
+        self._kick_again = False
+        self._interrupt_task = asyncio.create_task(self._reader.interrupt(), name="fanout-interrupt")
+        self._interrupt_task.add_done_callback(self._interrupt_done)
+
+    def _interrupt_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("tail interrupt failed: %r", exc)
+        if self._kick_again and not self._stopping:
+            self._kick_reader()
 
     def _snapshot(self) -> dict[str, _Channel]:
         idle = [name for name, ch in self._channels.items() if not ch.subscribers]
@@ -245,25 +289,37 @@ class Fanout:
             self._wakeup.clear()
             try:
                 result = await self._reader.read({n: ch.position for n, ch in snapshot.items()}, block_s=self._block_s)
+                self._tail_ok = True
+                backoff = _BACKOFF_MIN_S
+                for name in result.deleted:
+                    self._on_deleted(name)
+                for name, entries in result.entries.items():
+                    ch = snapshot.get(name)
+                    # Apply only to the same channel object the read was made for: a channel dropped and re-added
+                    # during the read starts from another position, and these entries may not fit it.
+                    if entries and ch is not None and self._channels.get(name) is ch:
+                        self._dispatch(name, ch, entries)
             except BackendUnavailable as e:
-                self.healthy = False
+                self._tail_ok = False
                 self._metrics.backend_errors.labels("tail").inc()
                 log.warning("live tail read failed (%s); retrying in %.2fs", e, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            except Exception:
+                # Whatever it is, the one task that feeds every subscriber of this node must not die of it.
+                self._tail_ok = False
+                self._metrics.backend_errors.labels("tail").inc()
+                log.exception("live tail failed; retrying in %.2fs", backoff)
+            else:
                 continue
-            self.healthy = True
-            backoff = _BACKOFF_MIN_S
-            for name in result.deleted:
-                self._on_deleted(name)
-            for name, entries in result.entries.items():
-                ch = snapshot.get(name)
-                # Apply only to the same channel object the read was made for: a channel dropped and re-added during
-                # the read starts from another position, and these entries may not fit it.
-                if entries and ch is not None and self._channels.get(name) is ch:
-                    self._dispatch(name, ch, entries)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     def _dispatch(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
+        head = entries[0]
+        if head.prev is not None and parse_id(head.prev) != parse_id(ch.position):
+            # Entries between our position and this one are gone (trimmed before we read them, or the stream was
+            # lost and recreated). Delivering would be a silent gap.
+            self.break_channel(name, f"expected an entry after {ch.position}, got one after {head.prev}")
+            return
         encoded = [encode_event(e.id, e.event, e.data) for e in entries]
         payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
         first, last = entries[0].key, entries[-1].key
@@ -320,8 +376,3 @@ class Fanout:
                     self.detach(sub)
             if cut:
                 self._metrics.slow_disconnects.inc(cut)
-
-
-def _log_task_error(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.debug("tail interrupt failed: %r", exc)

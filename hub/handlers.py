@@ -15,7 +15,7 @@ from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_p
 from .errors import ApiError
 from .fanout import Subscriber, encode_reset
 from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE
-from .sse import comment, encode_event, retry
+from .sse import comment, encode_event, event_id, retry
 
 __all__ = ["routes"]
 
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _EVENT_FIELDS = frozenset({"event", "data", "close"})
+# Event names the hub itself sends; a publisher must not be able to imitate them.
+RESERVED_EVENTS = frozenset({"reset"})
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -67,6 +69,8 @@ def _parse_events(body: Any) -> tuple[list[NewEvent], bool]:
         name = item.get("event", "message")
         if not isinstance(name, str) or not EVENT_RE.fullmatch(name):
             raise ApiError(400, "invalid_event", f"{where}: event names are 1-64 characters of A-Z a-z 0-9 _ . : -")
+        if name in RESERVED_EVENTS:
+            raise ApiError(400, "reserved_event", f"{where}: the event name {name!r} is reserved for the hub")
         flag = item.get("close", False)
         if not isinstance(flag, bool):
             raise ApiError(400, "invalid_body", f"{where}: close must be true or false")
@@ -108,17 +112,15 @@ async def publish(request: web.Request) -> web.Response:
 
 
 def _requested_position(request: web.Request) -> str | None:
-    value = request.headers.get("Last-Event-ID")
-    if value is None or value == "":
-        value = request.query.get("last_event_id")
-    if value is None or value == "":
+    value = request.headers.get("Last-Event-ID", "").strip() or request.query.get("last_event_id", "").strip()
+    if not value:
         return None
-    value = value.strip()
     parse_id(value)  # InvalidPosition -> 400
     return value
 
 
-@routes.get("/v1/channels/{channel}/events")
+# No HEAD: a stream has no end to stop at, and writing events after a HEAD response would corrupt the connection.
+@routes.get("/v1/channels/{channel}/events", allow_head=False)
 async def subscribe(request: web.Request) -> web.StreamResponse:
     channel = _channel(request)
     _draining(request)
@@ -128,12 +130,15 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
 
     first: RangeResult | None = None
+    preamble = retry(settings.retry_ms) + comment("ok")
     if position is None:
-        # Live: start after whatever the channel holds now.
+        # Live: start after whatever the channel holds now. The client is told that position at once, so a
+        # reconnect before the first event resumes from it instead of silently starting from "now" again.
         info = await backend.info(channel)
         if info is not None and info.closed:
             return web.Response(status=204)
         position = info.last_id if info is not None else ZERO_ID
+        preamble += event_id(position)
     else:
         first = await backend.range(channel, position, limit=settings.replay_page)
         if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
@@ -147,7 +152,7 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     fanout.register(sub)
     metrics.connections_total.inc()
     try:
-        await resp.write(retry(settings.retry_ms) + comment("ok"))
+        await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
             while (chunk := await sub.next_chunk()) is not None:
                 await resp.write(chunk)
@@ -194,6 +199,10 @@ async def _catch_up(
         if fanout.try_attach(sub, position):
             return True
         r = await backend.range(sub.channel, position, limit=page)
+        if not r.entries and check_position(position, r) is None:
+            # The node's tail is ahead of the stream itself: entries it read are gone (the stream was lost or
+            # recreated). Start the channel afresh; its other streams end and resume with a reset.
+            fanout.break_channel(sub.channel, "tail ahead of the stream")
 
 
 # -- channel management ---------------------------------------------------------------------------------------------

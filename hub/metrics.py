@@ -41,4 +41,9 @@ class HubMetrics:
         self.slow_disconnects = Counter(
             "hub_slow_consumer_disconnects_total", "Subscribers cut off for not reading", registry=registry
         )
+        self.tail_breaks = Counter(
+            "hub_tail_breaks_total",
+            "Times the live tail found entries missing (trimmed unread, or the stream recreated) and ended streams",
+            registry=registry,
+        )
         self.resets = Counter("hub_resets_total", "reset events sent to subscribers", ["reason"], registry=registry)

@@ -10,7 +10,7 @@ import codecs
 import re
 from dataclasses import dataclass
 
-__all__ = ["SSEEvent", "SSEParser", "comment", "encode_event", "retry"]
+__all__ = ["SSEEvent", "SSEParser", "comment", "encode_event", "event_id", "retry"]
 
 # The WHATWG parser treats CRLF, lone CR and lone LF each as one line end; splitting data the same way
 # is what makes `data:` lines round-trip exactly.
@@ -38,6 +38,13 @@ def encode_event(event_id: str, event: str, data: str) -> bytes:
 def comment(text: str = "") -> bytes:
     """An SSE comment line (ignored by clients; used for keep-alives and to flush proxies)."""
     return f": {_LINE_END.sub(' ', text)}\n\n".encode() if text else b":\n\n"
+
+
+def event_id(value: str) -> bytes:
+    """A block with only an `id:` field: it sets the client's last event id without dispatching an event."""
+    if _FIELD_FORBIDDEN.search(value):
+        raise ValueError("SSE id must not contain CR, LF or NUL")
+    return f"id: {value}\n\n".encode()
 
 
 def retry(ms: int) -> bytes:

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from hub.backend import Backend
+from hub.sse import SSEParser
 from tests.conftest import BackendFactory, ClientFactory
 from tests.support import collect
 
@@ -293,6 +294,15 @@ async def test_channel_info(client: Client) -> None:
         ("GET", "/v1/channels/c/events", b"", {"Last-Event-ID": "99999999999999999999999-0"}, 400, "invalid_id"),
         ("GET", "/v1/channels/a%0Ab/events", b"", {}, 400, "invalid_channel"),
         ("GET", "/v1/channels/nope", b"", {}, 404, "channel_not_found"),
+        ("HEAD", "/v1/channels/c/events", b"", {}, 405, None),
+        (
+            "POST",
+            "/v1/channels/c/events",
+            b'{"event":"reset","data":"forged"}',
+            {"Content-Type": "application/json"},
+            400,
+            "reserved_event",
+        ),
         ("PUT", "/v1/channels/c/events", b"", {}, 405, "method_not_allowed"),
         ("GET", "/v2/nothing", b"", {}, 404, "not_found"),
     ],
@@ -305,15 +315,16 @@ async def test_bad_requests_get_a_json_error_and_change_nothing(
     body: bytes,
     headers: dict[str, str],
     status: int,
-    code: str,
+    code: str | None,
 ) -> None:
     client = await make_client(backend, max_body_bytes=4096)
     ids = await publish(client, "c", {"data": "before"})
     resp = await client.request(method, path, data=body or None, headers=headers)
     assert resp.status == status
-    assert resp.headers["Content-Type"].startswith("application/json")
-    payload = await resp.json()
-    assert payload["error"] == code and isinstance(payload["message"], str) and payload["message"]
+    if code is not None:  # a HEAD response has no body
+        assert resp.headers["Content-Type"].startswith("application/json")
+        payload = await resp.json()
+        assert payload["error"] == code and isinstance(payload["message"], str) and payload["message"]
     info = await (await client.get("/v1/channels/c")).json()
     assert info == {"length": 1, "first_id": ids[0], "last_id": ids[0], "closed": False}
 
@@ -321,10 +332,11 @@ async def test_bad_requests_get_a_json_error_and_change_nothing(
 async def test_heartbeat_comments_keep_the_stream_alive(make_client: ClientFactory, backend: Backend) -> None:
     client = await make_client(backend, heartbeat_s=0.1)
     resp = await subscribe(client, "c")
-    await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)  # retry
-    await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)  # opening comment
+    assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"retry: 2000\n\n"
+    assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b": ok\n\n"
+    assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5) == b"id: 0-0\n\n"
     beat = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
-    assert beat.startswith(b":")
+    assert beat == b": keep-alive\n\n"
     resp.close()
 
 
@@ -348,3 +360,46 @@ async def test_health_readiness_and_metrics(client: Client) -> None:
     ):
         assert name in text, name
     resp.close()
+
+
+async def test_live_stream_tells_its_position_so_an_early_reconnect_misses_nothing(client: Client) -> None:
+    await publish(client, "c", {"data": "history"})
+    resp = await subscribe(client, "c")
+    parser = SSEParser()
+    async with asyncio.timeout(5):
+        while not parser.last_event_id:
+            assert parser.feed(await resp.content.readany()) == []  # the preamble dispatches no event
+    resp.close()  # dropped before the first token, as happens while a model thinks
+    await publish(client, "c", [{"data": "t1"}, {"data": "t2"}])
+    again = await subscribe(client, "c", last_id=parser.last_event_id)
+    assert [e.data for e in await collect(again, count=2)] == ["t1", "t2"]
+    again.close()
+
+
+async def test_blank_resume_position_means_live(client: Client) -> None:
+    await publish(client, "c", {"data": "old"})
+    resp = await subscribe(client, "c", last_id="  ", query="%20")
+    assert resp.status == 200
+    await publish(client, "c", {"data": "new"})
+    assert [e.data for e in await collect(resp, count=1)] == ["new"]
+    resp.close()
+
+
+async def test_live_subscriber_is_ended_not_skipped_when_entries_it_has_not_read_are_trimmed(
+    make_client: ClientFactory, make_backend: BackendFactory
+) -> None:
+    client = await make_client(make_backend(history=5))
+    resp = await subscribe(client, "c")
+    first = await publish(client, "c", {"data": "0"})
+    [ev] = await collect(resp, count=1)
+    assert ev.id == first[0]
+    # One batch far larger than the history: most of it is trimmed before the node's live tail can read it.
+    await publish(client, "c", [{"data": str(i)} for i in range(1, 301)])
+    rest = await collect(resp)  # the stream ends instead of jumping over the trimmed events
+    assert rest == []
+    info = await (await client.get("/v1/channels/c")).json()
+    again = await subscribe(client, "c", last_id=first[0])
+    evs = await collect(again, count=info["length"] + 1)
+    assert evs[0].event == "reset" and orjson.loads(evs[0].data)["reason"] == "trimmed"
+    assert [e.data for e in evs[1:]] == [str(i) for i in range(301 - info["length"], 301)]
+    again.close()

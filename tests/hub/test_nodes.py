@@ -144,3 +144,54 @@ async def test_bursts_beyond_the_redis_pool_wait_for_a_connection_instead_of_fai
             s.close()
     finally:
         await backend.aclose()
+
+
+async def test_redis_error_replies_are_503_not_500(make_client: ClientFactory, own_redis: RedisServer) -> None:
+    admin = aioredis.Redis.from_url(own_redis.url)
+    backend = _redis_backend(own_redis, "oom:")
+    try:
+        node = await make_client(backend)
+        await publish(node, "c", {"data": "fits"})
+        await admin.config_set("maxmemory", 1)
+        resp = await node.post("/v1/channels/c/events", json={"data": "x" * 10_000})
+        assert resp.status == 503
+        assert (await resp.json())["error"] == "backend_unavailable"
+        await admin.config_set("maxmemory", 0)
+        info = await (await node.get("/v1/channels/c")).json()
+        assert info["length"] == 1  # the refused publish left nothing behind
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_live_tail_survives_an_error_reply_and_readiness_tells(
+    make_client: ClientFactory, own_redis: RedisServer
+) -> None:
+    admin = aioredis.Redis.from_url(own_redis.url)
+    backend = _redis_backend(own_redis, "wt:")
+    try:
+        node = await make_client(backend)
+        await publish(node, "bad", {"data": "x"})
+        bad = await subscribe(node, "bad")
+        good = await subscribe(node, "good")
+        await asyncio.sleep(0.2)
+        # Someone overwrites a channel's key: XREAD now fails with WRONGTYPE for the whole node.
+        await admin.delete(backend.stream_key("bad"))
+        await admin.set(backend.stream_key("bad"), "not a stream")
+        await publish(node, "good", {"data": "wake the tail"}, status=201)
+        deadline = time.monotonic() + 10
+        while (await node.get("/readyz")).status != 503:
+            assert time.monotonic() < deadline, "readiness stayed green while the live tail was failing"
+            await asyncio.sleep(0.05)
+        await admin.delete(backend.stream_key("bad"))
+        while (await node.get("/readyz")).status != 200:
+            assert time.monotonic() < deadline + 10, "the live tail did not recover"
+            await asyncio.sleep(0.05)
+        ids = await publish(node, "good", {"data": "after"})
+        evs = await collect(good, count=2)
+        assert evs[-1].id == ids[0]
+        bad.close()
+        good.close()
+    finally:
+        await backend.aclose()
+        await admin.aclose()

@@ -75,7 +75,7 @@ def test_bad_settings_stop_the_process_with_a_clear_message(args: list[str], mes
 
 
 async def test_sigterm_drains_streams_and_exits_within_grace(hubs: list[HubProcess]) -> None:
-    node = _start(hubs, "--grace", "3")
+    node = _start(hubs, "--grace", "4")
     async with aiohttp.ClientSession() as s:
         streams = [await s.get(f"{node.url}/v1/channels/d{i % 2}/events") for i in range(6)]
         for r in streams:
@@ -85,12 +85,19 @@ async def test_sigterm_drains_streams_and_exits_within_grace(hubs: list[HubProce
                 assert p.status == 201
         started = time.monotonic()
         node.signal(signal.SIGTERM)
+        # While its streams drain (spread over half the grace period) the node still answers: not ready, and no new
+        # streams, so a load balancer moves clients elsewhere.
+        await asyncio.sleep(0.1)
+        async with s.get(f"{node.url}/readyz") as ready:
+            assert ready.status == 503 and (await ready.json())["reason"] == "draining"
+        async with s.get(f"{node.url}/v1/channels/d0/events") as refused:
+            assert refused.status == 503 and refused.headers["Retry-After"]
         # Every stream gets its pending events, then a clean end: the clients would reconnect elsewhere and resume.
         results = await asyncio.gather(*(collect(r, timeout_s=10) for r in streams))
         for evs in results:
             assert [e.data for e in evs] == ["a", "b"]
         code = await asyncio.to_thread(node.wait, 10)
         assert code == 0
-        assert time.monotonic() - started < 3 + 2
+        assert time.monotonic() - started < 4 + 2
         with pytest.raises(aiohttp.ClientConnectionError):
             await s.get(f"{node.url}/v1/channels/d0/events")
