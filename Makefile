@@ -35,12 +35,12 @@ run: install
 	$(BIN)/python -m hub --port $(PORT)
 
 lint: install-dev
-	$(BIN)/ruff check hub tests bench
-	$(BIN)/ruff format --check hub tests bench
+	$(BIN)/ruff check hub producer tests bench
+	$(BIN)/ruff format --check hub producer tests bench
 
 format: install-dev
-	$(BIN)/ruff check --fix hub tests bench
-	$(BIN)/ruff format hub tests bench
+	$(BIN)/ruff check --fix hub producer tests bench
+	$(BIN)/ruff format hub producer tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy

@@ -17,6 +17,8 @@ import uvloop
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
+from producer.settings import ProducerSettings, ProviderKeys
+
 from .app import begin_drain, create_app
 from .settings import HubSettings
 
@@ -64,6 +66,8 @@ def _raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = HubSettings.from_args(argv, os.environ)
+        # The embedded worker (memory backend) takes the same PRODUCER_* variables as `python -m producer`.
+        worker_settings = ProducerSettings.from_args([], {**os.environ, "PRODUCER_METRICS_PORT": "0"})
     except ValueError as e:
         print(f"python -m hub: {e}", file=sys.stderr)
         return 2
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _raise_fd_limit()
-    app = create_app(settings)
+    app = create_app(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
 
     async def freeze_heap(app: web.Application) -> None:
         # Long-lived start-up objects never become garbage; keeping them out of full collections shortens pauses.

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from producer.jobs import JobQueue
+from producer.providers.registry import PROVIDER_NAMES
+from producer.queue_memory import MemoryJobQueue
+from producer.queue_redis import RedisJobQueue
+from producer.settings import DEFAULT_GROUP, ProducerSettings, ProviderKeys, providers_for
+from producer.worker import Worker
+
 from .backend import Backend
 from .backend_memory import MemoryBackend
 from .backend_redis import RedisBackend
 from .errors import error_middleware
 from .fanout import Fanout
+from .generations import routes as generation_routes
 from .handlers import routes
-from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE, NodeState
+from .keys import BACKEND, FANOUT, JOBS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .metrics import HubMetrics
+from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
 
 __all__ = ["begin_drain", "create_app", "make_backend"]
@@ -62,13 +72,23 @@ def create_app(
     settings: HubSettings,
     *,
     backend: Backend | None = None,
+    jobs: JobQueue | None = None,
+    presence: Presence | None = None,
     registry: CollectorRegistry | None = None,
+    worker_settings: ProducerSettings | None = None,
+    provider_keys: ProviderKeys | None = None,
 ) -> web.Application:
-    """Build a hub node. An injected `backend` is shared, not owned: the app does not close it."""
+    """Build a hub node. Injected `backend`, `jobs` and `presence` are shared, not owned: the app does not close them.
+
+    The job queue is Redis when `redis_url` is set, else in memory; a generation worker runs in this process when
+    `embedded_worker` says so ("auto": with the in-memory queue), with `worker_settings` and `provider_keys`.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = NodeState()
-    app[METRICS] = HubMetrics(registry if registry is not None else CollectorRegistry())
+    app[PROVIDERS] = PROVIDER_NAMES
+    metrics_registry = registry if registry is not None else CollectorRegistry()
+    app[METRICS] = HubMetrics(metrics_registry)
 
     async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
         owned = backend is None
@@ -77,15 +97,71 @@ def create_app(
         if owned:
             await app[BACKEND].aclose()
 
+    async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+        owned: list[JobQueue | Presence] = []
+        if jobs is not None:
+            app[JOBS] = jobs
+        elif settings.redis_url is not None:
+            app[JOBS] = RedisJobQueue(
+                settings.redis_url,
+                prefix=settings.key_prefix,
+                group=DEFAULT_GROUP,
+                record_ttl_s=settings.ttl_s,
+                timeout_s=settings.redis_timeout_s,
+            )
+            owned.append(app[JOBS])
+        else:
+            app[JOBS] = MemoryJobQueue()
+        if presence is not None:
+            app[PRESENCE] = presence
+        elif settings.redis_url is not None:
+            app[PRESENCE] = RedisPresence(settings.redis_url, prefix=settings.key_prefix)
+            owned.append(app[PRESENCE])
+        else:
+            app[PRESENCE] = MemoryPresence()
+        yield
+        for resource in owned:
+            await resource.aclose()
+
     async def fanout_ctx(app: web.Application) -> AsyncIterator[None]:
-        fanout = Fanout(app[BACKEND], app[METRICS], block_s=settings.tail_block_s, heartbeat_s=settings.heartbeat_s)
+        fanout = Fanout(
+            app[BACKEND],
+            app[METRICS],
+            block_s=settings.tail_block_s,
+            heartbeat_s=settings.heartbeat_s,
+            presence=app[PRESENCE],
+        )
         app[FANOUT] = fanout
         await fanout.start()
         yield
         await fanout.stop()
 
-    app.cleanup_ctx.extend([backend_ctx, fanout_ctx])
+    async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+        embedded = settings.embedded_worker == "on" or (
+            settings.embedded_worker == "auto" and isinstance(app[JOBS], MemoryJobQueue)
+        )
+        if not embedded:
+            yield
+            return
+        ws = worker_settings or ProducerSettings(metrics_port=0)
+        providers = providers_for(ws, provider_keys or ProviderKeys())
+        worker = Worker(
+            ws,
+            backend=app[BACKEND],
+            queue=app[JOBS],
+            providers=providers,
+            presence=app[PRESENCE],
+            registry=metrics_registry,
+        )
+        log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)
+        task = asyncio.create_task(worker.run_async(), name="embedded-worker")
+        yield
+        worker.stop()
+        await task
+
+    app.cleanup_ctx.extend([backend_ctx, jobs_ctx, fanout_ctx, worker_ctx])
     # Normally the drain has already run (see begin_drain) and this finds nothing left to end.
     app.on_shutdown.append(begin_drain)
     app.add_routes(routes)
+    app.add_routes(generation_routes)
     return app

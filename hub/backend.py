@@ -13,6 +13,7 @@ from typing import Protocol
 
 __all__ = [
     "MAX_KEY",
+    "AppendBatch",
     "TRIM_SLACK_MAX",
     "ZERO_ID",
     "Backend",
@@ -104,6 +105,15 @@ class Entry:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", parse_id(self.id))
+
+
+@dataclass(frozen=True, slots=True)
+class AppendBatch:
+    """Events for one channel, appended atomically; with `close`, the last one ends the channel."""
+
+    channel: str
+    events: Sequence[NewEvent]
+    close: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +214,14 @@ class Backend(Protocol):
 
         With `close`, the last event carries the close flag and the channel accepts nothing more. Trims the channel to
         about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed.
+        """
+        ...
+
+    async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
+        """Several appends (to different channels, or in order to the same one) in one round trip.
+
+        Each batch is applied as by `append`, in the order given; the result for each is its ids, or the BackendError
+        that refused it (ChannelClosed, BackendUnavailable). Used by producers to coalesce tokens.
         """
         ...
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from .backend import (
     TRIM_SLACK_MAX,
     ZERO_ID,
+    AppendBatch,
+    BackendError,
     ChannelClosed,
     ChannelInfo,
     Entry,
@@ -108,6 +110,15 @@ class MemoryBackend:
         ch.expires_at = now + self._ttl_s
         self._notify()
         return ids
+
+    async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
+        results: list[list[str] | BackendError] = []
+        for b in batches:
+            try:
+                results.append(await self.append(b.channel, b.events, close=b.close))
+            except BackendError as e:
+                results.append(e)
+        return results
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
         pos = parse_id(after)

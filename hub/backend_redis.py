@@ -20,6 +20,8 @@ from .backend import (
     MAX_KEY,
     TRIM_SLACK_MAX,
     ZERO_ID,
+    AppendBatch,
+    BackendError,
     BackendUnavailable,
     ChannelClosed,
     ChannelInfo,
@@ -181,12 +183,36 @@ class RedisBackend:
         except (RedisError, TimeoutError, OSError) as e:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
 
-    async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+    def _append_args(self, events: Sequence[NewEvent], close: bool) -> list[Any]:
         args: list[Any] = [self._history, self._ttl_ms, "1" if close else "0"]
         for ev in events:
             args += (ev.event, ev.data)
-        ids = await self._call(self._append(keys=[self.stream_key(channel)], args=args))
+        return args
+
+    async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+        ids = await self._call(self._append(keys=[self.stream_key(channel)], args=self._append_args(events, close)))
         return list(ids)
+
+    async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
+        if not batches:
+            return []
+        # One pipeline, one round trip; each script call stays atomic on its own. Not a transaction: one refused
+        # channel (closed) must not refuse the others.
+        pipe = self._redis.pipeline(transaction=False)
+        for b in batches:
+            await self._append(
+                keys=[self.stream_key(b.channel)], args=self._append_args(b.events, b.close), client=pipe
+            )
+        raw = await self._call(pipe.execute(raise_on_error=False))
+        results: list[list[str] | BackendError] = []
+        for r in raw:
+            if isinstance(r, ResponseError) and str(r).startswith("CLOSED"):
+                results.append(ChannelClosed(str(r)))
+            elif isinstance(r, Exception):
+                results.append(BackendUnavailable(f"redis error: {str(r).split(' ', 1)[0]}"))
+            else:
+                results.append(list(r))
+        return results
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
         # Redis cannot express "after the largest id" as an exclusive start; nothing can follow it anyway.

@@ -19,6 +19,7 @@ import orjson
 
 from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
 from .metrics import HubMetrics
+from .presence import PRESENCE_INTERVAL_S, Presence
 from .sse import comment, encode_event
 
 __all__ = ["Fanout", "Subscriber", "encode_reset"]
@@ -134,8 +135,17 @@ class _Channel:
 
 
 class Fanout:
-    def __init__(self, backend: Backend, metrics: HubMetrics, *, block_s: float, heartbeat_s: float) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        metrics: HubMetrics,
+        *,
+        block_s: float,
+        heartbeat_s: float,
+        presence: Presence | None = None,
+    ) -> None:
         self._backend = backend
+        self._presence = presence
         self._metrics = metrics
         self._block_s = block_s
         self._heartbeat_s = heartbeat_s
@@ -158,6 +168,8 @@ class Fanout:
             asyncio.create_task(self._tail_loop(), name="fanout-tail"),
             asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),
         ]
+        if self._presence is not None:
+            self._tasks.append(asyncio.create_task(self._presence_loop(), name="fanout-presence"))
 
     @property
     def healthy(self) -> bool:
@@ -364,6 +376,16 @@ class Fanout:
             sub.push(data, end=True)
         if ch.subscribers:
             self._metrics.resets.labels("deleted").inc(len(ch.subscribers))
+
+    async def _presence_loop(self) -> None:
+        # Tell workers which channels are watched, so abandoned generations can be stopped.
+        assert self._presence is not None
+        while True:
+            await asyncio.sleep(PRESENCE_INTERVAL_S)
+            try:
+                await self._presence.touch([name for name, ch in self._channels.items() if ch.subscribers])
+            except BackendUnavailable as e:
+                log.debug("presence report failed: %s", e)
 
     async def _heartbeat_loop(self) -> None:
         # One timer for the whole node instead of one per connection.

@@ -17,7 +17,7 @@ from .fanout import Subscriber, encode_reset
 from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE
 from .sse import comment, encode_event, event_id, retry
 
-__all__ = ["routes"]
+__all__ = ["CHANNEL_RE", "routes", "stream_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ def _requested_position(request: web.Request) -> str | None:
 async def subscribe(request: web.Request) -> web.StreamResponse:
     channel = _channel(request)
     _draining(request)
-    position = _requested_position(request)
+    return await stream_channel(request, channel, _requested_position(request))
+
+
+async def stream_channel(request: web.Request, channel: str, position: str | None) -> web.StreamResponse:
+    """Answer with the channel's SSE stream from `position` (None: live). Validation is the caller's."""
     backend = request.app[BACKEND]
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]

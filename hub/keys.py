@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from producer.jobs import JobQueue
+
 from .backend import Backend
 from .fanout import Fanout
 from .metrics import HubMetrics
+from .presence import Presence
 from .settings import HubSettings
 
-__all__ = ["BACKEND", "FANOUT", "METRICS", "SETTINGS", "STATE", "NodeState"]
+__all__ = ["BACKEND", "FANOUT", "JOBS", "METRICS", "PRESENCE", "PROVIDERS", "SETTINGS", "STATE", "NodeState"]
 
 
 @dataclass(slots=True)
@@ -24,3 +27,6 @@ BACKEND = web.AppKey("backend", Backend)
 FANOUT = web.AppKey("fanout", Fanout)
 METRICS = web.AppKey("metrics", HubMetrics)
 STATE = web.AppKey("state", NodeState)
+JOBS = web.AppKey("jobs", JobQueue)
+PRESENCE = web.AppKey("presence", Presence)
+PROVIDERS = web.AppKey("providers", frozenset[str])

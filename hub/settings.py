@@ -10,9 +10,16 @@ import argparse
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_HEARTBEAT_S", "DEFAULT_HISTORY", "DEFAULT_RETRY_MS", "DEFAULT_TTL_S", "HubSettings"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_S",
+    "DEFAULT_HISTORY",
+    "DEFAULT_RETRY_MS",
+    "DEFAULT_TTL_S",
+    "HubSettings",
+    "settings_from_args",
+]
 
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8080
@@ -54,6 +61,12 @@ class HubSettings:
     )
     replay_page: int = _opt(DEFAULT_REPLAY_PAGE, "replay-page", "history entries read per round trip on resume")
     tail_block_s: float = _opt(DEFAULT_TAIL_BLOCK_S, "tail-block", "longest blocking read of the live tail, seconds")
+    embedded_worker: str = _opt(
+        "auto", "embedded-worker", "run a generation worker in this process: auto (with the memory backend), on, off"
+    )
+    cancel_if_unwatched_s: float = _opt(
+        0.0, "cancel-if-unwatched", "default seconds a generation may go unwatched before it is cancelled (0: off)"
+    )
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -72,6 +85,8 @@ class HubSettings:
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
+        need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")
+        need(self.cancel_if_unwatched_s >= 0, "cancel-if-unwatched", "must not be negative")
         need(
             self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "redis-url",
@@ -81,22 +96,34 @@ class HubSettings:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> HubSettings:
         """Build settings from flags over `HUB_*` environment variables over defaults."""
-        parser = argparse.ArgumentParser(prog="python -m hub", description="SSE hub node")
-        for f in dataclasses.fields(cls):
-            flag = f.metadata["flag"]
-            env = "HUB_" + flag.upper().replace("-", "_")
-            parser.add_argument(f"--{flag}", dest=f.name, default=None, help=f"{f.metadata['help']} [{env}]")
-        ns = parser.parse_args(argv)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            env = "HUB_" + f.metadata["flag"].upper().replace("-", "_")
-            raw = getattr(ns, f.name)
-            if raw is None:
-                raw = environ.get(env)
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _convert(f, raw, env)
-        return cls(**values)
+        return settings_from_args(cls, "HUB_", "python -m hub", argv, environ)
+
+
+T = TypeVar("T")
+
+
+def settings_from_args(
+    cls: type[T], env_prefix: str, prog: str, argv: Sequence[str] | None, environ: Mapping[str, str]
+) -> T:
+    """Build a settings dataclass whose fields carry `flag` and `help` metadata: flags, then environment, then
+    defaults."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    envs = {f.name: env_prefix + f.metadata["flag"].upper().replace("-", "_") for f in fields}
+    parser = argparse.ArgumentParser(prog=prog)
+    for f in fields:
+        parser.add_argument(
+            f"--{f.metadata['flag']}", dest=f.name, default=None, help=f"{f.metadata['help']} [{envs[f.name]}]"
+        )
+    ns = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in fields:
+        raw = getattr(ns, f.name)
+        if raw is None:
+            raw = environ.get(envs[f.name])
+        if raw is None or raw == "":
+            continue
+        values[f.name] = _convert(f, raw, envs[f.name])
+    return cls(**values)
 
 
 def _convert(f: dataclasses.Field[Any], raw: str, env: str) -> Any:

@@ -1,0 +1,76 @@
+"""HTTP handlers of the job API: start, inspect and cancel AI generations. Workers do the generating."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id, parse_job_request
+
+from .errors import ApiError
+from .handlers import CHANNEL_RE, _draining, stream_channel
+from .keys import JOBS, PROVIDERS, SETTINGS
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _wants_stream(request: web.Request) -> bool:
+    return any(
+        part.split(";")[0].strip() == "text/event-stream" for part in request.headers.get("Accept", "").split(",")
+    )
+
+
+@routes.post("/v1/generations")
+async def create_generation(request: web.Request) -> web.StreamResponse:
+    _draining(request)
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the job as application/json")
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    settings = request.app[SETTINGS]
+    providers: frozenset[str] = request.app[PROVIDERS]
+    try:
+        job = parse_job_request(
+            body,
+            providers=providers,
+            generation_id=new_generation_id(),
+            channel_ok=CHANNEL_RE.fullmatch,
+            default_unwatched_s=settings.cancel_if_unwatched_s or None,
+        )
+    except JobRequestError as e:
+        raise ApiError(400, e.code, e.message) from None
+    await request.app[JOBS].submit(job)
+    if _wants_stream(request):
+        # Like the providers' own APIs: the events in this response; still resumable through events_url.
+        return await stream_channel(request, job.channel, "0")
+    events_url = f"/v1/channels/{job.channel}/events"
+    return _json({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
+
+
+@routes.get("/v1/generations/{id}")
+async def get_generation(request: web.Request) -> web.Response:
+    record = await request.app[JOBS].get(request.match_info["id"])
+    if record is None:
+        raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
+    return _json(record.public())
+
+
+@routes.delete("/v1/generations/{id}")
+async def cancel_generation(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS]
+    record = await jobs.get(request.match_info["id"])
+    if record is None:
+        raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
+    if record.status in TERMINAL_STATUSES:
+        raise ApiError(409, "generation_finished", f"the generation is already {record.status}")
+    await jobs.request_cancel(record.id)
+    return _json({"id": record.id, "status": record.status, "cancel_requested": True}, status=202)

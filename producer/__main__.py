@@ -1,0 +1,95 @@
+"""`python -m producer`: flags and PRODUCER_* environment (plus the providers' own variables) → a Worker.
+
+The only module of the package that reads os.environ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from hub.backend_redis import RedisBackend
+from hub.presence import RedisPresence
+
+from .queue_redis import RedisJobQueue
+from .settings import ProducerSettings, ProviderKeys, providers_for
+from .worker import Worker
+
+log = logging.getLogger("producer")
+
+
+async def _serve_metrics(registry: CollectorRegistry, port: int) -> web.AppRunner:
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
+
+
+async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
+    assert settings.redis_url is not None
+    registry = CollectorRegistry()
+    backend = RedisBackend(
+        settings.redis_url, prefix=settings.key_prefix, history=settings.history, ttl_s=settings.ttl_s
+    )
+    queue = RedisJobQueue(
+        settings.redis_url, prefix=settings.key_prefix, group=settings.group, record_ttl_s=settings.ttl_s
+    )
+    presence = RedisPresence(settings.redis_url, prefix=settings.key_prefix)
+    worker = Worker(
+        settings,
+        backend=backend,
+        queue=queue,
+        providers=providers_for(settings, keys),
+        presence=presence,
+        registry=registry,
+    )
+    runner = await _serve_metrics(registry, settings.metrics_port) if settings.metrics_port else None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run_async()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await presence.aclose()
+        await queue.aclose()
+        await backend.aclose()
+    log.info("worker stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = ProducerSettings.from_args(argv, os.environ)
+        if settings.redis_url is None:
+            raise ValueError(
+                "invalid setting redis-url (PRODUCER_REDIS_URL): a worker process needs Redis "
+                "(without Redis, the hub runs its own embedded worker)"
+            )
+    except ValueError as e:
+        print(f"python -m producer: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(_main(settings, ProviderKeys.from_env(os.environ)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

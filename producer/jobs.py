@@ -1,0 +1,246 @@
+"""Generation jobs: the job and its status record, request validation, and the JobQueue contract.
+
+`RedisJobQueue` (queue_redis.py) serves any number of worker processes; `MemoryJobQueue` (queue_memory.py) serves the
+worker embedded in a hub on the memory backend. Nothing here imports aiohttp.web.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import orjson
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Delivery",
+    "GenerationRecord",
+    "Job",
+    "JobQueue",
+    "JobRequestError",
+    "Status",
+    "new_generation_id",
+    "parse_job_request",
+]
+
+Status = Literal["queued", "running", "done", "error", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
+
+_ROLES = frozenset({"system", "user", "assistant"})
+_MAX_MESSAGES = 1000
+_MAX_STOP = 8
+_MAX_MODEL_LEN = 200
+_JOB_FIELDS = frozenset({"provider", "model", "messages", "params", "channel", "cancel_if_unwatched_s"})
+_PARAM_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "stop"})
+
+
+def new_generation_id() -> str:
+    return "gen_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One generation to run. Serialized with orjson into the job queue."""
+
+    id: str
+    provider: str
+    model: str
+    messages: list[dict[str, str]]
+    channel: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    cancel_if_unwatched_s: float | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Job:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class GenerationRecord:
+    """What `GET /v1/generations/{id}` shows."""
+
+    id: str
+    provider: str
+    model: str
+    channel: str
+    status: Status = "queued"
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int | None] | None = None
+    error: dict[str, str] | None = None
+    attempts: int = 0
+
+    def public(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["events_url"] = f"/v1/channels/{self.channel}/events"
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A job handed to a worker. `restarted`: an earlier run of it died; its channel may hold partial output."""
+
+    job: Job
+    entry_id: str
+    restarted: bool = False
+
+
+class JobRequestError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _number(params: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
+        raise JobRequestError("invalid_params", f"params.{name} must be a number from {lo:g} to {hi:g}")
+    return float(value)
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise JobRequestError("invalid_messages", "messages must be a non-empty array")
+    if len(raw) > _MAX_MESSAGES:
+        raise JobRequestError("invalid_messages", f"at most {_MAX_MESSAGES} messages")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or set(m) - {"role", "content"}:
+            raise JobRequestError("invalid_messages", f'messages[{i}] must be {{"role", "content"}}')
+        role, content = m.get("role"), m.get("content")
+        if role not in _ROLES:
+            raise JobRequestError("invalid_messages", f"messages[{i}].role must be system, user or assistant")
+        if not isinstance(content, str) or not content:
+            raise JobRequestError("invalid_messages", f"messages[{i}].content must be a non-empty string")
+        out.append({"role": role, "content": content})
+    if all(m["role"] == "system" for m in out):
+        raise JobRequestError("invalid_messages", "messages need at least one user or assistant message")
+    return out
+
+
+def parse_job_request(
+    body: Any,
+    *,
+    providers: Collection[str],
+    generation_id: str,
+    channel_ok: Any,
+    default_unwatched_s: float | None = None,
+) -> Job:
+    """Validate a `POST /v1/generations` body into a Job, or raise JobRequestError (a 400; nothing is queued).
+
+    `channel_ok(name) -> bool` is the hub's channel-name rule.
+    """
+    if not isinstance(body, dict):
+        raise JobRequestError("invalid_body", "the body must be a JSON object")
+    unknown = set(body) - _JOB_FIELDS
+    if unknown:
+        raise JobRequestError("invalid_body", f"unknown fields: {', '.join(sorted(unknown))[:200]}")
+    provider = body.get("provider")
+    if not isinstance(provider, str) or provider not in providers:
+        raise JobRequestError("unknown_provider", f"provider must be one of: {', '.join(sorted(providers))}")
+    model = body.get("model", "")
+    if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and provider != "demo"):
+        raise JobRequestError("invalid_model", f"model must be a non-empty string of at most {_MAX_MODEL_LEN}")
+    messages = _messages(body.get("messages"))
+    params = body.get("params", {})
+    if not isinstance(params, dict) or set(params) - _PARAM_FIELDS:
+        raise JobRequestError("invalid_params", f"params may hold only {', '.join(sorted(_PARAM_FIELDS))}")
+    max_tokens = params.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1_000_000
+    ):
+        raise JobRequestError("invalid_params", "params.max_tokens must be an integer from 1 to 1000000")
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > _MAX_STOP or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise JobRequestError("invalid_params", f"params.stop must be a string or at most {_MAX_STOP} strings")
+    channel = body.get("channel") or f"gen:{generation_id}"
+    if not isinstance(channel, str) or not channel_ok(channel):
+        raise JobRequestError("invalid_channel", "channel names are 1-200 characters of A-Z a-z 0-9 _ . : @ -")
+    unwatched = body.get("cancel_if_unwatched_s", default_unwatched_s)
+    if unwatched is not None and (
+        isinstance(unwatched, bool) or not isinstance(unwatched, int | float) or not 1 <= unwatched <= 86_400
+    ):
+        raise JobRequestError("invalid_body", "cancel_if_unwatched_s must be a number of seconds from 1 to 86400")
+    return Job(
+        id=generation_id,
+        provider=provider,
+        model=model or "demo",
+        messages=messages,
+        channel=channel,
+        max_tokens=max_tokens,
+        temperature=_number(params, "temperature", 0, 2),
+        top_p=_number(params, "top_p", 0, 1),
+        stop=stop,
+        cancel_if_unwatched_s=float(unwatched) if unwatched is not None else None,
+    )
+
+
+class JobQueue(Protocol):
+    """Where generation jobs wait for workers, and where their status lives.
+
+    Delivery is at least once: a job is handed out again (as `restarted`) when the worker holding it stops renewing
+    its claim. A job is acknowledged only after its terminal event is stored.
+    """
+
+    async def submit(self, job: Job) -> GenerationRecord:
+        """Record the generation as queued and enqueue it, atomically."""
+        ...
+
+    async def get(self, generation_id: str) -> GenerationRecord | None: ...
+
+    async def request_cancel(self, generation_id: str) -> GenerationRecord | None:
+        """Flag the generation for cancellation; its worker notices within its poll interval. None if unknown."""
+        ...
+
+    async def fetch(self, consumer: str, count: int, block_s: float) -> list[Delivery]:
+        """New jobs for this worker, waiting up to `block_s` for one."""
+        ...
+
+    async def claim_stale(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
+        """Jobs whose worker stopped renewing its claim for `min_idle_s`, now held by `consumer` (restarted)."""
+        ...
+
+    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Keep the claim on running jobs fresh so no other worker takes them."""
+        ...
+
+    async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Hand unfinished jobs back so another worker can claim them at once (graceful shutdown)."""
+        ...
+
+    async def ack(self, entry_id: str) -> None:
+        """The job is finished (its terminal event is stored): never deliver it again."""
+        ...
+
+    async def update(self, record: GenerationRecord) -> None: ...
+
+    async def cancel_requested(self, generation_ids: Sequence[str]) -> set[str]:
+        """Which of these generations have a cancel request (one round trip)."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,179 @@
+"""OpenAI Chat Completions streaming, and every server that speaks it (vLLM, Ollama, llama.cpp, Groq, OpenRouter).
+
+Wire format: unnamed `data:` events holding `chat.completion.chunk` objects, a chunk with `finish_reason`, with
+`stream_options.include_usage` one more chunk with `choices: []` and `usage`, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from typing import Any
+
+import aiohttp
+
+from hub.sse import SSEEvent
+from producer.providers._http import (
+    clean_message,
+    error_object,
+    load_object,
+    status_error,
+    stream_sse,
+    truncated,
+)
+from producer.providers.base import (
+    Finish,
+    GenerationRequest,
+    ProviderConfig,
+    ProviderError,
+    StreamItem,
+    TextDelta,
+)
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]
+
+# Like the official SDK, the base URL includes the version path; compatible servers are configured the same way
+# (e.g. "http://localhost:8000/v1" for vLLM, "http://localhost:11434/v1" for Ollama).
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",  # the deprecated functions API
+}
+# Error codes meaning money, not rate: retrying cannot help until someone pays.
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"})
+# In-stream error types after which a new attempt may succeed.
+_RETRYABLE_STREAM_ERRORS = {
+    "server_error": "server_error",
+    "overloaded": "overloaded",
+    "overloaded_error": "overloaded",
+}
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class _Decoder:
+    def __init__(self, api_key: str | None) -> None:
+        self._api_key = api_key
+        self._finish_reason: str | None = None
+        self._input_tokens: int | None = None
+        self._output_tokens: int | None = None
+
+    def feed(self, event: SSEEvent) -> list[StreamItem]:
+        data = event.data.strip()
+        if data == "[DONE]":
+            return [self._finish()]
+        if not data:
+            return []
+        chunk = load_object(data)
+        if chunk.get("error"):
+            raise self._stream_error(chunk)
+        self._take_usage(chunk.get("usage"))
+        # Groq reports usage under its own key.
+        x_groq = chunk.get("x_groq")
+        if isinstance(x_groq, dict):
+            self._take_usage(x_groq.get("usage"))
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return []  # the usage-only chunk, or a server's extra chunk
+        choice = choices[0]
+        items: list[StreamItem] = []
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            content = delta.get("content")
+            # The first chunk usually has `"content": ""` next to the role: not a delta.
+            if isinstance(content, str) and content:
+                items.append(TextDelta(content))
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self._finish_reason = _FINISH_REASONS.get(reason, reason.lower())
+        return items
+
+    def end(self, cut: ProviderError | None) -> Finish:
+        # Without [DONE], a finish_reason still means the text is complete; only the usage chunk may be missing.
+        if self._finish_reason is not None:
+            return self._finish()
+        raise cut or truncated("the stream ended before [DONE] and before any finish_reason")
+
+    def _finish(self) -> Finish:
+        # A server that sends [DONE] without any finish_reason has nonetheless said it is done.
+        return Finish(self._finish_reason or "stop", self._input_tokens, self._output_tokens)
+
+    def _take_usage(self, usage: object) -> None:
+        # Some servers (vLLM with continuous usage stats) repeat usage in every chunk: the last one wins.
+        if isinstance(usage, dict):
+            self._input_tokens = _int_or_none(usage.get("prompt_tokens"))
+            self._output_tokens = _int_or_none(usage.get("completion_tokens"))
+
+    def _stream_error(self, chunk: Mapping[str, Any]) -> ProviderError:
+        err = error_object(chunk)
+        kind = str(err.get("type") or err.get("code") or "")
+        message = clean_message(str(err.get("message") or "error in stream"), self._api_key)
+        if kind in _QUOTA_CODES or err.get("code") in _QUOTA_CODES:
+            return ProviderError("quota_exhausted", message)
+        if kind in _RETRYABLE_STREAM_ERRORS:
+            return ProviderError(_RETRYABLE_STREAM_ERRORS[kind], message, retryable=True)
+        return ProviderError("provider_error", f"{kind}: {message}" if kind else message)
+
+
+class OpenAIProvider:
+    """`POST {base_url}/chat/completions` with `stream: true`; see the module docstring for the wire format."""
+
+    name = "openai"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self._config = config
+        self._url = f"{(config.base_url or DEFAULT_BASE_URL).rstrip('/')}/chat/completions"
+
+    async def stream(
+        self, session: aiohttp.ClientSession, request: GenerationRequest
+    ) -> AsyncGenerator[StreamItem, None]:
+        items = stream_sse(
+            session,
+            self._url,
+            headers=self._headers(),
+            body=self._body(request),
+            config=self._config,
+            classify=self._classify,
+            decoder=_Decoder(self._config.api_key),
+        )
+        # aclosing: closing this generator must close the inner one now, and with it the HTTP response.
+        async with aclosing(items):
+            async for item in items:
+                yield item
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self._config.api_key:
+            # Local servers (Ollama, llama.cpp) need no key.
+            headers["Authorization"] = f"Bearer {self._config.api_key}"
+        return headers
+
+    @staticmethod
+    def _body(request: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        params = {
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stop": list(request.stop) if request.stop is not None else None,
+        }
+        body.update({k: v for k, v in params.items() if v is not None})
+        return body
+
+    def _classify(self, status: int, body: object, headers: Mapping[str, str]) -> ProviderError:
+        err = error_object(body)
+        message = clean_message(str(err.get("message") or ""), self._config.api_key)
+        if err.get("code") in _QUOTA_CODES or err.get("type") in _QUOTA_CODES:
+            return status_error(status, message, headers, code="quota_exhausted", retryable=False)
+        return status_error(status, message, headers)

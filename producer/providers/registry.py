@@ -1,0 +1,37 @@
+"""The providers a worker can call, built from its settings and the providers' environment variables."""
+
+from __future__ import annotations
+
+from .base import Provider, ProviderConfig
+from .demo import DemoProvider
+
+__all__ = ["PROVIDER_NAMES", "build_providers"]
+
+PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
+
+
+def build_providers(
+    *,
+    demo_tokens_per_s: float,
+    connect_timeout_s: float,
+    openai: tuple[str | None, str | None, float] = (None, None, 60.0),
+    anthropic: tuple[str | None, str | None, float] = (None, None, 60.0),
+    gemini: tuple[str | None, str | None, float] = (None, None, 60.0),
+) -> dict[str, Provider]:
+    """One instance per provider. Each tuple is (api key, base URL or None for the public one, read timeout)."""
+    from .anthropic import AnthropicProvider
+    from .gemini import GeminiProvider
+    from .openai import OpenAIProvider
+
+    def config(spec: tuple[str | None, str | None, float]) -> ProviderConfig:
+        key, base_url, read_timeout_s = spec
+        return ProviderConfig(
+            api_key=key, base_url=base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+        )
+
+    return {
+        "demo": DemoProvider(demo_tokens_per_s),
+        "openai": OpenAIProvider(config(openai)),
+        "anthropic": AnthropicProvider(config(anthropic)),
+        "gemini": GeminiProvider(config(gemini)),
+    }

@@ -1,0 +1,174 @@
+"""RedisJobQueue: jobs on a Redis Stream read through a consumer group; each generation's record in a hash.
+
+Keys (built only here): `<prefix>jobs` (the stream), `<prefix>gen:{<id>}` (hash: `r` the record as JSON, `cancel`).
+Claims are kept fresh with `XCLAIM … JUSTID`; a dead worker's jobs are taken over with `XAUTOCLAIM`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from hub.backend import BackendUnavailable
+
+from .jobs import Delivery, GenerationRecord, Job
+
+__all__ = ["RedisJobQueue"]
+
+log = logging.getLogger(__name__)
+
+# Released jobs are marked idle for this long, so any worker's next XAUTOCLAIM takes them at once.
+_RELEASED_IDLE_MS = 1_000_000_000
+
+
+def _record(raw: Any) -> GenerationRecord | None:
+    if raw is None:
+        return None
+    return GenerationRecord(**orjson.loads(raw))
+
+
+class RedisJobQueue:
+    def __init__(self, url: str, *, prefix: str, group: str, record_ttl_s: float, timeout_s: float = 5.0) -> None:
+        self._prefix = prefix
+        self._group = group
+        self._ttl_s = max(1, int(record_ttl_s))
+        self._timeout_s = timeout_s
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=16,
+            timeout=timeout_s,
+            decode_responses=True,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._redis: Any = aioredis.Redis.from_pool(pool)
+        self._group_ready = False
+        self._claim_cursor = "0-0"
+
+    @property
+    def jobs_key(self) -> str:
+        return f"{self._prefix}jobs"
+
+    def record_key(self, generation_id: str) -> str:
+        return f"{self._prefix}gen:{{{generation_id}}}"
+
+    async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
+        try:
+            async with asyncio.timeout(timeout_s or self._timeout_s):
+                return await coro
+        except (RedisError, TimeoutError, OSError) as e:
+            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # From 0: jobs submitted before any worker existed are still served.
+            await self._call(self._redis.xgroup_create(self.jobs_key, self._group, id="0", mkstream=True))
+        except BackendUnavailable as e:
+            if not (isinstance(e.__cause__, ResponseError) and "BUSYGROUP" in str(e.__cause__)):
+                raise
+        self._group_ready = True
+
+    async def submit(self, job: Job) -> GenerationRecord:
+        record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self.record_key(job.id), "r", orjson.dumps(asdict(record)))
+        pipe.expire(self.record_key(job.id), self._ttl_s)
+        pipe.xadd(self.jobs_key, {"j": job.dumps()})
+        await self._call(pipe.execute())
+        return record
+
+    async def get(self, generation_id: str) -> GenerationRecord | None:
+        return _record(await self._call(self._redis.hget(self.record_key(generation_id), "r")))
+
+    async def request_cancel(self, generation_id: str) -> GenerationRecord | None:
+        record = await self.get(generation_id)
+        if record is not None:
+            await self._call(self._redis.hset(self.record_key(generation_id), "cancel", "1"))
+        return record
+
+    def _deliveries(self, entries: Any, *, restarted: bool) -> list[Delivery]:
+        out: list[Delivery] = []
+        for entry_id, fields in entries or []:
+            if not fields or "j" not in fields:
+                continue  # deleted while pending
+            try:
+                out.append(Delivery(Job.loads(fields["j"]), entry_id, restarted))
+            except (orjson.JSONDecodeError, TypeError) as e:
+                log.error("dropping unreadable job %s: %s", entry_id, e)
+        return out
+
+    async def fetch(self, consumer: str, count: int, block_s: float) -> list[Delivery]:
+        await self._ensure_group()
+        raw = await self._call(
+            self._redis.xreadgroup(
+                self._group, consumer, {self.jobs_key: ">"}, count=count, block=max(1, int(block_s * 1000))
+            ),
+            timeout_s=block_s + self._timeout_s,
+        )
+        if not raw:
+            return []
+        items = raw.items() if isinstance(raw, dict) else raw
+        out: list[Delivery] = []
+        for _key, entries in items:
+            out += self._deliveries(entries, restarted=False)
+        return out
+
+    async def claim_stale(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
+        await self._ensure_group()
+        raw = await self._call(
+            self._redis.xautoclaim(
+                self.jobs_key, self._group, consumer, int(min_idle_s * 1000), start_id=self._claim_cursor, count=count
+            )
+        )
+        self._claim_cursor = raw[0] if raw and raw[0] else "0-0"
+        deleted = raw[2] if len(raw) > 2 else []
+        if deleted:
+            await self._call(self._redis.xack(self.jobs_key, self._group, *deleted))
+        return self._deliveries(raw[1], restarted=True)
+
+    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self._call(self._redis.xclaim(self.jobs_key, self._group, consumer, 0, list(entry_ids), justid=True))
+
+    async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self._call(
+                self._redis.xclaim(
+                    self.jobs_key, self._group, consumer, 0, list(entry_ids), idle=_RELEASED_IDLE_MS, justid=True
+                )
+            )
+
+    async def ack(self, entry_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xack(self.jobs_key, self._group, entry_id)
+        pipe.xdel(self.jobs_key, entry_id)
+        await self._call(pipe.execute())
+
+    async def update(self, record: GenerationRecord) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.record_key(record.id), "r", orjson.dumps(asdict(record)))
+        pipe.expire(self.record_key(record.id), self._ttl_s)
+        await self._call(pipe.execute())
+
+    async def cancel_requested(self, generation_ids: Sequence[str]) -> set[str]:
+        if not generation_ids:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for g in generation_ids:
+            pipe.hget(self.record_key(g), "cancel")
+        flags = await self._call(pipe.execute())
+        return {g for g, flag in zip(generation_ids, flags, strict=True) if flag}
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()

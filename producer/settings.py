@@ -1,0 +1,114 @@
+"""ProducerSettings: every setting of a worker in one frozen dataclass, with its flag and environment variable.
+
+`--name` on the command line, `PRODUCER_NAME` in the environment (flags win). Provider credentials come from the
+providers' usual variables (OPENAI_API_KEY, OPENAI_BASE_URL, ANTHROPIC_API_KEY, ...), read in `__main__` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, settings_from_args
+
+from .providers.base import Provider
+from .providers.registry import build_providers
+
+__all__ = ["DEFAULT_GROUP", "ProducerSettings", "ProviderKeys", "providers_for"]
+
+
+DEFAULT_GROUP = "producers"
+
+
+def _opt(default: Any, flag: str, help: str) -> Any:
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderKeys:
+    """Credentials and endpoints from the providers' own environment variables. Never logged."""
+
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_base_url: str | None = None
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    anthropic_base_url: str | None = None
+    gemini_api_key: str | None = field(default=None, repr=False)
+    gemini_base_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ProviderKeys:
+        return cls(**{f.name: environ.get(f.name.upper()) or None for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProducerSettings:
+    redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue")
+    key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
+    history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
+    ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")
+    concurrency: int = _opt(64, "concurrency", "generations at once in this process")
+    group: str = _opt(DEFAULT_GROUP, "group", "consumer group of the job stream")
+    consumer: str = _opt("", "consumer", "this worker's name in the group (default: host-pid)")
+    claim_idle_s: float = _opt(30.0, "claim-idle", "seconds without a claim renewal before another worker takes a job")
+    renew_s: float = _opt(5.0, "renew", "seconds between claim renewals of running jobs")
+    poll_s: float = _opt(0.25, "poll", "seconds between checks for cancel requests and unwatched channels")
+    grace_s: float = _opt(10.0, "grace", "seconds running generations may take to finish on shutdown")
+    coalesce_ms: float = _opt(5.0, "coalesce-ms", "window in which tokens are gathered into one round trip (0: off)")
+    max_attempts: int = _opt(4, "max-attempts", "provider calls per generation before the first token")
+    backoff_s: float = _opt(0.5, "backoff", "first retry delay, doubled each attempt (Retry-After wins)")
+    backoff_max_s: float = _opt(30.0, "backoff-max", "longest retry delay")
+    connect_timeout_s: float = _opt(10.0, "connect-timeout", "provider connect timeout, seconds")
+    openai_timeout_s: float = _opt(60.0, "openai-timeout", "longest silence in an OpenAI stream, seconds")
+    anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
+    gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
+    demo_tokens_per_s: float = _opt(30.0, "demo-tokens-per-s", "pace of the demo provider (0: as fast as possible)")
+    unwatched_s: float = _opt(0.0, "cancel-if-unwatched", "default cancel_if_unwatched_s of jobs (0: off)")
+    metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics (0: none)")
+    log_level: str = _opt("info", "log-level", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid setting {name} (PRODUCER_{name.upper().replace('-', '_')}): {what}")
+
+        need(self.concurrency >= 1, "concurrency", "must be at least 1")
+        need(self.claim_idle_s > self.renew_s > 0, "claim-idle", "must be greater than --renew, which must be > 0")
+        need(self.poll_s > 0, "poll", "must be positive")
+        need(self.grace_s >= 0, "grace", "must not be negative")
+        need(0 <= self.coalesce_ms <= 1000, "coalesce-ms", "must be 0-1000")
+        need(self.max_attempts >= 1, "max-attempts", "must be at least 1")
+        need(self.demo_tokens_per_s >= 0, "demo-tokens-per-s", "must not be negative")
+        need(self.unwatched_s >= 0, "cancel-if-unwatched", "must not be negative")
+        need(0 <= self.metrics_port <= 65535, "metrics-port", "must be 0-65535")
+        need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
+        need(
+            self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis-url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        if not self.consumer:
+            object.__setattr__(self, "consumer", _default_consumer())
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> ProducerSettings:
+        """Build settings from flags over `PRODUCER_*` environment variables over defaults."""
+        return settings_from_args(cls, "PRODUCER_", "python -m producer", argv, environ)
+
+
+def providers_for(settings: ProducerSettings, keys: ProviderKeys) -> dict[str, Provider]:
+    """The providers of a worker with these settings and credentials."""
+    return build_providers(
+        demo_tokens_per_s=settings.demo_tokens_per_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        openai=(keys.openai_api_key, keys.openai_base_url, settings.openai_timeout_s),
+        anthropic=(keys.anthropic_api_key, keys.anthropic_base_url, settings.anthropic_timeout_s),
+        gemini=(keys.gemini_api_key, keys.gemini_base_url, settings.gemini_timeout_s),
+    )

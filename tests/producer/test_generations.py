@@ -1,0 +1,150 @@
+"""The job API on a hub with its embedded worker: start, stream, inspect and cancel generations."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from hub.app import create_app
+from hub.backend_memory import MemoryBackend
+from hub.keys import JOBS
+from hub.settings import HubSettings
+from producer.providers.demo import TEXT
+from producer.queue_memory import MemoryJobQueue
+from producer.settings import ProducerSettings
+from tests.support import collect
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def hub(aiohttp_client: Any) -> Client:
+    app = create_app(
+        HubSettings(heartbeat_s=30),
+        backend=MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(demo_tokens_per_s=0, metrics_port=0, poll_s=0.05),
+    )
+    client: Client = await aiohttp_client(app)
+    return client
+
+
+async def start(hub: Client, body: dict[str, Any], status: int = 202) -> dict[str, Any]:
+    resp = await hub.post("/v1/generations", data=orjson.dumps(body), headers={"Content-Type": "application/json"})
+    payload: dict[str, Any] = await resp.json()
+    assert resp.status == status, payload
+    return payload
+
+
+DEMO = {"provider": "demo", "model": "demo", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+async def test_demo_generation_streams_start_tokens_and_one_closing_done(hub: Client) -> None:
+    job = await start(hub, DEMO)
+    assert job["events_url"] == f"/v1/channels/{job['channel']}/events" and job["channel"] == f"gen:{job['id']}"
+    resp = await hub.get(job["events_url"] + "?last_event_id=0")
+    evs = await collect(resp, timeout_s=20)  # the response ends by itself at the terminal event
+    assert evs[0].event == "start"
+    assert orjson.loads(evs[0].data) == {"id": job["id"], "provider": "demo", "model": "demo"}
+    tokens = [orjson.loads(e.data)["text"] for e in evs if e.event == "token"]
+    assert "".join(tokens) == TEXT
+    assert [e.event for e in evs] == ["start"] + ["token"] * len(tokens) + ["done"]
+    done = orjson.loads(evs[-1].data)
+    assert done["finish_reason"] == "stop" and done["usage"]["output_tokens"] == len(tokens)
+    # A reconnect after the end is told there is nothing more.
+    assert (await hub.get(job["events_url"], headers={"Last-Event-ID": evs[-1].id})).status == 204
+    record = await (await hub.get(f"/v1/generations/{job['id']}")).json()
+    assert record["status"] == "done" and record["finish_reason"] == "stop"
+    assert record["usage"] == done["usage"] and record["started_at"] <= record["finished_at"]
+
+
+async def test_accept_event_stream_answers_with_the_generation_itself(hub: Client) -> None:
+    resp = await hub.post("/v1/generations", data=orjson.dumps({**DEMO, "params": {"max_tokens": 5}}),
+                          headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    evs = await collect(resp, timeout_s=20)
+    assert [e.event for e in evs] == ["start"] + ["token"] * 5 + ["done"]
+    assert orjson.loads(evs[-1].data)["finish_reason"] == "length"
+
+
+async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) -> None:
+    app = create_app(
+        HubSettings(heartbeat_s=30),
+        backend=MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(demo_tokens_per_s=50, metrics_port=0, poll_s=0.1),
+    )
+    hub: Client = await aiohttp_client(app)
+    job = await start(hub, {**DEMO, "model": "demo:100000"})
+    resp = await hub.get(job["events_url"] + "?last_event_id=0")
+    await collect(resp, count=5, timeout_s=10)  # start + a few tokens: it is running
+    asked = time.monotonic()
+    cancel = await hub.delete(f"/v1/generations/{job['id']}")
+    assert cancel.status == 202
+    rest = await collect(resp, timeout_s=10)
+    assert time.monotonic() - asked < 1.5
+    assert rest[-1].event == "done" and orjson.loads(rest[-1].data)["finish_reason"] == "cancelled"
+    assert all(e.event == "token" for e in rest[:-1])
+    record = await (await hub.get(f"/v1/generations/{job['id']}")).json()
+    assert record["status"] == "cancelled"
+    again = await hub.delete(f"/v1/generations/{job['id']}")
+    assert again.status == 409 and (await again.json())["error"] == "generation_finished"
+
+
+async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(aiohttp_client: Any) -> None:
+    app = create_app(
+        HubSettings(heartbeat_s=30),
+        backend=MemoryBackend(history=100_000, ttl_s=3600),
+        worker_settings=ProducerSettings(demo_tokens_per_s=20, metrics_port=0, poll_s=0.1),
+    )
+    hub: Client = await aiohttp_client(app)
+    abandoned = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
+    watched = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
+    viewer = await hub.get(watched["events_url"] + "?last_event_id=0")
+    deadline = time.monotonic() + 15
+    while (await (await hub.get(f"/v1/generations/{abandoned['id']}")).json())["status"] != "cancelled":
+        assert time.monotonic() < deadline, "an unwatched generation kept running"
+        await asyncio.sleep(0.2)
+    record = await (await hub.get(f"/v1/generations/{abandoned['id']}")).json()
+    assert record["finish_reason"] == "unwatched"
+    assert (await (await hub.get(f"/v1/generations/{watched['id']}")).json())["status"] == "running"
+    await hub.delete(f"/v1/generations/{watched['id']}")
+    evs = await collect(viewer, timeout_s=10)
+    assert orjson.loads(evs[-1].data)["finish_reason"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({**DEMO, "provider": "nope"}, "unknown_provider"),
+        ({**DEMO, "messages": []}, "invalid_messages"),
+        ({**DEMO, "messages": [{"role": "user", "content": ""}]}, "invalid_messages"),
+        ({**DEMO, "messages": [{"role": "wizard", "content": "x"}]}, "invalid_messages"),
+        ({**DEMO, "messages": [{"role": "system", "content": "only a system prompt"}]}, "invalid_messages"),
+        ({**DEMO, "params": {"temperature": 7}}, "invalid_params"),
+        ({**DEMO, "params": {"max_tokens": 0}}, "invalid_params"),
+        ({**DEMO, "params": {"max_tokens": True}}, "invalid_params"),
+        ({**DEMO, "params": {"top_p": "high"}}, "invalid_params"),
+        ({**DEMO, "params": {"stop": [1]}}, "invalid_params"),
+        ({**DEMO, "params": {"seed": 1}}, "invalid_params"),
+        ({**DEMO, "channel": "bad channel"}, "invalid_channel"),
+        ({**DEMO, "provider": "openai", "model": ""}, "invalid_model"),
+        ({**DEMO, "cancel_if_unwatched_s": 0}, "invalid_body"),
+        ({**DEMO, "extra": 1}, "invalid_body"),
+        ([DEMO], "invalid_body"),
+    ],
+)
+async def test_bad_jobs_get_a_400_and_nothing_is_queued(hub: Client, body: Any, code: str) -> None:
+    resp = await hub.post("/v1/generations", data=orjson.dumps(body), headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == code
+    jobs = hub.app[JOBS]
+    assert isinstance(jobs, MemoryJobQueue) and not jobs._pending and not jobs._records
+
+
+async def test_unknown_generation_is_404(hub: Client) -> None:
+    assert (await hub.get("/v1/generations/gen_nope")).status == 404
+    assert (await hub.delete("/v1/generations/gen_nope")).status == 404
