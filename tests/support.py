@@ -79,25 +79,23 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class HubProcess:
-    """A real `python -m hub` process on a free port."""
+class ServiceProcess:
+    """A real `python -m <module>` process (hub or producer) with its output in a log file."""
+
+    module = ""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="hub-test-node-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{self.module}-test-", suffix=".log")[1])
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.args]
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "hub", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, 20, self.proc)
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
@@ -115,6 +113,33 @@ class HubProcess:
             self.proc.kill()
             self.proc.wait()
         self.log_path.unlink(missing_ok=True)
+
+
+class HubProcess(ServiceProcess):
+    """A real `python -m hub` process on a free port."""
+
+    module = "hub"
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(*args, env=env)
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def start(self) -> None:
+        super().start()
+        _wait_port(self.port, 20, self.proc)
+
+
+class ProducerProcess(ServiceProcess):
+    """A real `python -m producer` worker process."""
+
+    module = "producer"
 
 
 async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:

@@ -63,8 +63,11 @@ async def test_demo_generation_streams_start_tokens_and_one_closing_done(hub: Cl
 
 
 async def test_accept_event_stream_answers_with_the_generation_itself(hub: Client) -> None:
-    resp = await hub.post("/v1/generations", data=orjson.dumps({**DEMO, "params": {"max_tokens": 5}}),
-                          headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    resp = await hub.post(
+        "/v1/generations",
+        data=orjson.dumps({**DEMO, "params": {"max_tokens": 5}}),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
     evs = await collect(resp, timeout_s=20)
     assert [e.event for e in evs] == ["start"] + ["token"] * 5 + ["done"]

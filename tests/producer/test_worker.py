@@ -1,0 +1,234 @@
+"""Workers on real Redis: crash take-over, graceful hand-back, many concurrent generations, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from hub.backend import Entry
+from hub.backend_redis import RedisBackend
+from hub.presence import RedisPresence
+from producer.jobs import Job, new_generation_id
+from producer.providers.demo import DemoProvider
+from producer.queue_redis import RedisJobQueue
+from producer.settings import ProducerSettings
+from producer.worker import Worker
+from tests.support import ProducerProcess, RedisServer
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"w{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer, prefix: str) -> AsyncIterator[tuple[RedisBackend, RedisJobQueue]]:
+    backend = RedisBackend(redis_server.url, prefix=prefix, history=100_000, ttl_s=3600)
+    queue = RedisJobQueue(redis_server.url, prefix=prefix, group="producers", record_ttl_s=3600)
+    yield backend, queue
+    await queue.aclose()
+    await backend.aclose()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[ProducerProcess]]:
+    started: list[ProducerProcess] = []
+    yield started
+    for w in started:
+        w.close()
+
+
+def _worker_process(
+    workers: list[ProducerProcess], redis_server: RedisServer, prefix: str, *args: str
+) -> ProducerProcess:
+    w = ProducerProcess(
+        "--redis-url",
+        redis_server.url,
+        "--key-prefix",
+        prefix,
+        "--metrics-port",
+        "0",
+        "--claim-idle",
+        "2",
+        "--renew",
+        "0.5",
+        "--poll",
+        "0.1",
+        *args,
+    )
+    workers.append(w)
+    w.start()
+    return w
+
+
+def _job(tokens: int, channel: str | None = None) -> Job:
+    gid = new_generation_id()
+    return Job(
+        id=gid,
+        provider="demo",
+        model=f"demo:{tokens}",
+        messages=[{"role": "user", "content": "hi"}],
+        channel=channel or f"gen:{gid}",
+    )
+
+
+async def _all_entries(backend: RedisBackend, channel: str) -> list[Entry]:
+    out: list[Entry] = []
+    pos = "0"
+    while True:
+        r = await backend.range(channel, pos, limit=1000)
+        out += r.entries
+        if not r.more:
+            return out
+        pos = out[-1].id
+
+
+async def _wait_closed(backend: RedisBackend, channel: str, timeout_s: float) -> list[Entry]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await backend.info(channel)
+        if info is not None and info.closed:
+            return await _all_entries(backend, channel)
+        assert time.monotonic() < deadline, f"{channel} was not finished within {timeout_s}s"
+        await asyncio.sleep(0.05)
+
+
+def _check_one_run(entries: list[Entry], tokens: int, *, restarted: bool) -> None:
+    """The channel ends with exactly one terminal event, and the last run after any reset is complete and in order."""
+    names = [e.event for e in entries]
+    assert names.count("done") + names.count("error") == 1 and entries[-1].close and names[-1] == "done"
+    assert ("reset" in names) == restarted
+    last_run = entries[max((i for i, n in enumerate(names) if n == "reset"), default=-1) + 1 :]
+    assert [e.event for e in last_run] == ["start"] + ["token"] * tokens + ["done"]
+    assert orjson.loads(last_run[-1].data)["finish_reason"] == "stop"
+    if restarted:
+        assert orjson.loads(entries[names.index("reset")].data) == {"reason": "restarted"}
+
+
+async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    backend, queue = stores
+    first = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "first")
+    job = _job(120)
+    await queue.submit(job)
+    deadline = time.monotonic() + 20
+    while len([e for e in await _all_entries(backend, job.channel) if e.event == "token"]) < 10:
+        assert time.monotonic() < deadline, first.log()
+        await asyncio.sleep(0.05)
+    assert first.proc is not None
+    first.proc.kill()  # kill -9 mid-generation
+    first.wait(10)
+    _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "400", "--consumer", "second")
+    entries = await _wait_closed(backend, job.channel, 30)
+    _check_one_run(entries, 120, restarted=True)
+    record = await queue.get(job.id)
+    assert record is not None and record.status == "done" and record.attempts == 2
+
+
+async def test_sigterm_hands_running_generations_back_for_another_worker(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    backend, queue = stores
+    leaving = _worker_process(
+        workers, redis_server, prefix, "--demo-tokens-per-s", "20", "--grace", "0.5", "--consumer", "leaving"
+    )
+    jobs = [_job(200) for _ in range(3)]
+    for j in jobs:
+        await queue.submit(j)
+    deadline = time.monotonic() + 20
+    while None in [await backend.info(j.channel) for j in jobs]:
+        assert time.monotonic() < deadline, leaving.log()
+        await asyncio.sleep(0.05)
+    leaving.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait, 15) == 0
+    # Released jobs are claimable at once: far sooner than --claim-idle would allow for a dead worker.
+    _worker_process(
+        workers,
+        redis_server,
+        prefix,
+        "--demo-tokens-per-s",
+        "0",
+        "--consumer",
+        "staying",
+        "--claim-idle",
+        "60",
+        "--renew",
+        "5",
+    )
+    for j in jobs:
+        _check_one_run(await _wait_closed(backend, j.channel, 30), 200, restarted=True)
+
+
+async def test_two_hundred_concurrent_generations_on_one_worker_all_complete_in_order(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue]
+) -> None:
+    backend, queue = stores
+    settings = ProducerSettings(
+        redis_url=redis_server.url, key_prefix=prefix, concurrency=200, metrics_port=0, demo_tokens_per_s=100
+    )
+    presence = RedisPresence(redis_server.url, prefix=prefix)
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(100)}, presence=presence)
+    jobs = [_job(50) for _ in range(200)]
+    for j in jobs:
+        await queue.submit(j)
+    task = asyncio.create_task(worker.run_async())
+    try:
+        for j in jobs:
+            entries = await _wait_closed(backend, j.channel, 60)
+            _check_one_run(entries, 50, restarted=False)
+            tokens = [orjson.loads(e.data)["text"] for e in entries if e.event == "token"]
+            assert tokens == [t for t in _demo_tokens(50)]
+    finally:
+        worker.stop()
+        await task
+        await presence.aclose()
+    records = [await queue.get(j.id) for j in jobs]
+    assert all(r is not None and r.status == "done" for r in records)
+    # Coalescing: 200 generations x 52 events each went out in far fewer round trips than events.
+    events = _metric(worker, "producer_appended_events_total")
+    assert events == 200 * 52
+    assert _metric(worker, "producer_append_round_trips_total") < events / 5
+
+
+async def test_without_coalescing_every_event_is_its_own_round_trip(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue]
+) -> None:
+    backend, queue = stores
+    settings = ProducerSettings(
+        redis_url=redis_server.url, key_prefix=prefix, metrics_port=0, coalesce_ms=0, demo_tokens_per_s=0
+    )
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(0)})
+    jobs = [_job(30) for _ in range(5)]
+    for j in jobs:
+        await queue.submit(j)
+    task = asyncio.create_task(worker.run_async())
+    try:
+        for j in jobs:
+            _check_one_run(await _wait_closed(backend, j.channel, 30), 30, restarted=False)
+    finally:
+        worker.stop()
+        await task
+    assert _metric(worker, "producer_append_round_trips_total") == _metric(worker, "producer_appended_events_total")
+    assert _metric(worker, "producer_appended_events_total") == 5 * 32
+
+
+def _demo_tokens(n: int) -> list[str]:
+    from producer.providers.demo import _TOKENS
+
+    out = [_TOKENS[i % len(_TOKENS)] for i in range(n)]
+    out[0] = out[0].lstrip()
+    return out
+
+
+def _metric(worker: Worker, name: str) -> float:
+    value: Any = worker.metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return float(value)
