@@ -29,9 +29,12 @@ system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 run: install
-	@echo "Hub on http://localhost:$(PORT) (embedded memory backend). In another shell:"
+	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker). In another shell:"
 	@echo "  curl -N http://localhost:$(PORT)/v1/channels/demo/events"
 	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"event\":\"token\",\"data\":\"hello\"}' http://localhost:$(PORT)/v1/channels/demo/events"
+	@echo "A generation, streamed as it is written (add -H 'Accept: text/event-stream' to get it in the same response):"
+	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"provider\":\"demo\",\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}' http://localhost:$(PORT)/v1/generations"
+	@echo "  curl -N 'http://localhost:$(PORT)/v1/channels/gen:<id>/events?last_event_id=0'"
 	$(BIN)/python -m hub --port $(PORT)
 
 lint: install-dev
@@ -53,6 +56,7 @@ test: lint typecheck test-only
 # Benchmarks report figures; they are never pass/fail and not part of `make test`.
 bench: install-dev system-deps
 	$(BIN)/python bench/core.py --out bench/results.md
+	$(BIN)/python bench/producer.py --out bench/results-producer.md
 
 # Re-resolve the pins from pyproject.toml in throw-away environments.
 lock:

@@ -9,7 +9,6 @@ A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it los
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -182,9 +181,8 @@ class Fanout:
         tasks = [*self._tasks, *([self._interrupt_task] if self._interrupt_task is not None else [])]
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        # Each task's own failure (an interrupt that met a closed store, say) is irrelevant once stopping.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._reader is not None:
             await self._reader.aclose()
 

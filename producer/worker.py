@@ -325,17 +325,18 @@ class Worker:
             finish: Finish | None = None
             pending: asyncio.Future[str] | None = None
             try:
-                async for item in provider.stream(self._session, request):
-                    if isinstance(item, TextDelta):
-                        if first_at is None:
-                            first_at = time.monotonic()
-                            self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
-                        tokens += 1
-                        pending = self._coalescer.add(job.channel, _event("token", {"text": item.text}))
-                        if tokens % _BACKPRESSURE_EVERY == 0:
-                            await pending  # surfaces a store failure, and paces us to the store
-                    else:
-                        finish = item
+                async with contextlib.aclosing(provider.stream(self._session, request)) as items:
+                    async for item in items:
+                        if isinstance(item, TextDelta):
+                            if first_at is None:
+                                first_at = time.monotonic()
+                                self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
+                            tokens += 1
+                            pending = self._coalescer.add(job.channel, _event("token", {"text": item.text}))
+                            if tokens % _BACKPRESSURE_EVERY == 0:
+                                await pending  # surfaces a store failure, and paces us to the store
+                        else:
+                            finish = item
                 if pending is not None:
                     await pending
             except ProviderError as e:

@@ -10,7 +10,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from datetime import UTC
 from typing import Any, Protocol
 
@@ -253,6 +253,11 @@ async def _open(
     raise ProviderError("bad_response", f"expected an event stream, got JSON {message}".strip(), status=resp.status)
 
 
+def _decode(parser: SSEParser, decoder: StreamDecoder, chunk: bytes) -> Iterator[StreamItem]:
+    for event in parser.feed(chunk):
+        yield from decoder.feed(event)
+
+
 async def stream_sse(
     session: aiohttp.ClientSession,
     url: str,
@@ -268,12 +273,13 @@ async def stream_sse(
     The response is closed on every exit, including `aclose()` and cancellation: that is what aborts the request.
     """
     resp = await _open(session, url, headers=headers, body=orjson.dumps(body), config=config, classify=classify)
+    finish: Finish | None = None
+    cut: ProviderError | None = None
     async with resp:
         # Raw bytes into the project's parser: it keeps a UTF-8 sequence or a CRLF split across reads intact.
         parser = SSEParser()
         chunks = resp.content.iter_any()
-        cut: ProviderError | None = None
-        while True:
+        while finish is None:
             try:
                 chunk = await anext(chunks)
             except StopAsyncIteration:
@@ -281,11 +287,14 @@ async def stream_sse(
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 cut = transport_error(exc, "reading the stream")
                 if cut.code == "connection":
-                    cut = truncated(f"the connection was lost mid-stream ({cut.message})")
+                    cut = truncated(f"the connection was lost mid-stream ({type(exc).__name__})")
                 break
-            for event in parser.feed(chunk):
-                for item in decoder.feed(event):
-                    yield item
-                    if isinstance(item, Finish):
-                        return
-        yield decoder.end(cut)
+            # Text is passed on as soon as it is decoded, so what precedes an in-stream error is not lost.
+            for item in _decode(parser, decoder, chunk):
+                if isinstance(item, Finish):
+                    finish = item
+                    break
+                yield item
+    # The Finish goes out only after the response is released: a consumer that stops at the Finish, without
+    # exhausting or closing this generator, must not hold the connection.
+    yield finish if finish is not None else decoder.end(cut)

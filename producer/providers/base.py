@@ -6,7 +6,7 @@ A provider is one module with one class implementing `Provider`. Retrying is not
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,11 +100,11 @@ class Provider(Protocol):
 
     name: str
 
-    def stream(self, session: aiohttp.ClientSession, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, session: aiohttp.ClientSession, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         """Start the call and yield TextDelta items, then exactly one Finish.
 
         Raises ProviderError for every failure, before or during the stream, including a stream that ends without
         the provider's end marker ("stream_truncated") and an error reported inside a stream that began with HTTP
-        200. Cancelling the iteration aborts the HTTP request.
+        200. Closing the generator (or cancelling the task iterating it) aborts the HTTP request.
         """
         ...

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import aiohttp
 
@@ -34,7 +34,9 @@ class DemoProvider:
     def __init__(self, tokens_per_s: float = 30.0) -> None:
         self._delay_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
 
-    async def stream(self, session: aiohttp.ClientSession, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    async def stream(
+        self, session: aiohttp.ClientSession, request: GenerationRequest
+    ) -> AsyncGenerator[StreamItem, None]:
         count = len(_TOKENS)
         if request.model.startswith("demo:"):
             try:

@@ -1,0 +1,154 @@
+"""A worker driving real provider clients against the fake provider server: retries, failures, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import orjson
+import pytest
+
+from hub.backend import Entry
+from hub.backend_memory import MemoryBackend
+from producer.jobs import Job, new_generation_id
+from producer.providers.anthropic import AnthropicProvider
+from producer.providers.base import Provider
+from producer.providers.gemini import GeminiProvider
+from producer.providers.openai import OpenAIProvider
+from producer.queue_memory import MemoryJobQueue
+from producer.settings import ProducerSettings
+from producer.worker import Worker
+from tests.producer.fake_providers import DEFAULT_TOKENS, TEST_API_KEY, Behaviour, FakeProviders, numbered_tokens
+
+
+@dataclass
+class Rig:
+    fake: FakeProviders
+    backend: MemoryBackend
+    queue: MemoryJobQueue
+    worker: Worker
+
+    async def run(self, provider: str, model: str) -> tuple[Job, list[Entry]]:
+        gid = new_generation_id()
+        job = Job(
+            id=gid, provider=provider, model=model, messages=[{"role": "user", "content": "hi"}], channel=f"gen:{gid}"
+        )
+        await self.queue.submit(job)
+        return job, await self.wait_closed(job.channel)
+
+    async def wait_closed(self, channel: str, timeout_s: float = 20) -> list[Entry]:
+        deadline = time.monotonic() + timeout_s
+        while (info := await self.backend.info(channel)) is None or not info.closed:
+            assert time.monotonic() < deadline, f"{channel} not finished"
+            await asyncio.sleep(0.02)
+        return (await self.backend.range(channel, "0", limit=10_000)).entries
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    async with FakeProviders() as fake:
+        backend = MemoryBackend(history=10_000, ttl_s=3600)
+        queue = MemoryJobQueue()
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(fake.config("openai")),
+            "anthropic": AnthropicProvider(fake.config("anthropic")),
+            "gemini": GeminiProvider(fake.config("gemini")),
+        }
+        settings = ProducerSettings(metrics_port=0, poll_s=0.05, backoff_s=0.05, backoff_max_s=3)
+        worker = Worker(settings, backend=backend, queue=queue, providers=providers)
+        task = asyncio.create_task(worker.run_async())
+        yield Rig(fake, backend, queue, worker)
+        worker.stop()
+        await task
+
+
+def _text(entries: list[Entry]) -> str:
+    return "".join(orjson.loads(e.data)["text"] for e in entries if e.event == "token")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_a_normal_stream_becomes_start_tokens_done_with_usage(rig: Rig, provider: str) -> None:
+    job, entries = await rig.run(provider, "normal")
+    assert [e.event for e in entries] == ["start"] + ["token"] * len(DEFAULT_TOKENS) + ["done"]
+    assert _text(entries) == "".join(DEFAULT_TOKENS)
+    done = orjson.loads(entries[-1].data)
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["input_tokens"] is not None and done["usage"]["output_tokens"] is not None
+    record = await rig.queue.get(job.id)
+    assert record is not None and record.status == "done" and record.usage == done["usage"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_a_429_before_the_first_token_is_retried_after_retry_after(rig: Rig, provider: str) -> None:
+    rig.fake.behaviours["retry-fast"] = Behaviour(reject="rate_limit", reject_times=1, retry_after="0.3")
+    started = time.monotonic()
+    job, entries = await rig.run(provider, "retry-fast")
+    assert time.monotonic() - started >= 0.3  # honoured Retry-After
+    assert [e.event for e in entries][-1] == "done" and _text(entries) == "".join(DEFAULT_TOKENS)
+    assert len(rig.fake.requests_for("retry-fast")) == 2
+    assert (
+        rig.worker.metrics.registry.get_sample_value(
+            "producer_provider_errors_total", {"provider": provider, "status": "429", "code": "rate_limited"}
+        )
+        == 1.0
+    )
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_a_quota_429_is_not_retried(rig: Rig, provider: str) -> None:
+    _, entries = await rig.run(provider, "quota")
+    assert [e.event for e in entries] == ["start", "error"]
+    assert orjson.loads(entries[-1].data)["code"] == "quota_exhausted"
+    assert len(rig.fake.requests_for("quota")) == 1
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_a_stream_cut_after_tokens_ends_with_one_error_event(rig: Rig, provider: str) -> None:
+    job, entries = await rig.run(provider, "cut")
+    names = [e.event for e in entries]
+    assert names == ["start", "token", "token", "error"]
+    err = orjson.loads(entries[-1].data)
+    assert err["code"] == "stream_truncated" and TEST_API_KEY not in err["message"]
+    assert len(rig.fake.requests_for("cut")) == 1  # after the first token a failure is final
+    record = await rig.queue.get(job.id)
+    assert record is not None and record.status == "error" and record.error == err
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+async def test_an_error_reported_inside_a_200_stream_ends_with_an_error_event(rig: Rig, provider: str) -> None:
+    _, entries = await rig.run(provider, "stream-error")
+    assert [e.event for e in entries][-1] == "error"
+    assert [e.event for e in entries].count("token") == 2
+
+
+async def test_a_malformed_chunk_ends_with_an_error_event(rig: Rig) -> None:
+    _, entries = await rig.run("openai", "malformed")
+    assert entries[-1].event == "error" and orjson.loads(entries[-1].data)["code"] == "bad_response"
+
+
+async def test_multibyte_characters_split_across_reads_arrive_intact(rig: Rig) -> None:
+    _, entries = await rig.run("openai", "split-utf8")
+    assert _text(entries) == "héllo wörld 🌍!"
+
+
+async def test_cancel_aborts_the_provider_request_within_a_second(rig: Rig) -> None:
+    rig.fake.behaviours["long"] = Behaviour(tokens=numbered_tokens(2000), pace_s=0.02)
+    gid = new_generation_id()
+    job = Job(
+        id=gid, provider="openai", model="long", messages=[{"role": "user", "content": "hi"}], channel=f"gen:{gid}"
+    )
+    await rig.queue.submit(job)
+    deadline = time.monotonic() + 10
+    while len((await rig.backend.range(job.channel, "0", limit=100)).entries) < 10:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    asked = time.monotonic()
+    await rig.queue.request_cancel(job.id)
+    entries = await rig.wait_closed(job.channel)
+    assert time.monotonic() - asked < 1.0
+    assert orjson.loads(entries[-1].data)["finish_reason"] == "cancelled"
+    [request] = rig.fake.requests_for("long")
+    await asyncio.wait_for(request.disconnected.wait(), 2)  # the provider saw the request go away
+    assert _text(entries) == "".join(numbered_tokens(2000)[: len(entries) - 2])
