@@ -232,3 +232,21 @@ def _metric(worker: Worker, name: str) -> float:
     value: Any = worker.metrics.registry.get_sample_value(name)
     assert value is not None, name
     return float(value)
+
+
+async def test_a_long_generation_keeps_its_claim_so_no_other_worker_steals_it(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    backend, queue = stores
+    _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "healthy")
+    job = _job(200)  # ~5 s: more than twice --claim-idle (2 s)
+    await queue.submit(job)
+    stolen = []
+    # Another worker's claim loop, far more eager than a real one: it takes any job idle for 1 s (half the real
+    # --claim-idle), checking every 0.1 s. Renewals every 0.5 s keep the healthy worker's job from ever being idle
+    # that long.
+    while (info := await backend.info(job.channel)) is None or not info.closed:
+        stolen += await queue.claim_stale("thief", 1.0, 10)
+        await asyncio.sleep(0.1)
+    assert stolen == []
+    _check_one_run(await _all_entries(backend, job.channel), 200, restarted=False)
