@@ -9,18 +9,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from hub.backend import Entry
 from hub.backend_redis import RedisBackend
 from hub.presence import RedisPresence
+from hub.sse import SSEEvent
 from producer.jobs import Job, new_generation_id
 from producer.providers.demo import DemoProvider
 from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
-from tests.support import ProducerProcess, RedisServer
+from tests.support import HubProcess, ProducerProcess, RedisServer, read_events
 
 
 @pytest.fixture
@@ -250,3 +252,32 @@ async def test_a_long_generation_keeps_its_claim_so_no_other_worker_steals_it(
         await asyncio.sleep(0.1)
     assert stolen == []
     _check_one_run(await _all_entries(backend, job.channel), 200, restarted=False)
+
+
+async def test_through_a_hub_a_client_sees_the_take_over_as_a_reset_and_gets_the_whole_answer(
+    redis_server: RedisServer, prefix: str, workers: list[ProducerProcess]
+) -> None:
+    hub = HubProcess("--redis-url", redis_server.url, "--key-prefix", prefix)
+    hub.start()
+    try:
+        first = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "first")
+        body = {"provider": "demo", "model": "demo:80", "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(f"{hub.url}/v1/generations", json=body, headers={"Accept": "text/event-stream"})
+            assert resp.status == 200
+            seen: list[SSEEvent] = []
+            async with asyncio.timeout(60):
+                async for ev in read_events(resp):
+                    seen.append(ev)
+                    if sum(e.event == "token" for e in seen) == 10 and first.proc is not None:
+                        first.proc.kill()
+                        first.wait(10)
+                        _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "400")
+            resp.close()
+        names = [e.event for e in seen]
+        assert names.count("reset") == 1 and names[-1] == "done" and names.count("done") == 1
+        after = seen[names.index("reset") + 1 :]
+        assert [e.event for e in after] == ["start"] + ["token"] * 80 + ["done"]
+        assert "".join(orjson.loads(e.data)["text"] for e in after[1:-1]) == "".join(_demo_tokens(80))
+    finally:
+        hub.close()
