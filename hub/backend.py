@@ -20,6 +20,8 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ChannelClosed",
+    "Fence",
+    "Fenced",
     "ChannelInfo",
     "Entry",
     "InvalidPosition",
@@ -30,6 +32,7 @@ __all__ = [
     "TailReader",
     "check_position",
     "format_id",
+    "id_before",
     "parse_id",
 ]
 
@@ -60,6 +63,10 @@ class ChannelClosed(BackendError):
     """The channel was finished with `close`; it accepts no more events until it is deleted."""
 
 
+class Fenced(BackendError):
+    """Another writer holds the channel (see Fence): this one must stop writing."""
+
+
 def parse_id(value: str) -> StreamKey:
     """Parse `<ms>-<seq>` (or `0`, meaning before the first entry) into a comparable key.
 
@@ -78,6 +85,14 @@ def parse_id(value: str) -> StreamKey:
 
 def format_id(key: StreamKey) -> str:
     return f"{key[0]}-{key[1]}"
+
+
+def id_before(value: str) -> str:
+    """The greatest id smaller than `value`: `range(after=id_before(x))` starts exactly at x."""
+    ms, seq = parse_id(value)
+    if seq > 0:
+        return format_id((ms, seq - 1))
+    return format_id((ms - 1, _MAX_U64)) if ms > 0 else ZERO_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +123,27 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """Who may write a channel: one run (`attempt`) of one generation (`owner`).
+
+    `take`: claim the channel for this run; refused if another owner holds it, or a later attempt of the same owner.
+    Otherwise the append is refused unless this run holds it. A run that was taken over (its worker stalled, another
+    re-ran the job) thus cannot write another token after the re-run began.
+    """
+
+    owner: str
+    attempt: int
+    take: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AppendBatch:
     """Events for one channel, appended atomically; with `close`, the last one ends the channel."""
 
     channel: str
     events: Sequence[NewEvent]
     close: bool = False
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True, slots=True)

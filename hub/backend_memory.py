@@ -19,6 +19,8 @@ from .backend import (
     ChannelClosed,
     ChannelInfo,
     Entry,
+    Fence,
+    Fenced,
     NewEvent,
     RangeResult,
     ReadResult,
@@ -40,6 +42,7 @@ class _Channel:
     last: StreamKey = (0, 0)
     max_deleted: StreamKey = (0, 0)
     expires_at: float = 0.0
+    fence: tuple[str, int] | None = None  # (owner, attempt) of the run allowed to write
 
     @property
     def closed(self) -> bool:
@@ -90,6 +93,9 @@ class MemoryBackend:
     # -- Backend ------------------------------------------------------------------------------------------------------
 
     async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
+        return self._append(channel, events, close, None)
+
+    def _append(self, channel: str, events: Sequence[NewEvent], close: bool, fence: Fence | None) -> list[str]:
         now = self._clock()
         self._sweep(now)
         ch = self._get(channel, now)
@@ -97,6 +103,14 @@ class MemoryBackend:
             ch = self._channels[channel] = _Channel()
         elif ch.closed:
             raise ChannelClosed(channel)
+        if fence is not None:
+            held = ch.fence
+            if fence.take:
+                if held is not None and (held[0] != fence.owner or held[1] > fence.attempt):
+                    raise Fenced(channel)
+                ch.fence = (fence.owner, fence.attempt)
+            elif held != (fence.owner, fence.attempt):
+                raise Fenced(channel)
         ids: list[str] = []
         last_index = len(events) - 1
         for i, ev in enumerate(events):
@@ -115,7 +129,7 @@ class MemoryBackend:
         results: list[list[str] | BackendError] = []
         for b in batches:
             try:
-                results.append(await self.append(b.channel, b.events, close=b.close))
+                results.append(self._append(b.channel, b.events, b.close, b.fence))
             except BackendError as e:
                 results.append(e)
         return results

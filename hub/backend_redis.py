@@ -26,6 +26,7 @@ from .backend import (
     ChannelClosed,
     ChannelInfo,
     Entry,
+    Fenced,
     NewEvent,
     RangeResult,
     ReadResult,
@@ -46,7 +47,9 @@ _READ_COUNT = 200
 # resuming clients must be told exactly when their position fell off the history: after trimming, the id of the newest
 # removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
 # Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
-# KEYS[1] stream; ARGV: maxlen, ttl_ms, close flag ("1"/"0"), then event/data pairs.
+# With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash.
+# KEYS[1] stream, KEYS[2] fence (optional); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take",
+# "check"), fence owner, fence attempt, then event/data pairs.
 _APPEND_LUA = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -55,12 +58,25 @@ if #last > 0 then
     if f[i] == 'c' then return redis.error_reply('CLOSED channel is closed') end
   end
 end
+if ARGV[4] ~= '' then
+  local held = redis.call('HMGET', KEYS[2], 'o', 'a')
+  local attempt = tonumber(ARGV[6])
+  if ARGV[4] == 'take' then
+    if held[1] and (held[1] ~= ARGV[5] or tonumber(held[2]) > attempt) then
+      return redis.error_reply('FENCED another run holds the channel')
+    end
+    redis.call('HSET', KEYS[2], 'o', ARGV[5], 'a', attempt)
+  elseif held[1] ~= ARGV[5] or tonumber(held[2]) ~= attempt then
+    return redis.error_reply('FENCED another run holds the channel')
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
 local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
-local n = (#ARGV - 3) / 2
+local n = (#ARGV - 6) / 2
 for i = 1, n do
-  local ev, d = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local ev, d = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -106,9 +122,10 @@ end
 return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
-# Delete a channel and tell every node's tail reader, in one step.
-# KEYS[1] stream, KEYS[2] control stream; ARGV[1] channel name, ARGV[2] control maxlen.
+# Delete a channel (and its fence) and tell every node's tail reader, in one step.
+# KEYS[1] stream, KEYS[2] control stream, KEYS[3] fence; ARGV[1] channel name, ARGV[2] control maxlen.
 _DELETE_LUA = """
+redis.call('DEL', KEYS[3])
 local n = redis.call('DEL', KEYS[1])
 if n == 1 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'op', 'delete', 'ch', ARGV[1])
@@ -183,14 +200,24 @@ class RedisBackend:
         except (RedisError, TimeoutError, OSError) as e:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
 
-    def _append_args(self, events: Sequence[NewEvent], close: bool) -> list[Any]:
-        args: list[Any] = [self._history, self._ttl_ms, "1" if close else "0"]
-        for ev in events:
+    def fence_key(self, channel: str) -> str:
+        return f"{self._prefix}fence:{{{channel}}}"
+
+    def _append_call(self, b: AppendBatch) -> tuple[list[str], list[Any]]:
+        keys = [self.stream_key(b.channel)]
+        args: list[Any] = [self._history, self._ttl_ms, "1" if b.close else "0"]
+        if b.fence is None:
+            args += ("", "", 0)
+        else:
+            keys.append(self.fence_key(b.channel))
+            args += ("take" if b.fence.take else "check", b.fence.owner, b.fence.attempt)
+        for ev in b.events:
             args += (ev.event, ev.data)
-        return args
+        return keys, args
 
     async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
-        ids = await self._call(self._append(keys=[self.stream_key(channel)], args=self._append_args(events, close)))
+        keys, args = self._append_call(AppendBatch(channel, events, close))
+        ids = await self._call(self._append(keys=keys, args=args))
         return list(ids)
 
     async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
@@ -200,14 +227,15 @@ class RedisBackend:
         # channel (closed) must not refuse the others.
         pipe = self._redis.pipeline(transaction=False)
         for b in batches:
-            await self._append(
-                keys=[self.stream_key(b.channel)], args=self._append_args(b.events, b.close), client=pipe
-            )
+            keys, args = self._append_call(b)
+            await self._append(keys=keys, args=args, client=pipe)
         raw = await self._call(pipe.execute(raise_on_error=False))
         results: list[list[str] | BackendError] = []
         for r in raw:
             if isinstance(r, ResponseError) and str(r).startswith("CLOSED"):
                 results.append(ChannelClosed(str(r)))
+            elif isinstance(r, ResponseError) and str(r).startswith("FENCED"):
+                results.append(Fenced(str(r)))
             elif isinstance(r, Exception):
                 results.append(BackendUnavailable(f"redis error: {str(r).split(' ', 1)[0]}"))
             else:
@@ -240,7 +268,7 @@ class RedisBackend:
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str) -> bool:
-        keys = [self.stream_key(channel), self.control_key]
+        keys = [self.stream_key(channel), self.control_key, self.fence_key(channel)]
         n = await self._call(self._delete(keys=keys, args=[channel, _CONTROL_MAXLEN]))
         return bool(n)
 

@@ -16,9 +16,12 @@ import pytest
 from hub.backend import (
     TRIM_SLACK_MAX,
     ZERO_ID,
+    AppendBatch,
     Backend,
     ChannelClosed,
     Entry,
+    Fence,
+    Fenced,
     InvalidPosition,
     NewEvent,
     RangeResult,
@@ -739,3 +742,31 @@ def test_parse_id_accepts_stream_ids(value: str, key: tuple[int, int]) -> None:
 def test_parse_id_rejects_anything_else(value: str) -> None:
     with pytest.raises(InvalidPosition):
         parse_id(value)
+
+
+async def test_a_fence_lets_only_the_latest_run_of_one_owner_write(backend: Backend) -> None:
+    def batch(data: str, owner: str, attempt: int, take: bool = False, close: bool = False) -> AppendBatch:
+        return AppendBatch("fenced", [NewEvent("token", data)], close, Fence(owner, attempt, take))
+
+    [ok] = await backend.append_many([batch("a1", "job-a", 1, take=True)])
+    assert isinstance(ok, list)
+    [ok] = await backend.append_many([batch("a1-more", "job-a", 1)])
+    assert isinstance(ok, list)
+    # Another generation cannot take the channel, nor write to it.
+    [refused] = await backend.append_many([batch("b", "job-b", 1, take=True)])
+    assert isinstance(refused, Fenced)
+    # A re-run (attempt 2) takes over; the stalled first run can no longer write, nor take it back.
+    [ok] = await backend.append_many([batch("a2", "job-a", 2, take=True)])
+    assert isinstance(ok, list)
+    [late] = await backend.append_many([batch("a1-late", "job-a", 1)])
+    assert isinstance(late, Fenced)
+    [late] = await backend.append_many([batch("a1-retake", "job-a", 1, take=True)])
+    assert isinstance(late, Fenced)
+    [ok] = await backend.append_many([batch("a2-end", "job-a", 2, close=True)])
+    assert isinstance(ok, list)
+    data = [e.data for e in (await backend.range("fenced", "0", limit=10)).entries]
+    assert data == ["a1", "a1-more", "a2", "a2-end"]
+    # Unfenced publishing (the HTTP API) is not affected by fences; deleting the channel clears its fence.
+    assert await backend.delete("fenced")
+    [ok] = await backend.append_many([batch("b", "job-b", 1, take=True)])
+    assert isinstance(ok, list)
