@@ -9,7 +9,7 @@ from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id,
 
 from .errors import ApiError
 from .handlers import CHANNEL_RE, _draining, stream_channel
-from .keys import JOBS, PROVIDERS, SETTINGS
+from .keys import BACKEND, JOBS, PROVIDERS, SETTINGS
 
 __all__ = ["routes"]
 
@@ -21,9 +21,11 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 def _wants_stream(request: web.Request) -> bool:
-    return any(
-        part.split(";")[0].strip() == "text/event-stream" for part in request.headers.get("Accept", "").split(",")
-    )
+    for part in request.headers.get("Accept", "").split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media == "text/event-stream" and "q=0" not in params and "q=0.0" not in params:
+            return True
+    return False
 
 
 @routes.post("/v1/generations")
@@ -48,6 +50,9 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         )
     except JobRequestError as e:
         raise ApiError(400, e.code, e.message) from None
+    if "channel" in body and await request.app[BACKEND].info(job.channel) is not None:
+        # One generation per channel: its end marker closes it, and two writers would interleave.
+        raise ApiError(409, "channel_exists", "the channel already exists; use a new one (or delete it first)")
     await request.app[JOBS].submit(job)
     if _wants_stream(request):
         # Like the providers' own APIs: the events in this response; still resumable through events_url.

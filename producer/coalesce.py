@@ -1,8 +1,11 @@
 """Coalescer: events from many concurrent generations, gathered for a few milliseconds, appended in one round trip.
 
-Flushes run one at a time, so the events of one channel are stored in the order they were added; while one flush is
+Flushes run one at a time, so the events of one writer are stored in the order they were added; while one flush is
 in flight the next batch fills up (the slower the store, the bigger the batches). With a window of 0 every event is
 its own append: one round trip per token.
+
+A writer is one run of one generation on one channel (its Fence). Once a flush fails for a writer, every later event
+of that writer fails at once: a later batch must never be stored after a lost one, which would be a silent gap.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 
-from hub.backend import AppendBatch, Backend, BackendError, NewEvent
+from hub.backend import AppendBatch, Backend, BackendError, ChannelClosed, Fence, NewEvent
 
 from .metrics import ProducerMetrics
 
@@ -19,14 +22,23 @@ __all__ = ["Coalescer"]
 
 log = logging.getLogger(__name__)
 
+_Writer = tuple[str, str, int]  # channel, fence owner, fence attempt
+
 
 class _Pending:
-    __slots__ = ("close", "events", "futures")
+    __slots__ = ("close", "events", "futures", "take")
 
     def __init__(self) -> None:
         self.events: list[NewEvent] = []
         self.futures: list[asyncio.Future[str]] = []
         self.close = False
+        self.take = False
+
+
+def _fail(fut: asyncio.Future[str], error: BackendError) -> None:
+    if not fut.done():
+        fut.set_exception(error)
+        fut.exception()  # marked retrieved: a token future nobody awaits must not warn
 
 
 class Coalescer:
@@ -34,54 +46,81 @@ class Coalescer:
         self._backend = backend
         self._metrics = metrics
         self._window_s = window_s
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[_Writer, _Pending] = {}
+        self._failed: dict[_Writer, BackendError] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, channel: str, event: NewEvent, *, close: bool = False) -> asyncio.Future[str]:
-        """Queue an event; the future resolves to its id once stored, or fails with the store's BackendError.
+    def add(self, channel: str, event: NewEvent, fence: Fence, *, close: bool = False) -> asyncio.Future[str]:
+        """Queue an event of one writer; the future resolves to its id once stored, or fails with a BackendError.
 
-        After `close` on a channel nothing more may be added to it in the same flush (the store would refuse it).
+        `fence.take` on a writer's first event claims the channel for it. After `close`, or after a failure, the
+        writer's further events fail at once.
         """
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        p = self._pending.get(channel)
+        writer = (channel, fence.owner, fence.attempt)
+        if (error := self._failed.get(writer)) is not None:
+            _fail(fut, error)
+            return fut
+        p = self._pending.get(writer)
         if p is None:
-            p = self._pending[channel] = _Pending()
+            p = self._pending[writer] = _Pending()
+        elif p.close:
+            _fail(fut, ChannelClosed(channel))
+            return fut
         p.events.append(event)
         p.futures.append(fut)
-        p.close = p.close or close
+        p.close = close
+        p.take = p.take or fence.take
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="coalescer")
         return fut
+
+    def failure(self, channel: str, fence: Fence) -> BackendError | None:
+        """The error that stopped this writer, if any."""
+        return self._failed.get((channel, fence.owner, fence.attempt))
+
+    def forget(self, channel: str, fence: Fence) -> None:
+        """The writer is done: drop what is remembered about it."""
+        self._failed.pop((channel, fence.owner, fence.attempt), None)
 
     async def _run(self) -> None:
         while self._pending:
             if self._window_s > 0:
                 await asyncio.sleep(self._window_s)
             batch, self._pending = self._pending, {}
-            await self._flush(batch)
+            try:
+                if self._window_s > 0:
+                    await self._flush(batch)
+                else:
+                    await self._flush_one_by_one(batch)
+            except Exception as e:  # never leave a generation waiting on a future nobody resolves
+                log.exception("append failed")
+                self._settle(batch, BackendError(f"append failed: {type(e).__name__}"))
 
-    async def _flush(self, batch: dict[str, _Pending]) -> None:
-        if self._window_s <= 0:
-            await self._flush_one_by_one(batch)
-            return
-        channels = list(batch)
-        batches = [AppendBatch(ch, batch[ch].events, batch[ch].close) for ch in channels]
+    def _settle(self, batch: dict[_Writer, _Pending], error: BackendError) -> None:
+        for writer, p in batch.items():
+            self._failed[writer] = error
+            for f in p.futures:
+                _fail(f, error)
+
+    async def _flush(self, batch: dict[_Writer, _Pending]) -> None:
+        writers = list(batch)
+        batches = [
+            AppendBatch(ch, batch[(ch, o, a)].events, batch[(ch, o, a)].close, Fence(o, a, batch[(ch, o, a)].take))
+            for ch, o, a in writers
+        ]
         self._metrics.append_round_trips.inc()
         try:
             results = await self._backend.append_many(batches)
         except BackendError as e:
             results = [e] * len(batches)
-        except Exception as e:  # never leave a generation waiting on a future nobody resolves
-            log.exception("append failed")
-            results = [BackendError(f"append failed: {type(e).__name__}")] * len(batches)
         events = 0
-        for ch, result in zip(channels, results, strict=True):
-            futures = batch[ch].futures
+        for writer, result in zip(writers, results, strict=True):
+            futures = batch[writer].futures
             if isinstance(result, BackendError):
+                self._failed[writer] = result
                 for f in futures:
-                    if not f.done():
-                        f.set_exception(result)
-                        f.exception()  # retrieved here, so an unawaited token future does not warn
+                    _fail(f, result)
             else:
                 events += len(result)
                 for f, event_id in zip(futures, result, strict=True):
@@ -89,20 +128,23 @@ class Coalescer:
                         f.set_result(event_id)
         self._metrics.appended_events.inc(events)
 
-    async def _flush_one_by_one(self, batch: dict[str, _Pending]) -> None:
+    async def _flush_one_by_one(self, batch: dict[_Writer, _Pending]) -> None:
         # Coalescing off: the baseline of one round trip per event.
-        for ch, p in batch.items():
+        for (ch, owner, attempt), p in batch.items():
             last = len(p.events) - 1
             for i, (ev, fut) in enumerate(zip(p.events, p.futures, strict=True)):
-                self._metrics.append_round_trips.inc()
-                try:
-                    [event_id] = await self._backend.append(ch, [ev], close=p.close and i == last)
-                except BackendError as e:
-                    fut.set_exception(e)
-                    fut.exception()
-                    continue
-                self._metrics.appended_events.inc()
-                fut.set_result(event_id)
+                fence = Fence(owner, attempt, p.take and i == 0)
+                error = self._failed.get((ch, owner, attempt))
+                if error is None:
+                    self._metrics.append_round_trips.inc()
+                    [result] = await self._backend.append_many([AppendBatch(ch, [ev], p.close and i == last, fence)])
+                    if isinstance(result, list):
+                        self._metrics.appended_events.inc()
+                        if not fut.done():
+                            fut.set_result(result[0])
+                        continue
+                    error = self._failed[(ch, owner, attempt)] = result
+                _fail(fut, error)
 
     async def aclose(self) -> None:
         """Store what is pending, then stop."""

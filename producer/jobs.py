@@ -178,7 +178,7 @@ def parse_job_request(
         not isinstance(stop, list) or len(stop) > _MAX_STOP or not all(isinstance(s, str) and s for s in stop)
     ):
         raise JobRequestError("invalid_params", f"params.stop must be a string or at most {_MAX_STOP} strings")
-    channel = body.get("channel") or f"gen:{generation_id}"
+    channel = body.get("channel", f"gen:{generation_id}")
     if not isinstance(channel, str) or not channel_ok(channel):
         raise JobRequestError("invalid_channel", "channel names are 1-200 characters of A-Z a-z 0-9 _ . : @ -")
     unwatched = body.get("cancel_if_unwatched_s", default_unwatched_s)
@@ -213,6 +213,10 @@ class JobQueue(Protocol):
 
     async def get(self, generation_id: str) -> GenerationRecord | None: ...
 
+    async def begin_attempt(self, generation_id: str) -> int:
+        """Count a new run of the generation, atomically; the number orders runs (the channel's Fence attempt)."""
+        ...
+
     async def request_cancel(self, generation_id: str) -> GenerationRecord | None:
         """Flag the generation for cancellation; its worker notices within its poll interval. None if unknown."""
         ...
@@ -225,8 +229,9 @@ class JobQueue(Protocol):
         """Jobs whose worker stopped renewing its claim for `min_idle_s`, now held by `consumer` (restarted)."""
         ...
 
-    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> None:
-        """Keep the claim on running jobs fresh so no other worker takes them."""
+    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
+        """Keep the claim on running jobs fresh so no other worker takes them. Returns the ones this consumer no
+        longer holds (another worker took them over): their runs must stop, without finishing or acknowledging."""
         ...
 
     async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .jobs import Delivery, GenerationRecord, Job
+from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job
 
 __all__ = ["MemoryJobQueue"]
 
@@ -22,7 +23,7 @@ class MemoryJobQueue:
         self._released: list[Delivery] = []
         self._records: dict[str, GenerationRecord] = {}
         self._cancel: set[str] = set()
-        self._finished_at: dict[str, float] = {}
+        self._finished: deque[tuple[float, str]] = deque()  # (when, id), oldest first
         self._changed = asyncio.Event()
         self._seq = 0
 
@@ -43,7 +44,8 @@ class MemoryJobQueue:
         record = self._records.get(generation_id)
         if record is None:
             return None
-        self._cancel.add(generation_id)
+        if record.status not in TERMINAL_STATUSES:
+            self._cancel.add(generation_id)
         return replace(record)
 
     async def fetch(self, consumer: str, count: int, block_s: float) -> list[Delivery]:
@@ -65,8 +67,15 @@ class MemoryJobQueue:
             self._running[d.entry_id] = d
         return taken
 
-    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> None:
-        return None
+    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
+        return [e for e in entry_ids if e not in self._running]
+
+    async def begin_attempt(self, generation_id: str) -> int:
+        record = self._records.get(generation_id)
+        if record is None:
+            return 1
+        record.attempts += 1
+        return record.attempts
 
     async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
         for entry_id in entry_ids:
@@ -78,11 +87,13 @@ class MemoryJobQueue:
         d = self._running.pop(entry_id, None)
         if d is not None:
             self._cancel.discard(d.job.id)
-            self._finished_at[d.job.id] = time.monotonic()
+            self._finished.append((time.monotonic(), d.job.id))
 
     async def update(self, record: GenerationRecord) -> None:
-        if record.id in self._records:
-            self._records[record.id] = replace(record)
+        current = self._records.get(record.id)
+        if current is not None:
+            # The attempt count is begin_attempt's alone.
+            self._records[record.id] = replace(record, attempts=current.attempts)
 
     async def cancel_requested(self, generation_ids: Sequence[str]) -> set[str]:
         return {g for g in generation_ids if g in self._cancel}
@@ -92,6 +103,5 @@ class MemoryJobQueue:
 
     def _sweep(self) -> None:
         cutoff = time.monotonic() - _RECORD_TTL_S
-        for gid in [g for g, t in self._finished_at.items() if t < cutoff]:
-            del self._finished_at[gid]
-            self._records.pop(gid, None)
+        while self._finished and self._finished[0][0] < cutoff:
+            self._records.pop(self._finished.popleft()[1], None)

@@ -30,10 +30,28 @@ log = logging.getLogger(__name__)
 _RELEASED_IDLE_MS = 1_000_000_000
 
 
-def _record(raw: Any) -> GenerationRecord | None:
+# Renew only the entries this consumer still holds: a plain XCLAIM would take a job back from the worker that took it
+# over. KEYS[1] jobs; ARGV: group, consumer, entry ids. Returns the ids no longer held.
+_RENEW_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+
+def _record(raw: Any, attempts: Any = None) -> GenerationRecord | None:
     if raw is None:
         return None
-    return GenerationRecord(**orjson.loads(raw))
+    record = GenerationRecord(**orjson.loads(raw))
+    record.attempts = int(attempts or 0)
+    return record
 
 
 class RedisJobQueue:
@@ -51,6 +69,7 @@ class RedisJobQueue:
             retry=Retry(NoBackoff(), 0),
         )
         self._redis: Any = aioredis.Redis.from_pool(pool)
+        self._renew = self._redis.register_script(_RENEW_LUA)
         self._group_ready = False
         self._claim_cursor = "0-0"
 
@@ -65,6 +84,11 @@ class RedisJobQueue:
         try:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 return await coro
+        except ResponseError as e:
+            if "NOGROUP" in str(e):
+                # The stream or its group is gone (Redis restarted empty, or flushed): create them again.
+                self._group_ready = False
+            raise BackendUnavailable(f"redis error: {str(e)[:80]}") from e
         except (RedisError, TimeoutError, OSError) as e:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
 
@@ -89,7 +113,11 @@ class RedisJobQueue:
         return record
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
-        return _record(await self._call(self._redis.hget(self.record_key(generation_id), "r")))
+        raw, attempts = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n"))
+        return _record(raw, attempts)
+
+    async def begin_attempt(self, generation_id: str) -> int:
+        return int(await self._call(self._redis.hincrby(self.record_key(generation_id), "n", 1)))
 
     async def request_cancel(self, generation_id: str) -> GenerationRecord | None:
         record = await self.get(generation_id)
@@ -97,15 +125,17 @@ class RedisJobQueue:
             await self._call(self._redis.hset(self.record_key(generation_id), "cancel", "1"))
         return record
 
-    def _deliveries(self, entries: Any, *, restarted: bool) -> list[Delivery]:
+    async def _deliveries(self, entries: Any, *, restarted: bool) -> list[Delivery]:
         out: list[Delivery] = []
         for entry_id, fields in entries or []:
             if not fields or "j" not in fields:
                 continue  # deleted while pending
             try:
                 out.append(Delivery(Job.loads(fields["j"]), entry_id, restarted))
-            except (orjson.JSONDecodeError, TypeError) as e:
+            except (orjson.JSONDecodeError, TypeError, ValueError) as e:
+                # Never readable by any worker: acknowledged, or it would be handed round for ever.
                 log.error("dropping unreadable job %s: %s", entry_id, e)
+                await self.ack(entry_id)
         return out
 
     async def fetch(self, consumer: str, count: int, block_s: float) -> list[Delivery]:
@@ -121,7 +151,7 @@ class RedisJobQueue:
         items = raw.items() if isinstance(raw, dict) else raw
         out: list[Delivery] = []
         for _key, entries in items:
-            out += self._deliveries(entries, restarted=False)
+            out += await self._deliveries(entries, restarted=False)
         return out
 
     async def claim_stale(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
@@ -135,11 +165,13 @@ class RedisJobQueue:
         deleted = raw[2] if len(raw) > 2 else []
         if deleted:
             await self._call(self._redis.xack(self.jobs_key, self._group, *deleted))
-        return self._deliveries(raw[1], restarted=True)
+        return await self._deliveries(raw[1], restarted=True)
 
-    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self._call(self._redis.xclaim(self.jobs_key, self._group, consumer, 0, list(entry_ids), justid=True))
+    async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
+        if not entry_ids:
+            return []
+        lost = await self._call(self._renew(keys=[self.jobs_key], args=[self._group, consumer, *entry_ids]))
+        return list(lost)
 
     async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
@@ -157,7 +189,8 @@ class RedisJobQueue:
 
     async def update(self, record: GenerationRecord) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(self.record_key(record.id), "r", orjson.dumps(asdict(record)))
+        # The attempt count lives in its own field ("n"), which only begin_attempt changes.
+        pipe.hset(self.record_key(record.id), "r", orjson.dumps({**asdict(record), "attempts": 0}))
         pipe.expire(self.record_key(record.id), self._ttl_s)
         await self._call(pipe.execute())
 

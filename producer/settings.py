@@ -70,7 +70,6 @@ class ProducerSettings:
     anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
     gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
     demo_tokens_per_s: float = _opt(30.0, "demo-tokens-per-s", "pace of the demo provider (0: as fast as possible)")
-    unwatched_s: float = _opt(0.0, "cancel-if-unwatched", "default cancel_if_unwatched_s of jobs (0: off)")
     metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics (0: none)")
     log_level: str = _opt("info", "log-level", "debug, info, warning or error")
 
@@ -80,13 +79,13 @@ class ProducerSettings:
                 raise ValueError(f"invalid setting {name} (PRODUCER_{name.upper().replace('-', '_')}): {what}")
 
         need(self.concurrency >= 1, "concurrency", "must be at least 1")
-        need(self.claim_idle_s > self.renew_s > 0, "claim-idle", "must be greater than --renew, which must be > 0")
+        # A renewal may be late by a poll or a slow round trip; three renewals per claim-idle leave room for that.
+        need(self.renew_s > 0 and self.claim_idle_s >= 3 * self.renew_s, "claim-idle", "must be at least 3 x --renew")
         need(self.poll_s > 0, "poll", "must be positive")
         need(self.grace_s >= 0, "grace", "must not be negative")
         need(0 <= self.coalesce_ms <= 1000, "coalesce-ms", "must be 0-1000")
         need(self.max_attempts >= 1, "max-attempts", "must be at least 1")
         need(self.demo_tokens_per_s >= 0, "demo-tokens-per-s", "must not be negative")
-        need(self.unwatched_s >= 0, "cancel-if-unwatched", "must not be negative")
         need(0 <= self.metrics_port <= 65535, "metrics-port", "must be 0-65535")
         need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
         need(

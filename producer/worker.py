@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +22,11 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from hub.backend import Backend, BackendError, ChannelClosed, NewEvent
+from hub.backend import Backend, BackendError, ChannelClosed, Fence, Fenced, NewEvent, id_before
 from hub.presence import PRESENCE_SLACK_S, Presence
 
 from .coalesce import Coalescer
-from .jobs import Delivery, GenerationRecord, JobQueue, Status
+from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Status
 from .metrics import ProducerMetrics
 from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
 from .settings import ProducerSettings
@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # A generation waits for its own stored tokens this often, so a slow store slows it down instead of piling up memory.
 _BACKPRESSURE_EVERY = 64
 _FETCH_BLOCK_S = 1.0
+# On shutdown, how long a run already writing its terminal event may still take.
+_FINISHING_WAIT_S = 2.0
+# Runs of one job beyond --max-attempts (worker deaths, not provider retries) before it is ended with an error.
+_EXTRA_RUNS = 2
+_INTERNAL = {"code": "internal", "message": "the generation failed inside the worker"}
 
 
 def _event(name: str, data: Mapping[str, Any]) -> NewEvent:
@@ -48,7 +53,10 @@ def _event(name: str, data: Mapping[str, Any]) -> NewEvent:
 class _Run:
     delivery: Delivery
     task: asyncio.Task[None] | None = None
-    cancel_reason: str | None = None  # set by the worker itself: "cancelled" or "unwatched"
+    fence: Fence | None = None  # set once the run has its attempt number
+    cancel_reason: str | None = None  # "cancelled" or "unwatched": finish the channel with it
+    abandon: bool = False  # shutdown, or another worker holds the job now: stop without finishing or acknowledging
+    in_provider: bool = False  # inside the provider call: the only place a cancel interrupts
     finishing: bool = False  # the terminal event is being written: too late to cancel
     started_at: float = field(default_factory=time.time)
 
@@ -72,6 +80,10 @@ class _Outcome:
         self.error = error
 
 
+class _Abandoned(Exception):
+    """This run must stop without a terminal event and without acknowledging its job."""
+
+
 class Worker:
     def __init__(
         self,
@@ -91,6 +103,8 @@ class Worker:
         self._presence = presence
         self._coalescer = Coalescer(backend, self.metrics, window_s=settings.coalesce_ms / 1000)
         self._runs: dict[str, _Run] = {}  # by job entry id
+        self._unacked: set[str] = set()  # entry ids started here and neither acknowledged nor taken over
+        self._reserved = 0  # slots promised to a fetch or claim in flight
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -102,10 +116,13 @@ class Worker:
         """Work until `stop()` (or a signal, under `run()`), then drain within the grace period."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         self._loops = [
-            asyncio.create_task(self._fetch_loop(), name="worker-fetch"),
-            asyncio.create_task(self._claim_loop(), name="worker-claim"),
-            asyncio.create_task(self._renew_loop(), name="worker-renew"),
-            asyncio.create_task(self._poll_loop(), name="worker-poll"),
+            asyncio.create_task(self._supervised(name, body), name=f"worker-{name}")
+            for name, body in (
+                ("fetch", self._fetch_loop),
+                ("claim", self._claim_loop),
+                ("renew", self._renew_loop),
+                ("poll", self._poll_loop),
+            )
         ]
         log.info(
             "worker %s started: concurrency %d, providers %s",
@@ -131,77 +148,115 @@ class Worker:
             await asyncio.wait(pending, timeout=self.settings.grace_s)
         left = list(self._runs.values())
         for r in left:
-            if r.task is not None:
+            r.abandon = True
+            if r.task is not None and not r.finishing:
                 r.task.cancel()
-        for r in left:
-            if r.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await r.task
-        if left:
+        # A run writing its terminal event is let finish (bounded): cancelling it would only make the job run again.
+        tasks = [r.task for r in left if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=_FINISHING_WAIT_S)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        unfinished = sorted(self._unacked)
+        if unfinished:
             try:
-                await self._queue.release(self.settings.consumer, [r.delivery.entry_id for r in left])
-                log.info("handed %d unfinished generations back", len(left))
+                await self._queue.release(self.settings.consumer, unfinished)
+                log.info("handed %d unfinished generations back", len(unfinished))
             except BackendError as e:
                 log.warning(
                     "could not hand jobs back (%s); they will be claimed after %.0fs", e, self.settings.claim_idle_s
                 )
         for t in self._loops:
             t.cancel()
-        for t in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await asyncio.gather(*self._loops, return_exceptions=True)
         await self._coalescer.aclose()
         if self._session is not None:
             await self._session.close()
 
     # -- loops --------------------------------------------------------------------------------------------------------
 
+    async def _supervised(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop for ever: an unexpected error is logged and the loop restarts, so the worker never half-dies."""
+        while True:
+            try:
+                await body()
+            except Exception:
+                log.exception("worker loop %s failed; restarting it", name)
+                await asyncio.sleep(1.0)
+
     def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._runs)
+        return self.settings.concurrency - len(self._runs) - self._reserved
+
+    async def _take(self, get: Callable[[int], Awaitable[list[Delivery]]], *, reserve: bool) -> int:
+        """Ask for as many jobs as there are free slots and start them.
+
+        A claim reserves its slots while it waits, so a fetch cannot overbook them. A fetch (which blocks for up to a
+        second) does not: it would starve the take-over of dead workers' jobs. So a claim finishing during a fetch
+        may put the worker over --concurrency by what it claimed, for that moment.
+        """
+        free = self._free_slots()
+        if free <= 0:
+            return 0
+        if reserve:
+            self._reserved += free
+        try:
+            deliveries = await get(free)
+        finally:
+            if reserve:
+                self._reserved -= free
+        for d in deliveries:
+            if d.entry_id in self._runs:
+                continue  # our own running job, idle because its renewal was late: it is ours again
+            if d.restarted:
+                log.info("taking over generation %s (its worker stopped renewing)", d.job.id)
+            self._start(d)
+        return len(deliveries)
 
     async def _fetch_loop(self) -> None:
         backoff = 0.1
         while True:
-            free = self._free_slots()
-            if free <= 0:
+            if self._free_slots() <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
             try:
-                deliveries = await self._queue.fetch(self.settings.consumer, free, _FETCH_BLOCK_S)
+                await self._take(lambda n: self._queue.fetch(self.settings.consumer, n, _FETCH_BLOCK_S), reserve=False)
             except BackendError as e:
                 log.warning("fetching jobs failed (%s); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            for d in deliveries:
-                self._start(d)
 
     async def _claim_loop(self) -> None:
         interval = min(5.0, self.settings.claim_idle_s / 3)
+        s = self.settings
         while True:
             await asyncio.sleep(interval)
-            free = self._free_slots()
-            if free <= 0:
-                continue
             try:
-                deliveries = await self._queue.claim_stale(self.settings.consumer, self.settings.claim_idle_s, free)
+                await self._take(lambda n: self._queue.claim_stale(s.consumer, s.claim_idle_s, n), reserve=True)
             except BackendError as e:
                 log.warning("claiming stale jobs failed: %s", e)
-                continue
-            for d in deliveries:
-                if d.entry_id not in self._runs:
-                    log.info("taking over generation %s (its worker stopped renewing)", d.job.id)
-                    self._start(d)
 
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.renew_s)
             try:
-                await self._queue.renew(self.settings.consumer, list(self._runs))
+                lost = await self._queue.renew(self.settings.consumer, list(self._runs))
             except BackendError as e:
                 log.warning("renewing job claims failed: %s", e)
+                continue
+            for entry_id in lost:
+                run = self._runs.get(entry_id)
+                if run is not None and run.task is not None:
+                    # Another worker took the job over (this one was too slow to renew): its run is the job now.
+                    log.warning(
+                        "generation %s was taken over by another worker; stopping this run", run.delivery.job.id
+                    )
+                    run.abandon = True
+                    self._unacked.discard(entry_id)
+                    run.task.cancel()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -212,7 +267,7 @@ class Worker:
                 log.warning("checking cancel requests failed: %s", e)
 
     async def _check_cancels(self) -> None:
-        runs = [r for r in self._runs.values() if not r.finishing and r.cancel_reason is None]
+        runs = [r for r in self._runs.values() if not r.finishing and r.cancel_reason is None and not r.abandon]
         if not runs:
             return
         requested = await self._queue.cancel_requested([r.delivery.job.id for r in runs])
@@ -229,14 +284,16 @@ class Worker:
                     self._cancel(r, "unwatched")
 
     def _cancel(self, run: _Run, reason: str) -> None:
-        if run.task is not None and not run.finishing and run.cancel_reason is None:
-            log.info("cancelling generation %s (%s)", run.delivery.job.id, reason)
-            run.cancel_reason = reason
+        log.info("cancelling generation %s (%s)", run.delivery.job.id, reason)
+        run.cancel_reason = reason
+        # Only the provider call is interrupted; elsewhere the run checks cancel_reason itself before calling.
+        if run.in_provider and run.task is not None:
             run.task.cancel()
 
     def _start(self, d: Delivery) -> None:
         run = _Run(d)
         self._runs[d.entry_id] = run
+        self._unacked.add(d.entry_id)
         self.metrics.running.set(len(self._runs))
         run.task = asyncio.create_task(self._generate(run), name=f"generation-{d.job.id}")
         run.task.add_done_callback(lambda _t: self._finished(d.entry_id))
@@ -246,76 +303,155 @@ class Worker:
         self.metrics.running.set(len(self._runs))
         self._slot_free.set()
 
+    async def _ack(self, run: _Run) -> None:
+        await self._queue.ack(run.delivery.entry_id)
+        self._unacked.discard(run.delivery.entry_id)
+
     # -- one generation -----------------------------------------------------------------------------------------------
 
     async def _generate(self, run: _Run) -> None:
         job = run.delivery.job
-        record = await self._queue.get(job.id) or GenerationRecord(
-            job.id, job.provider, job.model, job.channel, created_at=job.created_at
-        )
-        if record.status in ("done", "error", "cancelled"):
-            # Finished before: only the acknowledgement was lost.
-            await self._queue.ack(run.delivery.entry_id)
-            return
-        first_attempt = record.attempts == 0
-        record.status, record.started_at, record.attempts = "running", time.time(), record.attempts + 1
-        await self._queue.update(record)
-        if first_attempt:
-            self.metrics.queue_lag_seconds.observe(max(0.0, time.time() - job.created_at))
         try:
-            outcome = await self._produce(run)
-            run.finishing = True
-            await self._coalescer.add(job.channel, outcome.event, close=True)
-        except ChannelClosed:
-            # A previous run stored the terminal event and died before acknowledging; the channel is complete.
-            log.info("generation %s was already finished", job.id)
-            outcome = _Outcome("done", _event("done", {}), finish_reason=record.finish_reason)
+            await self._run_job(run)
+        except _Abandoned:
+            pass
+        except asyncio.CancelledError:
+            if not run.abandon:
+                raise
         except BackendError as e:
             # Not acknowledged: after --claim-idle another worker (or this one) re-runs it from a reset.
-            log.warning("generation %s: storing events failed (%s); it will be taken over", job.id, e)
+            log.warning("generation %s: the store failed (%s); it will be re-run", job.id, e)
+        except Exception:
+            # A bug must not leave the channel open for ever, nor make the job run again and again.
+            log.exception("generation %s failed unexpectedly", job.id)
+            with contextlib.suppress(Exception):
+                await self._finish(run, _Outcome("error", _event("error", _INTERNAL), error=dict(_INTERNAL)))
+        finally:
+            if run.fence is not None:
+                self._coalescer.forget(job.channel, run.fence)
+
+    async def _run_job(self, run: _Run) -> None:
+        job = run.delivery.job
+        attempt = await self._queue.begin_attempt(job.id)
+        run.fence = Fence(job.id, attempt, take=True)
+        record = await self._queue.get(job.id)
+        if record is not None and record.status in TERMINAL_STATUSES:
+            await self._ack(run)  # finished before; only the acknowledgement was lost
             return
-        record.status, record.finished_at = outcome.status, time.time()
-        record.finish_reason, record.usage, record.error = outcome.finish_reason, outcome.usage, outcome.error
-        self.metrics.finished.labels(job.provider, outcome.status).inc()
+        if record is None:
+            record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
+        if attempt == 1:
+            self.metrics.queue_lag_seconds.observe(max(0.0, time.time() - job.created_at))
+        record.status, record.started_at = "running", time.time()
+        await self._queue.update(record)
         try:
+            # Claim the channel for this run and open it, before any provider call (which costs money).
+            if run.delivery.restarted:
+                self.metrics.restarts.inc()
+                _ = self._add(run, _event("reset", {"reason": "restarted"}))
+            await self._add(run, _event("start", {"id": job.id, "provider": job.provider, "model": job.model}))
+            if attempt > self.settings.max_attempts + _EXTRA_RUNS:
+                error = {"code": "too_many_restarts", "message": "the generation was restarted too many times"}
+                outcome = _Outcome("error", _event("error", error), error=error)
+            else:
+                outcome = await self._produce(run)
+        except ChannelClosed:
+            await self._finished_before(run, record)
+            return
+        except Fenced:
+            await self._fenced(run, attempt)
+            return
+        await self._finish(run, outcome, record)
+
+    def _add(self, run: _Run, event: NewEvent, *, close: bool = False) -> asyncio.Future[str]:
+        assert run.fence is not None
+        fut = self._coalescer.add(run.delivery.job.channel, event, run.fence, close=close)
+        if run.fence.take:
+            run.fence = Fence(run.fence.owner, run.fence.attempt)  # taken with this event; checked from now on
+        return fut
+
+    async def _finish(self, run: _Run, outcome: _Outcome, record: GenerationRecord | None = None) -> None:
+        """Store the terminal event (closing the channel), then the record, then acknowledge the job."""
+        job = run.delivery.job
+        run.finishing = True
+        await self._add(run, outcome.event, close=True)
+        record = record or await self._queue.get(job.id)
+        if record is not None:
+            record.status, record.finished_at = outcome.status, time.time()
+            record.finish_reason, record.usage, record.error = outcome.finish_reason, outcome.usage, outcome.error
             await self._queue.update(record)
-            await self._queue.ack(run.delivery.entry_id)
-        except BackendError as e:
-            log.warning("generation %s finished but could not be acknowledged: %s", job.id, e)
+        self.metrics.finished.labels(job.provider, outcome.status).inc()
+        await self._ack(run)
+
+    async def _finished_before(self, run: _Run, record: GenerationRecord) -> None:
+        """The channel is already closed: an earlier run stored the terminal event and died before acknowledging.
+        Take the outcome from that event, so the record tells what the channel tells."""
+        job = run.delivery.job
+        info = await self._backend.info(job.channel)
+        last = (await self._backend.range(job.channel, id_before(info.last_id), limit=1)).entries if info else []
+        if last and last[0].close and last[0].event in ("done", "error"):
+            data = orjson.loads(last[0].data)
+            if last[0].event == "error":
+                record.status, record.error, record.finish_reason = "error", data, "error"
+            else:
+                reason = data.get("finish_reason")
+                record.status = "cancelled" if reason in ("cancelled", "unwatched") else "done"
+                record.finish_reason, record.usage = reason, data.get("usage")
+        else:
+            # The channel was closed by someone else (a publisher sharing it): this generation could not run.
+            error = {"code": "channel_closed", "message": "the channel was already closed"}
+            record.status, record.error, record.finish_reason = "error", error, "error"
+        record.finished_at = time.time()
+        await self._queue.update(record)
+        log.info("generation %s had already finished (%s)", job.id, record.status)
+        await self._ack(run)
+
+    async def _fenced(self, run: _Run, attempt: int) -> None:
+        """Another writer holds the channel: a later run of this job (then stop quietly), or another generation."""
+        job = run.delivery.job
+        current = await self._queue.get(job.id)
+        if current is not None and current.attempts > attempt:
+            raise _Abandoned
+        if current is not None:
+            error = {"code": "channel_busy", "message": "another generation is writing to this channel"}
+            current.status, current.error, current.finish_reason = "error", error, "error"
+            current.finished_at = time.time()
+            await self._queue.update(current)
+        await self._ack(run)
 
     async def _produce(self, run: _Run) -> _Outcome:
-        """Stream the generation's events; return its terminal event (not yet stored)."""
+        """Call the provider and stream its tokens; return the terminal event (not yet stored)."""
         job = run.delivery.job
-        add = self._coalescer.add
-        if run.delivery.restarted:
-            self.metrics.restarts.inc()
-            _ = add(job.channel, _event("reset", {"reason": "restarted"}))
-        _ = add(job.channel, _event("start", {"id": job.id, "provider": job.provider, "model": job.model}))
-        tokens = 0
         usage: dict[str, int | None] = {"input_tokens": None, "output_tokens": None}
         try:
-            provider = self._providers.get(job.provider)
-            if provider is None:
-                raise ProviderError("unknown_provider", f"this worker has no provider {job.provider!r}")
-            finish, tokens = await self._call_provider(run, provider)
-            usage = {"input_tokens": finish.input_tokens, "output_tokens": finish.output_tokens}
-            done = {"finish_reason": finish.finish_reason, "usage": usage}
-            return _Outcome("done", _event("done", done), finish_reason=finish.finish_reason, usage=usage)
+            if run.cancel_reason is None:
+                provider = self._providers.get(job.provider)
+                if provider is None:
+                    raise ProviderError("unknown_provider", f"this worker has no provider {job.provider!r}")
+                run.in_provider = True
+                try:
+                    finish = await self._call_provider(run, provider)
+                finally:
+                    run.in_provider = False
+                usage = {"input_tokens": finish.input_tokens, "output_tokens": finish.output_tokens}
+                done = {"finish_reason": finish.finish_reason, "usage": usage}
+                return _Outcome("done", _event("done", done), finish_reason=finish.finish_reason, usage=usage)
         except ProviderError as e:
             error = {"code": e.code, "message": e.message}
             return _Outcome("error", _event("error", error), error=error, finish_reason="error")
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if run.cancel_reason is None or task is None or self._stopping.is_set():
-                raise  # shutdown: not ours to finish; the job is handed back
+            if run.abandon or run.cancel_reason is None or task is None:
+                raise
             task.uncancel()
-            reason = run.cancel_reason
-            done = {"finish_reason": reason, "usage": usage}
-            return _Outcome("cancelled", _event("done", done), finish_reason=reason, usage=usage)
+        reason = run.cancel_reason
+        assert reason is not None
+        done = {"finish_reason": reason, "usage": usage}
+        return _Outcome("cancelled", _event("done", done), finish_reason=reason, usage=usage)
 
-    async def _call_provider(self, run: _Run, provider: Provider) -> tuple[Finish, int]:
+    async def _call_provider(self, run: _Run, provider: Provider) -> Finish:
         job = run.delivery.job
-        assert self._session is not None
+        assert self._session is not None and run.fence is not None
         request = GenerationRequest(job.model, job.messages, job.max_tokens, job.temperature, job.top_p, job.stop)
         s = self.settings
         tokens = 0
@@ -332,7 +468,7 @@ class Worker:
                                 first_at = time.monotonic()
                                 self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
                             tokens += 1
-                            pending = self._coalescer.add(job.channel, _event("token", {"text": item.text}))
+                            pending = self._add(run, _event("token", {"text": item.text}))
                             if tokens % _BACKPRESSURE_EVERY == 0:
                                 await pending  # surfaces a store failure, and paces us to the store
                         else:
@@ -344,14 +480,18 @@ class Worker:
                 if not e.retryable or tokens > 0 or attempt == s.max_attempts:
                     raise
                 delay = e.after_s if e.after_s is not None else s.backoff_s * 2 ** (attempt - 1)
-                delay = min(s.backoff_max_s, max(0.0, delay))
+                if delay > s.backoff_max_s:
+                    raise  # the provider asks for a longer wait than we may retry within: give up now, honestly
                 log.info("generation %s: %s; retry %d in %.1fs", job.id, e.code, attempt, delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(max(0.0, delay))
                 continue
+            finally:
+                if (error := self._coalescer.failure(job.channel, run.fence)) is not None:
+                    raise error  # a token was not stored: never finish over a gap
             self.metrics.tokens.labels(provider.name).inc(tokens)
             if first_at is not None and tokens > 1:
                 elapsed = time.monotonic() - first_at
                 if elapsed > 0:
                     self.metrics.tokens_per_second.labels(provider.name).observe((tokens - 1) / elapsed)
-            return finish or Finish("stop"), tokens
+            return finish or Finish("stop")
         raise AssertionError("unreachable")  # the loop either returns or raises

@@ -128,8 +128,12 @@ async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
     assert first.proc is not None
     first.proc.kill()  # kill -9 mid-generation
     first.wait(10)
-    _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "400", "--consumer", "second")
-    entries = await _wait_closed(backend, job.channel, 30)
+    second = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "400", "--consumer", "second")
+    try:
+        entries = await _wait_closed(backend, job.channel, 30)
+    except AssertionError:
+        print(second.log())
+        raise
     _check_one_run(entries, 120, restarted=True)
     record = await queue.get(job.id)
     assert record is not None and record.status == "done" and record.attempts == 2
