@@ -95,9 +95,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return ids
 """.replace("TRIM_SLACK", str(TRIM_SLACK_MAX))
 
-# History after a position plus the metadata `check_position` needs, read atomically.
+# History after a position plus the metadata `check_position` needs, read atomically. Flagged read-only, so it runs
+# while writes are paused (CLIENT PAUSE WRITE during a failover) and on replicas.
 # KEYS[1] stream; ARGV[1] exclusive start ("(<id>"), ARGV[2] count (0: metadata only).
-_RANGE_LUA = """
+_RANGE_LUA = """#!lua flags=no-writes
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
 local length, last_id, max_deleted, first, last_entry = 0, '0-0', '0-0', false, false

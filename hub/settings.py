@@ -86,8 +86,11 @@ class HubSettings:
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
         need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")
-        need(self.cancel_if_unwatched_s == 0 or 1 <= self.cancel_if_unwatched_s <= 86_400, "cancel-if-unwatched",
-             "must be 0 (off) or 1-86400 seconds")
+        need(
+            self.cancel_if_unwatched_s == 0 or 1 <= self.cancel_if_unwatched_s <= 86_400,
+            "cancel-if-unwatched",
+            "must be 0 (off) or 1-86400 seconds",
+        )
         need(
             self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "redis-url",

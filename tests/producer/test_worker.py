@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from hub.backend import Entry
 from hub.backend_redis import RedisBackend
@@ -285,3 +286,86 @@ async def test_through_a_hub_a_client_sees_the_take_over_as_a_reset_and_gets_the
         assert "".join(orjson.loads(e.data)["text"] for e in after[1:-1]) == "".join(_demo_tokens(80))
     finally:
         hub.close()
+
+
+async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    backend, queue = stores
+    stalled = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "stalled")
+    job = _job(80)
+    await queue.submit(job)
+    deadline = time.monotonic() + 20
+    while len([e for e in await _all_entries(backend, job.channel) if e.event == "token"]) < 5:
+        assert time.monotonic() < deadline, stalled.log()
+        await asyncio.sleep(0.05)
+    stalled.signal(signal.SIGSTOP)  # a frozen VM, a stop-the-world pause: alive, but not renewing
+    try:
+        _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "rescuer")
+        while "reset" not in [e.event for e in await _all_entries(backend, job.channel)]:
+            assert time.monotonic() < deadline + 20, "the job was not taken over"
+            await asyncio.sleep(0.05)
+    finally:
+        stalled.signal(signal.SIGCONT)  # it wakes mid-generation and would carry on writing
+    entries = await _wait_closed(backend, job.channel, 30)
+    _check_one_run(entries, 80, restarted=True)
+    assert [e.event for e in entries].count("start") == 2
+    await asyncio.sleep(1.0)  # the woken worker has had time to notice and must have written nothing since
+    assert len(await _all_entries(backend, job.channel)) == len(entries)
+    record = await queue.get(job.id)
+    assert record is not None and record.status == "done"
+
+
+async def test_a_store_outage_mid_generation_never_finishes_over_a_gap(prefix: str) -> None:
+    server = RedisServer()
+    server.start()
+    backend = RedisBackend(server.url, prefix=prefix, history=100_000, ttl_s=3600, timeout_s=1.0)
+    queue = RedisJobQueue(server.url, prefix=prefix, group="producers", record_ttl_s=3600)
+    admin = aioredis.Redis.from_url(server.url)
+    settings = ProducerSettings(
+        redis_url=server.url, key_prefix=prefix, metrics_port=0, claim_idle_s=1.5, renew_s=0.5, demo_tokens_per_s=100
+    )
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(100)})
+    task = asyncio.create_task(worker.run_async())
+    try:
+        job = _job(300)
+        await queue.submit(job)
+        deadline = time.monotonic() + 20
+        while len(await _all_entries(backend, job.channel)) < 20:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        # Redis holds every write for longer than the worker's deadline: those appends fail (their outcome
+        # unknown to the worker), and later ones would succeed.
+        await admin.client_pause(1500, all=False)
+        entries = await _wait_closed(backend, job.channel, 40)
+        # The run that lost tokens did not finish; a re-run from a reset did, completely.
+        _check_one_run(entries, 300, restarted=True)
+    finally:
+        worker.stop()
+        await task
+        await admin.aclose()
+        await queue.aclose()
+        await backend.aclose()
+        server.close()
+
+
+async def test_workers_recover_when_the_job_stream_and_group_vanish(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue]
+) -> None:
+    backend, queue = stores
+    settings = ProducerSettings(redis_url=redis_server.url, key_prefix=prefix, metrics_port=0, demo_tokens_per_s=0)
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(0)})
+    task = asyncio.create_task(worker.run_async())
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        first = _job(5)
+        await queue.submit(first)
+        await _wait_closed(backend, first.channel, 10)
+        await admin.delete(queue.jobs_key)  # as after a Redis restart without persistence
+        second = _job(5)
+        await queue.submit(second)
+        _check_one_run(await _wait_closed(backend, second.channel, 20), 5, restarted=False)
+    finally:
+        worker.stop()
+        await task
+        await admin.aclose()

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 import pytest
 
-from hub.backend import Entry
+from hub.backend import ChannelClosed, Entry, NewEvent
 from hub.backend_memory import MemoryBackend
 from producer.jobs import Job, new_generation_id
 from producer.providers.anthropic import AnthropicProvider
-from producer.providers.base import Provider
+from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
 from producer.providers.openai import OpenAIProvider
 from producer.queue_memory import MemoryJobQueue
@@ -152,3 +152,56 @@ async def test_cancel_aborts_the_provider_request_within_a_second(rig: Rig) -> N
     [request] = rig.fake.requests_for("long")
     await asyncio.wait_for(request.disconnected.wait(), 2)  # the provider saw the request go away
     assert _text(entries) == "".join(numbered_tokens(2000)[: len(entries) - 2])
+
+
+async def test_a_job_whose_channel_is_already_closed_only_records_how_it_ended(rig: Rig) -> None:
+    # As after a worker stored the terminal event and died before acknowledging: the re-run must not call the
+    # provider again, and the record must say what the channel says.
+    gid = new_generation_id()
+    channel = f"gen:{gid}"
+    error = {"code": "overloaded", "message": "try later"}
+    await rig.backend.append(
+        channel, [NewEvent("start", "{}"), NewEvent("error", orjson.dumps(error).decode())], close=True
+    )
+    job = Job(id=gid, provider="openai", model="normal", messages=[{"role": "user", "content": "hi"}], channel=channel)
+    await rig.queue.submit(job)
+    deadline = time.monotonic() + 10
+    while (record := await rig.queue.get(gid)) is None or record.status == "queued" or record.status == "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert record.status == "error" and record.error == error
+    assert rig.fake.requests_for("normal") == []
+    assert len((await rig.backend.range(channel, "0", limit=10)).entries) == 2
+
+
+async def test_an_unexpected_failure_ends_the_generation_with_an_internal_error(rig: Rig) -> None:
+    class Broken:
+        name = "broken"
+
+        async def stream(self, session: object, request: object) -> AsyncGenerator[TextDelta, None]:
+            yield TextDelta("partial")
+            raise KeyError("a bug")
+
+    rig.worker._providers = {**rig.worker._providers, "broken": Broken()}
+    job, entries = await rig.run("broken", "any")
+    assert [e.event for e in entries] == ["start", "token", "error"]
+    assert orjson.loads(entries[-1].data) == {"code": "internal", "message": "the generation failed inside the worker"}
+    record = await rig.queue.get(job.id)
+    assert record is not None and record.status == "error"
+    assert rig.queue._running == {}  # acknowledged: it will not run again
+
+
+async def test_events_after_a_close_are_refused_not_stored_after_it(rig: Rig) -> None:
+    from hub.backend import Fence
+    from producer.coalesce import Coalescer
+
+    c = Coalescer(rig.backend, rig.worker.metrics, window_s=0.01)
+    fence = Fence("job", 1, take=True)
+    first = c.add("closing", NewEvent("token", "a"), fence)
+    end = c.add("closing", NewEvent("done", "{}"), Fence("job", 1), close=True)
+    late = c.add("closing", NewEvent("token", "late"), Fence("job", 1))
+    assert isinstance(late.exception(), ChannelClosed)
+    await first
+    await end
+    entries = (await rig.backend.range("closing", "0", limit=10)).entries
+    assert [(e.event, e.close) for e in entries] == [("token", False), ("done", True)]
