@@ -188,7 +188,7 @@ class RedisBackend:
         """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
 
         Error replies such as OOM, READONLY (after a failover) or MISCONF are the store refusing work, not a client
-        mistake; the one error a script raises on purpose, CLOSED, becomes ChannelClosed.
+        mistake; the errors the append script raises on purpose become ChannelClosed and Fenced.
         """
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -196,6 +196,8 @@ class RedisBackend:
         except ResponseError as e:
             if str(e).startswith("CLOSED"):
                 raise ChannelClosed(str(e)) from None
+            if str(e).startswith("FENCED"):
+                raise Fenced(str(e)) from None
             log.warning("redis refused a command: %s", e)
             raise BackendUnavailable(f"redis error: {str(e).split(' ', 1)[0]}") from e
         except (RedisError, TimeoutError, OSError) as e:
@@ -224,6 +226,13 @@ class RedisBackend:
     async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
         if not batches:
             return []
+        if len(batches) == 1:
+            # One script call needs no pipeline (common at low load, and the one-by-one baseline).
+            keys, args = self._append_call(batches[0])
+            try:
+                return [list(await self._call(self._append(keys=keys, args=args)))]
+            except BackendError as e:
+                return [e]
         # One pipeline, one round trip; each script call stays atomic on its own. Not a transaction: one refused
         # channel (closed) must not refuse the others.
         pipe = self._redis.pipeline(transaction=False)

@@ -23,7 +23,7 @@ from producer.providers.demo import DemoProvider
 from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
-from tests.support import HubProcess, ProducerProcess, RedisServer, read_events
+from tests.support import HubProcess, ProducerProcess, RedisServer, free_port, read_events
 
 
 @pytest.fixture
@@ -369,3 +369,40 @@ async def test_workers_recover_when_the_job_stream_and_group_vanish(
         worker.stop()
         await task
         await admin.aclose()
+
+
+async def test_cancel_through_redis_and_the_worker_metrics_endpoint(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    backend, queue = stores
+    port = free_port()
+    w = ProducerProcess(
+        "--redis-url",
+        redis_server.url,
+        "--key-prefix",
+        prefix,
+        "--metrics-port",
+        str(port),
+        "--demo-tokens-per-s",
+        "50",
+        "--poll",
+        "0.1",
+    )
+    workers.append(w)
+    w.start()
+    job = _job(100_000)
+    await queue.submit(job)
+    deadline = time.monotonic() + 20
+    while len(await _all_entries(backend, job.channel)) < 5:
+        assert time.monotonic() < deadline, w.log()
+        await asyncio.sleep(0.05)
+    asked = time.monotonic()
+    await queue.request_cancel(job.id)
+    entries = await _wait_closed(backend, job.channel, 10)
+    assert time.monotonic() - asked < 1.0
+    assert orjson.loads(entries[-1].data)["finish_reason"] == "cancelled"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+    assert 'producer_generations_finished_total{outcome="cancelled",provider="demo"} 1.0' in text
+    assert "producer_time_to_first_token_seconds_count" in text and "producer_queue_lag_seconds_count 1.0" in text
