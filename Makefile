@@ -29,13 +29,13 @@ system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
 run: install
-	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker). In another shell:"
+	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker, anonymous mode: no authentication). In another shell:"
 	@echo "  curl -N http://localhost:$(PORT)/v1/channels/demo/events"
 	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"event\":\"token\",\"data\":\"hello\"}' http://localhost:$(PORT)/v1/channels/demo/events"
 	@echo "A generation, streamed as it is written (add -H 'Accept: text/event-stream' to get it in the same response):"
 	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"provider\":\"demo\",\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}' http://localhost:$(PORT)/v1/generations"
 	@echo "  curl -N 'http://localhost:$(PORT)/v1/channels/gen:<id>/events?last_event_id=0'"
-	$(BIN)/python -m hub --port $(PORT)
+	$(BIN)/python -m hub --port $(PORT) --anonymous
 
 lint: install-dev
 	$(BIN)/ruff check hub producer tests bench

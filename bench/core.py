@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> Report:
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.mkdtemp(prefix="hub-bench-")
     try:
-        hub_args = ["--host", "127.0.0.1", "--log-level", "warning"]
+        hub_args = ["--host", "127.0.0.1", "--log-level", "warning", "--anonymous"]
         if args.backend == "redis":
             rport = free_port()
             exe = shutil.which("redis-server") or "redis-server"

@@ -76,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _raise_fd_limit()
-    app = create_app(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
+    try:
+        app = create_app(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
+    except (ValueError, OSError) as e:
+        # A key file that cannot be read or parsed: say so and stop, before listening.
+        print(f"python -m hub: {e}", file=sys.stderr)
+        return 2
+    if settings.anonymous:
+        log.warning("ANONYMOUS MODE: no authentication; anyone who can reach this hub may read and write every channel")
 
     async def freeze_heap(app: web.Application) -> None:
         # Long-lived start-up objects never become garbage; keeping them out of full collections shortens pauses.

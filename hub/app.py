@@ -16,14 +16,16 @@ from producer.queue_redis import RedisJobQueue
 from producer.settings import DEFAULT_GROUP, ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
 
+from .auth import Authenticator
 from .backend import Backend
 from .backend_memory import MemoryBackend
 from .backend_redis import RedisBackend
+from .cors import Cors
 from .errors import error_middleware
 from .fanout import Fanout
 from .generations import routes as generation_routes
 from .handlers import routes
-from .keys import BACKEND, FANOUT, JOBS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
+from .keys import AUTH, BACKEND, FANOUT, JOBS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .metrics import HubMetrics
 from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
@@ -83,9 +85,12 @@ def create_app(
     The job queue is Redis when `redis_url` is set, else in memory; a generation worker runs in this process when
     `embedded_worker` says so ("auto": with the in-memory queue), with `worker_settings` and `provider_keys`.
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    cors = Cors(settings.cors_origins)
+    app = web.Application(middlewares=[cors.middleware, error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = NodeState()
+    app[AUTH] = Authenticator(settings)  # reads key files now: a bad one stops the start, not the first request
+    app.on_response_prepare.append(cors.on_response_prepare)
     app[PROVIDERS] = PROVIDER_NAMES
     metrics_registry = registry if registry is not None else CollectorRegistry()
     app[METRICS] = HubMetrics(metrics_registry)

@@ -9,7 +9,7 @@ from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id,
 
 from .errors import ApiError
 from .handlers import CHANNEL_RE, _draining, stream_channel
-from .keys import BACKEND, JOBS, PROVIDERS, SETTINGS
+from .keys import AUTH, BACKEND, JOBS, PROVIDERS, SETTINGS
 
 __all__ = ["routes"]
 
@@ -31,6 +31,8 @@ def _wants_stream(request: web.Request) -> bool:
 @routes.post("/v1/generations")
 async def create_generation(request: web.Request) -> web.StreamResponse:
     _draining(request)
+    auth = request.app[AUTH]
+    auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
     raw = await request.read()
@@ -50,31 +52,38 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         )
     except JobRequestError as e:
         raise ApiError(400, e.code, e.message) from None
+    principal = auth.require(request, "publish", job.channel)
     if "channel" in body and await request.app[BACKEND].info(job.channel) is not None:
         # One generation per channel: its end marker closes it, and two writers would interleave.
         raise ApiError(409, "channel_exists", "the channel already exists; use a new one (or delete it first)")
     await request.app[JOBS].submit(job)
     if _wants_stream(request):
         # Like the providers' own APIs: the events in this response; still resumable through events_url.
-        return await stream_channel(request, job.channel, "0")
+        return await stream_channel(request, job.channel, "0", principal)
     events_url = f"/v1/channels/{job.channel}/events"
     return _json({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
 
 
 @routes.get("/v1/generations/{id}")
 async def get_generation(request: web.Request) -> web.Response:
+    principal = request.app[AUTH].authenticate(request)
     record = await request.app[JOBS].get(request.match_info["id"])
     if record is None:
         raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
+    if not (principal.may("subscribe", record.channel) or principal.may("publish", record.channel)):
+        raise ApiError(403, "forbidden", "this token may not see this generation")
     return _json(record.public())
 
 
 @routes.delete("/v1/generations/{id}")
 async def cancel_generation(request: web.Request) -> web.Response:
+    principal = request.app[AUTH].authenticate(request)
     jobs = request.app[JOBS]
     record = await jobs.get(request.match_info["id"])
     if record is None:
         raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
+    if not principal.may("publish", record.channel):
+        raise ApiError(403, "forbidden", "this token may not cancel this generation")
     if record.status in TERMINAL_STATUSES:
         raise ApiError(409, "generation_finished", f"the generation is already {record.status}")
     await jobs.request_cancel(record.id)

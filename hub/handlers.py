@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -11,10 +12,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auth import Principal, seconds_left
 from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
 from .fanout import Subscriber, encode_reset
-from .keys import BACKEND, FANOUT, METRICS, SETTINGS, STATE
+from .keys import AUTH, BACKEND, FANOUT, METRICS, SETTINGS, STATE
 from .sse import comment, encode_event, event_id, retry
 
 __all__ = ["CHANNEL_RE", "routes", "stream_channel"]
@@ -85,6 +87,7 @@ def _parse_events(body: Any) -> tuple[list[NewEvent], bool]:
 @routes.post("/v1/channels/{channel}/events")
 async def publish(request: web.Request) -> web.Response:
     channel = _channel(request)
+    request.app[AUTH].require(request, "publish", channel)
     settings = request.app[SETTINGS]
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
@@ -123,12 +126,16 @@ def _requested_position(request: web.Request) -> str | None:
 @routes.get("/v1/channels/{channel}/events", allow_head=False)
 async def subscribe(request: web.Request) -> web.StreamResponse:
     channel = _channel(request)
+    principal = request.app[AUTH].require(request, "subscribe", channel)
     _draining(request)
-    return await stream_channel(request, channel, _requested_position(request))
+    return await stream_channel(request, channel, _requested_position(request), principal)
 
 
-async def stream_channel(request: web.Request, channel: str, position: str | None) -> web.StreamResponse:
-    """Answer with the channel's SSE stream from `position` (None: live). Validation is the caller's."""
+async def stream_channel(
+    request: web.Request, channel: str, position: str | None, principal: Principal
+) -> web.StreamResponse:
+    """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization are the
+    caller's; the stream ends when the principal's token expires (the client reconnects with a fresh one)."""
     backend = request.app[BACKEND]
     settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
@@ -155,6 +162,8 @@ async def stream_channel(request: web.Request, channel: str, position: str | Non
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     fanout.register(sub)
     metrics.connections_total.inc()
+    lifetime = seconds_left(principal)
+    expiry = asyncio.get_running_loop().call_later(lifetime, sub.end) if lifetime is not None else None
     try:
         await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
@@ -168,6 +177,8 @@ async def stream_channel(request: web.Request, channel: str, position: str | Non
         log.info("ending stream on %s: %s", channel, e)
     finally:
         fanout.detach(sub)
+        if expiry is not None:
+            expiry.cancel()
     return resp
 
 
@@ -215,6 +226,7 @@ async def _catch_up(
 @routes.get("/v1/channels/{channel}")
 async def channel_info(request: web.Request) -> web.Response:
     channel = _channel(request)
+    request.app[AUTH].require(request, "subscribe", channel)
     info = await request.app[BACKEND].info(channel)
     if info is None:
         raise ApiError(404, "channel_not_found", "no such channel")
@@ -225,6 +237,7 @@ async def channel_info(request: web.Request) -> web.Response:
 @routes.delete("/v1/channels/{channel}")
 async def channel_delete(request: web.Request) -> web.Response:
     channel = _channel(request)
+    request.app[AUTH].require(request, "publish", channel)
     if not await request.app[BACKEND].delete(channel):
         raise ApiError(404, "channel_not_found", "no such channel")
     return web.Response(status=204)

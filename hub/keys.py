@@ -8,13 +8,14 @@ from aiohttp import web
 
 from producer.jobs import JobQueue
 
+from .auth import Authenticator
 from .backend import Backend
 from .fanout import Fanout
 from .metrics import HubMetrics
 from .presence import Presence
 from .settings import HubSettings
 
-__all__ = ["BACKEND", "FANOUT", "JOBS", "METRICS", "PRESENCE", "PROVIDERS", "SETTINGS", "STATE", "NodeState"]
+__all__ = ["AUTH", "BACKEND", "FANOUT", "JOBS", "METRICS", "PRESENCE", "PROVIDERS", "SETTINGS", "STATE", "NodeState"]
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ BACKEND = web.AppKey("backend", Backend)
 FANOUT = web.AppKey("fanout", Fanout)
 METRICS = web.AppKey("metrics", HubMetrics)
 STATE = web.AppKey("state", NodeState)
+AUTH = web.AppKey("auth", Authenticator)
 JOBS = web.AppKey("jobs", JobQueue)
 PRESENCE = web.AppKey("presence", Presence)
 PROVIDERS = web.AppKey("providers", frozenset[str])

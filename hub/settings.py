@@ -38,8 +38,9 @@ DEFAULT_TAIL_BLOCK_S = 5.0
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _opt(default: Any, flag: str, help: str) -> Any:
-    return field(default=default, metadata={"flag": flag, "help": help})
+def _opt(default: Any, flag: str, help: str, *, secret: bool = False) -> Any:
+    # Secrets stay out of repr(), so a logged settings object never shows them.
+    return field(default=default, repr=not secret, metadata={"flag": flag, "help": help})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +68,16 @@ class HubSettings:
     cancel_if_unwatched_s: float = _opt(
         0.0, "cancel-if-unwatched", "default seconds a generation may go unwatched before it is cancelled (0: off)"
     )
+    # -- authentication (see the README's Security section) --
+    anonymous: bool = _opt(False, "anonymous", "no authentication at all: every request may do everything (dev only)")
+    jwt_secret: str | None = _opt(None, "jwt-secret", "HS256 secret of the JWTs this hub accepts", secret=True)
+    jwt_public_key: str | None = _opt(None, "jwt-public-key", "PEM file with the RS256/ES256 public key of the JWTs")
+    jwt_audience: str | None = _opt(None, "jwt-audience", "required `aud` of JWTs")
+    jwt_issuer: str | None = _opt(None, "jwt-issuer", "required `iss` of JWTs")
+    api_keys_file: str | None = _opt(None, "api-keys-file", "file of service API keys: `<key> <pattern>,<pattern>`")
+    api_keys: str | None = _opt(None, "api-keys", "API keys inline, same format, entries separated by ';'", secret=True)
+    auth_cookie: str = _opt("hub_token", "auth-cookie", "name of the cookie that may carry the JWT")
+    cors_origins: str = _opt("", "cors-origins", "comma-separated origins allowed by CORS (exact), or *")
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -91,6 +102,19 @@ class HubSettings:
             "cancel-if-unwatched",
             "must be 0 (off) or 1-86400 seconds",
         )
+        has_credentials = bool(self.jwt_secret or self.jwt_public_key or self.api_keys_file or self.api_keys)
+        need(
+            self.anonymous or has_credentials,
+            "anonymous",
+            "authentication is on but no credentials are configured: give --jwt-secret, --jwt-public-key, "
+            "--api-keys-file or --api-keys, or start with --anonymous for development",
+        )
+        need(
+            not (self.jwt_secret and self.jwt_public_key),
+            "jwt-secret",
+            "give --jwt-secret or --jwt-public-key, not both",
+        )
+        need(self.jwt_secret is None or len(self.jwt_secret) >= 32, "jwt-secret", "must be at least 32 characters")
         need(
             self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "redis-url",
@@ -115,9 +139,13 @@ def settings_from_args(
     envs = {f.name: env_prefix + f.metadata["flag"].upper().replace("-", "_") for f in fields}
     parser = argparse.ArgumentParser(prog=prog)
     for f in fields:
-        parser.add_argument(
-            f"--{f.metadata['flag']}", dest=f.name, default=None, help=f"{f.metadata['help']} [{envs[f.name]}]"
-        )
+        help_text = f"{f.metadata['help']} [{envs[f.name]}]"
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                f"--{f.metadata['flag']}", dest=f.name, action="store_const", const=True, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(f"--{f.metadata['flag']}", dest=f.name, default=None, help=help_text)
     ns = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in fields:
@@ -130,8 +158,17 @@ def settings_from_args(
     return cls(**values)
 
 
-def _convert(f: dataclasses.Field[Any], raw: str, env: str) -> Any:
+def _convert(f: dataclasses.Field[Any], raw: str | bool, env: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"invalid setting {f.metadata['flag']} ({env}): {raw!r} is not true or false")
+    assert isinstance(raw, str)
     try:
         if kind == "int":
             return int(raw)

@@ -66,6 +66,7 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
 
     async def factory(backend: Backend, **settings: Any) -> TestClient[Any, Any]:
         settings.setdefault("heartbeat_s", 30.0)
+        settings.setdefault("anonymous", True)
         app = create_app(HubSettings(**settings), backend=backend)
         client: TestClient[Any, Any] = await aiohttp_client(app)
         return client

@@ -116,12 +116,12 @@ class ServiceProcess:
 
 
 class HubProcess(ServiceProcess):
-    """A real `python -m hub` process on a free port."""
+    """A real `python -m hub` process on a free port (anonymous unless the test configures authentication)."""
 
     module = "hub"
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(*args, env=env)
+        super().__init__(*args, env={"HUB_ANONYMOUS": "1", **(env or {})})
         self.port = free_port()
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -66,10 +67,19 @@ async def test_flag_overrides_environment_and_redis_backend_is_used(
         (["--port", "http"], "port"),
         (["--redis-url", "localhost:6379"], "redis-url"),
         (["--log-level", "loud"], "log-level"),
+        (["--anonymous", "--jwt-secret", "short"], "jwt-secret"),
+        (["--anonymous", "--api-keys", "svc tooshort chat:*"], "at least 16 characters"),
+        (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "/nonexistent/keys"),
+        ([], "--anonymous"),  # authentication is on by default, and there is nothing to authenticate with
     ],
 )
 def test_bad_settings_stop_the_process_with_a_clear_message(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "hub", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    if args and "--anonymous" not in args:
+        args = [*args, "--anonymous"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hub", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
 

@@ -25,7 +25,7 @@ Client = TestClient[Any, Any]
 @pytest.fixture
 async def hub(aiohttp_client: Any) -> Client:
     app = create_app(
-        HubSettings(heartbeat_s=30),
+        HubSettings(heartbeat_s=30, anonymous=True),
         backend=MemoryBackend(history=10_000, ttl_s=3600),
         worker_settings=ProducerSettings(demo_tokens_per_s=0, metrics_port=0, poll_s=0.05),
     )
@@ -76,7 +76,7 @@ async def test_accept_event_stream_answers_with_the_generation_itself(hub: Clien
 
 async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) -> None:
     app = create_app(
-        HubSettings(heartbeat_s=30),
+        HubSettings(heartbeat_s=30, anonymous=True),
         backend=MemoryBackend(history=10_000, ttl_s=3600),
         worker_settings=ProducerSettings(demo_tokens_per_s=50, metrics_port=0, poll_s=0.1),
     )
@@ -99,7 +99,7 @@ async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) 
 
 async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(aiohttp_client: Any) -> None:
     app = create_app(
-        HubSettings(heartbeat_s=30),
+        HubSettings(heartbeat_s=30, anonymous=True),
         backend=MemoryBackend(history=100_000, ttl_s=3600),
         worker_settings=ProducerSettings(demo_tokens_per_s=20, metrics_port=0, poll_s=0.1),
     )
