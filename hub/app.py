@@ -25,7 +25,8 @@ from .errors import error_middleware
 from .fanout import Fanout
 from .generations import routes as generation_routes
 from .handlers import routes
-from .keys import AUTH, BACKEND, FANOUT, JOBS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
+from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
+from .limits import Limits
 from .metrics import HubMetrics
 from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
@@ -94,6 +95,7 @@ def create_app(
     app[PROVIDERS] = PROVIDER_NAMES
     metrics_registry = registry if registry is not None else CollectorRegistry()
     app[METRICS] = HubMetrics(metrics_registry)
+    app[LIMITS] = Limits(settings, app[METRICS])
 
     async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
         owned = backend is None

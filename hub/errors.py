@@ -20,18 +20,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApiError(Exception):
     """A client-facing error: HTTP status, a stable machine-readable code, and a message for people."""
 
-    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        extra: Mapping[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # more fields of the JSON body, e.g. which limit was hit
 
 
-def json_error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> web.Response:
     return web.Response(
         status=status,
-        body=orjson.dumps({"error": code, "message": message}),
+        body=orjson.dumps({"error": code, "message": message, **(extra or {})}),
         content_type="application/json",
         headers=headers,
     )
@@ -49,7 +64,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as e:
-        return json_error(e.status, e.code, e.message, e.headers)
+        return json_error(e.status, e.code, e.message, e.headers, e.extra)
     except InvalidPosition as e:
         return json_error(400, "invalid_id", str(e))
     except ChannelClosed:

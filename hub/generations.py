@@ -8,8 +8,8 @@ from aiohttp import web
 from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id, parse_job_request
 
 from .errors import ApiError
-from .handlers import CHANNEL_RE, _draining, stream_channel
-from .keys import AUTH, BACKEND, JOBS, PROVIDERS, SETTINGS
+from .handlers import _draining, channel_ok, stream_channel
+from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 
 __all__ = ["routes"]
 
@@ -47,12 +47,14 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
             body,
             providers=providers,
             generation_id=new_generation_id(),
-            channel_ok=CHANNEL_RE.fullmatch,
+            channel_ok=lambda name: channel_ok(name, settings.max_channel_len),
             default_unwatched_s=settings.cancel_if_unwatched_s or None,
         )
     except JobRequestError as e:
         raise ApiError(400, e.code, e.message) from None
     principal = auth.require(request, "publish", job.channel)
+    limits = request.app[LIMITS]
+    limits.publish(limits.client(request, principal), 1)
     if "channel" in body and await request.app[BACKEND].info(job.channel) is not None:
         # One generation per channel: its end marker closes it, and two writers would interleave.
         raise ApiError(409, "channel_exists", "the channel already exists; use a new one (or delete it first)")

@@ -16,14 +16,23 @@ from .auth import Principal, seconds_left
 from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
 from .fanout import Subscriber, encode_reset
-from .keys import AUTH, BACKEND, FANOUT, METRICS, SETTINGS, STATE
+from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
+from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
 
-__all__ = ["CHANNEL_RE", "routes", "stream_channel"]
+__all__ = ["channel_ok", "routes", "stream_channel"]
 
 log = logging.getLogger(__name__)
 
+# No "/", "%", "..." tricks can pass: the characters allowed cannot spell a path or an escape.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
+_CHANNEL_RULE = "channel names are 1-{n} characters of A-Z a-z 0-9 _ . : @ -"
+
+
+def channel_ok(name: str, max_len: int = 200) -> bool:
+    return len(name) <= max_len and CHANNEL_RE.fullmatch(name) is not None
+
+
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _EVENT_FIELDS = frozenset({"event", "data", "close"})
 # Event names the hub itself sends; a publisher must not be able to imitate them.
@@ -39,8 +48,9 @@ routes = web.RouteTableDef()
 
 def _channel(request: web.Request) -> str:
     name = request.match_info["channel"]
-    if not CHANNEL_RE.fullmatch(name):
-        raise ApiError(400, "invalid_channel", "channel names are 1-200 characters of A-Z a-z 0-9 _ . : @ -")
+    max_len = request.app[SETTINGS].max_channel_len
+    if not channel_ok(name, max_len):
+        raise ApiError(400, "invalid_channel", _CHANNEL_RULE.format(n=max_len))
     return name
 
 
@@ -52,10 +62,14 @@ def _draining(request: web.Request) -> None:
 # -- publish --------------------------------------------------------------------------------------------------------
 
 
-def _parse_events(body: Any) -> tuple[list[NewEvent], bool]:
+def _parse_events(body: Any, settings: HubSettings) -> tuple[list[NewEvent], bool]:
     items = body if isinstance(body, list) else [body]
     if not items:
         raise ApiError(400, "invalid_body", "the body is an empty array; send at least one event")
+    if len(items) > settings.max_batch:
+        raise ApiError(
+            413, "max_batch", f"at most {settings.max_batch} events per request", extra={"limit": "max_batch"}
+        )
     events: list[NewEvent] = []
     close = False
     last = len(items) - 1
@@ -80,14 +94,22 @@ def _parse_events(body: Any) -> tuple[list[NewEvent], bool]:
             raise ApiError(400, "invalid_body", f"{where}: only the last event of a body may close the channel")
         close = flag
         data = item["data"]
-        events.append(NewEvent(name, data if isinstance(data, str) else orjson.dumps(data).decode()))
+        text = data if isinstance(data, str) else orjson.dumps(data).decode()
+        if len(text) > settings.max_event_bytes or len(text.encode()) > settings.max_event_bytes:
+            raise ApiError(
+                413,
+                "max_event_bytes",
+                f"{where}: data is over {settings.max_event_bytes} bytes",
+                extra={"limit": "max_event_bytes"},
+            )
+        events.append(NewEvent(name, text))
     return events, close
 
 
 @routes.post("/v1/channels/{channel}/events")
 async def publish(request: web.Request) -> web.Response:
     channel = _channel(request)
-    request.app[AUTH].require(request, "publish", channel)
+    principal = request.app[AUTH].require(request, "publish", channel)
     settings = request.app[SETTINGS]
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
@@ -98,7 +120,8 @@ async def publish(request: web.Request) -> web.Response:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    events, close = _parse_events(body)
+    events, close = _parse_events(body, settings)
+    request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events))
     metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
@@ -138,8 +161,6 @@ async def stream_channel(
     caller's; the stream ends when the principal's token expires (the client reconnects with a fresh one)."""
     backend = request.app[BACKEND]
     settings = request.app[SETTINGS]
-    metrics = request.app[METRICS]
-
     first: RangeResult | None = None
     preamble = retry(settings.retry_ms) + comment("ok")
     if position is None:
@@ -156,8 +177,28 @@ async def stream_channel(
             # The client already has the end marker: 204 tells EventSource to stop reconnecting.
             return web.Response(status=204)
 
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
-    await resp.prepare(request)
+    fanout = request.app[FANOUT]
+    limits = request.app[LIMITS]
+    release = limits.open_stream(limits.client(request, principal), fanout.subscriber_count)
+    try:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        return await _serve(request, resp, channel, position, first, preamble, principal)
+    finally:
+        release()
+
+
+async def _serve(
+    request: web.Request,
+    resp: web.StreamResponse,
+    channel: str,
+    position: str,
+    first: RangeResult | None,
+    preamble: bytes,
+    principal: Principal,
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    metrics = request.app[METRICS]
     fanout = request.app[FANOUT]
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     fanout.register(sub)

@@ -11,11 +11,24 @@ from producer.jobs import JobQueue
 from .auth import Authenticator
 from .backend import Backend
 from .fanout import Fanout
+from .limits import Limits
 from .metrics import HubMetrics
 from .presence import Presence
 from .settings import HubSettings
 
-__all__ = ["AUTH", "BACKEND", "FANOUT", "JOBS", "METRICS", "PRESENCE", "PROVIDERS", "SETTINGS", "STATE", "NodeState"]
+__all__ = [
+    "AUTH",
+    "BACKEND",
+    "LIMITS",
+    "FANOUT",
+    "JOBS",
+    "METRICS",
+    "PRESENCE",
+    "PROVIDERS",
+    "SETTINGS",
+    "STATE",
+    "NodeState",
+]
 
 
 @dataclass(slots=True)
@@ -29,6 +42,7 @@ FANOUT = web.AppKey("fanout", Fanout)
 METRICS = web.AppKey("metrics", HubMetrics)
 STATE = web.AppKey("state", NodeState)
 AUTH = web.AppKey("auth", Authenticator)
+LIMITS = web.AppKey("limits", Limits)
 JOBS = web.AppKey("jobs", JobQueue)
 PRESENCE = web.AppKey("presence", Presence)
 PROVIDERS = web.AppKey("providers", frozenset[str])

@@ -46,4 +46,7 @@ class HubMetrics:
             "Times the live tail found entries missing (trimmed unread, or the stream recreated) and ended streams",
             registry=registry,
         )
+        self.limit_rejections = Counter(
+            "hub_limit_rejections_total", "Requests refused by a limit", ["limit"], registry=registry
+        )
         self.resets = Counter("hub_resets_total", "reset events sent to subscribers", ["reason"], registry=registry)

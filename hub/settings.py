@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -68,6 +69,17 @@ class HubSettings:
     cancel_if_unwatched_s: float = _opt(
         0.0, "cancel-if-unwatched", "default seconds a generation may go unwatched before it is cancelled (0: off)"
     )
+    # -- limits (see the README's Security section) --
+    max_streams: int = _opt(10_000, "max-streams", "open streams this node serves; beyond: 503")
+    max_streams_per_client: int = _opt(64, "max-streams-per-client", "open streams per client (token or IP); 429")
+    publish_rate: float = _opt(500.0, "publish-rate", "events per second one publisher may append (token bucket)")
+    publish_burst: int = _opt(1000, "publish-burst", "events one publisher may append at once (bucket size)")
+    max_batch: int = _opt(1000, "max-batch", "events in one publish request")
+    max_event_bytes: int = _opt(256 * 1024, "max-event-bytes", "bytes of one event's data")
+    max_channel_len: int = _opt(200, "max-channel-len", "characters of a channel name (at most 200)")
+    trusted_proxies: str = _opt(
+        "", "trusted-proxies", "comma-separated proxy addresses/CIDRs whose X-Forwarded-For is believed"
+    )
     # -- authentication (see the README's Security section) --
     anonymous: bool = _opt(False, "anonymous", "no authentication at all: every request may do everything (dev only)")
     jwt_secret: str | None = _opt(None, "jwt-secret", "HS256 secret of the JWTs this hub accepts", secret=True)
@@ -102,6 +114,19 @@ class HubSettings:
             "cancel-if-unwatched",
             "must be 0 (off) or 1-86400 seconds",
         )
+        need(self.max_streams >= 1, "max-streams", "must be at least 1")
+        need(self.max_streams_per_client >= 1, "max-streams-per-client", "must be at least 1")
+        need(self.publish_rate > 0, "publish-rate", "must be positive")
+        need(self.publish_burst >= 1, "publish-burst", "must be at least 1")
+        need(1 <= self.max_batch <= self.publish_burst, "max-batch", "must be 1 to --publish-burst")
+        need(self.max_event_bytes >= 1024, "max-event-bytes", "must be at least 1024")
+        need(1 <= self.max_channel_len <= 200, "max-channel-len", "must be 1-200")
+        try:
+            for part in self.trusted_proxies.split(","):
+                if part.strip():
+                    ipaddress.ip_network(part.strip(), strict=False)
+        except ValueError:
+            need(False, "trusted-proxies", "must be IP addresses or CIDR networks, comma-separated")
         has_credentials = bool(self.jwt_secret or self.jwt_public_key or self.api_keys_file or self.api_keys)
         need(
             self.anonymous or has_credentials,

@@ -1,0 +1,148 @@
+"""Limits that keep one client from taking a node: open streams per node and per client, and a publish rate per
+publisher (a token bucket). Every refusal is counted in /metrics and says which limit it hit.
+
+A client is its token's subject, or its IP address in anonymous mode. The IP is the peer's, or, when the peer is a
+trusted proxy, the nearest untrusted address in `X-Forwarded-For`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .auth import Principal
+from .errors import ApiError
+from .metrics import HubMetrics
+from .settings import HubSettings
+
+__all__ = ["Limits", "TokenBucket"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Publisher buckets are forgotten once full again (idle); the sweep runs when this many are held.
+_SWEEP_AT = 10_000
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    rate: float  # tokens per second
+    burst: float  # capacity
+    tokens: float
+    at: float  # monotonic time of `tokens`
+
+    def take(self, n: float, now: float) -> float:
+        """Take n tokens if there are; else take none and return the seconds until there would be."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if n <= self.tokens:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.at) * self.rate >= self.burst
+
+
+def _networks(spec: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in spec.split(",") if p.strip())
+
+
+class Limits:
+    def __init__(self, settings: HubSettings, metrics: HubMetrics, *, clock: Callable[[], float] = time.monotonic):
+        self._s = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._proxies = _networks(settings.trusted_proxies)
+        self._streams: dict[str, int] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _refuse(self, status: int, limit: str, message: str, retry_after_s: float) -> ApiError:
+        self._metrics.limit_rejections.labels(limit).inc()
+        return ApiError(
+            status, limit, message, {"Retry-After": str(max(1, math.ceil(retry_after_s)))}, extra={"limit": limit}
+        )
+
+    # -- who -------------------------------------------------------------------------------------------------------
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in net for net in self._proxies)
+
+    def client_ip(self, request: web.Request) -> str:
+        peer = request.remote or "unknown"
+        forwarded = request.headers.get("X-Forwarded-For")
+        if not forwarded or not self._trusted(peer):
+            return peer
+        # Right to left: the first address not added by one of our own proxies is the client.
+        for hop in reversed([h.strip() for h in forwarded.split(",")]):
+            if not self._trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer  # a forged or broken header: fall back to what we can see
+        return peer
+
+    def client(self, request: web.Request, principal: Principal) -> str:
+        return self.client_ip(request) if principal.kind == "anonymous" else f"{principal.kind}:{principal.subject}"
+
+    # -- streams ---------------------------------------------------------------------------------------------------
+
+    def open_stream(self, client: str, open_on_node: int) -> Callable[[], None]:
+        """Count a new stream for `client`, or refuse it. Returns the function that uncounts it."""
+        if open_on_node >= self._s.max_streams:
+            raise self._refuse(
+                503,
+                "max_streams",
+                f"this node serves its maximum of {self._s.max_streams} streams; retry on another",
+                1,
+            )
+        held = self._streams.get(client, 0)
+        if held >= self._s.max_streams_per_client:
+            raise self._refuse(
+                429, "max_streams_per_client", f"at most {self._s.max_streams_per_client} open streams per client", 5
+            )
+        self._streams[client] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._streams.get(client, 1) - 1
+            if left > 0:
+                self._streams[client] = left
+            else:
+                self._streams.pop(client, None)
+
+        return release
+
+    # -- publishing ------------------------------------------------------------------------------------------------
+
+    def publish(self, client: str, events: int) -> None:
+        """Charge `events` to the publisher's bucket, or refuse the whole request (429) and charge nothing."""
+        now = self._clock()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= _SWEEP_AT:
+                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
+            burst = float(self._s.publish_burst)
+            bucket = self._buckets[client] = TokenBucket(self._s.publish_rate, burst, burst, now)
+        wait_s = bucket.take(events, now)
+        if wait_s > 0:
+            if events > bucket.burst:
+                raise self._refuse(
+                    429,
+                    "publish_burst",
+                    f"a request may carry at most {self._s.publish_burst} events for this publisher",
+                    1,
+                )
+            raise self._refuse(429, "publish_rate", f"publish rate over {self._s.publish_rate:g} events/s", wait_s)
