@@ -26,6 +26,7 @@ log = logging.getLogger("hub")
 
 # Fraction of the grace period aiohttp may wait for handlers after our own drain (it applies this twice).
 _SHUTDOWN_TIMEOUT_SHARE = 0.08
+_LINGERING_S = 2.0
 
 
 async def _drain_on_signal(app: web.Application) -> None:
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         loop=uvloop.new_event_loop(),
         handler_cancellation=True,
+        # Also the deadline for a connection's first request: aiohttp starts this timer when the connection opens, so
+        # connections that never send a complete request (idle, or slowloris) are closed after it.
+        keepalive_timeout=settings.idle_timeout_s,
+        # After refusing a body (413, 408) read what is still coming for at most this long, then close: long enough
+        # for an honest client to see the answer, short enough that a stalled one cannot hold the connection.
+        lingering_time=_LINGERING_S,
         shutdown_timeout=settings.grace_s * _SHUTDOWN_TIMEOUT_SHARE,
         access_log=logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None,
         print=None,

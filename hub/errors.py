@@ -64,7 +64,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as e:
-        return json_error(e.status, e.code, e.message, e.headers, e.extra)
+        resp = json_error(e.status, e.code, e.message, e.headers, e.extra)
+        if e.headers.get("Connection") == "close":
+            # Close at once: aiohttp would otherwise linger, reading the rest of a body that is not coming.
+            resp.force_close()
+        return resp
     except InvalidPosition as e:
         return json_error(400, "invalid_id", str(e))
     except ChannelClosed:

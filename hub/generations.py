@@ -8,7 +8,7 @@ from aiohttp import web
 from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id, parse_job_request
 
 from .errors import ApiError
-from .handlers import _draining, channel_ok, stream_channel
+from .handlers import _draining, channel_ok, read_body, stream_channel
 from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 
 __all__ = ["routes"]
@@ -35,7 +35,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
-    raw = await request.read()
+    raw = await read_body(request, request.app[SETTINGS])
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -54,6 +54,20 @@ def _channel(request: web.Request) -> str:
     return name
 
 
+async def read_body(request: web.Request, settings: HubSettings) -> bytes:
+    """The request body, within --body-timeout: a body that never finishes must not hold a handler for ever."""
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {settings.body_timeout_s:g} s",
+            {"Connection": "close"},
+        ) from None
+
+
 def _draining(request: web.Request) -> None:
     if request.app[STATE].draining:
         raise ApiError(503, "draining", "this node is shutting down; retry on another", {"Retry-After": "1"})
@@ -115,7 +129,7 @@ async def publish(request: web.Request) -> web.Response:
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise ApiError(413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes} bytes")
-    raw = await request.read()
+    raw = await read_body(request, settings)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

@@ -77,6 +77,13 @@ class HubSettings:
     max_batch: int = _opt(1000, "max-batch", "events in one publish request")
     max_event_bytes: int = _opt(256 * 1024, "max-event-bytes", "bytes of one event's data")
     max_channel_len: int = _opt(200, "max-channel-len", "characters of a channel name (at most 200)")
+    idle_timeout_s: float = _opt(
+        60.0,
+        "idle-timeout",
+        "seconds a connection may take to send a complete request "
+        "(idle keep-alive, headers dribbled in) before it is closed",
+    )
+    body_timeout_s: float = _opt(30.0, "body-timeout", "seconds a publish body may take to arrive; then 408")
     trusted_proxies: str = _opt(
         "", "trusted-proxies", "comma-separated proxy addresses/CIDRs whose X-Forwarded-For is believed"
     )
@@ -115,6 +122,8 @@ class HubSettings:
             "must be 0 (off) or 1-86400 seconds",
         )
         need(self.max_streams >= 1, "max-streams", "must be at least 1")
+        need(self.idle_timeout_s > 0, "idle-timeout", "must be positive")
+        need(self.body_timeout_s > 0, "body-timeout", "must be positive")
         need(self.max_streams_per_client >= 1, "max-streams-per-client", "must be at least 1")
         need(self.publish_rate > 0, "publish-rate", "must be positive")
         need(self.publish_burst >= 1, "publish-burst", "must be at least 1")
