@@ -25,7 +25,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 # Text a publisher may send as data: anything but lone surrogates (not UTF-8 at all), with line ends weighted in.
-data_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300) | st.lists(
+data_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=300) | st.lists(
     st.sampled_from(["\r", "\n", "\r\n", "\x00", "data: x", "event: reset", "id: 1-1", ":", " ", "é", "🌍"]),
     max_size=30,
 ).map("".join)
