@@ -220,6 +220,15 @@ async def test_channel_info(client: Client) -> None:
     ("method", "path", "body", "headers", "status", "code"),
     [
         ("POST", "/v1/channels/c/events", b"{nope", {"Content-Type": "application/json"}, 400, "invalid_json"),
+        # A lone surrogate is not text: it could not be sent as UTF-8 to any subscriber.
+        (
+            "POST",
+            "/v1/channels/c/events",
+            b'{"data":"\\ud800"}',
+            {"Content-Type": "application/json"},
+            400,
+            "invalid_json",
+        ),
         ("POST", "/v1/channels/c/events", b"[]", {"Content-Type": "application/json"}, 400, "invalid_body"),
         ("POST", "/v1/channels/c/events", b'"x"', {"Content-Type": "application/json"}, 400, "invalid_body"),
         ("POST", "/v1/channels/c/events", b'{"event":"a"}', {"Content-Type": "application/json"}, 400, "invalid_body"),
