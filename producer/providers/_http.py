@@ -11,6 +11,7 @@ import math
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from contextlib import aclosing
 from datetime import UTC
 from typing import Any, Protocol
 
@@ -18,10 +19,11 @@ import aiohttp
 import orjson
 
 from hub.sse import SSEEvent, SSEParser
-from producer.providers.base import Finish, ProviderConfig, ProviderError, StreamItem
+from producer.providers.base import Finish, GenerationRequest, ProviderConfig, ProviderError, StreamItem
 
 __all__ = [
     "ErrorClassifier",
+    "SSEProvider",
     "StreamDecoder",
     "clean_message",
     "client_timeout",
@@ -298,3 +300,48 @@ async def stream_sse(
     # The Finish goes out only after the response is released: a consumer that stops at the Finish, without
     # exhausting or closing this generator, must not hold the connection.
     yield finish if finish is not None else decoder.end(cut)
+
+
+class SSEProvider:
+    """What the HTTP providers share: POST a JSON body, read the answer as SSE with the project's parser.
+
+    A provider module subclasses it and says where (`_url`), how (`_headers`, `_body`), how to read its errors
+    (`_classify`) and its events (`_decoder`). Adding a provider is one such module.
+    """
+
+    name: str
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self._config = config
+
+    def _url(self, request: GenerationRequest) -> str:
+        raise NotImplementedError
+
+    def _headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _classify(self, status: int, body: object, headers: Mapping[str, str]) -> ProviderError:
+        raise NotImplementedError
+
+    def _decoder(self) -> StreamDecoder:
+        raise NotImplementedError
+
+    async def stream(
+        self, session: aiohttp.ClientSession, request: GenerationRequest
+    ) -> AsyncGenerator[StreamItem, None]:
+        items = stream_sse(
+            session,
+            self._url(request),
+            headers=self._headers(),
+            body=self._body(request),
+            config=self._config,
+            classify=self._classify,
+            decoder=self._decoder(),
+        )
+        # aclosing: closing this generator must close the inner one now, and with it the HTTP response.
+        async with aclosing(items):
+            async for item in items:
+                yield item

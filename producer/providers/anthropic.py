@@ -7,19 +7,16 @@ and `error` events that can arrive after HTTP 200. Event types not listed here a
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
-from contextlib import aclosing
+from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
 
 from hub.sse import SSEEvent
 from producer.providers._http import (
+    SSEProvider,
     clean_message,
     error_object,
     load_object,
     status_error,
-    stream_sse,
     truncated,
 )
 from producer.providers.base import (
@@ -149,31 +146,20 @@ class _Decoder:
         return ProviderError(code, f"{kind}: {message}" if kind else message, retryable=retryable)
 
 
-class AnthropicProvider:
+class AnthropicProvider(SSEProvider):
     """`POST {base_url}/v1/messages` with `stream: true`; see the module docstring for the wire format."""
 
     name = "anthropic"
 
     def __init__(self, config: ProviderConfig) -> None:
-        self._config = config
-        self._url = f"{(config.base_url or DEFAULT_BASE_URL).rstrip('/')}/v1/messages"
+        super().__init__(config)
+        self._endpoint = f"{(config.base_url or DEFAULT_BASE_URL).rstrip('/')}/v1/messages"
 
-    async def stream(
-        self, session: aiohttp.ClientSession, request: GenerationRequest
-    ) -> AsyncGenerator[StreamItem, None]:
-        items = stream_sse(
-            session,
-            self._url,
-            headers=self._headers(),
-            body=self._body(request),
-            config=self._config,
-            classify=self._classify,
-            decoder=_Decoder(self._config.api_key),
-        )
-        # aclosing: closing this generator must close the inner one now, and with it the HTTP response.
-        async with aclosing(items):
-            async for item in items:
-                yield item
+    def _url(self, request: GenerationRequest) -> str:
+        return self._endpoint
+
+    def _decoder(self) -> _Decoder:
+        return _Decoder(self._config.api_key)
 
     def _headers(self) -> dict[str, str]:
         headers = {

@@ -7,21 +7,18 @@ Without `alt=sse` the same endpoint answers with one JSON array, which is why th
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
-from contextlib import aclosing
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from hub.sse import SSEEvent
 from producer.providers._http import (
+    SSEProvider,
     clean_message,
     error_object,
     load_object,
     parse_duration_s,
     status_error,
-    stream_sse,
     truncated,
 )
 from producer.providers.base import (
@@ -160,35 +157,21 @@ class _Decoder:
         return ProviderError(error.code, error.message, retryable=error.retryable, after_s=error.after_s)
 
 
-class GeminiProvider:
+class GeminiProvider(SSEProvider):
     """`streamGenerateContent?alt=sse`; see the module docstring for the wire format."""
 
     name = "gemini"
 
     def __init__(self, config: ProviderConfig) -> None:
-        self._config = config
+        super().__init__(config)
         self._root = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
 
-    async def stream(
-        self, session: aiohttp.ClientSession, request: GenerationRequest
-    ) -> AsyncGenerator[StreamItem, None]:
-        items = stream_sse(
-            session,
-            self._url(request.model),
-            headers=self._headers(),
-            body=self._body(request),
-            config=self._config,
-            classify=self._classify,
-            decoder=_Decoder(self._config.api_key),
-        )
-        # aclosing: closing this generator must close the inner one now, and with it the HTTP response.
-        async with aclosing(items):
-            async for item in items:
-                yield item
+    def _decoder(self) -> _Decoder:
+        return _Decoder(self._config.api_key)
 
-    def _url(self, model: str) -> str:
+    def _url(self, request: GenerationRequest) -> str:
         # "models/gemini-x" is how the API names models in its own listings; accept both spellings.
-        model = quote(model.removeprefix("models/"), safe="")
+        model = quote(request.model.removeprefix("models/"), safe="")
         return f"{self._root}/v1beta/models/{model}:streamGenerateContent?alt=sse"
 
     def _headers(self) -> dict[str, str]:
