@@ -28,6 +28,7 @@ from .handlers import routes
 from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .limits import Limits
 from .metrics import HubMetrics
+from .openapi import routes as openapi_routes
 from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
 
@@ -171,4 +172,5 @@ def create_app(
     app.on_shutdown.append(begin_drain)
     app.add_routes(routes)
     app.add_routes(generation_routes)
+    app.add_routes(openapi_routes)
     return app
