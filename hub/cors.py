@@ -14,7 +14,7 @@ __all__ = ["Cors"]
 
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 # Last-Event-ID: EventSource polyfills and fetch readers send it on reconnect.
-_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, Idempotency-Key, Accept"
+_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, Accept"
 _EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
 _MAX_AGE_S = "600"
 

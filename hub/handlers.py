@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 # No "/", "%", "..." tricks can pass: the characters allowed cannot spell a path or an escape.
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
-_CHANNEL_RULE = "channel names are 1-{n} characters of A-Z a-z 0-9 _ . : @ -"
+_CHANNEL_RULE = 'channel names are 1-{n} characters of A-Z a-z 0-9 _ . : @ - (not ".", no "..")'
 
 
 def channel_ok(name: str, max_len: int = 200) -> bool:
-    return len(name) <= max_len and CHANNEL_RE.fullmatch(name) is not None
+    # "." and anything with ".." are path segments to every URL normalizer between a client and us: refused.
+    return len(name) <= max_len and CHANNEL_RE.fullmatch(name) is not None and name != "." and ".." not in name
 
 
 EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

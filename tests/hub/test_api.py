@@ -302,6 +302,7 @@ async def test_channel_info(client: Client) -> None:
         ("GET", "/v1/channels/c/events?last_event_id=-1", b"", {}, 400, "invalid_id"),
         ("GET", "/v1/channels/c/events", b"", {"Last-Event-ID": "99999999999999999999999-0"}, 400, "invalid_id"),
         ("GET", "/v1/channels/a%0Ab/events", b"", {}, 400, "invalid_channel"),
+        ("GET", "/v1/channels/a..b/events", b"", {}, 400, "invalid_channel"),
         ("GET", "/v1/channels/nope", b"", {}, 404, "channel_not_found"),
         ("HEAD", "/v1/channels/c/events", b"", {}, 405, None),
         (

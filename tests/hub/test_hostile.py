@@ -185,3 +185,14 @@ def test_path_tricks_never_reach_another_channel_or_a_5xx(hub: HubProcess, path:
     for trick in ("..", "%2e%2e", "%2f", "/", "%5c"):
         if trick in path.lower() and status == 200:
             raise AssertionError(f"{path!r} was served")
+
+
+@pytest.mark.parametrize("name", [".", "..", "%2E", "%2e%2E", "a..b", "..%2F..", "%2F", "a%2Fb"])
+def test_dot_and_slash_channel_names_are_refused(hub: HubProcess, name: str) -> None:
+    # http.client sends the path as written: what a hostile client would send, not what a browser normalizes.
+    for method, suffix, body in (("GET", "/events", None), ("POST", "/events", b'{"data":1}'), ("GET", "", None)):
+        status, headers, payload = request(
+            hub, method, f"/v1/channels/{name}{suffix}", body, {"Content-Type": "application/json"}
+        )
+        assert status in (400, 404), (name, method, suffix, status)
+        assert_clear(status, headers, payload)
