@@ -38,12 +38,12 @@ run: install
 	$(BIN)/python -m hub --port $(PORT) --anonymous
 
 lint: install-dev
-	$(BIN)/ruff check hub producer tests bench
-	$(BIN)/ruff format --check hub producer tests bench
+	$(BIN)/ruff check hub producer loadtest tests bench
+	$(BIN)/ruff format --check hub producer loadtest tests bench
 
 format: install-dev
-	$(BIN)/ruff check --fix hub producer tests bench
-	$(BIN)/ruff format hub producer tests bench
+	$(BIN)/ruff check --fix hub producer loadtest tests bench
+	$(BIN)/ruff format hub producer loadtest tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy

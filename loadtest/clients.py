@@ -1,0 +1,475 @@
+"""The clients, as worker roles: subscribers on raw asyncio streams, the paced fan-out publisher, and the publish
+throughput loops. Each role runs inside a worker process (`loadtest.worker`) and counts into `ctx.tick`.
+
+`ROLES` maps a role name to its coroutine; a scenario (`loadtest.scenario`) spawns workers by role name with a job
+(a frozen dataclass that pickles) and drives them with commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from hub.sse import SSEEvent, SSEParser
+
+from .accounting import SequenceTracker, StreamTotals
+from .adapters import ADAPTERS, Adapter, PublishError, decode_data, encode_data
+from .http1 import BodyDecoder, Endpoint, HttpError, body_decoder, build_get, parse_head
+from .worker import WorkerContext
+
+__all__ = [
+    "ROLES",
+    "FanoutPublishJob",
+    "PublishLoopsJob",
+    "SubscribeJob",
+    "SubscriberPool",
+]
+
+_READ_BYTES = 1 << 16
+# Publish requests scheduled but not yet answered; past this the publisher waits instead of piling up tasks, and the
+# schedule lag it reports shows the server could not keep up.
+_MAX_PENDING = 10_000
+_PUBLISH_TIMEOUT_S = 30.0
+_CLOSE_WAIT_S = 5.0
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _reason(e: BaseException) -> str:
+    """A short, countable name for a failure."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return errno.errorcode.get(e.errno, type(e).__name__)
+    if isinstance(e, TimeoutError):
+        return "timeout"
+    if isinstance(e, asyncio.IncompleteReadError):
+        return "closed"
+    return type(e).__name__
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max(connections, 1)),
+        timeout=aiohttp.ClientTimeout(total=_PUBLISH_TIMEOUT_S),
+    )
+
+
+# -- subscribers ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeJob:
+    target: str  # adapter name
+    streams: tuple[tuple[str, str], ...]  # (stream URL, channel) of each subscriber, in opening order
+    ramp_per_s: float  # this worker's share of the ramp
+    token: str | None
+    connect_timeout_s: float
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Stream:
+    """One subscriber: its connection task and its delivery record."""
+
+    __slots__ = ("channel", "endpoint", "expected", "ready", "settled", "task", "tracker")
+
+    def __init__(self, url: str, channel: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.endpoint = Endpoint.from_url(url)
+        self.channel = channel
+        self.tracker = SequenceTracker()
+        self.expected: int | None = None  # known once the publisher is done
+        self.settled = False  # complete, or given up on (dropped); counted once towards the drain
+        self.ready: asyncio.Future[bool] = loop.create_future()  # True: stream live; False: the attempt failed
+        self.task: asyncio.Task[None] | None = None
+
+
+class SubscriberPool:
+    """This worker's share of the subscribers: opened at the ramp, read until drained, then closed."""
+
+    def __init__(self, ctx: WorkerContext, job: SubscribeJob) -> None:
+        loop = asyncio.get_running_loop()
+        self.ctx = ctx
+        self.adapter: Adapter = ADAPTERS[job.target]()
+        self.ramp_per_s = job.ramp_per_s
+        self.connect_timeout_s = job.connect_timeout_s
+        self.headers = _auth(job.token)
+        self.streams = [_Stream(url, channel, loop) for url, channel in job.streams]
+        self.totals = StreamTotals()  # resets, unexpected and dropped, counted as they happen
+        self._ssl: ssl.SSLContext | None = None
+        self._unsettled = 0
+        self._all_settled = asyncio.Event()
+
+    async def open_all(self) -> None:
+        """Start every connection at the ramp's pace; return when each is live or has failed."""
+        if not self.streams:
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for k, s in enumerate(self.streams):
+            delay = t0 + k / self.ramp_per_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            s.task = asyncio.create_task(self._run(s))
+        await asyncio.wait([s.ready for s in self.streams])
+
+    async def drain(self, expected: Mapping[str, int], timeout_s: float) -> None:
+        """Wait until every live stream received all `expected[channel]` events, or `timeout_s` passed."""
+        for s in self.streams:
+            if not (s.ready.done() and s.ready.result()):
+                continue
+            s.expected = expected.get(s.channel, 0)
+            if s.tracker.complete(s.expected) or s.task is None or s.task.done():
+                s.settled = True
+            else:
+                self._unsettled += 1
+        if self._unsettled:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._all_settled.wait()
+
+    async def close(self) -> None:
+        """End every connection (cancelling a task closes its socket in the task's own cleanup)."""
+        tasks = [s.task for s in self.streams if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def result(self, expected: Mapping[str, int]) -> StreamTotals:
+        out = StreamTotals(resets=self.totals.resets, unexpected=self.totals.unexpected, dropped=self.totals.dropped)
+        for s in self.streams:
+            if s.ready.done() and s.ready.result():
+                out.add(s.tracker, expected.get(s.channel, 0))
+        return out
+
+    def _settle(self, s: _Stream) -> None:
+        if s.expected is None or s.settled:
+            return
+        s.settled = True
+        self._unsettled -= 1
+        if self._unsettled == 0:
+            self._all_settled.set()
+
+    def _ssl_context(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if endpoint.scheme != "https":
+            return None
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def _run(self, s: _Stream) -> None:
+        ctx = self.ctx
+        writer: asyncio.StreamWriter | None = None
+        started = time.perf_counter()
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    ep = s.endpoint
+                    reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=self._ssl_context(ep))
+                    writer.write(build_get(ep, self.headers))
+                    head = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                    if head.status != 200:
+                        raise _Refused(f"http_{head.status}")
+                    decoder = body_decoder(head)
+                    parser = SSEParser()
+                    while not self.adapter.stream_ready(parser):
+                        data = await reader.read(_READ_BYTES)
+                        if not data:
+                            raise _Refused("closed")
+                        now = time.time()
+                        self._deliver(s, parser.feed(decoder.feed(data)), now)
+                        if decoder.done:
+                            raise _Refused("ended")
+            except _Refused as e:
+                reason: str | None = e.reason
+            except (OSError, EOFError, asyncio.LimitOverrunError, HttpError, TimeoutError) as e:
+                reason = _reason(e)
+            else:
+                reason = None
+            if reason is not None:
+                ctx.tick.failed += 1
+                ctx.tick.error(reason)
+                s.ready.set_result(False)
+                return
+            ctx.tick.opened += 1
+            ctx.tick.connect_us.add(round((time.perf_counter() - started) * 1_000_000))
+            ctx.open += 1
+            s.ready.set_result(True)
+            try:
+                await self._read(s, reader, decoder, parser)
+            finally:
+                ctx.open -= 1
+        finally:
+            if not s.ready.done():
+                s.ready.set_result(False)  # cancelled while connecting: the run is closing
+            if writer is not None:
+                writer.close()
+                with suppress(OSError, TimeoutError):
+                    async with asyncio.timeout(_CLOSE_WAIT_S):
+                        await writer.wait_closed()
+
+    async def _read(self, s: _Stream, reader: asyncio.StreamReader, decoder: BodyDecoder, parser: SSEParser) -> None:
+        try:
+            while True:
+                data = await reader.read(_READ_BYTES)
+                if not data:
+                    break
+                now = time.time()
+                events = parser.feed(decoder.feed(data))
+                if events:
+                    self._deliver(s, events, now)
+                if decoder.done:
+                    break
+        except (OSError, HttpError) as e:
+            self.ctx.tick.error(f"stream_{_reason(e)}")
+        # Only a stream that ended by itself gets here: closing the pool cancels this task instead.
+        self.totals.dropped += 1
+        self.ctx.tick.dropped += 1
+        self._settle(s)
+
+    def _deliver(self, s: _Stream, events: list[SSEEvent], now: float) -> None:
+        tick = self.ctx.tick
+        latency = tick.latency_us
+        name = self.adapter.event_name
+        tracker = s.tracker
+        for ev in events:
+            decoded = decode_data(ev.data) if ev.event == name else None
+            if decoded is None:
+                if ev.event == "reset":
+                    self.totals.resets += 1
+                else:
+                    self.totals.unexpected += 1
+                continue
+            sent, seq = decoded
+            tracker.see(seq)
+            latency.add(round((now - sent) * 1_000_000))
+            tick.delivered += 1
+        if s.expected is not None and not s.settled and tracker.complete(s.expected):
+            self._settle(s)
+
+
+async def subscribe_role(ctx: WorkerContext, job: SubscribeJob) -> None:
+    """Open the job's streams and say `ready`; on `finish` ({"expected": {channel: events}, "timeout_s"}) wait for the
+    expected events and say `drained`; on `close` close every stream and send `done` with the delivery record."""
+    pool = SubscriberPool(ctx, job)
+    try:
+        await pool.open_all()
+        ctx.send("ready")
+        kind, payload = await ctx.command()
+        if kind != "finish":
+            raise RuntimeError(f"subscriber: unexpected command {kind!r}")
+        expected: Mapping[str, int] = payload["expected"]
+        await pool.drain(expected, payload["timeout_s"])
+        # The parent samples the hub now, before the connections close: tearing them down is no cost of delivery.
+        ctx.send("drained")
+        kind, _ = await ctx.command()
+        if kind != "close":
+            raise RuntimeError(f"subscriber: unexpected command {kind!r}")
+    finally:
+        await pool.close()
+    ctx.finish("done", pool.result(expected))
+
+
+# -- publishers -----------------------------------------------------------------------------------------------------
+
+
+async def _publish_once(
+    ctx: WorkerContext,
+    adapter: Adapter,
+    session: aiohttp.ClientSession,
+    base: str,
+    channel: str,
+    datas: list[str],
+    headers: Mapping[str, str],
+) -> int:
+    """One publish request, counted into the tick; returns the events accepted (0 on failure)."""
+    started = time.perf_counter()
+    try:
+        n = await adapter.publish(session, base, channel, datas, headers)
+    except PublishError as e:
+        reason = e.reason
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        reason = _reason(e)
+    else:
+        tick = ctx.tick
+        tick.request_us.add(round((time.perf_counter() - started) * 1_000_000))
+        tick.requests += 1
+        tick.published += n
+        return n
+    ctx.tick.publish_errors += 1
+    ctx.tick.error(f"publish_{reason}")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutPublishJob:
+    target: str
+    urls: tuple[str, ...]  # publish requests go round-robin over these
+    channels: tuple[str, ...]
+    rate_per_s: float  # events per second over all channels
+    batch: int  # events per request (all to one channel)
+    payload_bytes: int
+    duration_s: float
+    events: int | None  # publish this many in total instead of running for duration_s
+    token: str | None
+
+
+async def fanout_publisher_role(ctx: WorkerContext, job: FanoutPublishJob) -> None:
+    """On `start`, publish at the job's rate, request k to channel k mod M; then send `done` with the events
+    published per channel (what each subscriber must receive), the elapsed time and the worst schedule lag."""
+    adapter = ADAPTERS[job.target]()
+    async with _session(len(job.channels)) as session:
+        ctx.send("ready")
+        kind, _ = await ctx.command()
+        if kind != "start":
+            raise RuntimeError(f"publisher: unexpected command {kind!r}")
+        started = time.perf_counter()
+        published, behind_s = await _paced_publish(ctx, adapter, session, job)
+        elapsed_s = time.perf_counter() - started
+    ctx.finish(
+        "done",
+        {"published": dict(zip(job.channels, published, strict=True)), "elapsed_s": elapsed_s, "behind_s": behind_s},
+    )
+
+
+async def _paced_publish(
+    ctx: WorkerContext, adapter: Adapter, session: aiohttp.ClientSession, job: FanoutPublishJob
+) -> tuple[list[int], float]:
+    headers = _auth(job.token)
+    padding = "x" * job.payload_bytes
+    n_channels = len(job.channels)
+    seqs = [0] * n_channels
+    # Requests to one channel go one at a time: two in flight could be appended in either order, and the subscribers
+    # would then report the load tester's own reordering. Different channels proceed concurrently.
+    locks = [asyncio.Lock() for _ in job.channels]
+
+    async def send(k: int, size: int) -> None:
+        c = k % n_channels
+        async with locks[c]:
+            first = seqs[c]
+            # The send time is taken after the lock: latency is the server's, not this client's queue. A request
+            # that fails is not retried and its sequence numbers are used again; should it have been appended all
+            # the same (a timeout), the subscribers count duplicates, and the publish error is in the report.
+            sent = time.time()
+            datas = [encode_data(sent, first + i, padding) for i in range(size)]
+            seqs[c] = first + await _publish_once(
+                ctx, adapter, session, job.urls[k % len(job.urls)], job.channels[c], datas, headers
+            )
+
+    loop = asyncio.get_running_loop()
+    interval_s = job.batch / job.rate_per_s
+    t0 = loop.time()
+    remaining = job.events
+    behind_s = 0.0
+    pending: set[asyncio.Task[None]] = set()
+    k = 0
+    while True:
+        at = t0 + k * interval_s
+        if remaining is None:
+            if at >= t0 + job.duration_s:
+                break
+            size = job.batch
+        else:
+            if remaining <= 0:
+                break
+            size = min(job.batch, remaining)
+            remaining -= size
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            behind_s = max(behind_s, -delay)
+        task = asyncio.create_task(send(k, size))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        if len(pending) >= _MAX_PENDING:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        k += 1
+    await asyncio.gather(*pending)
+    return seqs, behind_s
+
+
+@dataclass(frozen=True, slots=True)
+class PublishLoopsJob:
+    target: str
+    urls: tuple[str, ...]
+    channels: tuple[str, ...]  # one per loop: each loop publishes to its own channel, one request at a time
+    rate_per_s: float  # this worker's share of the events per second; 0: as fast as the server answers
+    payload_bytes: int
+    duration_s: float  # of each phase
+    events: int | None  # this worker's share of the events of each phase, instead of duration_s
+    token: str | None
+
+
+async def publish_loops_role(ctx: WorkerContext, job: PublishLoopsJob) -> None:
+    """For each `start` ({"batch": B}): run the loops for one phase, then send `done` with the phase's elapsed time.
+    The counts come in the ticks. Ends on `stop`."""
+    adapter = ADAPTERS[job.target]()
+    async with _session(len(job.channels)) as session:
+        ctx.send("ready")
+        while True:
+            kind, payload = await ctx.command()
+            if kind != "start":
+                raise RuntimeError(f"publish loops: unexpected command {kind!r}")
+            started = time.perf_counter()
+            await _publish_phase(ctx, adapter, session, job, int(payload["batch"]))
+            ctx.finish("done", {"elapsed_s": time.perf_counter() - started})
+
+
+async def _publish_phase(
+    ctx: WorkerContext, adapter: Adapter, session: aiohttp.ClientSession, job: PublishLoopsJob, batch: int
+) -> None:
+    headers = _auth(job.token)
+    padding = "x" * job.payload_bytes
+    loop = asyncio.get_running_loop()
+    n_loops = len(job.channels)
+    # Each loop paces itself; loops start staggered so the requests spread evenly over time.
+    interval_s = batch * n_loops / job.rate_per_s if job.rate_per_s > 0 else 0.0
+    t0 = loop.time()
+    end = t0 + job.duration_s
+    budget: list[int] | None = [job.events] if job.events is not None else None  # shared by the loops
+
+    async def one(i: int) -> None:
+        base = job.urls[i % len(job.urls)]
+        seq = 0
+        k = 0
+        while True:
+            if budget is not None:
+                if budget[0] <= 0:
+                    return
+                size = min(batch, budget[0])
+                budget[0] -= size
+            elif loop.time() >= end:
+                return
+            else:
+                size = batch
+            if interval_s:
+                delay = t0 + (k + i / n_loops) * interval_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            datas = [encode_data(time.time(), seq + j, padding) for j in range(size)]
+            seq += await _publish_once(ctx, adapter, session, base, job.channels[i], datas, headers)
+            k += 1
+
+    await asyncio.gather(*(one(i) for i in range(n_loops)))
+
+
+Role = Callable[[WorkerContext, Any], Coroutine[Any, Any, None]]
+
+ROLES: dict[str, Role] = {
+    "subscribe": subscribe_role,
+    "fanout-publisher": fanout_publisher_role,
+    "publish-loops": publish_loops_role,
+}

@@ -1,0 +1,316 @@
+"""Scenarios: what a run does, step by step, from the parent — which workers to spawn, when to start publishing, what
+to wait for — and which figures it reports. `SCENARIOS` is the registry `python -m loadtest SCENARIO` looks names up in;
+a new scenario is one more `@register` class here (and, if it needs a new kind of client, a role in `clients.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+from .accounting import StreamTotals
+from .adapters import ADAPTERS
+from .clients import FanoutPublishJob, PublishLoopsJob, SubscribeJob
+from .probe import ProcSample
+from .report import Outcome, connection_figures, connection_rows, fmt_latency, hub_figures, hub_rows, latency_ms
+from .runner import Run, WorkerHandle
+from .settings import LoadSettings
+
+__all__ = ["SCENARIOS", "Fanout", "Idle", "Publish", "Scenario", "register"]
+
+# File descriptors a worker needs besides its connections: the interpreter, pipes, the event loop, a resolver.
+FD_SLACK = 64
+# Time for spawned workers to import and start, on top of every wait for them.
+_SPAWN_S = 30.0
+
+
+class Scenario(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, for --help
+    defaults: ClassVar[Mapping[str, Any]] = {}  # LoadSettings fields this scenario defaults differently
+
+    def fds_per_worker(self, settings: LoadSettings) -> int:
+        """File descriptors the busiest worker process needs (its connections, and the interpreter's own)."""
+        return math.ceil(settings.connections / settings.client_workers) + FD_SLACK
+
+    @abstractmethod
+    async def run(self, run: Run) -> Outcome: ...
+
+
+SCENARIOS: dict[str, type[Scenario]] = {}
+S = TypeVar("S", bound=type[Scenario])
+
+
+def register(cls: S) -> S:
+    SCENARIOS[cls.name] = cls
+    return cls
+
+
+# -- shared steps ---------------------------------------------------------------------------------------------------
+
+
+def spawn_subscribers(run: Run, channels: list[str]) -> list[WorkerHandle]:
+    """N subscribers, subscriber i on channel i mod M at URL i mod U, dealt to the workers like cards so that every
+    worker holds every channel and the workers' ramps add up to --ramp."""
+    s = run.settings
+    adapter = ADAPTERS[s.target]()
+    streams = [
+        (adapter.subscribe_url(s.urls[i % len(s.urls)], channels[i % len(channels)]), channels[i % len(channels)])
+        for i in range(s.connections)
+    ]
+    w = s.client_workers
+    jobs = [
+        SubscribeJob(s.target, tuple(streams[k::w]), s.ramp_per_s / w, s.token, s.connect_timeout_s) for k in range(w)
+    ]
+    return run.spawn("subscribe", jobs)
+
+
+def ramp_timeout_s(run: Run) -> float:
+    s = run.settings
+    return s.connections / s.ramp_per_s + s.connect_timeout_s + _SPAWN_S
+
+
+async def finish_subscribers(
+    run: Run, subs: list[WorkerHandle], expected: Mapping[str, int], timeout_s: float
+) -> tuple[StreamTotals, ProcSample | None, dict[str, float] | None]:
+    """Tell the subscribers what to expect and wait for it (or the timeout); sample the hub while the streams are
+    still open; close them and sum the delivery records. Returns the records, the sample and the metrics scrape."""
+    run.send(subs, "finish", {"expected": dict(expected), "timeout_s": timeout_s})
+    await run.expect(subs, "drained", timeout_s + _SPAWN_S)
+    sample = run.sample()
+    metrics = await run.scrape()
+    run.begin_phase("close")
+    run.send(subs, "close")
+    totals = StreamTotals()
+    for part in await run.expect(subs, "done", ramp_timeout_s(run)):
+        totals.merge(part)
+    return totals, sample, metrics
+
+
+def connections_outcome(run: Run, out: Outcome, streams: StreamTotals) -> dict[str, Any]:
+    c = connection_figures(run.settings.connections, run.totals, streams.dropped)
+    out.sections["connections"] = c
+    out.rows += connection_rows(c)
+    if c["failed"]:
+        out.problems.append(f"{c['failed']} connections failed")
+    return c
+
+
+# -- scenarios ------------------------------------------------------------------------------------------------------
+
+
+@register
+class Idle(Scenario):
+    name = "idle"
+    summary = "open N connections over M channels and hold them for --duration: hub RSS per idle connection"
+
+    async def run(self, run: Run) -> Outcome:
+        s = run.settings
+        out = Outcome()
+        channels = [run.channel(i) for i in range(s.channels)]
+        before = run.sample()
+        run.begin_phase("connect")
+        subs = spawn_subscribers(run, channels)
+        await run.expect(subs, "ready", ramp_timeout_s(run))
+        run.begin_phase("hold")
+        loaded = run.sample()
+        await run.hold(s.duration_s)
+        after = run.sample()
+        streams, _, _ = await finish_subscribers(run, subs, dict.fromkeys(channels, 0), 0.0)
+        c = connections_outcome(run, out, streams)
+        hub = hub_figures(s.pids, before, after, run.proc.peak_rss_bytes)
+        if before is not None and after is not None and loaded is not None and c["opened"]:
+            hub["rss_loaded_bytes"] = loaded.rss_bytes
+            hub["rss_per_connection_bytes"] = round((after.rss_bytes - before.rss_bytes) / c["opened"], 1)
+            hold_cpu_s = after.cpu_s - loaded.cpu_s
+            hub["hold_cpu_percent"] = round(hold_cpu_s / max(after.at_s - loaded.at_s, 1e-9) * 100, 2)
+            out.rows += [
+                (
+                    "hub RSS before / after connecting",
+                    f"{before.rss_bytes / 2**20:.1f} / {after.rss_bytes / 2**20:.1f} MiB",
+                ),
+                ("hub RSS per idle connection", f"{hub['rss_per_connection_bytes'] / 1024:.2f} KiB"),
+                ("hub CPU while holding", f"{hub['hold_cpu_percent']}%"),
+            ]
+        out.sections["hub"] = hub
+        out.problems += streams.problems()
+        out.problems += run.proc.errors
+        return out
+
+
+@register
+class Fanout(Scenario):
+    name = "fanout"
+    summary = "N subscribers over M channels, publish at R events/s: end-to-end latency and exact delivery accounting"
+
+    async def run(self, run: Run) -> Outcome:
+        s = run.settings
+        out = Outcome()
+        channels = [run.channel(i) for i in range(s.channels)]
+        before = run.sample()
+        run.begin_phase("connect")
+        # Spawned together, so the publisher starts up while the subscribers connect.
+        subs = spawn_subscribers(run, channels)
+        job = FanoutPublishJob(
+            s.target, s.urls, tuple(channels), s.rate_per_s, s.batch, s.payload_bytes, s.duration_s, s.events, s.token
+        )
+        pub = run.spawn("fanout-publisher", [job])
+        await run.expect(subs, "ready", ramp_timeout_s(run))
+        await run.expect(pub, "ready", _SPAWN_S)
+        # Every stream is live before the first publish: each subscriber must see its channel from sequence 0.
+        metrics_before = await run.scrape()
+        window_start = run.sample()
+        run.begin_phase("publish")
+        run.send(pub, "start")
+        publish_s = (s.events / s.rate_per_s) if s.events is not None else s.duration_s
+        (published,) = await run.expect(pub, "done", publish_s * 2 + _SPAWN_S)
+        run.begin_phase("drain")
+        streams, window_end, metrics_after = await finish_subscribers(
+            run, subs, published["published"], s.drain_timeout_s
+        )
+
+        connections_outcome(run, out, streams)
+        total_published = sum(published["published"].values())
+        elapsed_s = published["elapsed_s"]
+        delivery = {
+            "channels": s.channels,
+            "published": total_published,
+            "publish_requests": run.totals.requests,
+            "publish_errors": run.totals.publish_errors,
+            "publish_elapsed_s": round(elapsed_s, 3),
+            "publish_behind_ms": round(published["behind_s"] * 1000, 3),
+            "subscribers": streams.subscribers,
+            "complete_subscribers": streams.complete,
+            "expected": streams.expected,
+            "delivered": streams.delivered,
+            "missing": streams.missing,
+            "gaps": streams.gaps,
+            "duplicates": streams.duplicates,
+            "out_of_order": streams.out_of_order,
+            "beyond": streams.beyond,
+            "unexpected": streams.unexpected,
+            "resets": streams.resets,
+            "delivered_per_s": round(streams.delivered / elapsed_s, 1) if elapsed_s > 0 else None,
+        }
+        latency = latency_ms(run.totals.latency_us)
+        request = latency_ms(run.totals.request_us)
+        hub = hub_figures(
+            s.pids,
+            window_start,
+            window_end,
+            run.proc.peak_rss_bytes,
+            count=streams.delivered,
+            per="delivery",
+            metrics_before=metrics_before,
+            metrics_after=metrics_after,
+        )
+        if before is not None:
+            hub["rss_unconnected_bytes"] = before.rss_bytes
+        out.sections |= {"delivery": delivery, "latency_ms": latency, "publish_request_ms": request, "hub": hub}
+        out.rows += [
+            (
+                "published",
+                f"{total_published} events in {elapsed_s:.1f} s over {s.channels} channels "
+                f"({run.totals.requests} requests, {run.totals.publish_errors} errors)",
+            ),
+            ("deliveries / expected", f"{streams.delivered} / {streams.expected} ({delivery['delivered_per_s']}/s)"),
+            (
+                "missing / gaps / duplicates / out of order",
+                f"{streams.missing} / {streams.gaps} / {streams.duplicates} / {streams.out_of_order}",
+            ),
+            ("publish-to-receipt latency p50 / p90 / p99 / max", fmt_latency(latency)),
+            ("publish request p50 / p90 / p99 / max", fmt_latency(request)),
+            *hub_rows(hub, "delivery"),
+        ]
+        if run.totals.publish_errors:
+            out.problems.append(f"{run.totals.publish_errors} publish requests failed")
+        out.problems += streams.problems()
+        out.problems += run.proc.errors + run.metrics.errors
+        return out
+
+
+@register
+class Publish(Scenario):
+    name = "publish"
+    summary = "HTTP publish throughput with --connections concurrent publishers, no subscribers: batch 1, then --batch"
+    defaults: ClassVar[Mapping[str, Any]] = {"connections": 16, "rate_per_s": 0.0}
+
+    async def run(self, run: Run) -> Outcome:
+        s = run.settings
+        out = Outcome()
+        w = s.client_workers
+        loops = [run.channel(i % s.channels) for i in range(s.connections)]
+        events_share = _split(s.events, w) if s.events is not None else [None] * w
+        jobs = [
+            PublishLoopsJob(
+                s.target,
+                s.urls,
+                tuple(loops[k::w]),
+                s.rate_per_s / w,
+                s.payload_bytes,
+                s.duration_s,
+                events_share[k],
+                s.token,
+            )
+            for k in range(w)
+        ]
+        workers = run.spawn("publish-loops", jobs)
+        await run.expect(workers, "ready", _SPAWN_S)
+        phases: list[dict[str, Any]] = []
+        for batch in sorted({1, s.batch}):
+            run.begin_phase(f"batch {batch}")
+            before = run.sample()
+            metrics_before = await run.scrape()
+            run.send(workers, "start", {"batch": batch})
+            phase_s = s.events / max(s.rate_per_s, 1) if s.events is not None else s.duration_s
+            done = await run.expect(workers, "done", phase_s * 10 + _SPAWN_S)
+            after = run.sample()
+            metrics_after = await run.scrape()
+            t = run.phase_totals
+            elapsed_s = max(d["elapsed_s"] for d in done)
+            request = latency_ms(t.request_us)
+            hub = hub_figures(
+                s.pids,
+                before,
+                after,
+                run.proc.peak_rss_bytes,
+                count=t.published,
+                per="event",
+                metrics_before=metrics_before,
+                metrics_after=metrics_after,
+            )
+            phases.append(
+                {
+                    "batch": batch,
+                    "requests": t.requests,
+                    "events": t.published,
+                    "errors": t.publish_errors,
+                    "elapsed_s": round(elapsed_s, 3),
+                    "events_per_s": round(t.published / elapsed_s, 1),
+                    "requests_per_s": round(t.requests / elapsed_s, 1),
+                    "request_ms": request,
+                    "hub": hub,
+                }
+            )
+            out.rows += [
+                (
+                    f"batch {batch}: events/s (requests/s)",
+                    f"{t.published / elapsed_s:,.0f} ({t.requests / elapsed_s:,.0f}); {t.publish_errors} errors",
+                ),
+                (f"batch {batch}: request p50 / p90 / p99 / max", fmt_latency(request)),
+                *((f"batch {batch}: {label}", value) for label, value in hub_rows(hub, "event")),
+            ]
+            if t.publish_errors:
+                out.problems.append(f"batch {batch}: {t.publish_errors} publish requests failed")
+        out.sections["publishers"] = s.connections
+        out.sections["errors"] = dict(sorted(run.totals.errors.items()))
+        out.sections["phases"] = phases
+        out.problems += run.proc.errors + run.metrics.errors
+        return out
+
+
+def _split(total: int, parts: int) -> list[int | None]:
+    """`total` dealt into `parts` shares that differ by at most one."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
