@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import secrets
 import sys
 import time
@@ -98,6 +99,9 @@ class Run:
             child_end.close()
             w = WorkerHandle(name, proc, parent_end)
             loop.add_reader(parent_end.fileno(), self._on_message, w)
+            # uvloop made the pipe non-blocking; a tick bigger than the pipe's buffer would then be read half and fail
+            # as BlockingIOError. Blocking is right here: we read only when data is there, and the rest follows.
+            os.set_blocking(parent_end.fileno(), True)
             loop.add_reader(proc.sentinel, self._on_exit, w)
             handles.append(w)
         self.workers += handles

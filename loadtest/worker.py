@@ -8,8 +8,10 @@ connections. Workers ignore SIGINT: Ctrl-C reaches the whole process group, and 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,9 +32,23 @@ class WorkerContext:
         self.tick = Tick()  # replaced every second; always count into `ctx.tick`, never into a saved reference
         self.open = 0
         self.commands: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # A pipe write waits whenever the parent is slow to read (they share loaded cores). One thread does the
+        # writes, in order, so the event loop keeps reading the streams meanwhile.
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")
+        self._failed: BaseException | None = None
 
     def send(self, kind: str, payload: Any = None) -> None:
-        self.conn.send((kind, payload))
+        if self._failed is not None:
+            raise OSError("the parent's pipe is closed") from self._failed
+        self._sender.submit(self.conn.send, (kind, payload)).add_done_callback(self._sent)
+
+    def _sent(self, future: Future[None]) -> None:
+        if (exc := future.exception()) is not None and self._failed is None:
+            self._failed = exc
+
+    def close(self) -> None:
+        """Wait until everything queued has reached the pipe."""
+        self._sender.shutdown(wait=True)
 
     def flush(self) -> None:
         """Send what was counted since the last tick."""
@@ -88,6 +104,9 @@ async def _serve(role: str, job: object, conn: Connection) -> None:
                 return
 
     loop.add_reader(conn.fileno(), on_command)
+    # uvloop made the pipe non-blocking: a write to a full pipe would raise BlockingIOError, which read as "the
+    # parent is gone" and ended the run under load. The sender thread may block; reads happen only when readable.
+    os.set_blocking(conn.fileno(), True)
     ticks = asyncio.create_task(ticker())
     try:
         await task
@@ -103,5 +122,6 @@ async def _serve(role: str, job: object, conn: Connection) -> None:
             pass
     finally:
         ticks.cancel()
+        await asyncio.to_thread(ctx.close)
         if not conn.closed:
             loop.remove_reader(conn.fileno())
