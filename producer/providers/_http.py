@@ -310,12 +310,16 @@ class SSEProvider:
     """
 
     name: str
+    default_base_url: str  # used when ProviderConfig.base_url is None
+    path: str = ""  # appended to the base URL, unless the provider overrides _url
+    decoder: Callable[[str | None], StreamDecoder]  # built per stream with the API key (to scrub it from errors)
 
     def __init__(self, config: ProviderConfig) -> None:
         self._config = config
+        self._root = (config.base_url or self.default_base_url).rstrip("/")
 
     def _url(self, request: GenerationRequest) -> str:
-        raise NotImplementedError
+        return self._root + self.path
 
     def _headers(self) -> dict[str, str]:
         raise NotImplementedError
@@ -327,7 +331,7 @@ class SSEProvider:
         raise NotImplementedError
 
     def _decoder(self) -> StreamDecoder:
-        raise NotImplementedError
+        return self.decoder(self._config.api_key)
 
     async def stream(
         self, session: aiohttp.ClientSession, request: GenerationRequest

@@ -22,7 +22,6 @@ from producer.providers._http import (
 from producer.providers.base import (
     Finish,
     GenerationRequest,
-    ProviderConfig,
     ProviderError,
     StreamItem,
     TextDelta,
@@ -150,16 +149,9 @@ class AnthropicProvider(SSEProvider):
     """`POST {base_url}/v1/messages` with `stream: true`; see the module docstring for the wire format."""
 
     name = "anthropic"
-
-    def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config)
-        self._endpoint = f"{(config.base_url or DEFAULT_BASE_URL).rstrip('/')}/v1/messages"
-
-    def _url(self, request: GenerationRequest) -> str:
-        return self._endpoint
-
-    def _decoder(self) -> _Decoder:
-        return _Decoder(self._config.api_key)
+    default_base_url = DEFAULT_BASE_URL
+    path = "/v1/messages"
+    decoder = _Decoder
 
     def _headers(self) -> dict[str, str]:
         headers = {

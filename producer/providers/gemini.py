@@ -24,7 +24,6 @@ from producer.providers._http import (
 from producer.providers.base import (
     Finish,
     GenerationRequest,
-    ProviderConfig,
     ProviderError,
     StreamItem,
     TextDelta,
@@ -161,13 +160,8 @@ class GeminiProvider(SSEProvider):
     """`streamGenerateContent?alt=sse`; see the module docstring for the wire format."""
 
     name = "gemini"
-
-    def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config)
-        self._root = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
-
-    def _decoder(self) -> _Decoder:
-        return _Decoder(self._config.api_key)
+    default_base_url = DEFAULT_BASE_URL
+    decoder = _Decoder
 
     def _url(self, request: GenerationRequest) -> str:
         # "models/gemini-x" is how the API names models in its own listings; accept both spellings.

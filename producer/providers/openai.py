@@ -21,7 +21,6 @@ from producer.providers._http import (
 from producer.providers.base import (
     Finish,
     GenerationRequest,
-    ProviderConfig,
     ProviderError,
     StreamItem,
     TextDelta,
@@ -122,16 +121,9 @@ class OpenAIProvider(SSEProvider):
     """`POST {base_url}/chat/completions` with `stream: true`; see the module docstring for the wire format."""
 
     name = "openai"
-
-    def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config)
-        self._endpoint = f"{(config.base_url or DEFAULT_BASE_URL).rstrip('/')}/chat/completions"
-
-    def _url(self, request: GenerationRequest) -> str:
-        return self._endpoint
-
-    def _decoder(self) -> _Decoder:
-        return _Decoder(self._config.api_key)
+    default_base_url = DEFAULT_BASE_URL
+    path = "/chat/completions"
+    decoder = _Decoder
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
