@@ -22,15 +22,20 @@ from tests.support import collect
 Client = TestClient[Any, Any]
 
 
-@pytest.fixture
-async def hub(aiohttp_client: Any) -> Client:
+async def embedded_hub(aiohttp_client: Any, *, tokens_per_s: float, poll_s: float, history: int = 10_000) -> Client:
+    """A hub on the memory backend with its embedded worker, the demo provider at the given pace."""
     app = create_app(
         HubSettings(heartbeat_s=30, anonymous=True),
-        backend=MemoryBackend(history=10_000, ttl_s=3600),
-        worker_settings=ProducerSettings(demo_tokens_per_s=0, metrics_port=0, poll_s=0.05),
+        backend=MemoryBackend(history=history, ttl_s=3600),
+        worker_settings=ProducerSettings(demo_tokens_per_s=tokens_per_s, metrics_port=0, poll_s=poll_s),
     )
     client: Client = await aiohttp_client(app)
     return client
+
+
+@pytest.fixture
+async def hub(aiohttp_client: Any) -> Client:
+    return await embedded_hub(aiohttp_client, tokens_per_s=0, poll_s=0.05)
 
 
 async def start(hub: Client, body: dict[str, Any], status: int = 202) -> dict[str, Any]:
@@ -75,12 +80,7 @@ async def test_accept_event_stream_answers_with_the_generation_itself(hub: Clien
 
 
 async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) -> None:
-    app = create_app(
-        HubSettings(heartbeat_s=30, anonymous=True),
-        backend=MemoryBackend(history=10_000, ttl_s=3600),
-        worker_settings=ProducerSettings(demo_tokens_per_s=50, metrics_port=0, poll_s=0.1),
-    )
-    hub: Client = await aiohttp_client(app)
+    hub = await embedded_hub(aiohttp_client, tokens_per_s=50, poll_s=0.1)
     job = await start(hub, {**DEMO, "model": "demo:100000"})
     resp = await hub.get(job["events_url"] + "?last_event_id=0")
     await collect(resp, count=5, timeout_s=10)  # start + a few tokens: it is running
@@ -98,12 +98,7 @@ async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) 
 
 
 async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(aiohttp_client: Any) -> None:
-    app = create_app(
-        HubSettings(heartbeat_s=30, anonymous=True),
-        backend=MemoryBackend(history=100_000, ttl_s=3600),
-        worker_settings=ProducerSettings(demo_tokens_per_s=20, metrics_port=0, poll_s=0.1),
-    )
-    hub: Client = await aiohttp_client(app)
+    hub = await embedded_hub(aiohttp_client, tokens_per_s=20, poll_s=0.1, history=100_000)
     abandoned = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
     watched = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
     viewer = await hub.get(watched["events_url"] + "?last_event_id=0")

@@ -103,6 +103,14 @@ async def _wait_closed(backend: RedisBackend, channel: str, timeout_s: float) ->
         await asyncio.sleep(0.05)
 
 
+async def _wait_tokens(backend: RedisBackend, channel: str, count: int, worker: ProducerProcess) -> None:
+    """Until the channel holds `count` tokens: the generation is under way."""
+    deadline = time.monotonic() + 20
+    while len([e for e in await _all_entries(backend, channel) if e.event == "token"]) < count:
+        assert time.monotonic() < deadline, worker.log()
+        await asyncio.sleep(0.05)
+
+
 def _check_one_run(entries: list[Entry], tokens: int, *, restarted: bool) -> None:
     """The channel ends with exactly one terminal event, and the last run after any reset is complete and in order."""
     names = [e.event for e in entries]
@@ -122,10 +130,7 @@ async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
     first = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "first")
     job = _job(120)
     await queue.submit(job)
-    deadline = time.monotonic() + 20
-    while len([e for e in await _all_entries(backend, job.channel) if e.event == "token"]) < 10:
-        assert time.monotonic() < deadline, first.log()
-        await asyncio.sleep(0.05)
+    await _wait_tokens(backend, job.channel, 10, first)
     assert first.proc is not None
     first.proc.kill()  # kill -9 mid-generation
     first.wait(10)
@@ -295,10 +300,8 @@ async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more
     stalled = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "stalled")
     job = _job(80)
     await queue.submit(job)
+    await _wait_tokens(backend, job.channel, 5, stalled)
     deadline = time.monotonic() + 20
-    while len([e for e in await _all_entries(backend, job.channel) if e.event == "token"]) < 5:
-        assert time.monotonic() < deadline, stalled.log()
-        await asyncio.sleep(0.05)
     stalled.signal(signal.SIGSTOP)  # a frozen VM, a stop-the-world pause: alive, but not renewing
     try:
         _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "rescuer")
