@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from .backend import (
@@ -32,6 +30,7 @@ from .backend import (
     ReadResult,
     format_id,
 )
+from .redis_client import client_kwargs, redis_call, redis_client
 
 __all__ = ["RedisBackend"]
 
@@ -158,20 +157,7 @@ class RedisBackend:
         self._history = history
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._timeout_s = timeout_s
-        # No automatic retries: a retried XADD after a lost reply would append twice. Callers see the error (503).
-        self._client_kwargs: dict[str, Any] = {
-            "decode_responses": True,
-            "socket_connect_timeout": timeout_s,
-            "socket_timeout": None,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-        }
-        # A blocking pool: under a burst, commands wait (within the call deadline) for one of a bounded number of
-        # connections instead of failing with "too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, **self._client_kwargs
-        )
-        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+        self._redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
@@ -191,17 +177,15 @@ class RedisBackend:
         mistake; the errors the append script raises on purpose become ChannelClosed and Fenced.
         """
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await coro
-        except ResponseError as e:
-            if str(e).startswith("CLOSED"):
-                raise ChannelClosed(str(e)) from None
-            if str(e).startswith("FENCED"):
-                raise Fenced(str(e)) from None
-            log.warning("redis refused a command: %s", e)
-            raise BackendUnavailable(f"redis error: {str(e).split(' ', 1)[0]}") from e
-        except (RedisError, TimeoutError, OSError) as e:
-            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+            return await redis_call(coro, self._timeout_s)
+        except BackendUnavailable as e:
+            if isinstance(reply := e.__cause__, ResponseError):
+                if str(reply).startswith("CLOSED"):
+                    raise ChannelClosed(str(reply)) from None
+                if str(reply).startswith("FENCED"):
+                    raise Fenced(str(reply)) from None
+                log.warning("redis refused a command: %s", reply)
+            raise
 
     def fence_key(self, channel: str) -> str:
         return f"{self._prefix}fence:{{{channel}}}"
@@ -320,7 +304,9 @@ class _RedisTailReader:
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
         # Typed as Any: redis-py's stubs do not model decode_responses=True, and this parses replies itself.
-        self._conn: Any = aioredis.Redis.from_url(backend._url, single_connection_client=True, **backend._client_kwargs)
+        self._conn: Any = aioredis.Redis.from_url(
+            backend._url, single_connection_client=True, **client_kwargs(backend._timeout_s)
+        )
         self._client_id: int | None = None
         self._control_pos: str | None = None
         self._reading = False

@@ -6,17 +6,11 @@ running generations (one command). `MemoryPresence` for one process, `RedisPrese
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
-from .backend import BackendUnavailable
+from .redis_client import redis_call, redis_client
 
 __all__ = ["PRESENCE_INTERVAL_S", "PRESENCE_SLACK_S", "MemoryPresence", "Presence", "RedisPresence"]
 
@@ -64,16 +58,10 @@ class RedisPresence:
     def __init__(self, url: str, *, prefix: str, timeout_s: float = 3.0) -> None:
         self._key = f"{prefix}watched"
         self._timeout_s = timeout_s
-        self._redis: Any = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), max_connections=4
-        )
+        self._redis: Any = redis_client(url, timeout_s=timeout_s, max_connections=4)
 
     async def _call(self, coro: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await coro
-        except (RedisError, TimeoutError, OSError) as e:
-            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+        return await redis_call(coro, self._timeout_s)
 
     async def touch(self, channels: Collection[str]) -> None:
         now = time.time()

@@ -6,19 +6,16 @@ Claims are kept fresh with `XCLAIM … JUSTID`; a dead worker's jobs are taken o
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from hub.backend import BackendUnavailable
+from hub.redis_client import redis_call, redis_client
 
 from .jobs import Delivery, GenerationRecord, Job
 
@@ -60,15 +57,7 @@ class RedisJobQueue:
         self._group = group
         self._ttl_s = max(1, int(record_ttl_s))
         self._timeout_s = timeout_s
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=16,
-            timeout=timeout_s,
-            decode_responses=True,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._redis: Any = aioredis.Redis.from_pool(pool)
+        self._redis: Any = redis_client(url, timeout_s=timeout_s, max_connections=16)
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._group_ready = False
         self._claim_cursor = "0-0"
@@ -82,15 +71,12 @@ class RedisJobQueue:
 
     async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
         try:
-            async with asyncio.timeout(timeout_s or self._timeout_s):
-                return await coro
-        except ResponseError as e:
-            if "NOGROUP" in str(e):
+            return await redis_call(coro, timeout_s or self._timeout_s)
+        except BackendUnavailable as e:
+            if isinstance(e.__cause__, ResponseError) and "NOGROUP" in str(e.__cause__):
                 # The stream or its group is gone (Redis restarted empty, or flushed): create them again.
                 self._group_ready = False
-            raise BackendUnavailable(f"redis error: {str(e)[:80]}") from e
-        except (RedisError, TimeoutError, OSError) as e:
-            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+            raise
 
     async def _ensure_group(self) -> None:
         if self._group_ready:
