@@ -1,5 +1,5 @@
 """Targets: what the load tester needs to know about one kind of SSE server — its URL templates, when a fresh stream
-is ready, and how to publish. Our hub's adapter lives here; another server is one more class in `ADAPTERS`.
+is ready, and how to publish. Our hub's adapter and Nchan's live here; another server is one more class in `ADAPTERS`.
 
 The event data is the same for every target (`encode_data`): the publisher's send time and a per-channel sequence
 number, so the subscriber can measure latency and account for every event.
@@ -16,7 +16,7 @@ import orjson
 
 from hub.sse import SSEParser
 
-__all__ = ["ADAPTERS", "Adapter", "HubAdapter", "PublishError", "decode_data", "encode_data"]
+__all__ = ["ADAPTERS", "Adapter", "HubAdapter", "NchanAdapter", "PublishError", "decode_data", "encode_data"]
 
 
 class PublishError(Exception):
@@ -96,4 +96,44 @@ class HubAdapter:
         return len(ids)
 
 
-ADAPTERS: dict[str, type[Adapter]] = {HubAdapter.name: HubAdapter}
+class NchanAdapter:
+    """Nchan (nginx module), configured as in `bench/nchan.conf.template`: EventSource subscribers at
+    `{base}/sub/{channel}`, publishers at `{base}/pub/{channel}`, memory store.
+
+    Nchan takes one message per HTTP request (the body is the message), so a batch of N is N requests, one after the
+    other on one connection, in order. Each carries `X-EventSource-Event`, which Nchan stores with the message and
+    sends as its `event:` line. The answer is `201` when the channel had subscribers, `202` when it had none.
+    """
+
+    name: ClassVar[str] = "nchan"
+    event_name: ClassVar[str] = "lt"
+    subscribe_template: ClassVar[str] = "{base}/sub/{channel}"
+    publish_template: ClassVar[str] = "{base}/pub/{channel}"
+
+    def subscribe_url(self, base: str, channel: str) -> str:
+        return self.subscribe_template.format(base=base.rstrip("/"), channel=quote(channel, safe=""))
+
+    def stream_ready(self, parser: SSEParser) -> bool:
+        # Nchan answers an EventSource request with its head and the comment `: hi`, in one write, only once the
+        # subscriber is enqueued on the channel (nchan's es_enqueue); no `id:` or `retry:` comes before the first
+        # message. A comment changes nothing the parser makes public, so this reads its private state: it has
+        # started (taken body text) and holds no unfinished line, i.e. the whole `: hi` line has arrived.
+        return parser._started and parser._buf == ""
+
+    async def publish(
+        self, session: aiohttp.ClientSession, base: str, channel: str, datas: Sequence[str], headers: Mapping[str, str]
+    ) -> int:
+        url = self.publish_template.format(base=base.rstrip("/"), channel=quote(channel, safe=""))
+        request_headers = {**headers, "Content-Type": "text/plain", "X-EventSource-Event": self.event_name}
+        # Strictly one after the other: two requests in flight could be stored in either order. Unlike the hub's
+        # batch this is not atomic: a failure part-way raises, the messages stored before it stay stored, and the
+        # subscribers count them again as duplicates when the publisher reuses their sequence numbers.
+        for data in datas:
+            async with session.post(url, data=data.encode(), headers=request_headers) as resp:
+                raw = await resp.read()
+                if resp.status not in (201, 202):
+                    raise PublishError(f"http_{resp.status}", raw[:200].decode("utf-8", "replace"))
+        return len(datas)
+
+
+ADAPTERS: dict[str, type[Adapter]] = {HubAdapter.name: HubAdapter, NchanAdapter.name: NchanAdapter}

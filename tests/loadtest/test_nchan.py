@@ -1,0 +1,60 @@
+"""The load tester's Nchan target end to end: real nginx + Nchan from bench/nchan.conf.template, a small fan-out run
+with `--target nchan`, and every event accounted for exactly (no figures are checked: they are the benchmark's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.nchan import NchanServer, missing
+from hub.sse import SSEParser
+from loadtest.adapters import NchanAdapter
+from tests.support import ROOT, free_port
+
+_MISSING = missing()
+needs_nchan = pytest.mark.skipif(_MISSING is not None, reason=f"nginx + Nchan not available: {_MISSING}")
+
+
+@pytest.fixture
+def nchan() -> Iterator[NchanServer]:
+    server = NchanServer(free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@needs_nchan
+def test_fanout_through_nchan_accounts_for_every_event_exactly(nchan: NchanServer, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    assert nchan.worker_pid is not None
+    args = ["fanout", "--target", "nchan", "--url", nchan.url, "--connections", "50", "--channels", "5"]
+    args += ["--rate", "200", "--events", "200", "--workers", "2", "--pid", str(nchan.worker_pid), "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "loadtest", *args], cwd=ROOT, capture_output=True, timeout=50)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:] + "\n" + nchan.log_tail()
+    r = orjson.loads(out.read_bytes())
+    assert r["ok"] is True and r["problems"] == []
+    c, d = r["connections"], r["delivery"]
+    assert (c["opened"], c["failed"], c["dropped"]) == (50, 0, 0)
+    assert (d["missing"], d["gaps"], d["duplicates"], d["out_of_order"], d["beyond"]) == (0, 0, 0, 0, 0)
+    assert (d["unexpected"], d["resets"], d["publish_errors"]) == (0, 0, 0)
+    # 200 events over 5 channels, 10 subscribers on each: every subscriber gets all 40 of its channel, once, in order.
+    assert d["published"] == 200 and d["publish_requests"] == 200
+    assert d["subscribers"] == d["complete_subscribers"] == 50
+    assert d["delivered"] == d["expected"] == 10 * 200
+    # The worker, not the master, was sampled: it is the process that served the run.
+    assert r["hub"]["pids"] == [nchan.worker_pid] and r["hub"]["rss_peak_bytes"] > 0
+
+
+def test_stream_is_ready_only_after_nchan_says_hi() -> None:
+    # What Nchan sends first, after the head: the comment `: hi`, once the subscriber is on the channel.
+    adapter, parser = NchanAdapter(), SSEParser()
+    assert not adapter.stream_ready(parser)
+    assert parser.feed(b": h") == [] and not adapter.stream_ready(parser)
+    assert parser.feed(b"i\n\n") == [] and adapter.stream_ready(parser)
