@@ -138,6 +138,8 @@ def create_app(
             block_s=settings.tail_block_s,
             heartbeat_s=settings.heartbeat_s,
             presence=app[PRESENCE],
+            window_bytes=settings.resume_window_bytes,
+            linger_s=settings.linger_s,
         )
         app[FANOUT] = fanout
         await fanout.start()

@@ -9,9 +9,14 @@ A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it los
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -21,7 +26,7 @@ from .metrics import HubMetrics
 from .presence import PRESENCE_INTERVAL_S, Presence
 from .sse import comment, encode_event
 
-__all__ = ["Fanout", "Subscriber", "encode_reset"]
+__all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset"]
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +130,65 @@ class Subscriber:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A page of history a catch-up has just written: the position it followed, and each entry's key and bytes."""
+
+    after: StreamKey
+    keys: list[StreamKey]
+    chunks: list[bytes]
+
+
 class _Channel:
-    __slots__ = ("position", "subscribers")
+    """A channel this node tails: its read position, its subscribers, and a window of its latest encoded events.
+
+    The window holds the events after `window_base`, contiguous (each one's `prev` was checked on dispatch), up to
+    `window_cap` bytes. A client that resumes from an id in it is served from memory: a storm of reconnects costs the
+    store nothing as long as the clients come back within the window (and the linger, for a channel left idle).
+    """
+
+    __slots__ = ("idle_since", "position", "subscribers", "window_base", "window_bytes", "window_data", "window_keys")
 
     def __init__(self, position: str) -> None:
         self.position = position  # id of the last entry read from the backend for this channel (or where it started)
         self.subscribers: set[Subscriber] = set()
+        self.idle_since: float | None = None  # monotonic time the last subscriber left; None while it has some
+        self.window_base: StreamKey = parse_id(position)
+        self.window_keys: deque[StreamKey] = deque()
+        self.window_data: deque[bytes] = deque()
+        self.window_bytes = 0
+
+    def remember(self, keys: Sequence[StreamKey], chunks: Sequence[bytes], cap: int) -> None:
+        """Add events that follow the window's last one (or its base) and drop the oldest beyond `cap` bytes."""
+        if cap <= 0:
+            self.window_base = keys[-1]  # no window: a resume is served here only from the tail's own position
+            return
+        self.window_keys.extend(keys)
+        self.window_data.extend(chunks)
+        self.window_bytes += sum(len(c) for c in chunks)
+        while self.window_bytes > cap and self.window_keys:
+            self.window_base = self.window_keys.popleft()
+            self.window_bytes -= len(self.window_data.popleft())
+
+    def _start(self, key: StreamKey) -> int | None:
+        # Only exact ids: a position that is not an id of this stream is the store's to judge (check_position).
+        if key == self.window_base:
+            return 0
+        i = bisect_left(self.window_keys, key)
+        if i == len(self.window_keys) or self.window_keys[i] != key:
+            return None
+        return i + 1
+
+    def holds(self, key: StreamKey) -> bool:
+        return self._start(key) is not None
+
+    def replay_after(self, key: StreamKey) -> bytes | None:
+        """The encoded events after `key`, if `key` is the window's base or one of its events' ids; else None."""
+        start = self._start(key)
+        if start is None:
+            return None
+        data = self.window_data
+        return b"".join(itertools.islice(data, start, None)) if start < len(data) else b""
 
 
 class Fanout:
@@ -142,12 +200,16 @@ class Fanout:
         block_s: float,
         heartbeat_s: float,
         presence: Presence | None = None,
+        window_bytes: int = 0,
+        linger_s: float = 0.0,
     ) -> None:
         self._backend = backend
         self._presence = presence
         self._metrics = metrics
         self._block_s = block_s
         self._heartbeat_s = heartbeat_s
+        self._window_bytes = window_bytes
+        self._linger_s = linger_s
         self._channels: dict[str, _Channel] = {}
         self._subscribers: set[Subscriber] = set()
         self._reader: TailReader | None = None
@@ -212,32 +274,71 @@ class Fanout:
             # Accepted just before the drain began: it ends after its catch-up, like the others.
             sub.end()
 
-    def try_attach(self, sub: Subscriber, position: str) -> bool:
+    def try_attach(self, sub: Subscriber, position: str, replayed: Replayed | None = None) -> bool:
         """Join the live feed at `position` if this node's tail is not ahead of it.
 
         False means the tail has already passed `position`: the caller reads the history in between and tries again.
         Synchronous, so nothing can be dispatched between the check and the join: no gap, no duplicate.
+        `replayed` is the history page the caller has just sent, ending at `position`: a channel this attach starts
+        tailing keeps it as its resume window, so the next clients resuming near here need not ask the store.
         """
         key = parse_id(position)
         ch = self._channels.get(sub.channel)
         if ch is None:
             ch = self._channels[sub.channel] = _Channel(format_id(key))
+            if replayed is not None and replayed.keys and replayed.keys[-1] == key:
+                ch.window_base = replayed.after
+                ch.remember(replayed.keys, replayed.chunks, self._window_bytes)
             self._metrics.channels_active.set(len(self._channels))
             self._kick_reader()
         elif parse_id(ch.position) > key:
             return False
+        self._join(ch, sub, key)
+        return True
+
+    def resume(self, sub: Subscriber, position: str) -> bool:
+        """Serve a resume from the channel's window, if this node tails the channel and `position` is in it: join the
+        live feed and queue the missed events for the handler, without asking the store. False: not in the window.
+        """
+        ch = self._channels.get(sub.channel)
+        if ch is None:
+            return False
+        key = parse_id(position)
+        missed = ch.replay_after(key)
+        if missed is None:
+            return False
+        self._join(ch, sub, key)
+        if missed:
+            sub.push(missed, parse_id(ch.position))
+        return True
+
+    def can_resume(self, channel: str, position: str) -> bool:
+        """Whether `resume` would serve this position now (the handler then skips its first history read)."""
+        ch = self._channels.get(channel)
+        return ch is not None and ch.holds(parse_id(position))
+
+    def live_position(self, channel: str) -> str | None:
+        """Where a live (non-resuming) subscriber may join a channel this node already tails: every entry after it
+        will be dispatched here. None when the channel is not tailed: ask the store."""
+        ch = self._channels.get(channel)
+        return ch.position if ch is not None else None
+
+    def _join(self, ch: _Channel, sub: Subscriber, key: StreamKey) -> None:
         # If the subscriber is ahead of the tail, it skips what it already has (dispatch compares last_key).
         sub.last_key = key
         ch.subscribers.add(sub)
-        return True
+        ch.idle_since = None
 
     def detach(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
         self._metrics.connections_open.set(len(self._subscribers))
         ch = self._channels.get(sub.channel)
-        if ch is not None:
+        if ch is not None and sub in ch.subscribers:
             ch.subscribers.discard(sub)
-        # An idle channel is dropped from the tail at the next read, not here: a quick reconnect keeps its position.
+            if not ch.subscribers:
+                # Tailed a while longer (the linger), not dropped here: clients that reconnect soon, all of them
+                # at once after a network blip or a node's drain, resume from the window.
+                ch.idle_since = time.monotonic()
 
     # -- the live tail ------------------------------------------------------------------------------------------------
 
@@ -280,7 +381,12 @@ class Fanout:
             self._kick_reader()
 
     def _snapshot(self) -> dict[str, _Channel]:
-        idle = [name for name, ch in self._channels.items() if not ch.subscribers]
+        expired = time.monotonic() - self._linger_s
+        idle = [
+            name
+            for name, ch in self._channels.items()
+            if not ch.subscribers and (ch.idle_since is None or ch.idle_since <= expired)
+        ]
         for name in idle:
             del self._channels[name]
         if idle:
@@ -335,6 +441,7 @@ class Fanout:
         first, last = entries[0].key, entries[-1].key
         end = entries[-1].close
         ch.position = entries[-1].id
+        ch.remember([e.key for e in entries], encoded, self._window_bytes)
         now = time.time()
         lag = self._metrics.delivery_lag_seconds
         for e in entries:

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import Principal, seconds_left
 from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
-from .fanout import Subscriber, encode_reset
+from .fanout import Replayed, Subscriber, encode_reset
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
@@ -178,21 +178,29 @@ async def stream_channel(
     settings = request.app[SETTINGS]
     first: RangeResult | None = None
     preamble = retry(settings.retry_ms) + comment("ok")
+    fanout = request.app[FANOUT]
     if position is None:
         # Live: start after whatever the channel holds now. The client is told that position at once, so a
         # reconnect before the first event resumes from it instead of silently starting from "now" again.
-        info = await backend.info(channel)
-        if info is not None and info.closed:
-            return web.Response(status=204)
-        position = info.last_id if info is not None else ZERO_ID
+        # A channel this node tails already knows a position that serves (its tail's): no store read.
+        live = fanout.live_position(channel)
+        if live is None:
+            info = await backend.info(channel)
+            if info is not None and info.closed:
+                return web.Response(status=204)
+            live = info.last_id if info is not None else ZERO_ID
+        position = live
         preamble += event_id(position)
+    elif fanout.can_resume(channel, position):
+        # What the client missed is in this node's window of the channel: `_catch_up` serves it from memory.
+        request.app[METRICS].resumes.labels("window").inc()
     else:
+        request.app[METRICS].resumes.labels("store").inc()
         first = await backend.range(channel, position, limit=settings.replay_page)
         if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
             # The client already has the end marker: 204 tells EventSource to stop reconnecting.
             return web.Response(status=204)
 
-    fanout = request.app[FANOUT]
     limits = request.app[LIMITS]
     release = limits.open_stream(limits.client(request, principal), fanout.subscriber_count)
     try:
@@ -248,6 +256,7 @@ async def _catch_up(
     backend = request.app[BACKEND]
     fanout = request.app[FANOUT]
     page = request.app[SETTINGS].replay_page
+    replayed: Replayed | None = None  # the page just written, handed to the fan-out as the channel's window
     while True:
         if r is not None:
             reset = check_position(position, r)
@@ -255,10 +264,13 @@ async def _catch_up(
                 request.app[METRICS].resets.labels(reset.reason).inc()
                 await resp.write(encode_reset(reset))
                 position = reset.continue_after
+                replayed = None
                 r = await backend.range(sub.channel, position, limit=page)
                 continue
             if r.entries:
-                await resp.write(b"".join(encode_event(e.id, e.event, e.data) for e in r.entries))
+                chunks = [encode_event(e.id, e.event, e.data) for e in r.entries]
+                await resp.write(b"".join(chunks))
+                replayed = Replayed(parse_id(position), [e.key for e in r.entries], chunks)
                 position = r.entries[-1].id
                 if r.entries[-1].close:
                     return False
@@ -267,8 +279,10 @@ async def _catch_up(
             if r.more:
                 r = await backend.range(sub.channel, position, limit=page)
                 continue
-        if fanout.try_attach(sub, position):
+        # Both synchronous: what the window serves is queued before anything the tail dispatches next.
+        if fanout.resume(sub, position) or fanout.try_attach(sub, position, replayed):
             return True
+        replayed = None
         r = await backend.range(sub.channel, position, limit=page)
         if not r.entries and check_position(position, r) is None:
             # The node's tail is ahead of the stream itself: entries it read are gone (the stream was lost or

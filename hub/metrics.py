@@ -49,4 +49,10 @@ class HubMetrics:
         self.limit_rejections = Counter(
             "hub_limit_rejections_total", "Requests refused by a limit", ["limit"], registry=registry
         )
+        self.resumes = Counter(
+            "hub_resumes_total",
+            "Streams opened with Last-Event-ID, by where the missed events came from: this node's window or the store",
+            ["source"],
+            registry=registry,
+        )
         self.resets = Counter("hub_resets_total", "reset events sent to subscribers", ["reason"], registry=registry)

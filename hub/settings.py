@@ -35,6 +35,8 @@ DEFAULT_REDIS_TIMEOUT_S = 3.0
 DEFAULT_MAX_BUFFER_BYTES = 1 << 20
 DEFAULT_REPLAY_PAGE = 500
 DEFAULT_TAIL_BLOCK_S = 5.0
+DEFAULT_RESUME_WINDOW_BYTES = 64 * 1024
+DEFAULT_LINGER_S = 10.0
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -63,6 +65,14 @@ class HubSettings:
     )
     replay_page: int = _opt(DEFAULT_REPLAY_PAGE, "replay-page", "history entries read per round trip on resume")
     tail_block_s: float = _opt(DEFAULT_TAIL_BLOCK_S, "tail-block", "longest blocking read of the live tail, seconds")
+    resume_window_bytes: int = _opt(
+        DEFAULT_RESUME_WINDOW_BYTES,
+        "resume-window",
+        "bytes of each tailed channel's latest events kept to serve resumes without a store read (0: off)",
+    )
+    linger_s: float = _opt(
+        DEFAULT_LINGER_S, "linger", "seconds a channel stays tailed after its last subscriber left, for quick resumes"
+    )
     embedded_worker: str = _opt(
         "auto", "embedded-worker", "run a generation worker in this process: auto (with the memory backend), on, off"
     )
@@ -115,6 +125,8 @@ class HubSettings:
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
+        need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
+        need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
         need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")
         need(
             self.cancel_if_unwatched_s == 0 or 1 <= self.cancel_if_unwatched_s <= 86_400,
