@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         # for an honest client to see the answer, short enough that a stalled one cannot hold the connection.
         lingering_time=_LINGERING_S,
         shutdown_timeout=settings.grace_s * _SHUTDOWN_TIMEOUT_SHARE,
+        # aiohttp's default queue of 128 unaccepted connections overflows when thousands of clients reconnect at
+        # once (a network blip, another node's drain); the kernel then drops their SYNs and each waits a whole
+        # second to retry. The kernel caps this at net.core.somaxconn.
+        backlog=settings.backlog,
         access_log=logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None,
         print=None,
     )

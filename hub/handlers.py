@@ -185,6 +185,7 @@ async def stream_channel(
         # A channel this node tails already knows a position that serves (its tail's): no store read.
         live = fanout.live_position(channel)
         if live is None:
+            request.app[METRICS].subscribe_reads.inc()
             info = await backend.info(channel)
             if info is not None and info.closed:
                 return web.Response(status=204)
@@ -196,7 +197,7 @@ async def stream_channel(
         request.app[METRICS].resumes.labels("window").inc()
     else:
         request.app[METRICS].resumes.labels("store").inc()
-        first = await backend.range(channel, position, limit=settings.replay_page)
+        first = await _history(request, channel, position)
         if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
             # The client already has the end marker: 204 tells EventSource to stop reconnecting.
             return web.Response(status=204)
@@ -246,6 +247,11 @@ async def _serve(
     return resp
 
 
+async def _history(request: web.Request, channel: str, position: str) -> RangeResult:
+    request.app[METRICS].subscribe_reads.inc()
+    return await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
+
+
 async def _catch_up(
     request: web.Request, resp: web.StreamResponse, sub: Subscriber, position: str, r: RangeResult | None
 ) -> bool:
@@ -253,9 +259,7 @@ async def _catch_up(
 
     Returns False when the stream is already over (the close marker was replayed).
     """
-    backend = request.app[BACKEND]
     fanout = request.app[FANOUT]
-    page = request.app[SETTINGS].replay_page
     replayed: Replayed | None = None  # the page just written, handed to the fan-out as the channel's window
     while True:
         if r is not None:
@@ -265,7 +269,7 @@ async def _catch_up(
                 await resp.write(encode_reset(reset))
                 position = reset.continue_after
                 replayed = None
-                r = await backend.range(sub.channel, position, limit=page)
+                r = await _history(request, sub.channel, position)
                 continue
             if r.entries:
                 chunks = [encode_event(e.id, e.event, e.data) for e in r.entries]
@@ -277,13 +281,13 @@ async def _catch_up(
             elif r.closed and parse_id(position) >= parse_id(r.last_id):
                 return False
             if r.more:
-                r = await backend.range(sub.channel, position, limit=page)
+                r = await _history(request, sub.channel, position)
                 continue
         # Both synchronous: what the window serves is queued before anything the tail dispatches next.
         if fanout.resume(sub, position) or fanout.try_attach(sub, position, replayed):
             return True
         replayed = None
-        r = await backend.range(sub.channel, position, limit=page)
+        r = await _history(request, sub.channel, position)
         if not r.entries and check_position(position, r) is None:
             # The node's tail is ahead of the stream itself: entries it read are gone (the stream was lost or
             # recreated). Start the channel afresh; its other streams end and resume with a reset.

@@ -55,4 +55,9 @@ class HubMetrics:
             ["source"],
             registry=registry,
         )
+        self.subscribe_reads = Counter(
+            "hub_subscribe_store_reads_total",
+            "Store reads made to open streams: history pages of resumes, and the position of live joins",
+            registry=registry,
+        )
         self.resets = Counter("hub_resets_total", "reset events sent to subscribers", ["reason"], registry=registry)

@@ -81,6 +81,7 @@ class HubSettings:
     )
     # -- limits (see the README's Security section) --
     max_streams: int = _opt(10_000, "max-streams", "open streams this node serves; beyond: 503")
+    backlog: int = _opt(4096, "backlog", "connections the kernel may queue before they are accepted (≤ somaxconn)")
     max_streams_per_client: int = _opt(64, "max-streams-per-client", "open streams per client (token or IP); 429")
     publish_rate: float = _opt(500.0, "publish-rate", "events per second one publisher may append (token bucket)")
     publish_burst: int = _opt(1000, "publish-burst", "events one publisher may append at once (bucket size)")
@@ -125,6 +126,7 @@ class HubSettings:
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
+        need(self.backlog >= 1, "backlog", "must be at least 1")
         need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
         need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
         need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")

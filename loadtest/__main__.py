@@ -3,7 +3,7 @@
 The only module that reads os.environ. Every flag is also a variable `LOADTEST_<FLAG>` (`--metrics-url` →
 `LOADTEST_METRICS_URL`; the scenario is `LOADTEST_SCENARIO`); flags win. Lists are comma-separated or repeated flags.
 
-    SCENARIO            idle | fanout | publish
+    SCENARIO            idle | fanout | generations | reconnect-storm | publish
     --url URL           hub base URL(s); connections and publishes go round-robin   [http://127.0.0.1:8080]
     --connections N     subscribers (idle, fanout) or concurrent publishers (publish) [1000; publish: 16]
     --channels M        channels the connections spread over                        [10]
@@ -22,6 +22,10 @@ The only module that reads os.environ. Every flag is also a variable `LOADTEST_<
     --target NAME       server adapter                                              [hub]
     --connect-timeout S deadline of one connection to get its stream going          [30]
     --drain-timeout S   after the last publish, how long to wait for missing events [10]
+    --redis-url URL     the hub's Redis: `generations` appends tokens to it as producers do; `reconnect-storm`
+                        counts the store commands the storm cost on it
+    --key-prefix P      the hub's --key-prefix                                        [hub:]
+    --coalesce-ms MS    generations: the producer's coalescing window                 [5]
 
 Exit status: 0 when every check passed, 1 when the run found problems (lost, duplicate or reordered events, failed
 connections, publish errors) or could not finish, 2 for bad settings or a file limit too low, 130 when interrupted.
@@ -73,6 +77,9 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "target": ("target", str),
     "connect-timeout": ("connect_timeout_s", float),
     "drain-timeout": ("drain_timeout_s", float),
+    "redis-url": ("redis_url", str),
+    "key-prefix": ("key_prefix", str),
+    "coalesce-ms": ("coalesce_ms", float),
 }
 _LISTS = {"url", "pid", "metrics-url"}
 
@@ -113,7 +120,9 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
         values[field_name] = _convert(flag, kind, raw)
     if values.get("target", "hub") not in ADAPTERS:
         raise ValueError(f"unknown --target {values['target']!r}; known: {', '.join(ADAPTERS)}")
-    return LoadSettings(scenario=name, **values), scenario
+    settings = LoadSettings(scenario=name, **values)
+    scenario.check(settings)
+    return settings, scenario
 
 
 def _convert(flag: str, kind: type, raw: str | list[str]) -> Any:

@@ -20,7 +20,7 @@ import aiohttp
 
 from hub.sse import SSEEvent, SSEParser
 
-from .accounting import SequenceTracker, StreamTotals
+from .accounting import Histogram, SequenceTracker, StreamTotals
 from .adapters import ADAPTERS, Adapter, PublishError, decode_data, encode_data
 from .http1 import BodyDecoder, Endpoint, HttpError, body_decoder, build_get, parse_head
 from .worker import WorkerContext
@@ -28,6 +28,7 @@ from .worker import WorkerContext
 __all__ = [
     "ROLES",
     "FanoutPublishJob",
+    "GenerationsJob",
     "PublishLoopsJob",
     "SubscribeJob",
     "SubscriberPool",
@@ -39,6 +40,8 @@ _READ_BYTES = 1 << 16
 _MAX_PENDING = 10_000
 _PUBLISH_TIMEOUT_S = 30.0
 _CLOSE_WAIT_S = 5.0
+# Pacing granularity of the generations writer: lag within one tick is not lag.
+_TICK_S = 0.005
 
 
 def _auth(token: str | None) -> dict[str, str]:
@@ -54,6 +57,13 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, asyncio.IncompleteReadError):
         return "closed"
     return type(e).__name__
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with suppress(OSError, TimeoutError):
+        async with asyncio.timeout(_CLOSE_WAIT_S):
+            await writer.wait_closed()
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -84,7 +94,7 @@ class _Refused(Exception):
 class _Stream:
     """One subscriber: its connection task and its delivery record."""
 
-    __slots__ = ("channel", "endpoint", "expected", "ready", "settled", "task", "tracker")
+    __slots__ = ("channel", "endpoint", "expected", "last_id", "ready", "resumed_at", "settled", "task", "tracker")
 
     def __init__(self, url: str, channel: str, loop: asyncio.AbstractEventLoop) -> None:
         self.endpoint = Endpoint.from_url(url)
@@ -94,6 +104,8 @@ class _Stream:
         self.settled = False  # complete, or given up on (dropped); counted once towards the drain
         self.ready: asyncio.Future[bool] = loop.create_future()  # True: stream live; False: the attempt failed
         self.task: asyncio.Task[None] | None = None
+        self.last_id = ""  # the SSE id of the last event received: what a reconnect sends as Last-Event-ID
+        self.resumed_at: float | None = None  # wall time a storm's reconnect got its answer, until caught up
 
 
 class SubscriberPool:
@@ -111,6 +123,12 @@ class SubscriberPool:
         self._ssl: ssl.SSLContext | None = None
         self._unsettled = 0
         self._all_settled = asyncio.Event()
+        self._storm_t0 = 0.0
+        self._catching = 0  # streams reconnected by the storm and not yet caught up
+        self._all_caught_up = asyncio.Event()
+        self.catch_up_us = Histogram()  # storm start → first live event after the reconnect, per stream
+        self.reconnect_us = Histogram()  # storm start → the reconnect's response, per stream
+        self.reconnect_failed = 0
 
     async def open_all(self) -> None:
         """Start every connection at the ramp's pace; return when each is live or has failed."""
@@ -169,29 +187,44 @@ class SubscriberPool:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
+    async def _connect(
+        self, s: _Stream, headers: dict[str, str], *, wait_ready: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, BodyDecoder, SSEParser]:
+        """Open the stream; with `wait_ready`, also read until the adapter says it is live. Raises _Refused (or an
+        OSError, HttpError, TimeoutError) when it fails; the socket is then closed."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                ep = s.endpoint
+                reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=self._ssl_context(ep))
+                writer.write(build_get(ep, headers))
+                head = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                if head.status != 200:
+                    raise _Refused(f"http_{head.status}")
+                decoder = body_decoder(head)
+                parser = SSEParser()
+                while wait_ready and not self.adapter.stream_ready(parser):
+                    data = await reader.read(_READ_BYTES)
+                    if not data:
+                        raise _Refused("closed")
+                    now = time.time()
+                    self._deliver(s, parser.feed(decoder.feed(data)), now)
+                    s.last_id = parser.last_event_id
+                    if decoder.done:
+                        raise _Refused("ended")
+                return reader, writer, decoder, parser
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+
     async def _run(self, s: _Stream) -> None:
         ctx = self.ctx
         writer: asyncio.StreamWriter | None = None
         started = time.perf_counter()
         try:
             try:
-                async with asyncio.timeout(self.connect_timeout_s):
-                    ep = s.endpoint
-                    reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=self._ssl_context(ep))
-                    writer.write(build_get(ep, self.headers))
-                    head = parse_head(await reader.readuntil(b"\r\n\r\n"))
-                    if head.status != 200:
-                        raise _Refused(f"http_{head.status}")
-                    decoder = body_decoder(head)
-                    parser = SSEParser()
-                    while not self.adapter.stream_ready(parser):
-                        data = await reader.read(_READ_BYTES)
-                        if not data:
-                            raise _Refused("closed")
-                        now = time.time()
-                        self._deliver(s, parser.feed(decoder.feed(data)), now)
-                        if decoder.done:
-                            raise _Refused("ended")
+                reader, writer, decoder, parser = await self._connect(s, self.headers, wait_ready=True)
             except _Refused as e:
                 reason: str | None = e.reason
             except (OSError, EOFError, asyncio.LimitOverrunError, HttpError, TimeoutError) as e:
@@ -215,10 +248,73 @@ class SubscriberPool:
             if not s.ready.done():
                 s.ready.set_result(False)  # cancelled while connecting: the run is closing
             if writer is not None:
-                writer.close()
-                with suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(_CLOSE_WAIT_S):
-                        await writer.wait_closed()
+                await _close(writer)
+
+    # -- reconnect storm ----------------------------------------------------------------------------------------------
+
+    async def storm(self, timeout_s: float) -> None:
+        """Drop every live stream at once, reconnect them all at once with `Last-Event-ID`, and wait (up to
+        `timeout_s`) until each has caught up: received an event published after its reconnect was answered, which,
+        with the sequence checks, means it has everything before. The same delivery records carry on."""
+        live = [s for s in self.streams if s.task is not None and not s.task.done()]
+        self._storm_t0 = time.time()
+        for s in live:
+            assert s.task is not None
+            s.task.cancel()
+        await asyncio.gather(*(s.task for s in live if s.task is not None), return_exceptions=True)
+        self._catching = len(live)
+        if not live:
+            self._all_caught_up.set()
+        for s in live:
+            s.task = asyncio.create_task(self._rerun(s))
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._all_caught_up.wait()
+
+    async def _rerun(self, s: _Stream) -> None:
+        ctx = self.ctx
+        writer: asyncio.StreamWriter | None = None
+        headers = {**self.headers, "Last-Event-ID": s.last_id} if s.last_id else self.headers
+        try:
+            try:
+                # A resumed stream may have nothing to replay and no id to show until the next event: its 200 is
+                # the sign it is in place.
+                reader, writer, decoder, parser = await self._connect(s, headers, wait_ready=False)
+            except _Refused as e:
+                reason: str | None = e.reason
+            except (OSError, EOFError, asyncio.LimitOverrunError, HttpError, TimeoutError) as e:
+                reason = _reason(e)
+            else:
+                reason = None
+            if reason is not None:
+                ctx.tick.error(f"reconnect_{reason}")
+                self.reconnect_failed += 1
+                self._caught_up(s)
+                return
+            s.resumed_at = time.time()
+            self.reconnect_us.add(round((s.resumed_at - self._storm_t0) * 1_000_000))
+            ctx.open += 1
+            try:
+                await self._read(s, reader, decoder, parser)
+            finally:
+                ctx.open -= 1
+        finally:
+            if writer is not None:
+                await _close(writer)
+
+    def _caught_up(self, s: _Stream) -> None:
+        s.resumed_at = None
+        self._catching -= 1
+        if self._catching == 0:
+            self._all_caught_up.set()
+
+    def storm_result(self) -> dict[str, Any]:
+        return {
+            "catch_up_us": self.catch_up_us,
+            "reconnect_us": self.reconnect_us,
+            "reconnect_failed": self.reconnect_failed,
+            "not_caught_up": self._catching,
+        }
 
     async def _read(self, s: _Stream, reader: asyncio.StreamReader, decoder: BodyDecoder, parser: SSEParser) -> None:
         try:
@@ -230,6 +326,7 @@ class SubscriberPool:
                 events = parser.feed(decoder.feed(data))
                 if events:
                     self._deliver(s, events, now)
+                    s.last_id = parser.last_event_id
                 if decoder.done:
                     break
         except (OSError, HttpError) as e:
@@ -244,6 +341,7 @@ class SubscriberPool:
         latency = tick.latency_us
         name = self.adapter.event_name
         tracker = s.tracker
+        sent = 0.0
         for ev in events:
             decoded = decode_data(ev.data) if ev.event == name else None
             if decoded is None:
@@ -256,18 +354,26 @@ class SubscriberPool:
             tracker.see(seq)
             latency.add(round((now - sent) * 1_000_000))
             tick.delivered += 1
+        if s.resumed_at is not None and sent >= s.resumed_at:
+            self.catch_up_us.add(round((now - self._storm_t0) * 1_000_000))
+            self._caught_up(s)
         if s.expected is not None and not s.settled and tracker.complete(s.expected):
             self._settle(s)
 
 
 async def subscribe_role(ctx: WorkerContext, job: SubscribeJob) -> None:
-    """Open the job's streams and say `ready`; on `finish` ({"expected": {channel: events}, "timeout_s"}) wait for the
+    """Open the job's streams and say `ready`; on `storm` ({"timeout_s"}) drop and resume them all at once and say
+    `stormed` with the catch-up figures; on `finish` ({"expected": {channel: events}, "timeout_s"}) wait for the
     expected events and say `drained`; on `close` close every stream and send `done` with the delivery record."""
     pool = SubscriberPool(ctx, job)
     try:
         await pool.open_all()
         ctx.send("ready")
         kind, payload = await ctx.command()
+        if kind == "storm":
+            await pool.storm(payload["timeout_s"])
+            ctx.send("stormed", pool.storm_result())
+            kind, payload = await ctx.command()
         if kind != "finish":
             raise RuntimeError(f"subscriber: unexpected command {kind!r}")
         expected: Mapping[str, int] = payload["expected"]
@@ -466,10 +572,94 @@ async def _publish_phase(
     await asyncio.gather(*(one(i) for i in range(n_loops)))
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationsJob:
+    redis_url: str  # the hub's Redis: tokens are appended straight to it, as producer workers do
+    key_prefix: str
+    history: int  # the hub's --history and --ttl, which the append script applies
+    ttl_s: float
+    channels: tuple[str, ...]  # one generation per channel
+    rate_per_s: float  # tokens per second over all channels
+    payload_bytes: int
+    duration_s: float
+    coalesce_ms: float  # the producer's --coalesce-ms
+
+
+async def generations_role(ctx: WorkerContext, job: GenerationsJob) -> None:
+    """On `start`, write one generation per channel at the job's token pace, the way producer workers do: through
+    the producer's own Coalescer (fenced, coalesced appends in one round trip) into the hub's Redis. Then send `done`
+    with the tokens stored per channel, the elapsed time and the worst schedule lag."""
+    # Imported here: only this role needs the producer and Redis code, and the other roles start faster without.
+    from prometheus_client import CollectorRegistry
+
+    from hub.backend import Fence, NewEvent
+    from hub.backend_redis import RedisBackend
+    from producer.coalesce import Coalescer
+    from producer.metrics import ProducerMetrics
+
+    backend = RedisBackend(job.redis_url, prefix=job.key_prefix, history=job.history, ttl_s=job.ttl_s, timeout_s=10.0)
+    coalescer = Coalescer(backend, ProducerMetrics(CollectorRegistry()), window_s=job.coalesce_ms / 1000)
+    n = len(job.channels)
+    padding = "x" * job.payload_bytes
+    fences = [Fence(f"loadtest:{c}", 1) for c in job.channels]
+    stored = [0] * n
+    seqs = [0] * n
+    pending: set[asyncio.Future[str]] = set()
+
+    def count(k: int) -> Callable[[asyncio.Future[str]], None]:
+        def done(f: asyncio.Future[str]) -> None:
+            pending.discard(f)
+            if f.cancelled() or f.exception() is not None:
+                ctx.tick.publish_errors += 1
+                ctx.tick.error("append_failed")
+            else:
+                stored[k] += 1
+                ctx.tick.published += 1
+
+        return done
+
+    try:
+        ctx.send("ready")
+        kind, _ = await ctx.command()
+        if kind != "start":
+            raise RuntimeError(f"generations: unexpected command {kind!r}")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        total = round(job.rate_per_s * job.duration_s)
+        written = 0
+        behind_s = 0.0
+        # One pacing loop for every generation: token j goes to channel j mod n, so each channel gets rate/n
+        # tokens a second, evenly spread, with no task per generation.
+        while written < total:
+            due = min(total, int((loop.time() - t0) * job.rate_per_s) + 1)
+            behind_s = max(behind_s, (due - written) / job.rate_per_s - _TICK_S)
+            for j in range(written, due):
+                k = j % n
+                data = encode_data(time.time(), seqs[k], padding)
+                fence = fences[k] if seqs[k] else Fence(fences[k].owner, 1, take=True)
+                seqs[k] += 1
+                f = coalescer.add(job.channels[k], NewEvent("lt", data), fence)
+                pending.add(f)
+                f.add_done_callback(count(k))
+            written = due
+            await asyncio.sleep(_TICK_S)
+        if pending:
+            await asyncio.wait(pending)
+        elapsed_s = loop.time() - t0
+    finally:
+        await coalescer.aclose()
+        await backend.aclose()
+    ctx.finish(
+        "done",
+        {"published": dict(zip(job.channels, stored, strict=True)), "elapsed_s": elapsed_s, "behind_s": behind_s},
+    )
+
+
 Role = Callable[[WorkerContext, Any], Coroutine[Any, Any, None]]
 
 ROLES: dict[str, Role] = {
     "subscribe": subscribe_role,
     "fanout-publisher": fanout_publisher_role,
     "publish-loops": publish_loops_role,
+    "generations": generations_role,
 }

@@ -57,15 +57,19 @@ class ProcProbe:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format → value per metric name, summed over label sets (histogram buckets left out)."""
+    """Prometheus text format → value per metric name, summed over label sets, and per labelled series as
+    `name{labels}` too (histogram buckets left out)."""
     out: dict[str, float] = {}
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        series = None
         if "}" in line:
             name = line.split("{", 1)[0]
-            fields = line.rsplit("}", 1)[1].split()
+            series, rest = line.rsplit("}", 1)
+            series += "}"
+            fields = rest.split()
         else:
             name, *fields = line.split()
         if not fields:
@@ -78,6 +82,8 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             continue
         out[name] = out.get(name, 0.0) + value
+        if series is not None:
+            out[series] = out.get(series, 0.0) + value
     return out
 
 
@@ -86,8 +92,38 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
     return {
         name: after[name] - before.get(name, 0.0)
         for name in sorted(after)
-        if name.endswith(("_total", "_sum", "_count"))
+        if name.split("{", 1)[0].endswith(("_total", "_sum", "_count"))
     }
+
+
+class RedisProbe:
+    """Counts the commands a Redis server has executed (INFO commandstats), to put a cost in store commands on a
+    phase of a run. Everything that talks to that Redis is counted; the scenario subtracts the steady rate."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+        self.errors: list[str] = []
+
+    async def commands(self) -> dict[str, int] | None:
+        """Calls so far per command (`evalsha`, `xread`, …), or None without a URL or when Redis cannot be read."""
+        if self.url is None:
+            return None
+        import redis.asyncio as aioredis  # only runs that count store commands need it
+
+        client = aioredis.from_url(self.url, socket_timeout=5.0)
+        try:
+            stats = await client.info("commandstats")
+        except (OSError, aioredis.RedisError) as e:
+            self.errors.append(f"cannot read commandstats of {self.url}: {e}")
+            return None
+        finally:
+            await client.aclose()
+        # Our own INFO calls are counted too (cmdstat_info): leave them out.
+        return {
+            k.removeprefix("cmdstat_"): int(v["calls"])
+            for k, v in stats.items()
+            if k != "cmdstat_info" and isinstance(v, dict)
+        }
 
 
 class MetricsProbe:

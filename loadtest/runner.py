@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from .accounting import Tick
-from .probe import MetricsProbe, ProcProbe, ProcSample
+from .probe import MetricsProbe, ProcProbe, ProcSample, RedisProbe
 from .settings import LoadSettings
 from .worker import TICK_S, worker_main
 
@@ -61,6 +61,7 @@ class Run:
         self.phase = "start"
         self.proc = ProcProbe(settings.pids)
         self.metrics = MetricsProbe(settings.metrics_urls)
+        self.redis = RedisProbe(settings.redis_url)
         self.workers: list[WorkerHandle] = []
         self.started_s = time.monotonic()
         self._mp = multiprocessing.get_context("spawn")

@@ -5,20 +5,23 @@ a new scenario is one more `@register` class here (and, if it needs a new kind o
 
 from __future__ import annotations
 
+import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from .accounting import StreamTotals
+from hub.settings import DEFAULT_HISTORY, DEFAULT_TTL_S
+
+from .accounting import Histogram, StreamTotals
 from .adapters import ADAPTERS
-from .clients import FanoutPublishJob, PublishLoopsJob, SubscribeJob
-from .probe import ProcSample
+from .clients import FanoutPublishJob, GenerationsJob, PublishLoopsJob, SubscribeJob
+from .probe import ProcSample, metrics_delta
 from .report import Outcome, connection_figures, connection_rows, fmt_latency, hub_figures, hub_rows, latency_ms
 from .runner import Run, WorkerHandle
 from .settings import LoadSettings
 
-__all__ = ["SCENARIOS", "Fanout", "Idle", "Publish", "Scenario", "register"]
+__all__ = ["SCENARIOS", "Fanout", "Generations", "Idle", "Publish", "ReconnectStorm", "Scenario", "register"]
 
 # File descriptors a worker needs besides its connections: the interpreter, pipes, the event loop, a resolver.
 FD_SLACK = 64
@@ -30,6 +33,9 @@ class Scenario(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, for --help
     defaults: ClassVar[Mapping[str, Any]] = {}  # LoadSettings fields this scenario defaults differently
+
+    def check(self, settings: LoadSettings) -> None:  # noqa: B027 - a hook most scenarios do not need
+        """Raise ValueError when the settings cannot run this scenario (a flag it needs is missing)."""
 
     def fds_per_worker(self, settings: LoadSettings) -> int:
         """File descriptors the busiest worker process needs (its connections, and the interpreter's own)."""
@@ -96,6 +102,79 @@ def connections_outcome(run: Run, out: Outcome, streams: StreamTotals) -> dict[s
     if c["failed"]:
         out.problems.append(f"{c['failed']} connections failed")
     return c
+
+
+def delivery_outcome(
+    run: Run,
+    out: Outcome,
+    published: Mapping[str, Any],
+    streams: StreamTotals,
+    window: tuple[ProcSample | None, ProcSample | None],
+    metrics: tuple[dict[str, float] | None, dict[str, float] | None],
+    before: ProcSample | None,
+) -> None:
+    """The figures of a publish-and-deliver run: what was published, exact delivery, latency, the hub's cost per
+    delivery over the window, and the problems found."""
+    window_start, window_end = window
+    metrics_before, metrics_after = metrics
+    s = run.settings
+    connections_outcome(run, out, streams)
+    total_published = sum(published["published"].values())
+    elapsed_s = published["elapsed_s"]
+    delivery = {
+        "channels": s.channels,
+        "published": total_published,
+        "publish_requests": run.totals.requests,
+        "publish_errors": run.totals.publish_errors,
+        "publish_elapsed_s": round(elapsed_s, 3),
+        "publish_behind_ms": round(published["behind_s"] * 1000, 3),
+        "subscribers": streams.subscribers,
+        "complete_subscribers": streams.complete,
+        "expected": streams.expected,
+        "delivered": streams.delivered,
+        "missing": streams.missing,
+        "gaps": streams.gaps,
+        "duplicates": streams.duplicates,
+        "out_of_order": streams.out_of_order,
+        "beyond": streams.beyond,
+        "unexpected": streams.unexpected,
+        "resets": streams.resets,
+        "delivered_per_s": round(streams.delivered / elapsed_s, 1) if elapsed_s > 0 else None,
+    }
+    latency = latency_ms(run.totals.latency_us)
+    request = latency_ms(run.totals.request_us)
+    hub = hub_figures(
+        s.pids,
+        window_start,
+        window_end,
+        run.proc.peak_rss_bytes,
+        count=streams.delivered,
+        per="delivery",
+        metrics_before=metrics_before,
+        metrics_after=metrics_after,
+    )
+    if before is not None:
+        hub["rss_unconnected_bytes"] = before.rss_bytes
+    out.sections |= {"delivery": delivery, "latency_ms": latency, "publish_request_ms": request, "hub": hub}
+    out.rows += [
+        (
+            "published",
+            f"{total_published} events in {elapsed_s:.1f} s over {s.channels} channels "
+            f"({run.totals.requests} requests, {run.totals.publish_errors} errors)",
+        ),
+        ("deliveries / expected", f"{streams.delivered} / {streams.expected} ({delivery['delivered_per_s']}/s)"),
+        (
+            "missing / gaps / duplicates / out of order",
+            f"{streams.missing} / {streams.gaps} / {streams.duplicates} / {streams.out_of_order}",
+        ),
+        ("publish-to-receipt latency p50 / p90 / p99 / max", fmt_latency(latency)),
+        ("publish request p50 / p90 / p99 / max", fmt_latency(request)),
+        *hub_rows(hub, "delivery"),
+    ]
+    if run.totals.publish_errors:
+        out.problems.append(f"{run.totals.publish_errors} publish requests failed")
+    out.problems += streams.problems()
+    out.problems += run.proc.errors + run.metrics.errors
 
 
 # -- scenarios ------------------------------------------------------------------------------------------------------
@@ -171,63 +250,189 @@ class Fanout(Scenario):
             run, subs, published["published"], s.drain_timeout_s
         )
 
-        connections_outcome(run, out, streams)
-        total_published = sum(published["published"].values())
-        elapsed_s = published["elapsed_s"]
-        delivery = {
-            "channels": s.channels,
-            "published": total_published,
-            "publish_requests": run.totals.requests,
-            "publish_errors": run.totals.publish_errors,
-            "publish_elapsed_s": round(elapsed_s, 3),
-            "publish_behind_ms": round(published["behind_s"] * 1000, 3),
-            "subscribers": streams.subscribers,
-            "complete_subscribers": streams.complete,
-            "expected": streams.expected,
-            "delivered": streams.delivered,
-            "missing": streams.missing,
-            "gaps": streams.gaps,
-            "duplicates": streams.duplicates,
-            "out_of_order": streams.out_of_order,
-            "beyond": streams.beyond,
-            "unexpected": streams.unexpected,
-            "resets": streams.resets,
-            "delivered_per_s": round(streams.delivered / elapsed_s, 1) if elapsed_s > 0 else None,
-        }
-        latency = latency_ms(run.totals.latency_us)
-        request = latency_ms(run.totals.request_us)
-        hub = hub_figures(
-            s.pids,
-            window_start,
-            window_end,
-            run.proc.peak_rss_bytes,
-            count=streams.delivered,
-            per="delivery",
-            metrics_before=metrics_before,
-            metrics_after=metrics_after,
+        delivery_outcome(
+            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
         )
-        if before is not None:
-            hub["rss_unconnected_bytes"] = before.rss_bytes
-        out.sections |= {"delivery": delivery, "latency_ms": latency, "publish_request_ms": request, "hub": hub}
+        return out
+
+
+@register
+class Generations(Scenario):
+    name = "generations"
+    summary = (
+        "AI pace: one generation per channel, one subscriber each, tokens appended to the hub's Redis the way "
+        "producer workers do (coalesced, fenced): latency and exact delivery"
+    )
+    defaults: ClassVar[Mapping[str, Any]] = {"connections": 1000, "channels": 1000, "rate_per_s": 20_000.0}
+
+    def check(self, settings: LoadSettings) -> None:
+        if settings.redis_url is None:
+            raise ValueError("generations appends to the hub's Redis as producers do: give --redis-url")
+        if settings.target != "hub":
+            raise ValueError("generations writes our hub's stream format into Redis: it runs with --target hub only")
+
+    async def run(self, run: Run) -> Outcome:
+        s = run.settings
+        assert s.redis_url is not None
+        out = Outcome()
+        channels = [run.channel(i) for i in range(s.channels)]
+        before = run.sample()
+        run.begin_phase("connect")
+        subs = spawn_subscribers(run, channels)
+        job = GenerationsJob(
+            s.redis_url,
+            s.key_prefix,
+            DEFAULT_HISTORY,
+            DEFAULT_TTL_S,
+            tuple(channels),
+            s.rate_per_s,
+            s.payload_bytes,
+            s.duration_s,
+            s.coalesce_ms,
+        )
+        writer = run.spawn("generations", [job])
+        await run.expect(subs, "ready", ramp_timeout_s(run))
+        await run.expect(writer, "ready", _SPAWN_S)
+        metrics_before = await run.scrape()
+        window_start = run.sample()
+        run.begin_phase("generate")
+        run.send(writer, "start")
+        (published,) = await run.expect(writer, "done", s.duration_s * 2 + _SPAWN_S)
+        run.begin_phase("drain")
+        streams, window_end, metrics_after = await finish_subscribers(
+            run, subs, published["published"], s.drain_timeout_s
+        )
+        delivery_outcome(
+            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
+        )
+        out.rows.insert(0, ("tokens per generation per second", f"{s.rate_per_s / s.channels:g}"))
+        return out
+
+
+@register
+class ReconnectStorm(Scenario):
+    name = "reconnect-storm"
+    summary = (
+        "drop every connection at once while events flow and reconnect all with Last-Event-ID: time until all "
+        "caught up, exact delivery, and the store commands the storm cost (with --redis-url)"
+    )
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "connections": 5000,
+        "channels": 500,
+        "rate_per_s": 500.0,
+        "duration_s": 12.0,
+    }
+
+    def check(self, settings: LoadSettings) -> None:
+        if settings.events is not None:
+            raise ValueError("reconnect-storm publishes for --duration (the storm comes a third of the way in)")
+
+    async def run(self, run: Run) -> Outcome:
+        s = run.settings
+        out = Outcome()
+        channels = [run.channel(i) for i in range(s.channels)]
+        before = run.sample()
+        run.begin_phase("connect")
+        subs = spawn_subscribers(run, channels)
+        job = FanoutPublishJob(
+            s.target, s.urls, tuple(channels), s.rate_per_s, s.batch, s.payload_bytes, s.duration_s, None, s.token
+        )
+        pub = run.spawn("fanout-publisher", [job])
+        await run.expect(subs, "ready", ramp_timeout_s(run))
+        await run.expect(pub, "ready", _SPAWN_S)
+        metrics_before = await run.scrape()
+        window_start = run.sample()
+        run.begin_phase("publish")
+        run.send(pub, "start")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # The steady cost in store commands (publishes, the tail's reads, presence), measured over the second third
+        # of the run up to the storm, is what the storm's own cost is told apart from.
+        await run.hold(s.duration_s / 6)
+        steady_start, steady_commands = loop.time(), await run.redis.commands()
+        await run.hold(max(0.0, t0 + s.duration_s / 3 - loop.time()))
+        storm_start, storm_commands = loop.time(), await run.redis.commands()
+        metrics_storm = await run.scrape()
+        run.begin_phase("storm")
+        run.send(subs, "storm", {"timeout_s": s.connect_timeout_s})
+        stormed = await run.expect(subs, "stormed", s.connect_timeout_s + _SPAWN_S)
+        storm_end, end_commands = loop.time(), await run.redis.commands()
+        metrics_caught_up = await run.scrape()
+        run.begin_phase("publish")
+        (published,) = await run.expect(pub, "done", s.duration_s * 2 + _SPAWN_S)
+        run.begin_phase("drain")
+        streams, window_end, metrics_after = await finish_subscribers(
+            run, subs, published["published"], s.drain_timeout_s
+        )
+
+        catch_up, reconnect = Histogram(), Histogram()
+        failed = not_caught_up = 0
+        for part in stormed:
+            catch_up.merge(part["catch_up_us"])
+            reconnect.merge(part["reconnect_us"])
+            failed += part["reconnect_failed"]
+            not_caught_up += part["not_caught_up"]
+        storm: dict[str, Any] = {
+            "reconnected": reconnect.count,
+            "reconnect_failed": failed,
+            "caught_up": catch_up.count,
+            "not_caught_up": not_caught_up,
+            "reconnect_ms": latency_ms(reconnect),
+            "catch_up_ms": latency_ms(catch_up),
+            "storm_s": round(storm_end - storm_start, 3),
+        }
+        if steady_commands is not None and storm_commands is not None and end_commands is not None:
+            steady_rate = (sum(storm_commands.values()) - sum(steady_commands.values())) / max(
+                storm_start - steady_start, 1e-9
+            )
+            spent = sum(end_commands.values()) - sum(storm_commands.values())
+            storm |= {
+                "store_commands_during_storm": spent,
+                "store_commands_during_storm_by_command": {
+                    k: n - storm_commands.get(k, 0) for k, n in end_commands.items() if n > storm_commands.get(k, 0)
+                },
+                "store_commands_steady_per_s": round(steady_rate, 1),
+                "store_commands_for_storm": round(spent - steady_rate * (storm_end - storm_start)),
+            }
+        if metrics_storm is not None and metrics_caught_up is not None:
+            d = metrics_delta(metrics_storm, metrics_caught_up)
+            storm["resumes_from_window"] = d.get('hub_resumes_total{source="window"}', 0.0)
+            storm["resumes_from_store"] = d.get('hub_resumes_total{source="store"}', 0.0)
+            storm["hub_store_reads"] = d.get("hub_subscribe_store_reads_total", 0.0)
+        out.sections["storm"] = storm
         out.rows += [
             (
-                "published",
-                f"{total_published} events in {elapsed_s:.1f} s over {s.channels} channels "
-                f"({run.totals.requests} requests, {run.totals.publish_errors} errors)",
+                "storm: reconnected / failed / caught up",
+                f"{reconnect.count} / {failed} / {catch_up.count} of {streams.subscribers or s.connections}",
             ),
-            ("deliveries / expected", f"{streams.delivered} / {streams.expected} ({delivery['delivered_per_s']}/s)"),
-            (
-                "missing / gaps / duplicates / out of order",
-                f"{streams.missing} / {streams.gaps} / {streams.duplicates} / {streams.out_of_order}",
-            ),
-            ("publish-to-receipt latency p50 / p90 / p99 / max", fmt_latency(latency)),
-            ("publish request p50 / p90 / p99 / max", fmt_latency(request)),
-            *hub_rows(hub, "delivery"),
+            ("storm: reconnect answered p50 / p90 / p99 / max", fmt_latency(storm["reconnect_ms"])),
+            ("storm: caught up p50 / p90 / p99 / max", fmt_latency(storm["catch_up_ms"])),
         ]
-        if run.totals.publish_errors:
-            out.problems.append(f"{run.totals.publish_errors} publish requests failed")
-        out.problems += streams.problems()
-        out.problems += run.proc.errors + run.metrics.errors
+        if "store_commands_for_storm" in storm:
+            out.rows.append(
+                (
+                    "storm: store commands (beyond the steady rate)",
+                    f"{storm['store_commands_for_storm']} for {s.channels} channels "
+                    f"({storm['store_commands_during_storm']} in {storm['storm_s']:.2f} s, steady "
+                    f"{storm['store_commands_steady_per_s']}/s)",
+                )
+            )
+        if "resumes_from_window" in storm:
+            out.rows.append(
+                (
+                    "storm: resumes served from the node's window / from the store; store reads the hub made",
+                    f"{storm['resumes_from_window']:.0f} / {storm['resumes_from_store']:.0f}; "
+                    f"{storm['hub_store_reads']:.0f}",
+                )
+            )
+        if failed:
+            out.problems.append(f"storm: {failed} reconnects failed")
+        if not_caught_up:
+            out.problems.append(f"storm: {not_caught_up} streams had not caught up after {s.connect_timeout_s:g} s")
+        delivery_outcome(
+            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
+        )
+        out.problems += run.redis.errors
         return out
 
 

@@ -58,6 +58,9 @@ class LoadSettings:
     token: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer` when set
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S  # one connection's deadline to get its stream going
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # after the last publish: wait this long for stragglers
+    redis_url: str | None = None  # the hub's Redis: generations append to it; store commands are counted on it
+    key_prefix: str = "hub:"  # the hub's --key-prefix, for appends to its Redis
+    coalesce_ms: float = 5.0  # generations: the producer's --coalesce-ms
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -80,6 +83,12 @@ class LoadSettings:
         need(all(p > 0 for p in self.pids), "pid", "must be process ids")
         need(self.connect_timeout_s > 0, "connect-timeout", "must be positive")
         need(self.drain_timeout_s >= 0, "drain-timeout", "must not be negative")
+        need(
+            self.redis_url is None or urlsplit(self.redis_url).scheme in ("redis", "rediss", "unix"),
+            "redis-url",
+            "must be a redis://, rediss:// or unix:// URL",
+        )
+        need(0 <= self.coalesce_ms <= 1000, "coalesce-ms", "must be 0-1000")
 
     @property
     def client_workers(self) -> int:
