@@ -79,7 +79,8 @@ def test_flags_win_over_environment_and_lists_take_commas_and_repeats() -> None:
         (["fanout", "--connections", "many"], {}),
         (["fanout"], {"LOADTEST_BATCH": "0"}),
         (["fanout", "--url", "ftp://x"], {}),
-        (["fanout", "--target", "nchan"], {}),
+        (["fanout", "--target", "nope"], {}),
+        (["fanout", "--redis-url", "http://x"], {}),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(argv: list[str], env: dict[str, str]) -> None:
