@@ -134,6 +134,12 @@ return n
 """
 
 
+def _bulk(value: str) -> bytes:
+    """One RESP bulk string."""
+    b = value.encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
 def _entry(raw: Any) -> Entry:
     entry_id, fields = raw[0], raw[1]
     if isinstance(fields, list):
@@ -165,6 +171,10 @@ class RedisBackend:
 
     def stream_key(self, channel: str) -> str:
         return f"{self._prefix}ch:{{{channel}}}"
+
+    def channel_of(self, key: str) -> str:
+        """The channel of a stream key (the inverse of stream_key)."""
+        return key[len(self._prefix) + 4 : -1]
 
     @property
     def control_key(self) -> str:
@@ -311,6 +321,7 @@ class _RedisTailReader:
         self._control_pos: str | None = None
         self._reading = False
         self._interrupting = False
+        self._key_bulks: dict[str, bytes] = {}  # channel → its stream key, encoded for the wire once
 
     async def _prepare(self) -> None:
         if self._client_id is None:
@@ -327,13 +338,29 @@ class _RedisTailReader:
             async with asyncio.timeout(block_s + backend._timeout_s):
                 await self._prepare()
                 assert self._control_pos is not None
-                streams = {backend.control_key: self._control_pos}
-                key_to_channel: dict[str, str] = {}
-                for channel, pos in positions.items():
-                    key = backend.stream_key(channel)
-                    key_to_channel[key] = channel
-                    streams[key] = pos
-                raw = await self._conn.xread(streams, count=_READ_COUNT, block=max(1, int(block_s * 1000)))
+                # The command is packed here rather than by redis-py: a node tailing thousands of channels sends
+                # them all on every read, and building that argument list was most of the tail's CPU. Keys are
+                # encoded once per channel; only the positions change between reads.
+                bulks = self._key_bulks
+                if len(bulks) > 2 * len(positions) + 64:
+                    self._key_bulks = bulks = {c: b for c, b in bulks.items() if c in positions}
+                keys = []
+                for channel in positions:
+                    kb = bulks.get(channel)
+                    if kb is None:
+                        kb = bulks[channel] = _bulk(backend.stream_key(channel))
+                    keys.append(kb)
+                block_ms = str(max(1, int(block_s * 1000)))
+                command = [
+                    b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n%s"
+                    % (6 + 2 * (len(keys) + 1), _bulk(str(_READ_COUNT)), _bulk(block_ms), _bulk(backend.control_key)),
+                    *keys,
+                    _bulk(self._control_pos),
+                    *(_bulk(pos) for pos in positions.values()),
+                ]
+                conn = self._conn.connection
+                await conn.send_packed_command(command, check_health=False)
+                raw = await conn.read_response()
         except (RedisError, TimeoutError, OSError) as e:
             # Any failure, error replies included, drops the connection: a fresh one starts from a known state.
             await self._reset()
@@ -345,14 +372,17 @@ class _RedisTailReader:
             return result
         # RESP2 gives [[key, entries], ...]; RESP3 a mapping.
         items = raw.items() if isinstance(raw, dict) else raw
+        control = backend.control_key
         for key, entries in items:
-            if key == backend.control_key:
+            if key == control:
                 for entry_id, fields in entries:
                     self._control_pos = entry_id
+                    if isinstance(fields, list):
+                        fields = dict(zip(fields[::2], fields[1::2], strict=True))
                     if fields.get("op") == "delete" and "ch" in fields:
                         result.deleted.append(fields["ch"])
-            elif (name := key_to_channel.get(key)) is not None:
-                result.entries[name] = [_entry(e) for e in entries]
+            else:
+                result.entries[backend.channel_of(key)] = [_entry(e) for e in entries]
         return result
 
     async def _reset(self) -> None:
