@@ -126,7 +126,10 @@ class SubscriberPool:
         self._storm_t0 = 0.0
         self._catching = 0  # streams reconnected by the storm and not yet caught up
         self._all_caught_up = asyncio.Event()
-        self.catch_up_us = Histogram()  # storm start → first live event after the reconnect, per stream
+        self._answering = 0  # storm reconnects not yet answered (or failed)
+        # Storm start → the first event published after the reconnect was answered (which, with the sequence checks,
+        # proves the stream has everything before it): includes waiting for that next event on the channel.
+        self.catch_up_us = Histogram()
         self.reconnect_us = Histogram()  # storm start → the reconnect's response, per stream
         self.reconnect_failed = 0
 
@@ -262,9 +265,10 @@ class SubscriberPool:
             assert s.task is not None
             s.task.cancel()
         await asyncio.gather(*(s.task for s in live if s.task is not None), return_exceptions=True)
-        self._catching = len(live)
+        self._catching = self._answering = len(live)
         if not live:
             self._all_caught_up.set()
+            self.ctx.send("answered")
         for s in live:
             s.task = asyncio.create_task(self._rerun(s))
         with suppress(TimeoutError):
@@ -286,6 +290,7 @@ class SubscriberPool:
                 reason = _reason(e)
             else:
                 reason = None
+            self._answered()
             if reason is not None:
                 ctx.tick.error(f"reconnect_{reason}")
                 self.reconnect_failed += 1
@@ -301,6 +306,12 @@ class SubscriberPool:
         finally:
             if writer is not None:
                 await _close(writer)
+
+    def _answered(self) -> None:
+        self._answering -= 1
+        if self._answering == 0:
+            # The parent reads the store's command counters now: the storm's requests are all in.
+            self.ctx.send("answered")
 
     def _caught_up(self, s: _Stream) -> None:
         s.resumed_at = None
@@ -362,9 +373,10 @@ class SubscriberPool:
 
 
 async def subscribe_role(ctx: WorkerContext, job: SubscribeJob) -> None:
-    """Open the job's streams and say `ready`; on `storm` ({"timeout_s"}) drop and resume them all at once and say
-    `stormed` with the catch-up figures; on `finish` ({"expected": {channel: events}, "timeout_s"}) wait for the
-    expected events and say `drained`; on `close` close every stream and send `done` with the delivery record."""
+    """Open the job's streams and say `ready`; on `storm` ({"timeout_s"}) drop and resume them all at once, say
+    `answered` once every reconnect has its answer and `stormed` with the catch-up figures; on `finish`
+    ({"expected": {channel: events}, "timeout_s"}) wait for the expected events and say `drained`; on `close` close
+    every stream and send `done` with the delivery record."""
     pool = SubscriberPool(ctx, job)
     try:
         await pool.open_all()
