@@ -204,38 +204,24 @@ async def stream_channel(
 
     limits = request.app[LIMITS]
     release = limits.open_stream(limits.client(request, principal), fanout.subscriber_count)
-    try:
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
-        await resp.prepare(request)
-        return await _serve(request, resp, channel, position, first, preamble, principal)
-    finally:
-        release()
-
-
-async def _serve(
-    request: web.Request,
-    resp: web.StreamResponse,
-    channel: str,
-    position: str,
-    first: RangeResult | None,
-    preamble: bytes,
-    principal: Principal,
-) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
     metrics = request.app[METRICS]
-    fanout = request.app[FANOUT]
+    # One frame for the whole life of the stream: a node holds thousands of these, and each nested coroutine
+    # would stay alive (and in memory) as long as the connection does.
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     fanout.register(sub)
     metrics.connections_total.inc()
     lifetime = seconds_left(principal)
     expiry = asyncio.get_running_loop().call_later(lifetime, sub.end) if lifetime is not None else None
     try:
+        await resp.prepare(request)
         await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
             while (chunk := await sub.next_chunk()) is not None:
                 await resp.write(chunk)
     except ConnectionError:
-        # The client went away, or was cut off as a slow consumer; it resumes from its last id.
+        # The client went away (as early as before the headers were written: a reconnect storm does that), or
+        # was cut off as a slow consumer; it resumes from its last id.
         pass
     except BackendUnavailable as e:
         metrics.backend_errors.labels("history").inc()
@@ -244,6 +230,7 @@ async def _serve(
         fanout.detach(sub)
         if expiry is not None:
             expiry.cancel()
+        release()
     return resp
 
 

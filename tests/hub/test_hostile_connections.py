@@ -140,3 +140,25 @@ async def test_the_node_still_serves_while_a_client_never_reads(hub: HubProcess)
             text = await m.text()
     assert "hub_slow_consumer_disconnects_total 1.0" in text
     writer.close()
+
+
+async def test_clients_that_vanish_before_their_stream_starts_are_no_error(hub: HubProcess) -> None:
+    # A reconnect storm, or a browser tab closed mid-request: the connection is reset while the node is still
+    # answering it. That is no server error: nothing is logged as one, and nothing stays counted as open.
+    async def vanish(i: int) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+        writer.write(f"GET /v1/channels/v{i % 10}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close = RST
+        writer.transport.abort()
+
+    for _ in range(5):
+        await asyncio.gather(*(vanish(i) for i in range(200)))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            text = await (await session.get(f"{hub.url}/metrics")).text()
+            if "hub_connections_open 0.0" in text:
+                break
+            await asyncio.sleep(0.05)
+        assert "hub_connections_open 0.0" in text
+    assert "unhandled error" not in hub.log()
