@@ -153,7 +153,9 @@ async def publish(request: web.Request) -> web.Response:
 
 
 def _requested_position(request: web.Request) -> str | None:
-    value = request.headers.get("Last-Event-ID", "").strip() or request.query.get("last_event_id", "").strip()
+    value = request.headers.get("Last-Event-ID", "").strip()
+    if not value and request.query_string:  # parsing an empty query would still cache an object per stream
+        value = request.query.get("last_event_id", "").strip()
     if not value:
         return None
     parse_id(value)  # InvalidPosition -> 400
@@ -203,17 +205,18 @@ async def stream_channel(
             return web.Response(status=204)
 
     limits = request.app[LIMITS]
-    release = limits.open_stream(limits.client(request, principal), fanout.subscriber_count)
+    client = limits.client(request, principal)
+    limits.open_stream(client, fanout.subscriber_count)
     metrics = request.app[METRICS]
     # One frame for the whole life of the stream: a node holds thousands of these, and each nested coroutine
     # would stay alive (and in memory) as long as the connection does.
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
-    fanout.register(sub)
-    metrics.connections_total.inc()
     lifetime = seconds_left(principal)
     expiry = asyncio.get_running_loop().call_later(lifetime, sub.end) if lifetime is not None else None
     try:
+        fanout.register(sub)
+        metrics.connections_total.inc()
         await resp.prepare(request)
         await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
@@ -230,7 +233,7 @@ async def stream_channel(
         fanout.detach(sub)
         if expiry is not None:
             expiry.cancel()
-        release()
+        limits.close_stream(client)
     return resp
 
 

@@ -95,8 +95,8 @@ class Limits:
 
     # -- streams ---------------------------------------------------------------------------------------------------
 
-    def open_stream(self, client: str, open_on_node: int) -> Callable[[], None]:
-        """Count a new stream for `client`, or refuse it. Returns the function that uncounts it."""
+    def open_stream(self, client: str, open_on_node: int) -> None:
+        """Count a new stream for `client`, or refuse it. `close_stream(client)` uncounts it, once."""
         if open_on_node >= self._s.max_streams:
             raise self._refuse(
                 503,
@@ -110,20 +110,14 @@ class Limits:
                 429, "max_streams_per_client", f"at most {self._s.max_streams_per_client} open streams per client", 5
             )
         self._streams[client] = held + 1
-        released = False
 
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            left = self._streams.get(client, 1) - 1
-            if left > 0:
-                self._streams[client] = left
-            else:
-                self._streams.pop(client, None)
-
-        return release
+    def close_stream(self, client: str) -> None:
+        # No closure per stream to remember this: the stream's handler keeps `client` and calls this once.
+        left = self._streams.get(client, 1) - 1
+        if left > 0:
+            self._streams[client] = left
+        else:
+            self._streams.pop(client, None)
 
     # -- publishing ------------------------------------------------------------------------------------------------
 
