@@ -18,6 +18,7 @@ The only module that reads os.environ. Every flag is also a variable `LOADTEST_<
     --metrics-url URL   hub /metrics page(s), scraped around the measured window
     --json FILE         write every figure as JSON
     --markdown FILE     write the table as Markdown (it is also printed)
+    --plot FILE         write a PNG of latency and throughput over time (needs matplotlib: the `plot` extra)
     --token TOKEN       sent as `Authorization: Bearer TOKEN`
     --target NAME       server adapter                                              [hub]
     --connect-timeout S deadline of one connection to get its stream going          [30]
@@ -48,6 +49,7 @@ import aiohttp
 import uvloop
 
 from .adapters import ADAPTERS
+from .plot import plot_missing, write_plot
 from .report import build_result, write_outputs
 from .runner import Run, WorkerError
 from .scenario import SCENARIOS, Scenario
@@ -73,6 +75,7 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "metrics-url": ("metrics_urls", str),
     "json": ("json_out", str),
     "markdown": ("markdown_out", str),
+    "plot": ("plot_out", str),
     "token": ("token", str),
     "target": ("target", str),
     "connect-timeout": ("connect_timeout_s", float),
@@ -122,6 +125,8 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
         raise ValueError(f"unknown --target {values['target']!r}; known: {', '.join(ADAPTERS)}")
     settings = LoadSettings(scenario=name, **values)
     scenario.check(settings)
+    if settings.plot_out and (why := plot_missing()) is not None:
+        raise ValueError(why)
     return settings, scenario
 
 
@@ -214,7 +219,9 @@ async def _run(settings: LoadSettings, scenario: Scenario, command: list[str]) -
             progress.cancel()
             run.end_progress()
             await run.close()
-    result = build_result(settings, outcome, run_id=run.run_id, started_at=started_at, command=command)
+    result = build_result(
+        settings, outcome, run_id=run.run_id, started_at=started_at, command=command, timeline=run.timeline
+    )
     return (0 if result["ok"] else 1), result
 
 
@@ -234,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code, result = uvloop.run(_run(settings, scenario, _command(sys.argv[1:] if argv is None else argv)))
     if result is not None:
         print(write_outputs(result, settings.json_out, settings.markdown_out))
+        if settings.plot_out:
+            write_plot(result, settings.plot_out)
         if result["problems"]:
             print("python -m loadtest: problems: " + "; ".join(result["problems"]), file=sys.stderr)
     return int(code)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,13 @@ def _settings_dict(settings: LoadSettings) -> dict[str, Any]:
 
 
 def build_result(
-    settings: LoadSettings, outcome: Outcome, *, run_id: str, started_at: float, command: Sequence[str]
+    settings: LoadSettings,
+    outcome: Outcome,
+    *,
+    run_id: str,
+    started_at: float,
+    command: Sequence[str],
+    timeline: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The JSON document of a run."""
     return {
@@ -165,6 +171,7 @@ def build_result(
         "problems": outcome.problems,
         **outcome.sections,
         "rows": [list(r) for r in outcome.rows],
+        "timeline": list(timeline),
     }
 
 

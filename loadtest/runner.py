@@ -69,6 +69,7 @@ class Run:
         self._window = Tick()
         self._window_s = time.monotonic()
         self._last_proc: ProcSample | None = None
+        self.timeline: list[dict[str, Any]] = []  # one point per progress tick, for the JSON result and --plot
         self._line_len = 0
         # Set by the first worker that fails or dies: every wait of the scenario ends with WorkerError at once,
         # rather than when it next needs that worker.
@@ -239,6 +240,17 @@ class Run:
         elapsed = max(now - self._window_s, 1e-9)
         self._window_s = now
         parts = [f"[{self.phase}, {now - self.started_s:.0f} s]"]
+        point: dict[str, Any] = {
+            "t_s": round(now - self.started_s, 2),
+            "phase": self.phase,
+            "open": sum(w.open for w in self.workers),
+            "delivered_per_s": round(window.delivered / elapsed, 1),
+            "published_per_s": round(window.published / elapsed, 1),
+        }
+        if window.latency_us:
+            p50, p99 = window.latency_us.percentiles([50, 99])
+            point |= {"p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
+        self.timeline.append(point)
         if any(w.name.startswith("subscribe") for w in self.workers):
             parts += [f"open {sum(w.open for w in self.workers)}", f"failed {self.totals.failed}"]
         if self.totals.delivered or window.delivered:
@@ -254,7 +266,9 @@ class Run:
             if self._last_proc is not None:
                 cpu = (proc.cpu_s - self._last_proc.cpu_s) / max(proc.at_s - self._last_proc.at_s, 1e-9)
                 parts.append(f"hub cpu {cpu * 100:.0f}%")
+                point["hub_cpu_percent"] = round(cpu * 100, 1)
             parts.append(f"rss {proc.rss_bytes / 2**20:.0f} MiB")
+            point["hub_rss_bytes"] = proc.rss_bytes
             self._last_proc = proc
         line = " | ".join(parts)
         self._out.write("\r" + line.ljust(self._line_len))

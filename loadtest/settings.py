@@ -55,6 +55,7 @@ class LoadSettings:
     metrics_urls: tuple[str, ...] = ()  # hub /metrics URLs scraped before and after the measured window
     json_out: str | None = None  # write the result as JSON here
     markdown_out: str | None = None  # write the result as a Markdown table here
+    plot_out: str | None = None  # write a PNG of latency and throughput over time here (needs matplotlib)
     token: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer` when set
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S  # one connection's deadline to get its stream going
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # after the last publish: wait this long for stragglers

@@ -31,11 +31,12 @@ def hub() -> Iterator[HubProcess]:
 def test_fanout_run_accounts_for_every_event_exactly(hub: HubProcess, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     md = tmp_path / "out.md"
+    png = tmp_path / "out.png"
     assert hub.proc is not None
     args = ["fanout", "--url", hub.url, "--connections", "200", "--channels", "10", "--rate", "100"]
     args += ["--duration", "3", "--workers", "2", "--pid", str(hub.proc.pid), "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest", *args, "--markdown", str(md)],
+        [sys.executable, "-m", "loadtest", *args, "--markdown", str(md), "--plot", str(png)],
         cwd=ROOT,
         capture_output=True,
         timeout=50,
@@ -58,6 +59,9 @@ def test_fanout_run_accounts_for_every_event_exactly(hub: HubProcess, tmp_path: 
     assert r["connections"]["connect_ms"]["samples"] == 200
     assert r["hub"]["cpu_us_per_delivery"] is not None and r["hub"]["rss_peak_bytes"] > 0
     assert "| deliveries / expected |" in md.read_text()
+    # One point per second of the run, and the PNG drawn from them.
+    assert len(r["timeline"]) >= 3 and any(p.get("p99_ms") for p in r["timeline"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flags_win_over_environment_and_lists_take_commas_and_repeats() -> None:
