@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-dev run lint format typecheck test test-only system-deps bench lock clean
+.PHONY: install install-dev run lint format typecheck test test-only system-deps bench-deps bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,17 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# Debian packages the tests run for real (redis-server); installed only when missing.
+# The Nchan module as Debian installs it; nginx itself is in /usr/sbin, which a user's PATH may lack.
+NCHAN_MODULE := /usr/lib/nginx/modules/ngx_nchan_module.so
+HAVE_NCHAN := { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && test -f $(NCHAN_MODULE)
+
+# Debian packages the tests run for real (redis-server; nginx with Nchan); installed only when missing.
 system-deps:
-	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && $(HAVE_NCHAN) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx libnginx-mod-nchan; }
+
+# nginx with Nchan, the server `make bench` compares the hub with; installed only when missing.
+bench-deps:
+	@$(HAVE_NCHAN) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan; }
 
 run: install
 	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker, anonymous mode: no authentication). In another shell:"
@@ -54,8 +62,8 @@ test-only: install-dev system-deps
 test: lint typecheck test-only
 
 # Benchmarks report figures; they are never pass/fail and not part of `make test`.
-bench: install-dev system-deps
-	$(BIN)/python bench/core.py --out bench/results.md
+bench: install-dev system-deps bench-deps
+	$(BIN)/python bench/run.py --out bench/results.md
 	$(BIN)/python bench/producer.py --out bench/results-producer.md
 
 # Re-resolve the pins from pyproject.toml in throw-away environments.

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.core import Report, cpu_seconds, free_port, wait_port  # noqa: E402
+from bench.common import Report, cpu_seconds, free_port, wait_port  # noqa: E402
 from producer.jobs import Job, new_generation_id  # noqa: E402
 from producer.queue_redis import RedisJobQueue  # noqa: E402
 
