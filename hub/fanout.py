@@ -15,7 +15,7 @@ import random
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,8 @@ _BACKOFF_MAX_S = 2.0
 class _Transport(Protocol):
     def get_write_buffer_size(self) -> int: ...
     def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def writelines(self, data: Iterable[bytes], /) -> None: ...
 
 
 def encode_reset(reset: Reset) -> bytes:
@@ -49,7 +51,12 @@ def encode_reset(reset: Reset) -> bytes:
 
 
 class Subscriber:
-    """One open SSE stream: a pending-bytes list its handler drains, and the id of the last event handed to it."""
+    """One open SSE stream: a pending-bytes list its handler drains, and the id of the last event handed to it.
+
+    While its handler is parked with everything written (`next_chunk` waiting), bytes pushed are written straight to
+    the connection's transport, framed as an HTTP/1.1 chunk when the response is chunked: no task wakes per event.
+    Otherwise they queue, in order, for the handler to write in one go.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -57,17 +64,23 @@ class Subscriber:
         "_pending_bytes",
         "_waiter",
         "channel",
+        "chunked",
         "cut",
+        "direct",
         "ended",
         "last_key",
         "max_buffer_bytes",
         "transport",
     )
 
-    def __init__(self, channel: str, transport: _Transport | None, max_buffer_bytes: int) -> None:
+    def __init__(
+        self, channel: str, transport: _Transport | None, max_buffer_bytes: int, *, chunked: bool = True
+    ) -> None:
         self.channel = channel
         self.transport = transport
         self.max_buffer_bytes = max_buffer_bytes
+        self.chunked = chunked  # the response body uses HTTP/1.1 chunked coding (aiohttp's, for HTTP/1.1 clients)
+        self.direct = False  # the handler is parked with nothing unwritten: push may write to the transport
         self.last_key: StreamKey = (0, 0)
         self.ended = False  # no more data will come; the handler finishes after writing what is pending
         self.cut = False  # cut off as a slow consumer
@@ -85,10 +98,17 @@ class Subscriber:
         if buffered > self.max_buffer_bytes:
             self._cut_off()
             return False
-        self._pending.append(data)
-        self._pending_bytes += len(data)
         if last_key is not None:
             self.last_key = last_key
+        t = self.transport
+        if self.direct and t is not None and not t.is_closing():
+            t.writelines((b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,))
+            if end:
+                self.ended = True
+                self._wake()
+            return True
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         if end:
             self.ended = True
         self._wake()
@@ -120,9 +140,12 @@ class Subscriber:
             if self.ended:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
+            # Everything handed to this handler is written: from now on pushes go straight to the transport.
+            self.direct = True
             try:
                 await self._waiter
             finally:
+                self.direct = False
                 self._waiter = None
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending = []

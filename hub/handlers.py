@@ -218,6 +218,9 @@ async def stream_channel(
         fanout.register(sub)
         metrics.connections_total.inc()
         await resp.prepare(request)
+        # Events may be written by the fan-out straight to the transport (see Subscriber): they must be framed the
+        # way this response's body is (chunked for HTTP/1.1, raw for HTTP/1.0; never compressed).
+        sub.chunked = resp.headers.get("Transfer-Encoding") == "chunked"
         await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
             while (chunk := await sub.next_chunk()) is not None:

@@ -68,3 +68,40 @@ async def test_slow_consumer_is_cut_off_while_fast_one_gets_everything(
             pass
     writer.close()
     fast.close()
+
+
+async def test_http10_client_gets_a_raw_body_and_http11_a_chunked_one(
+    make_client: ClientFactory, backend: Backend
+) -> None:
+    # Live events are written by the fan-out straight to each connection, framed the way that response's body is:
+    # HTTP/1.0 has no chunked coding (the body ends with the connection), HTTP/1.1 gets one chunk per write.
+    client = await make_client(backend)
+    assert client.port is not None
+    bodies: dict[str, bytes] = {}
+    conns = {}
+    for version in ("1.0", "1.1"):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET /v1/channels/raw/events HTTP/{version}\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert (b"Transfer-Encoding: chunked" in head) == (version == "1.1")
+        conns[version] = (reader, writer)
+    await asyncio.sleep(0.1)
+    ids = await publish(client, "raw", [{"data": "one"}, {"data": "two"}])
+    await publish(client, "raw", {"data": "three"})
+    for version, (reader, writer) in conns.items():
+        body = b""
+        async with asyncio.timeout(10):
+            while body.count(b"data: ") < 3:
+                body += await reader.read(65536)
+        bodies[version] = body
+        writer.close()
+    raw = bodies["1.0"]
+    assert raw.startswith(b"retry:") and b"\r\n" not in raw  # no chunk framing at all
+    assert raw.endswith(b"data: three\n\n") and f"id: {ids[1]}\nevent: message\ndata: two\n\n".encode() in raw
+    # The chunked body decodes to the same events.
+    chunked, decoded = bodies["1.1"], b""
+    while chunked:
+        size_line, _, rest = chunked.partition(b"\r\n")
+        size = int(size_line, 16)
+        decoded, chunked = decoded + rest[:size], rest[size + 2 :]
+    assert decoded.endswith(b"data: three\n\n") and f"id: {ids[1]}\nevent: message\ndata: two\n\n".encode() in decoded
