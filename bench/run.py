@@ -625,6 +625,13 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def _code_version() -> str:
+    """The commit measured, and whether the servers' or the load tester's code differed from it."""
+    commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(ROOT), "status", "--porcelain", "--", "hub", "loadtest", "bench"])
+    return f"commit {commit}" + (" with uncommitted changes in hub/, loadtest/ or bench/" if dirty != "?" else "")
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -645,7 +652,8 @@ def environment(nchan: NchanServer | None, load_before: str) -> list[str]:
     return [
         f"- Machine: {platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} cores "
         f"({_cpu_model()}); load tester, servers and Redis share them.",
-        f"- Python {platform.python_version()}, Redis {redis_v}, nginx {nginx_v}, Nchan {nchan_v}.",
+        f"- Code: {_code_version()}; Python {platform.python_version()}, Redis {redis_v}, nginx {nginx_v}, "
+        f"Nchan {nchan_v}.",
         f"- Load average (1, 5, 15 min) before the bench: {load_before}; after it: {_load()}.",
     ]
 
