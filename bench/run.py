@@ -689,7 +689,9 @@ def render(
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes the same way out as Ctrl-C: every `finally` runs
+    # SIGTERM takes the same way out as Ctrl-C: every `finally` runs. SIGINT is set too because a shell starts
+    # background jobs with it ignored, and Python then leaves it so.
+    raise KeyboardInterrupt
 
 
 def select(runs: list[BenchRun], only: str | None) -> list[BenchRun]:
@@ -720,7 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench/run.py: {e}", file=sys.stderr)
         return 2
     out: Path | None = args.out or (None if args.quick or args.only else DEFAULT_OUT)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     started, load_before = time.time(), _load()
     workdir = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
