@@ -187,6 +187,9 @@ def standard_runs(quick: bool) -> list[BenchRun]:
     search_s = 2.0 if quick else 5.0
     rates = (200.0, 600.0, 1000.0) if quick else (200.0, 400.0, 600.0, 800.0, 1000.0, 1200.0)
     publish_s = 2.0 if quick else 5.0
+    gen_n = 100 if quick else 1000
+    storm_n = 500 if quick else 5000
+    storm_s = 8.0 if quick else 20.0
     runs = [
         BenchRun(
             name="idle",
@@ -225,6 +228,57 @@ def standard_runs(quick: bool) -> list[BenchRun]:
             search_rates=rates,
             duration_s=search_s + subs / 1000,
             figures=(),
+        ),
+        BenchRun(
+            name="generations",
+            scenario="generations",
+            args=(
+                "--connections",
+                str(gen_n),
+                "--channels",
+                str(gen_n),
+                "--rate",
+                f"{gen_n * 20}",
+                "--duration",
+                f"{fanout_s:g}",
+            ),
+            summary=f"AI pace: {gen_n:,} generations, one subscriber each, 20 tokens/s each, appended to the hub's "
+            "Redis through the producer's coalescer (Nchan has no such writer: n/a)",
+            targets=("hub",),
+            target_args={"hub": ("--redis-url", "{redis_url}")},
+            duration_s=fanout_s + gen_n / 1000,
+            figures=_FANOUT,
+        ),
+        BenchRun(
+            name="reconnect-storm",
+            scenario="reconnect-storm",
+            args=(
+                "--connections",
+                str(storm_n),
+                "--channels",
+                str(storm_n // 10),
+                "--rate",
+                f"{storm_n // 10 * 2}",
+                "--duration",
+                f"{storm_s:g}",
+            ),
+            summary=f"{storm_n:,} subscribers on {storm_n // 10:,} channels, 2 tokens/s per channel appended as "
+            "producers do, all dropped a quarter of the way in and reconnected at once with Last-Event-ID (Nchan: "
+            "n/a, the tokens go to the hub's Redis)",
+            targets=("hub",),
+            target_args={"hub": ("--redis-url", "{redis_url}")},
+            duration_s=storm_s + storm_n / 1000 + 30,
+            figures=(
+                Figure("reconnects answered", at("storm", "reconnected"), better=None),
+                Figure("reconnect answered p50", at("storm", "reconnect_ms", "p50_ms"), "ms"),
+                Figure("reconnect answered max", at("storm", "reconnect_ms", "max_ms"), "ms"),
+                Figure("caught up (next live token received) p99", at("storm", "catch_up_ms", "p99_ms"), "ms"),
+                Figure("caught up max", at("storm", "catch_up_ms", "max_ms"), "ms"),
+                Figure("history reads Redis ran for the storm", at("storm", "store_history_reads"), better="lower"),
+                Figure("resumes served from the node's window", at("storm", "resumes_from_window"), better=None),
+                Figure("resumes served from the store", at("storm", "resumes_from_store"), better="lower"),
+                Figure("missing / gaps / duplicates / out of order", _delivery_counts, better=None),
+            ),
         ),
         BenchRun(
             name="publish",
