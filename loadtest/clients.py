@@ -193,8 +193,8 @@ class SubscriberPool:
     async def _connect(
         self, s: _Stream, headers: dict[str, str], *, wait_ready: bool
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, BodyDecoder, SSEParser]:
-        """Open the stream; with `wait_ready`, also read until the adapter says it is live. Raises _Refused (or an
-        OSError, HttpError, TimeoutError) when it fails; the socket is then closed."""
+        """Open the stream; with `wait_ready`, also read until the adapter says it is live. Raises _Refused, with a
+        short countable reason, when it fails; the socket is then closed."""
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
@@ -216,9 +216,11 @@ class SubscriberPool:
                     if decoder.done:
                         raise _Refused("ended")
                 return reader, writer, decoder, parser
-        except BaseException:
+        except BaseException as e:
             if writer is not None:
                 writer.close()
+            if isinstance(e, OSError | EOFError | asyncio.LimitOverrunError | HttpError | TimeoutError):
+                raise _Refused(_reason(e)) from e
             raise
 
     async def _run(self, s: _Stream) -> None:
@@ -229,14 +231,8 @@ class SubscriberPool:
             try:
                 reader, writer, decoder, parser = await self._connect(s, self.headers, wait_ready=True)
             except _Refused as e:
-                reason: str | None = e.reason
-            except (OSError, EOFError, asyncio.LimitOverrunError, HttpError, TimeoutError) as e:
-                reason = _reason(e)
-            else:
-                reason = None
-            if reason is not None:
                 ctx.tick.failed += 1
-                ctx.tick.error(reason)
+                ctx.tick.error(e.reason)
                 s.ready.set_result(False)
                 return
             ctx.tick.opened += 1
@@ -285,17 +281,12 @@ class SubscriberPool:
                 # the sign it is in place.
                 reader, writer, decoder, parser = await self._connect(s, headers, wait_ready=False)
             except _Refused as e:
-                reason: str | None = e.reason
-            except (OSError, EOFError, asyncio.LimitOverrunError, HttpError, TimeoutError) as e:
-                reason = _reason(e)
-            else:
-                reason = None
-            self._answered()
-            if reason is not None:
-                ctx.tick.error(f"reconnect_{reason}")
+                self._answered()
+                ctx.tick.error(f"reconnect_{e.reason}")
                 self.reconnect_failed += 1
                 self._caught_up(s)
                 return
+            self._answered()
             s.resumed_at = time.time()
             self.reconnect_us.add(round((s.resumed_at - self._storm_t0) * 1_000_000))
             ctx.open += 1

@@ -12,7 +12,7 @@ import pytest
 
 from hub.backend import ChannelClosed, Entry, NewEvent
 from hub.backend_memory import MemoryBackend
-from producer.jobs import Job, new_generation_id
+from producer.jobs import GenerationRecord, Job, new_generation_id
 from producer.providers.anthropic import AnthropicProvider
 from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
@@ -37,6 +37,15 @@ class Rig:
         )
         await self.queue.submit(job)
         return job, await self.wait_closed(job.channel)
+
+    async def finished(self, job_id: str, timeout_s: float = 10) -> GenerationRecord:
+        """The job's record once it is final: the worker settles it just after appending the end marker, so a
+        reader who saw the channel close may still find it running for a moment."""
+        deadline = time.monotonic() + timeout_s
+        while (record := await self.queue.get(job_id)) is None or record.status in ("queued", "running"):
+            assert time.monotonic() < deadline, f"{job_id} not settled: {record}"
+            await asyncio.sleep(0.02)
+        return record
 
     async def wait_closed(self, channel: str, timeout_s: float = 20) -> list[Entry]:
         deadline = time.monotonic() + timeout_s
@@ -76,8 +85,8 @@ async def test_a_normal_stream_becomes_start_tokens_done_with_usage(rig: Rig, pr
     done = orjson.loads(entries[-1].data)
     assert done["finish_reason"] == "stop"
     assert done["usage"]["input_tokens"] is not None and done["usage"]["output_tokens"] is not None
-    record = await rig.queue.get(job.id)
-    assert record is not None and record.status == "done" and record.usage == done["usage"]
+    record = await rig.finished(job.id)
+    assert record.status == "done" and record.usage == done["usage"]
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
@@ -112,8 +121,8 @@ async def test_a_stream_cut_after_tokens_ends_with_one_error_event(rig: Rig, pro
     err = orjson.loads(entries[-1].data)
     assert err["code"] == "stream_truncated" and TEST_API_KEY not in err["message"]
     assert len(rig.fake.requests_for("cut")) == 1  # after the first token a failure is final
-    record = await rig.queue.get(job.id)
-    assert record is not None and record.status == "error" and record.error == err
+    record = await rig.finished(job.id)
+    assert record.status == "error" and record.error == err
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
@@ -186,8 +195,8 @@ async def test_an_unexpected_failure_ends_the_generation_with_an_internal_error(
     job, entries = await rig.run("broken", "any")
     assert [e.event for e in entries] == ["start", "token", "error"]
     assert orjson.loads(entries[-1].data) == {"code": "internal", "message": "the generation failed inside the worker"}
-    record = await rig.queue.get(job.id)
-    assert record is not None and record.status == "error"
+    record = await rig.finished(job.id)
+    assert record.status == "error"
     assert rig.queue._running == {}  # acknowledged: it will not run again
 
 
