@@ -66,10 +66,22 @@ class SSEParser:
     """Incremental parser following the WHATWG "event stream interpretation" algorithm.
 
     Feed it bytes as they arrive (split anywhere, even inside a UTF-8 sequence or between CR and LF);
-    it returns the events completed so far. `last_event_id` persists across events as in EventSource.
+    it returns the events completed so far. `last_event_id` persists across events as in EventSource. `comments`
+    counts the comment lines read (EventSource ignores them; a client may take one as a sign the stream is live).
     """
 
-    __slots__ = ("_buf", "_data", "_decoder", "_event", "_id_buf", "_seen_cr", "_started", "last_event_id", "retry_ms")
+    __slots__ = (
+        "_buf",
+        "_data",
+        "_decoder",
+        "_event",
+        "_id_buf",
+        "_seen_cr",
+        "_started",
+        "comments",
+        "last_event_id",
+        "retry_ms",
+    )
 
     def __init__(self) -> None:
         self._buf = ""
@@ -81,6 +93,7 @@ class SSEParser:
         self._id_buf: str | None = None
         self.last_event_id = ""
         self.retry_ms: int | None = None
+        self.comments = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         text = self._decode(chunk)
@@ -126,6 +139,7 @@ class SSEParser:
         if line == "":
             return self._dispatch()
         if line.startswith(":"):
+            self.comments += 1
             return None
         name, sep, value = line.partition(":")
         if sep and value.startswith(" "):

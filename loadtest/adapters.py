@@ -20,11 +20,15 @@ __all__ = ["ADAPTERS", "Adapter", "HubAdapter", "NchanAdapter", "PublishError", 
 
 
 class PublishError(Exception):
-    """A publish request the server did not accept; `reason` is short and countable (`http_503`, `timeout`, …)."""
+    """A publish request the server did not accept; `reason` is short and countable (`http_503`, `timeout`, …).
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    `accepted`: how many of the request's events the server had stored before it failed (a target whose batch is
+    not atomic); the publisher counts them and does not reuse their sequence numbers."""
+
+    def __init__(self, reason: str, detail: str = "", *, accepted: int = 0) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.accepted = accepted
 
 
 def encode_data(sent_s: float, seq: int, padding: str) -> str:
@@ -116,9 +120,8 @@ class NchanAdapter:
     def stream_ready(self, parser: SSEParser) -> bool:
         # Nchan answers an EventSource request with its head and the comment `: hi`, in one write, only once the
         # subscriber is enqueued on the channel (nchan's es_enqueue); no `id:` or `retry:` comes before the first
-        # message. A comment changes nothing the parser makes public, so this reads its private state: it has
-        # started (taken body text) and holds no unfinished line, i.e. the whole `: hi` line has arrived.
-        return parser._started and parser._buf == ""
+        # message. So the first whole comment line is the sign.
+        return parser.comments > 0
 
     async def publish(
         self, session: aiohttp.ClientSession, base: str, channel: str, datas: Sequence[str], headers: Mapping[str, str]
@@ -126,13 +129,16 @@ class NchanAdapter:
         url = self.publish_template.format(base=base.rstrip("/"), channel=quote(channel, safe=""))
         request_headers = {**headers, "Content-Type": "text/plain", "X-EventSource-Event": self.event_name}
         # Strictly one after the other: two requests in flight could be stored in either order. Unlike the hub's
-        # batch this is not atomic: a failure part-way raises, the messages stored before it stay stored, and the
-        # subscribers count them again as duplicates when the publisher reuses their sequence numbers.
-        for data in datas:
-            async with session.post(url, data=data.encode(), headers=request_headers) as resp:
-                raw = await resp.read()
-                if resp.status not in (201, 202):
-                    raise PublishError(f"http_{resp.status}", raw[:200].decode("utf-8", "replace"))
+        # batch this is not atomic: a failure part-way says how many were stored before it (`accepted`).
+        for k, data in enumerate(datas):
+            try:
+                async with session.post(url, data=data.encode(), headers=request_headers) as resp:
+                    raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                reason = "timeout" if isinstance(e, TimeoutError) else type(e).__name__
+                raise PublishError(reason, str(e), accepted=k) from e
+            if resp.status not in (201, 202):
+                raise PublishError(f"http_{resp.status}", raw[:200].decode("utf-8", "replace"), accepted=k)
         return len(datas)
 
 

@@ -403,12 +403,14 @@ async def _publish_once(
     datas: list[str],
     headers: Mapping[str, str],
 ) -> int:
-    """One publish request, counted into the tick; returns the events accepted (0 on failure)."""
+    """One publish request, counted into the tick; returns the events accepted (on failure, those the server says it
+    stored before failing, usually 0)."""
     started = time.perf_counter()
+    accepted = 0
     try:
         n = await adapter.publish(session, base, channel, datas, headers)
     except PublishError as e:
-        reason = e.reason
+        reason, accepted = e.reason, e.accepted
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
         reason = _reason(e)
     else:
@@ -419,7 +421,8 @@ async def _publish_once(
         return n
     ctx.tick.publish_errors += 1
     ctx.tick.error(f"publish_{reason}")
-    return 0
+    ctx.tick.published += accepted
+    return accepted
 
 
 @dataclass(frozen=True, slots=True)

@@ -719,3 +719,10 @@ def test_parser_agrees_with_reference_algorithm_on_arbitrary_bytes(wire: bytes, 
     chunked = SSEParser()
     assert feed_chunks(chunked, split_at(wire, [p % (len(wire) + 1) for p in points])) == ref.events
     assert (chunked.last_event_id, chunked.retry_ms) == (ref.last_event_id, ref.retry_ms)
+
+
+def test_parser_counts_whole_comment_lines_only() -> None:
+    parser = SSEParser()
+    assert parser.feed(b": o") == [] and parser.comments == 0  # not a whole line yet
+    assert parser.feed(b"k\r\n:\n") == [] and parser.comments == 2
+    assert [e.data for e in parser.feed(b"data: x\n: between\n\n")] == ["x"] and parser.comments == 3

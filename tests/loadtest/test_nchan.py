@@ -7,13 +7,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from bench.nchan import NchanServer, missing
 from hub.sse import SSEParser
-from loadtest.adapters import NchanAdapter
+from loadtest.adapters import NchanAdapter, PublishError
 from tests.support import ROOT, free_port
 
 _MISSING = missing()
@@ -58,3 +61,25 @@ def test_stream_is_ready_only_after_nchan_says_hi() -> None:
     assert not adapter.stream_ready(parser)
     assert parser.feed(b": h") == [] and not adapter.stream_ready(parser)
     assert parser.feed(b"i\n\n") == [] and adapter.stream_ready(parser)
+
+
+async def test_a_batch_failing_part_way_says_how_many_were_stored(aiohttp_server: Any) -> None:
+    # Nchan takes one message per request, so a "batch" is several requests and can fail half-way. The publisher must
+    # learn what was stored, or it would reuse those sequence numbers and the subscribers would count duplicates.
+    # A stand-in for Nchan's publisher location that refuses the third message.
+    stored: list[bytes] = []
+
+    async def pub(request: web.Request) -> web.Response:
+        if len(stored) == 2:
+            return web.Response(status=503, text="overloaded")
+        stored.append(await request.read())
+        return web.Response(status=201)
+
+    app = web.Application()
+    app.router.add_post("/pub/{channel}", pub)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(PublishError) as caught:
+            await NchanAdapter().publish(session, str(server.make_url("")), "c", ["a", "b", "c", "d"], {})
+    assert (caught.value.reason, caught.value.accepted) == ("http_503", 2)
+    assert stored == [b"a", b"b"]
