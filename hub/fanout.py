@@ -40,6 +40,7 @@ class _Transport(Protocol):
     def abort(self) -> None: ...
     def is_closing(self) -> bool: ...
     def writelines(self, data: Iterable[bytes], /) -> None: ...
+    def close(self) -> None: ...
 
 
 def encode_reset(reset: Reset) -> bytes:
@@ -68,6 +69,7 @@ class Subscriber:
         "cut",
         "direct",
         "ended",
+        "handed_over",
         "last_key",
         "max_buffer_bytes",
         "transport",
@@ -81,6 +83,7 @@ class Subscriber:
         self.max_buffer_bytes = max_buffer_bytes
         self.chunked = chunked  # the response body uses HTTP/1.1 chunked coding (aiohttp's, for HTTP/1.1 clients)
         self.direct = False  # the handler is parked with nothing unwritten: push may write to the transport
+        self.handed_over = False  # no handler any more (hub.handover): this object writes and ends the stream
         self.last_key: StreamKey = (0, 0)
         self.ended = False  # no more data will come; the handler finishes after writing what is pending
         self.cut = False  # cut off as a slow consumer
@@ -104,8 +107,7 @@ class Subscriber:
         if self.direct and t is not None and not t.is_closing():
             t.writelines((b"%x\r\n" % len(data), data, b"\r\n") if self.chunked else (data,))
             if end:
-                self.ended = True
-                self._wake()
+                self.end()
             return True
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -116,8 +118,29 @@ class Subscriber:
 
     def end(self) -> None:
         """Finish the stream after what is already pending."""
+        if self.handed_over:
+            if not self.ended and self.transport is not None and not self.transport.is_closing():
+                if self.chunked:
+                    self.transport.writelines((b"0\r\n\r\n",))  # the last chunk: the response is complete
+                self.transport.close()
+            self.ended = True
+            return
         self.ended = True
         self._wake()
+
+    def take_pending(self) -> bytes | None:
+        """Everything queued for the handler, joined; None when nothing is."""
+        if not self._pending:
+            return None
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        return data
+
+    def hand_over(self) -> None:
+        """From now on this writes every push straight to the transport, and `end()` finishes the response."""
+        self.handed_over = True
+        self.direct = True
 
     def _cut_off(self) -> None:
         self.cut = True

@@ -16,6 +16,7 @@ from .auth import Principal, seconds_left
 from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
 from .fanout import Replayed, Subscriber, encode_reset
+from .handover import hand_over
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
@@ -171,16 +172,14 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     return await stream_channel(request, channel, _requested_position(request), principal)
 
 
-async def stream_channel(
-    request: web.Request, channel: str, position: str | None, principal: Principal
-) -> web.StreamResponse:
-    """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization are the
-    caller's; the stream ends when the principal's token expires (the client reconnects with a fresh one)."""
-    backend = request.app[BACKEND]
+async def _start(
+    request: web.Request, channel: str, position: str | None
+) -> tuple[str, RangeResult | None, bytes] | None:
+    """Where the stream starts: (position, the first history page if one was read, the preamble); None when the
+    client already has the channel's end marker (answer 204, which tells EventSource to stop reconnecting)."""
     settings = request.app[SETTINGS]
-    first: RangeResult | None = None
-    preamble = retry(settings.retry_ms) + comment("ok")
     fanout = request.app[FANOUT]
+    preamble = retry(settings.retry_ms) + comment("ok")
     if position is None:
         # Live: start after whatever the channel holds now. The client is told that position at once, so a
         # reconnect before the first event resumes from it instead of silently starting from "now" again.
@@ -188,22 +187,33 @@ async def stream_channel(
         live = fanout.live_position(channel)
         if live is None:
             request.app[METRICS].subscribe_reads.inc()
-            info = await backend.info(channel)
+            info = await request.app[BACKEND].info(channel)
             if info is not None and info.closed:
-                return web.Response(status=204)
+                return None
             live = info.last_id if info is not None else ZERO_ID
-        position = live
-        preamble += event_id(position)
-    elif fanout.can_resume(channel, position):
+        return live, None, preamble + event_id(live)
+    if fanout.can_resume(channel, position):
         # What the client missed is in this node's window of the channel: `_catch_up` serves it from memory.
         request.app[METRICS].resumes.labels("window").inc()
-    else:
-        request.app[METRICS].resumes.labels("store").inc()
-        first = await _history(request, channel, position)
-        if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
-            # The client already has the end marker: 204 tells EventSource to stop reconnecting.
-            return web.Response(status=204)
+        return position, None, preamble
+    request.app[METRICS].resumes.labels("store").inc()
+    first = await _history(request, channel, position)
+    if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
+        return None
+    return position, first, preamble
 
+
+async def stream_channel(
+    request: web.Request, channel: str, position: str | None, principal: Principal
+) -> web.StreamResponse:
+    """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization are the
+    caller's; the stream ends when the principal's token expires (the client reconnects with a fresh one)."""
+    start = await _start(request, channel, position)
+    if start is None:
+        return web.Response(status=204)
+    position, first, preamble = start
+    settings = request.app[SETTINGS]
+    fanout = request.app[FANOUT]
     limits = request.app[LIMITS]
     client = limits.client(request, principal)
     limits.open_stream(client, fanout.subscriber_count)
@@ -211,9 +221,20 @@ async def stream_channel(
     # One frame for the whole life of the stream: a node holds thousands of these, and each nested coroutine
     # would stay alive (and in memory) as long as the connection does.
     resp = web.StreamResponse(headers=_SSE_HEADERS)
+    # The connection ends with the stream (a handed-over stream closes it): `Connection: close` tells the client
+    # not to send its next request (the reconnect) on it.
+    resp.force_close()
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     lifetime = seconds_left(principal)
     expiry = asyncio.get_running_loop().call_later(lifetime, sub.end) if lifetime is not None else None
+
+    def release() -> None:
+        fanout.detach(sub)
+        if expiry is not None:
+            expiry.cancel()
+        limits.close_stream(client)
+
+    handed_over = False
     try:
         fanout.register(sub)
         metrics.connections_total.inc()
@@ -223,6 +244,13 @@ async def stream_channel(
         sub.chunked = resp.headers.get("Transfer-Encoding") == "chunked"
         await resp.write(preamble)
         if await _catch_up(request, resp, sub, position, first):
+            # Write what the catch-up queued, then hand the live stream over to a minimal protocol (hub.handover):
+            # checked and done synchronously, so nothing can be pushed in between.
+            while (chunk := sub.take_pending()) is not None:
+                await resp.write(chunk)
+            if not sub.ended and hand_over(request, sub, release):
+                handed_over = True
+                return resp
             while (chunk := await sub.next_chunk()) is not None:
                 await resp.write(chunk)
     except ConnectionError:
@@ -233,10 +261,8 @@ async def stream_channel(
         metrics.backend_errors.labels("history").inc()
         log.info("ending stream on %s: %s", channel, e)
     finally:
-        fanout.detach(sub)
-        if expiry is not None:
-            expiry.cancel()
-        limits.close_stream(client)
+        if not handed_over:
+            release()
     return resp
 
 
