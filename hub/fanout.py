@@ -56,7 +56,8 @@ class Subscriber:
 
     While its handler is parked with everything written (`next_chunk` waiting), bytes pushed are written straight to
     the connection's transport, framed as an HTTP/1.1 chunk when the response is chunked: no task wakes per event.
-    Otherwise they queue, in order, for the handler to write in one go.
+    Otherwise they queue, in order, for the handler to write in one go. Once the stream is handed over (hub.handover)
+    there is no handler: every push is written straight away, and `end()` completes the response and closes.
     """
 
     __slots__ = (
@@ -170,10 +171,7 @@ class Subscriber:
             finally:
                 self.direct = False
                 self._waiter = None
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
-        return data
+        return self.take_pending()
 
 
 @dataclass(frozen=True, slots=True)
