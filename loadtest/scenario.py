@@ -9,6 +9,7 @@ import asyncio
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from hub.settings import DEFAULT_HISTORY, DEFAULT_TTL_S
@@ -125,14 +126,12 @@ def delivery_outcome(
     out: Outcome,
     published: Mapping[str, Any],
     streams: StreamTotals,
-    window: tuple[ProcSample | None, ProcSample | None],
-    metrics: tuple[dict[str, float] | None, dict[str, float] | None],
-    before: ProcSample | None,
+    flow: DeliveryRun,
+    window_end: ProcSample | None,
+    metrics_after: dict[str, float] | None,
 ) -> None:
     """The figures of a publish-and-deliver run: what was published, exact delivery, latency, the hub's cost per
     delivery over the window, and the problems found."""
-    window_start, window_end = window
-    metrics_before, metrics_after = metrics
     s = run.settings
     connections_outcome(run, out, streams)
     total_published = sum(published["published"].values())
@@ -161,16 +160,16 @@ def delivery_outcome(
     request = latency_ms(run.totals.request_us)
     hub = hub_figures(
         s.pids,
-        window_start,
+        flow.window_start,
         window_end,
         run.proc.peak_rss_bytes,
         count=streams.delivered,
         per="delivery",
-        metrics_before=metrics_before,
+        metrics_before=flow.metrics_before,
         metrics_after=metrics_after,
     )
-    if before is not None:
-        hub["rss_unconnected_bytes"] = before.rss_bytes
+    if flow.before is not None:
+        hub["rss_unconnected_bytes"] = flow.before.rss_bytes
     out.sections |= {"delivery": delivery, "latency_ms": latency, "publish_request_ms": request, "hub": hub}
     out.rows += [
         (
@@ -191,6 +190,54 @@ def delivery_outcome(
         out.problems.append(f"{run.totals.publish_errors} publish requests failed")
     out.problems += streams.problems()
     out.problems += run.proc.errors + run.metrics.errors
+
+
+@dataclass(slots=True)
+class DeliveryRun:
+    """A publish-and-deliver run under way: its subscribers, its one publishing worker, and the start of the
+    measured window (taken when every stream is live, just before the first publish)."""
+
+    subs: list[WorkerHandle]
+    pub: list[WorkerHandle]
+    before: ProcSample | None  # the hub before any connection
+    window_start: ProcSample | None
+    metrics_before: dict[str, float] | None
+
+
+def http_publisher(run: Run, channels: list[str], events: int | None) -> tuple[str, object]:
+    s = run.settings
+    job = FanoutPublishJob(
+        s.target, s.urls, tuple(channels), s.rate_per_s, s.batch, s.payload_bytes, s.duration_s, events, s.token
+    )
+    return "fanout-publisher", job
+
+
+async def start_delivery(run: Run, channels: list[str], publisher: tuple[str, object], phase: str) -> DeliveryRun:
+    """Spawn the subscribers and the publisher together (the publisher starts up while the subscribers connect),
+    wait until every stream is live, so each subscriber sees its channel from sequence 0, and start publishing."""
+    before = run.sample()
+    run.begin_phase("connect")
+    subs = spawn_subscribers(run, channels)
+    role, job = publisher
+    pub = run.spawn(role, [job])
+    await run.expect(subs, "ready", ramp_timeout_s(run))
+    await run.expect(pub, "ready", _SPAWN_S)
+    metrics_before = await run.scrape()
+    window_start = run.sample()
+    run.begin_phase(phase)
+    run.send(pub, "start")
+    return DeliveryRun(subs, pub, before, window_start, metrics_before)
+
+
+async def finish_delivery(run: Run, out: Outcome, d: DeliveryRun, publish_s: float) -> StreamTotals:
+    """Wait for the publisher, drain the subscribers, and add the delivery figures to `out`."""
+    (published,) = await run.expect(d.pub, "done", publish_s * 2 + _SPAWN_S)
+    run.begin_phase("drain")
+    streams, window_end, metrics_after = await finish_subscribers(
+        run, d.subs, published["published"], run.settings.drain_timeout_s
+    )
+    delivery_outcome(run, out, published, streams, d, window_end, metrics_after)
+    return streams
 
 
 # -- scenarios ------------------------------------------------------------------------------------------------------
@@ -244,31 +291,9 @@ class Fanout(Scenario):
         s = run.settings
         out = Outcome()
         channels = [run.channel(i) for i in range(s.channels)]
-        before = run.sample()
-        run.begin_phase("connect")
-        # Spawned together, so the publisher starts up while the subscribers connect.
-        subs = spawn_subscribers(run, channels)
-        job = FanoutPublishJob(
-            s.target, s.urls, tuple(channels), s.rate_per_s, s.batch, s.payload_bytes, s.duration_s, s.events, s.token
-        )
-        pub = run.spawn("fanout-publisher", [job])
-        await run.expect(subs, "ready", ramp_timeout_s(run))
-        await run.expect(pub, "ready", _SPAWN_S)
-        # Every stream is live before the first publish: each subscriber must see its channel from sequence 0.
-        metrics_before = await run.scrape()
-        window_start = run.sample()
-        run.begin_phase("publish")
-        run.send(pub, "start")
+        d = await start_delivery(run, channels, http_publisher(run, channels, s.events), "publish")
         publish_s = (s.events / s.rate_per_s) if s.events is not None else s.duration_s
-        (published,) = await run.expect(pub, "done", publish_s * 2 + _SPAWN_S)
-        run.begin_phase("drain")
-        streams, window_end, metrics_after = await finish_subscribers(
-            run, subs, published["published"], s.drain_timeout_s
-        )
-
-        delivery_outcome(
-            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
-        )
+        await finish_delivery(run, out, d, publish_s)
         return out
 
 
@@ -292,24 +317,8 @@ class Generations(Scenario):
         assert s.redis_url is not None
         out = Outcome()
         channels = [run.channel(i) for i in range(s.channels)]
-        before = run.sample()
-        run.begin_phase("connect")
-        subs = spawn_subscribers(run, channels)
-        writer = run.spawn("generations", [generations_job(run, channels)])
-        await run.expect(subs, "ready", ramp_timeout_s(run))
-        await run.expect(writer, "ready", _SPAWN_S)
-        metrics_before = await run.scrape()
-        window_start = run.sample()
-        run.begin_phase("generate")
-        run.send(writer, "start")
-        (published,) = await run.expect(writer, "done", s.duration_s * 2 + _SPAWN_S)
-        run.begin_phase("drain")
-        streams, window_end, metrics_after = await finish_subscribers(
-            run, subs, published["published"], s.drain_timeout_s
-        )
-        delivery_outcome(
-            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
-        )
+        d = await start_delivery(run, channels, ("generations", generations_job(run, channels)), "generate")
+        await finish_delivery(run, out, d, s.duration_s)
         out.rows.insert(0, ("tokens per generation per second", f"{s.rate_per_s / s.channels:g}"))
         return out
 
@@ -337,24 +346,15 @@ class ReconnectStorm(Scenario):
         s = run.settings
         out = Outcome()
         channels = [run.channel(i) for i in range(s.channels)]
-        before = run.sample()
-        run.begin_phase("connect")
-        subs = spawn_subscribers(run, channels)
-        if s.redis_url is not None and s.target == "hub":
-            # Tokens appended as producers append them: the storm is measured on the hub's subscribe path, not
-            # on thousands of HTTP publish requests competing with it.
-            pub = run.spawn("generations", [generations_job(run, channels)])
-        else:
-            job = FanoutPublishJob(
-                s.target, s.urls, tuple(channels), s.rate_per_s, s.batch, s.payload_bytes, s.duration_s, None, s.token
-            )
-            pub = run.spawn("fanout-publisher", [job])
-        await run.expect(subs, "ready", ramp_timeout_s(run))
-        await run.expect(pub, "ready", _SPAWN_S)
-        metrics_before = await run.scrape()
-        window_start = run.sample()
-        run.begin_phase("publish")
-        run.send(pub, "start")
+        # With --redis-url, tokens appended as producers append them: the storm is measured on the hub's subscribe
+        # path, not on thousands of HTTP publish requests competing with it.
+        publisher = (
+            ("generations", generations_job(run, channels))
+            if s.redis_url is not None and s.target == "hub"
+            else http_publisher(run, channels, None)
+        )
+        flow = await start_delivery(run, channels, publisher, "publish")
+        subs = flow.subs
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await run.hold(max(0.0, t0 + s.duration_s / 4 - loop.time()))
@@ -367,11 +367,8 @@ class ReconnectStorm(Scenario):
         metrics_caught_up = await run.scrape()
         stormed = await run.expect(subs, "stormed", s.connect_timeout_s + _SPAWN_S)
         run.begin_phase("publish")
-        (published,) = await run.expect(pub, "done", s.duration_s * 2 + _SPAWN_S)
-        run.begin_phase("drain")
-        streams, window_end, metrics_after = await finish_subscribers(
-            run, subs, published["published"], s.drain_timeout_s
-        )
+        streams = await finish_delivery(run, out, flow, s.duration_s)
+        delivery_rows, out.rows = out.rows, []
 
         catch_up, reconnect = Histogram(), Histogram()
         failed = not_caught_up = 0
@@ -430,9 +427,7 @@ class ReconnectStorm(Scenario):
             out.problems.append(f"storm: {failed} reconnects failed")
         if not_caught_up:
             out.problems.append(f"storm: {not_caught_up} streams had not caught up after {s.connect_timeout_s:g} s")
-        delivery_outcome(
-            run, out, published, streams, (window_start, window_end), (metrics_before, metrics_after), before
-        )
+        out.rows += delivery_rows  # the storm's own figures first
         out.problems += run.redis.errors
         return out
 
