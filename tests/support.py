@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from hub.sse import SSEEvent, SSEParser
+from producer.jobs import GenerationRecord, JobQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,3 +160,13 @@ async def collect(resp: aiohttp.ClientResponse, *, count: int | None = None, tim
             if count is not None and len(out) >= count:
                 break
     return out
+
+
+async def settled(queue: JobQueue, job_id: str, timeout_s: float = 10) -> GenerationRecord:
+    """A generation's final record. The worker settles it just after appending the end marker, so a reader who saw
+    the channel close may still find it running for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while (record := await queue.get(job_id)) is None or record.status in ("queued", "running"):
+        assert time.monotonic() < deadline, f"{job_id} not settled: {record}"
+        await asyncio.sleep(0.02)
+    return record

@@ -18,12 +18,12 @@ from hub.backend import Entry
 from hub.backend_redis import RedisBackend
 from hub.presence import RedisPresence
 from hub.sse import SSEEvent
-from producer.jobs import GenerationRecord, Job, JobQueue, new_generation_id
+from producer.jobs import Job, new_generation_id
 from producer.providers.demo import DemoProvider
 from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
-from tests.support import HubProcess, ProducerProcess, RedisServer, free_port, read_events
+from tests.support import HubProcess, ProducerProcess, RedisServer, free_port, read_events, settled
 
 
 @pytest.fixture
@@ -103,15 +103,6 @@ async def _wait_closed(backend: RedisBackend, channel: str, timeout_s: float) ->
         await asyncio.sleep(0.05)
 
 
-async def _settled(queue: JobQueue, job_id: str, timeout_s: float = 10) -> GenerationRecord:
-    """The job's final record: the worker settles it just after appending the end marker."""
-    deadline = time.monotonic() + timeout_s
-    while (record := await queue.get(job_id)) is None or record.status in ("queued", "running"):
-        assert time.monotonic() < deadline, f"{job_id} not settled: {record}"
-        await asyncio.sleep(0.02)
-    return record
-
-
 async def _wait_tokens(backend: RedisBackend, channel: str, count: int, worker: ProducerProcess) -> None:
     """Until the channel holds `count` tokens: the generation is under way."""
     deadline = time.monotonic() + 20
@@ -150,7 +141,7 @@ async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
         print(second.log())
         raise
     _check_one_run(entries, 120, restarted=True)
-    record = await _settled(queue, job.id)
+    record = await settled(queue, job.id)
     assert record.status == "done" and record.attempts == 2
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from hub.backend import ChannelClosed, Entry, NewEvent
 from hub.backend_memory import MemoryBackend
-from producer.jobs import GenerationRecord, Job, new_generation_id
+from producer.jobs import Job, new_generation_id
 from producer.providers.anthropic import AnthropicProvider
 from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
@@ -21,6 +21,7 @@ from producer.queue_memory import MemoryJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
 from tests.producer.fake_providers import DEFAULT_TOKENS, TEST_API_KEY, Behaviour, FakeProviders, numbered_tokens
+from tests.support import settled
 
 
 @dataclass
@@ -37,15 +38,6 @@ class Rig:
         )
         await self.queue.submit(job)
         return job, await self.wait_closed(job.channel)
-
-    async def finished(self, job_id: str, timeout_s: float = 10) -> GenerationRecord:
-        """The job's record once it is final: the worker settles it just after appending the end marker, so a
-        reader who saw the channel close may still find it running for a moment."""
-        deadline = time.monotonic() + timeout_s
-        while (record := await self.queue.get(job_id)) is None or record.status in ("queued", "running"):
-            assert time.monotonic() < deadline, f"{job_id} not settled: {record}"
-            await asyncio.sleep(0.02)
-        return record
 
     async def wait_closed(self, channel: str, timeout_s: float = 20) -> list[Entry]:
         deadline = time.monotonic() + timeout_s
@@ -85,7 +77,7 @@ async def test_a_normal_stream_becomes_start_tokens_done_with_usage(rig: Rig, pr
     done = orjson.loads(entries[-1].data)
     assert done["finish_reason"] == "stop"
     assert done["usage"]["input_tokens"] is not None and done["usage"]["output_tokens"] is not None
-    record = await rig.finished(job.id)
+    record = await settled(rig.queue, job.id)
     assert record.status == "done" and record.usage == done["usage"]
 
 
@@ -121,7 +113,7 @@ async def test_a_stream_cut_after_tokens_ends_with_one_error_event(rig: Rig, pro
     err = orjson.loads(entries[-1].data)
     assert err["code"] == "stream_truncated" and TEST_API_KEY not in err["message"]
     assert len(rig.fake.requests_for("cut")) == 1  # after the first token a failure is final
-    record = await rig.finished(job.id)
+    record = await settled(rig.queue, job.id)
     assert record.status == "error" and record.error == err
 
 
@@ -195,7 +187,7 @@ async def test_an_unexpected_failure_ends_the_generation_with_an_internal_error(
     job, entries = await rig.run("broken", "any")
     assert [e.event for e in entries] == ["start", "token", "error"]
     assert orjson.loads(entries[-1].data) == {"code": "internal", "message": "the generation failed inside the worker"}
-    record = await rig.finished(job.id)
+    record = await settled(rig.queue, job.id)
     assert record.status == "error"
     assert rig.queue._running == {}  # acknowledged: it will not run again
 
