@@ -321,7 +321,9 @@ class _RedisTailReader:
         self._control_pos: str | None = None
         self._reading = False
         self._interrupting = False
-        self._key_bulks: dict[str, bytes] = {}  # channel → its stream key, encoded for the wire once
+        # channel → its stream key encoded for the wire once, and its last position with that position encoded (most
+        # channels have not moved since the previous read)
+        self._bulks: dict[str, tuple[bytes, str, bytes]] = {}
 
     async def _prepare(self) -> None:
         if self._client_id is None:
@@ -340,23 +342,27 @@ class _RedisTailReader:
                 assert self._control_pos is not None
                 # The command is packed here rather than by redis-py: a node tailing thousands of channels sends
                 # them all on every read, and building that argument list was most of the tail's CPU. Keys are
-                # encoded once per channel; only the positions change between reads.
-                bulks = self._key_bulks
+                # encoded once per channel, positions again only when they moved.
+                bulks = self._bulks
                 if len(bulks) > 2 * len(positions) + 64:
-                    self._key_bulks = bulks = {c: b for c, b in bulks.items() if c in positions}
-                keys = []
-                for channel in positions:
-                    kb = bulks.get(channel)
-                    if kb is None:
-                        kb = bulks[channel] = _bulk(backend.stream_key(channel))
-                    keys.append(kb)
+                    self._bulks = bulks = {c: b for c, b in bulks.items() if c in positions}
+                keys: list[bytes] = []
+                ids: list[bytes] = []
+                for channel, pos in positions.items():
+                    cached = bulks.get(channel)
+                    if cached is None:
+                        cached = bulks[channel] = (_bulk(backend.stream_key(channel)), pos, _bulk(pos))
+                    elif cached[1] != pos:
+                        cached = bulks[channel] = (cached[0], pos, _bulk(pos))
+                    keys.append(cached[0])
+                    ids.append(cached[2])
                 block_ms = str(max(1, int(block_s * 1000)))
                 command = [
                     b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n%s"
                     % (6 + 2 * (len(keys) + 1), _bulk(str(_READ_COUNT)), _bulk(block_ms), _bulk(backend.control_key)),
                     *keys,
                     _bulk(self._control_pos),
-                    *(_bulk(pos) for pos in positions.values()),
+                    *ids,
                 ]
                 conn = self._conn.connection
                 await conn.send_packed_command(command, check_health=False)
