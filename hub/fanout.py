@@ -76,13 +76,12 @@ class Subscriber:
         "transport",
     )
 
-    def __init__(
-        self, channel: str, transport: _Transport | None, max_buffer_bytes: int, *, chunked: bool = True
-    ) -> None:
+    def __init__(self, channel: str, transport: _Transport | None, max_buffer_bytes: int) -> None:
         self.channel = channel
         self.transport = transport
         self.max_buffer_bytes = max_buffer_bytes
-        self.chunked = chunked  # the response body uses HTTP/1.1 chunked coding (aiohttp's, for HTTP/1.1 clients)
+        # The response body uses HTTP/1.1 chunked coding; the handler sets it from the prepared response.
+        self.chunked = True
         self.direct = False  # the handler is parked with nothing unwritten: push may write to the transport
         self.handed_over = False  # no handler any more (hub.handover): this object writes and ends the stream
         self.last_key: StreamKey = (0, 0)
