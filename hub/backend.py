@@ -187,6 +187,11 @@ def check_position(after: str, r: RangeResult) -> Reset | None:
     So: a trimmed id newer than the position means a gap; a position newer than anything generated, or one that falls
     between what was trimmed and what is retained, was never an entry of this stream (it was recreated after expiry,
     deletion or a Redis data loss) and its gap cannot be ruled out.
+
+    Each entry also names the one appended before it (`Entry.prev`). When the first entry after the position names
+    another, the position is not an entry of the stream as the store holds it now: the store came back without its
+    latest writes (a restart without persistence, a failover to a lagging replica) and new ones followed. Whatever the
+    client was missing went with them; it is told so rather than carried over the hole.
     """
     pos = parse_id(after)
     if pos == (0, 0):
@@ -201,6 +206,8 @@ def check_position(after: str, r: RangeResult) -> Reset | None:
     if max_deleted > pos:
         return Reset("trimmed", r.max_deleted_id, after)
     if r.first_id is not None and pos < parse_id(r.first_id) and pos != max_deleted:
+        return Reset("unknown_position", r.max_deleted_id, after)
+    if r.entries and (prev := r.entries[0].prev) is not None and parse_id(prev) != pos:
         return Reset("unknown_position", r.max_deleted_id, after)
     return None
 

@@ -662,9 +662,14 @@ async def test_data_and_event_names_round_trip_unchanged(backend: Backend) -> No
 
 
 def rr(
-    *, exists: bool = True, first: str | None = "100-0", last: str = "200-0", max_deleted: str = ZERO_ID
+    *,
+    exists: bool = True,
+    first: str | None = "100-0",
+    last: str = "200-0",
+    max_deleted: str = ZERO_ID,
+    entries: tuple[Entry, ...] = (),
 ) -> RangeResult:
-    return RangeResult(exists, [], False, first, last, max_deleted, False)
+    return RangeResult(exists, list(entries), False, first, last, max_deleted, False)
 
 
 @pytest.mark.parametrize(
@@ -693,6 +698,18 @@ def rr(
         # Between what was trimmed and what is retained, or before a recreated stream: never one of its entries.
         ("99-10", rr(max_deleted="99-9"), Reset("unknown_position", "99-9", "99-10")),
         ("50-0", rr(), Reset("unknown_position", ZERO_ID, "50-0")),
+        # The next entry was appended right after the position (or after the trimmed one it names): continuous.
+        ("150-0", rr(entries=(Entry("160-0", "m", "d", prev="150-0"),)), None),
+        ("99-9", rr(max_deleted="99-9", entries=(Entry("100-0", "m", "d", prev="99-9"),)), None),
+        ("150-0", rr(entries=(Entry("160-0", "m", "d"),)), None),  # written without `prev`: nothing to compare
+        # It was appended after another entry: the store lost the position and what followed it, then took new
+        # writes (a restart without persistence, a lagging replica promoted).
+        ("150-0", rr(entries=(Entry("160-0", "m", "d", prev="140-0"),)), Reset("unknown_position", ZERO_ID, "150-0")),
+        (
+            "150-0",
+            rr(max_deleted="99-9", entries=(Entry("160-0", "m", "d", prev="140-0"),)),
+            Reset("unknown_position", "99-9", "150-0"),
+        ),
     ],
 )
 def test_check_position_on_hand_built_results(after: str, r: RangeResult, expected: Reset | None) -> None:

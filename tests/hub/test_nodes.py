@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -195,3 +196,49 @@ async def test_live_tail_survives_an_error_reply_and_readiness_tells(
     finally:
         await backend.aclose()
         await admin.aclose()
+
+
+async def test_a_store_that_comes_back_without_its_latest_writes_resets_resuming_clients(
+    make_client: ClientFactory, own_redis: RedisServer
+) -> None:
+    """Redis restarts from an older snapshot (as after a failover to a lagging replica) and takes new writes: no client
+    may be carried over the lost entries as if nothing happened; each one is told with a `reset`."""
+    backend = _redis_backend(own_redis, "lost:", timeout_s=1.0)
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        node = await make_client(backend)
+        saved = [(await publish(node, "c", {"data": f"e{i}"}))[0] for i in range(1, 4)]
+        await admin.save()  # the snapshot the store comes back from: e1..e3
+        live = await subscribe(node, "c", last_id=saved[-1])
+        lost = [(await publish(node, "c", {"data": f"e{i}"}))[0] for i in range(4, 7)]
+        assert [ev.id for ev in await collect(live, count=3)] == lost
+        assert own_redis.proc is not None
+        own_redis.proc.kill()  # no shutdown save: e4..e6 are gone with it
+        own_redis.proc.wait()
+        own_redis.start()
+        deadline = time.monotonic() + 10
+        while (await node.get("/readyz")).status != 200:
+            assert time.monotonic() < deadline, "node did not become ready after Redis came back"
+            await asyncio.sleep(0.1)
+        [new] = await publish(node, "c", {"data": "e7"})  # appended after e3: ids keep growing, e4..e6 never return
+
+        # The live stream does not carry on with e7 as if it followed e6: the node's tail sees the break and ends the
+        # stream; its reconnect from e6 is told.
+        assert [ev.id for ev in await collect(live)] == []
+        for last in (lost[0], lost[-1]):
+            resumed = await subscribe(node, "c", last_id=last)
+            events = await collect(resumed, count=5)
+            resumed.close()
+            assert events[0].event == "reset", (last, events)
+            assert orjson.loads(events[0].data) == {
+                "reason": "unknown_position",
+                "requested": last,
+                "continue_after": "0-0",
+            }
+            # Then what the store holds now, from its start: e1..e3 and e7.
+            expected = [*zip(saved, ("e1", "e2", "e3"), strict=True), (new, "e7")]
+            assert [(ev.id, ev.data) for ev in events[1:]] == expected
+        live.close()
+    finally:
+        await admin.aclose()
+        await backend.aclose()
