@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -170,3 +171,92 @@ async def settled(queue: JobQueue, job_id: str, timeout_s: float = 10) -> Genera
         assert time.monotonic() < deadline, f"{job_id} not settled: {record}"
         await asyncio.sleep(0.02)
     return record
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One connection of a ResumingClient, with monotonic times: when it was asked for, when its response head
+    arrived, its first event, and when it ended (cleanly, or with `error`)."""
+
+    sent: float
+    last_event_id: str
+    status: int | None = None
+    opened: float | None = None
+    first_event: float | None = None
+    ended: float | None = None
+    events: int = 0
+    error: str | None = None
+
+
+class ResumingClient:
+    """An SSE client that behaves like EventSource where the tests need it to: after a response ends or its
+    connection drops it waits the stream's `retry:` hint and reconnects with `Last-Event-ID` (the last id it saw, an
+    id-only block included); a 204 ends it for good. It keeps every event in arrival order and every attempt, so a
+    test can check the exact sequence across reconnects and time each one.
+
+    Unlike EventSource it also reconnects after an error status (recorded in `attempts`): a test sees the failure
+    instead of waiting for a client that gave up.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        *,
+        last_event_id: str = "",
+        retry_s: float = 1.0,
+        read_timeout_s: float = 30.0,
+        max_attempts: int = 100,
+    ) -> None:
+        self.session = session
+        self.url = url
+        self.last_event_id = last_event_id
+        self.retry_s = retry_s  # until the stream says otherwise (retry:)
+        self.read_timeout_s = read_timeout_s
+        self.max_attempts = max_attempts
+        self.events: list[SSEEvent] = []
+        self.attempts: list[Attempt] = []
+        self.opened = asyncio.Event()  # the first response is open: its position is fixed, later events will come
+        self.finished = False  # a 204: the channel is finished and this client has all of it
+
+    async def run(self) -> None:
+        """Stream until a 204; raises when `max_attempts` connections did not get there."""
+        while len(self.attempts) < self.max_attempts:
+            attempt = Attempt(sent=time.monotonic(), last_event_id=self.last_event_id)
+            self.attempts.append(attempt)
+            try:
+                await self._connect(attempt)
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                attempt.error = repr(e)
+            attempt.ended = time.monotonic()
+            if self.finished:
+                return
+            await asyncio.sleep(self.retry_s)
+        raise RuntimeError(f"{self.url}: not finished after {self.max_attempts} connections: {self.attempts[-3:]}")
+
+    async def _connect(self, attempt: Attempt) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout_s)
+        async with self.session.get(self.url, headers=headers, timeout=timeout) as resp:
+            attempt.status = resp.status
+            attempt.opened = time.monotonic()
+            if resp.status == 204:
+                self.finished = True
+                return
+            if resp.status != 200:
+                attempt.error = f"status {resp.status}: {(await resp.text())[:200]}"
+                return
+            self.opened.set()
+            parser = SSEParser()
+            parser.last_event_id = self.last_event_id  # EventSource keeps it across connections
+            async for chunk in resp.content.iter_any():
+                events = parser.feed(chunk)
+                if events and attempt.first_event is None:
+                    attempt.first_event = time.monotonic()
+                attempt.events += len(events)
+                self.events += events
+                self.last_event_id = parser.last_event_id
+                if parser.retry_ms is not None:
+                    self.retry_s = parser.retry_ms / 1000
