@@ -1,0 +1,313 @@
+"""The scale-out topology of tests/scaleout: hub nodes on one redis-server, a demo worker, and nginx in front of the
+nodes, configured by deploy/nginx/hub.conf itself (only its listen address and node list filled in)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import aiohttp
+
+from hub.backend import Entry
+from hub.backend_redis import RedisBackend
+from tests.support import ROOT, HubProcess, ProducerProcess, RedisServer, ResumingClient, free_port
+
+__all__ = [
+    "HUB_CONF",
+    "Cluster",
+    "LoadBalancer",
+    "assert_exact",
+    "fail_timeout_s",
+    "find_nginx",
+    "metric",
+    "render_hub_conf",
+    "submit",
+    "until",
+]
+
+HUB_CONF = ROOT / "deploy" / "nginx" / "hub.conf"
+
+# The settings every node of these tests runs with. The limits are raised because every test client comes from one
+# address (and through the proxy); a short retry hint and heartbeat keep the tests short; grace 4 s drains a node's
+# streams over 2 s.
+GRACE_S = 4.0
+RETRY_MS = 250
+NODE_FLAGS = (
+    "--heartbeat",
+    "2",
+    "--retry-ms",
+    str(RETRY_MS),
+    "--grace",
+    str(GRACE_S),
+    "--trusted-proxies",
+    "127.0.0.1",
+    "--max-streams-per-client",
+    "100000",
+    "--publish-rate",
+    "100000",
+    "--publish-burst",
+    "100000",
+    "--log-level",
+    "warning",
+)
+
+# What the test adds around the deployment file: the process-wide settings a system nginx.conf would hold, with
+# every path in a temporary directory so that nginx runs as any user without touching /etc/nginx.
+_MAIN_CONF = """\
+worker_processes 2;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    log_format upstreams '$msec $status "$request" upstream=$upstream_addr statuses=$upstream_status '
+                         'time=$request_time';
+    access_log {dir}/access.log upstreams;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    include {dir}/hub.conf;
+}}
+"""
+
+
+def find_nginx() -> str | None:
+    """Debian puts nginx in /usr/sbin, which an ordinary user's PATH lacks."""
+    exe = shutil.which("nginx")
+    if exe is None and os.access("/usr/sbin/nginx", os.X_OK):
+        exe = "/usr/sbin/nginx"
+    return exe
+
+
+def render_hub_conf(listen: str, nodes: Sequence[str]) -> str:
+    """deploy/nginx/hub.conf with @LISTEN@ filled in and its @NODE@ line repeated once per node; comments as they
+    are (they name the placeholders)."""
+    out: list[str] = []
+    for line in HUB_CONF.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            out.append(line)
+        elif "@NODE@" in line:
+            out += [line.replace("@NODE@", node) for node in nodes]
+        else:
+            out.append(line.replace("@LISTEN@", listen))
+    code = "\n".join(line.split("#", 1)[0] for line in out)
+    if re.search(r"@[A-Z_]+@", code):
+        raise ValueError(f"{HUB_CONF}: a placeholder was left unfilled")
+    return "\n".join(out) + "\n"
+
+
+def fail_timeout_s() -> float:
+    """How long nginx skips a node after a failed attempt (the `fail_timeout` of the deployment file)."""
+    m = re.search(r"^\s*server @NODE@ .*fail_timeout=(\d+)s", HUB_CONF.read_text(), re.MULTILINE)
+    assert m is not None, f"{HUB_CONF}: no fail_timeout on the node line"
+    return float(m.group(1))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class LoadBalancer:
+    """nginx on a free loopback port in front of `nodes` (host:port), with its files in a directory of its own."""
+
+    def __init__(self, nodes: Sequence[str]) -> None:
+        exe = find_nginx()
+        if exe is None:
+            raise RuntimeError("nginx is not installed (make test installs it)")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="hub-test-nginx-"))
+        # Started as root, nginx runs its workers as `nobody`, who must be able to enter this directory.
+        self.dir.chmod(0o755)
+        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes))
+        (self.dir / "nginx.conf").write_text(_MAIN_CONF.format(dir=self.dir))
+        self.args = [exe, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(self.dir / "nginx.conf")]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.workers: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.dir / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while len(self.workers) < 2:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+            self.workers = _children(self.proc.pid)
+        # The workers are up, but the port may still be opening.
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx is not listening:\n{self.log_tail()}") from None
+                time.sleep(0.05)
+
+    def access_log(self) -> list[str]:
+        try:
+            return (self.dir / "access.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts: list[str] = []
+        for name in ("stdout.log", "error.log"):
+            try:
+                parts += (self.dir / name).read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Stop the master (SIGTERM: nginx's fast shutdown; a graceful one would wait for every stream), then make
+        sure its workers went too: a worker outlives a master that was killed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.workers:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                alive = False
+            if alive:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def metric(session: aiohttp.ClientSession, node: HubProcess, sample: str, default: float | None = None) -> float:
+    """One sample of a node's /metrics (`name` or `name{label="value"}`), read from the node itself, not through
+    the balancer. A labelled sample exists only once counted: `default` stands in for it then."""
+    async with session.get(f"{node.url}/metrics") as resp:
+        text = await resp.text()
+    m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    if m is None and default is not None:
+        return default
+    assert m is not None, f"{sample} not in {node.url}/metrics"
+    return float(m.group(1))
+
+
+def assert_exact(client: ResumingClient, entries: Sequence[Entry]) -> None:
+    """The client received exactly the channel's entries: each once, in order, with its id, name and data."""
+    got = [(e.id, e.event, e.data) for e in client.events]
+    want = [(e.id, e.event, e.data) for e in entries]
+    if got != want:
+        ids = [g[0] for g in got]
+        dupes = len(ids) - len(set(ids))
+        missing = [w[0] for w in want if w[0] not in set(ids)]
+        raise AssertionError(
+            f"{client.url}: {len(got)} events, expected {len(want)}; {dupes} duplicated, {len(missing)} missing "
+            f"(first missing {missing[:3]}); attempts {client.attempts}"
+        )
+
+
+class Cluster:
+    """Three hub nodes on one redis-server (a key prefix of their own), a demo worker, nginx in front. Nodes can be
+    killed, stopped and started again on the same port; `close` ends every process this started."""
+
+    def __init__(self, redis: RedisServer, *, nodes: int = 3, tokens_per_s: float = 20.0) -> None:
+        self.redis = redis
+        self.prefix = f"so{uuid.uuid4().hex[:8]}:"
+        common = ("--redis-url", redis.url, "--key-prefix", self.prefix)
+        self.nodes = [HubProcess(*common, *NODE_FLAGS) for _ in range(nodes)]
+        self.worker = ProducerProcess(
+            *common, "--metrics-port", "0", "--demo-tokens-per-s", str(tokens_per_s), "--log-level", "warning"
+        )
+        self.lb = LoadBalancer([f"127.0.0.1:{n.port}" for n in self.nodes])
+        self.backend = RedisBackend(redis.url, prefix=self.prefix, history=10_000, ttl_s=3600, timeout_s=5)
+
+    @property
+    def url(self) -> str:
+        return self.lb.url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        self.worker.start()
+        self.lb.start()
+
+    async def wait_ready(self, node: HubProcess, session: aiohttp.ClientSession, timeout_s: float = 20) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                async with session.get(f"{node.url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, f"{node.url} not ready:\n{node.log()[-2000:]}"
+            await asyncio.sleep(0.05)
+
+    def kill(self, node: HubProcess) -> None:
+        """kill -9: no drain, every connection of the node reset by the kernel."""
+        assert node.proc is not None
+        node.proc.kill()
+        node.wait(10)
+
+    async def entries(self, channel: str) -> list[Entry]:
+        """Everything the channel holds, read from Redis."""
+        out: list[Entry] = []
+        pos = "0"
+        while True:
+            r = await self.backend.range(channel, pos, limit=1000)
+            out += r.entries
+            if not r.more:
+                return out
+            pos = out[-1].id
+
+    def logs(self) -> str:
+        parts = [f"--- node {n.port}\n{n.log()[-1500:]}" for n in self.nodes]
+        parts.append(f"--- worker\n{self.worker.log()[-1500:]}")
+        parts.append(f"--- nginx\n{self.lb.log_tail()}")
+        return "\n".join(parts)
+
+    async def aclose(self) -> None:
+        self.lb.close()
+        self.worker.close()
+        for node in self.nodes:
+            node.close()
+        await self.backend.aclose()
+
+
+async def submit(session: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, str]:
+    """Start a demo generation of `tokens` tokens through the balancer: {"id", "channel", "events_url"}."""
+    body = {"provider": "demo", "model": f"demo:{tokens}", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(f"{url}/v1/generations", json=body) as resp:
+        job: dict[str, str] = await resp.json()
+        assert resp.status == 202, job
+    return job
+
+
+async def until(done: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
