@@ -28,9 +28,10 @@ install-dev: $(VENV)/.installed-dev
 NCHAN_MODULE := /usr/lib/nginx/modules/ngx_nchan_module.so
 HAVE_NCHAN := { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && test -f $(NCHAN_MODULE)
 
-# Debian packages the tests run for real (redis-server; nginx with Nchan); installed only when missing.
+# Debian packages the tests run for real (redis-server; nginx with Nchan; prometheus); installed only when missing.
+# Without recommends: prometheus would also bring node-exporter and hardware tools the tests do not use.
 system-deps:
-	@command -v redis-server >/dev/null && $(HAVE_NCHAN) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server nginx libnginx-mod-nchan; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && $(HAVE_NCHAN) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server nginx libnginx-mod-nchan prometheus; }
 
 # nginx with Nchan, the server `make bench` compares the hub with; installed only when missing.
 bench-deps:
