@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 from hub.backend_redis import RedisBackend
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
-from tests.support import RedisServer, collect
+from tests.support import RedisServer, collect, read_events
 
 
 def _redis_backend(server: RedisServer, prefix: str = "nodes:", **kw: Any) -> RedisBackend:
@@ -242,3 +244,80 @@ async def test_a_store_that_comes_back_without_its_latest_writes_resets_resuming
     finally:
         await admin.aclose()
         await backend.aclose()
+
+
+async def _follow(node: Any, channel: str, received: list[str], resets: list[str], cut: list[int]) -> None:
+    """What EventSource does: read until the stream ends, then reconnect with the last id received."""
+    while True:
+        resp = await subscribe(node, channel, last_id=received[-1] if received else "0")
+        try:
+            if resp.status == 200:
+                async for ev in read_events(resp):
+                    if ev.event == "reset":
+                        resets.append(ev.data)
+                    elif ev.id:
+                        received.append(ev.id)
+        except aiohttp.ClientError:
+            cut.append(len(received))  # ended abruptly: reconnect all the same
+        resp.close()
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_down_for_seconds_mid_stream_loses_nothing_it_accepted(make_client: ClientFactory) -> None:
+    """Redis (AOF on, fsync always) is killed and started again while a publisher and a subscriber keep going: every
+    publish is answered quickly (201, or 503 while Redis is down), readiness tells, and the subscriber ends with
+    exactly the accepted events, in order, once each, without the node being restarted."""
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    backend = _redis_backend(server, "aof:", timeout_s=1.0)
+    try:
+        node = await make_client(backend)
+        accepted: list[str] = []
+        refused = 0
+        slowest_s = 0.0
+        readiness: set[int] = set()
+        received: list[str] = []
+        resets: list[str] = []
+        cut: list[int] = []
+
+        async def publisher() -> None:
+            nonlocal refused, slowest_s
+            for i in range(300):
+                started = time.monotonic()
+                resp = await node.post("/v1/channels/c/events", json={"data": str(i)})
+                slowest_s = max(slowest_s, time.monotonic() - started)
+                if resp.status == 201:
+                    accepted.extend((await resp.json())["ids"])
+                else:
+                    assert resp.status == 503, await resp.text()
+                    refused += 1
+                await asyncio.sleep(0.02)
+
+        async def outage() -> None:
+            await asyncio.sleep(1.5)
+            assert server.proc is not None
+            server.proc.kill()
+            server.proc.wait()
+            for _ in range(20):
+                readiness.add((await node.get("/readyz")).status)
+                await asyncio.sleep(0.1)
+            server.start()  # same port, same directory: it replays its append-only file
+
+        reading = asyncio.create_task(_follow(node, "c", received, resets, cut))
+        await asyncio.wait_for(asyncio.gather(publisher(), outage()), 40)
+        deadline = time.monotonic() + 10
+        while received != accepted and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the follower's list
+            await asyncio.sleep(0.05)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        assert refused > 0 and 503 in readiness  # the outage was real, and readiness said so
+        assert len(accepted) > 100  # and publishing went on around it
+        assert slowest_s < 5  # refused within the backend's deadline, never hanging
+        assert resets == []
+        assert received == accepted, (len(received), len(accepted), cut)
+        print(f"refused {refused}, accepted {len(accepted)}, streams cut {len(cut)}, slowest {slowest_s:.2f}s")
+        assert (await node.get("/readyz")).status == 200
+    finally:
+        await backend.aclose()
+        server.close()
