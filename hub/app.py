@@ -44,7 +44,9 @@ _DRAIN_WAIT = 0.8
 def make_backend(settings: HubSettings) -> Backend:
     if settings.redis_url is None:
         log.warning("no --redis-url: using the embedded memory backend (single node; data is lost on restart)")
-        return MemoryBackend(history=settings.history, ttl_s=settings.ttl_s)
+        return MemoryBackend(
+            history=settings.history, ttl_s=settings.ttl_s, idempotency_window_s=settings.idempotency_window_s
+        )
     log.info("using Redis backend at %s", _redact(settings.redis_url))
     return RedisBackend(
         settings.redis_url,
@@ -52,6 +54,7 @@ def make_backend(settings: HubSettings) -> Backend:
         history=settings.history,
         ttl_s=settings.ttl_s,
         timeout_s=settings.redis_timeout_s,
+        idempotency_window_s=settings.idempotency_window_s,
     )
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "DEFAULT_IDEMPOTENCY_WINDOW_S",
     "MAX_KEY",
     "AppendBatch",
+    "Appended",
     "TRIM_SLACK_MAX",
     "ZERO_ID",
     "Backend",
@@ -23,6 +25,8 @@ __all__ = [
     "Fence",
     "Fenced",
     "ChannelInfo",
+    "Idempotency",
+    "IdempotencyConflict",
     "Entry",
     "InvalidPosition",
     "NewEvent",
@@ -40,6 +44,9 @@ ZERO_ID = "0-0"
 # Trimming is approximate, like Redis `MAXLEN ~`: a channel keeps at least `history` entries and is trimmed only once
 # the excess reaches min(TRIM_SLACK_MAX, history), so a busy channel is not trimmed on every append.
 TRIM_SLACK_MAX = 100
+# How long a publisher's Idempotency-Key is remembered. Retries after a timeout come within seconds or minutes; every
+# key costs the store memory for the whole window, so it is not a day.
+DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
 _MAX_U64 = (1 << 64) - 1
 MAX_KEY = (_MAX_U64, _MAX_U64)
 _ID_RE = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})")
@@ -65,6 +72,10 @@ class ChannelClosed(BackendError):
 
 class Fenced(BackendError):
     """Another writer holds the channel (see Fence): this one must stop writing."""
+
+
+class IdempotencyConflict(BackendError):
+    """The idempotency key was already used, within the window, for a request with other events."""
 
 
 def parse_id(value: str) -> StreamKey:
@@ -134,6 +145,27 @@ class Fence:
     owner: str
     attempt: int
     take: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """A publisher's key for one append, so that a retry (after a timeout, on any node) appends nothing twice.
+
+    `fingerprint` digests the request's events: a key reused for other events is refused, never silently answered
+    with the ids of something else. The store keeps each key for its idempotency window.
+    """
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What an idempotent append did: the ids of its events, and whether they were appended by an earlier request
+    with the same key (`replayed`: nothing was appended this time)."""
+
+    ids: list[str]
+    replayed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +284,15 @@ class Backend(Protocol):
         With `close`, the last event carries the close flag and the channel accepts nothing more. Trims the channel to
         about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed.
         """
+        ...
+
+    async def append_once(
+        self, channel: str, events: Sequence[NewEvent], idempotency: Idempotency, *, close: bool = False
+    ) -> Appended:
+        """`append`, unless an append with the same key was made within the idempotency window: then nothing is
+        appended and its ids are answered again. Checked and done atomically, so two concurrent requests with one key
+        append once. Raises IdempotencyConflict if the key was used for other events; ChannelClosed as `append`
+        (after the key check, so the retry of a request that closed the channel gets its ids)."""
         ...
 
     async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:

@@ -12,15 +12,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .backend import (
+    DEFAULT_IDEMPOTENCY_WINDOW_S,
     TRIM_SLACK_MAX,
     ZERO_ID,
     AppendBatch,
+    Appended,
     BackendError,
     ChannelClosed,
     ChannelInfo,
     Entry,
     Fence,
     Fenced,
+    Idempotency,
+    IdempotencyConflict,
     NewEvent,
     RangeResult,
     ReadResult,
@@ -50,11 +54,21 @@ class _Channel:
 
 
 class MemoryBackend:
-    def __init__(self, *, history: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        history: int,
+        ttl_s: float,
+        idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._history = history
         self._ttl_s = ttl_s
+        self._idempotency_window_s = idempotency_window_s
         self._clock = clock
         self._channels: dict[str, _Channel] = {}
+        # (channel, key) → (fingerprint, ids, expiry). One window for all: insertion order is expiry order.
+        self._idempotent: dict[tuple[str, str], tuple[str, list[str], float]] = {}
         self._readers: set[_MemoryTailReader] = set()
         self._changed = asyncio.Event()
         self._last_sweep = 0.0
@@ -74,6 +88,10 @@ class MemoryBackend:
         self._last_sweep = now
         for name in [n for n, ch in self._channels.items() if ch.expires_at <= now]:
             del self._channels[name]
+        for key, (_, _, expires_at) in list(self._idempotent.items()):
+            if expires_at > now:
+                break
+            del self._idempotent[key]
 
     def _next_id(self, ch: _Channel, now: float) -> StreamKey:
         ms = int(now * 1000)
@@ -94,6 +112,22 @@ class MemoryBackend:
 
     async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
         return self._append(channel, events, close, None)
+
+    async def append_once(
+        self, channel: str, events: Sequence[NewEvent], idempotency: Idempotency, *, close: bool = False
+    ) -> Appended:
+        now = self._clock()
+        self._sweep(now)
+        slot = (channel, idempotency.key)
+        seen = self._idempotent.get(slot)
+        if seen is not None and seen[2] > now:
+            if seen[0] != idempotency.fingerprint:
+                raise IdempotencyConflict(channel)
+            return Appended(list(seen[1]), True)
+        ids = self._append(channel, events, close, None)
+        self._idempotent.pop(slot, None)  # re-inserted last, keeping insertion order the expiry order
+        self._idempotent[slot] = (idempotency.fingerprint, ids, now + self._idempotency_window_s)
+        return Appended(ids, False)
 
     def _append(self, channel: str, events: Sequence[NewEvent], close: bool, fence: Fence | None) -> list[str]:
         now = self._clock()

@@ -1,7 +1,8 @@
 """RedisBackend: one Redis Stream per channel; appends and history reads are Lua scripts, so each is atomic.
 
 Key layout (the only place that builds keys): `<prefix>ch:{<channel>}` per channel (the hash tag keeps a channel on
-one cluster slot) and `<prefix>control`, a short stream through which deletions reach every node's tail reader.
+one cluster slot), beside it `<prefix>fence:{<channel>}` and `<prefix>idem:{<channel>}:<key>`, and `<prefix>control`,
+a short stream through which deletions reach every node's tail reader.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from .backend import (
+    DEFAULT_IDEMPOTENCY_WINDOW_S,
     MAX_KEY,
     TRIM_SLACK_MAX,
     ZERO_ID,
     AppendBatch,
+    Appended,
     BackendError,
     BackendUnavailable,
     ChannelClosed,
     ChannelInfo,
     Entry,
     Fenced,
+    Idempotency,
+    IdempotencyConflict,
     NewEvent,
     RangeResult,
     ReadResult,
@@ -47,9 +52,24 @@ _READ_COUNT = 200
 # removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
 # Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
 # With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash.
-# KEYS[1] stream, KEYS[2] fence (optional); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take",
-# "check"), fence owner, fence attempt, then event/data pairs.
+# With an idempotency key (publishers; see backend.Idempotency), a key seen within its window answers the ids it was
+# given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
+# KEYS[1] stream, KEYS[2] fence, KEYS[3] idempotency key (each used only when its mode says so); ARGV: maxlen,
+# ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence owner, fence attempt, idempotency fingerprint
+# ("": none), idempotency window ms, then event/data pairs.
 _APPEND_LUA = """
+if ARGV[7] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local sep = string.find(seen, ' ', 1, true)
+    if string.sub(seen, 1, sep - 1) ~= ARGV[7] then
+      return redis.error_reply('IDEMPOTENCY the key was used for other events')
+    end
+    local out = {'='}
+    for id in string.gmatch(string.sub(seen, sep + 1), '[^ ]+') do out[#out + 1] = id end
+    return out
+  end
+end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last > 0 then
   local f = last[1][2]
@@ -73,9 +93,9 @@ end
 local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
-local n = (#ARGV - 6) / 2
+local n = (#ARGV - 8) / 2
 for i = 1, n do
-  local ev, d = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  local ev, d = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -91,6 +111,9 @@ if excess >= math.min(TRIM_SLACK, maxlen) then
   redis.call('XSETID', KEYS[1], ids[n], 'MAXDELETEDID', gone[#gone][1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[7] .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[8])
+end
 return ids
 """.replace("TRIM_SLACK", str(TRIM_SLACK_MAX))
 
@@ -157,11 +180,13 @@ class RedisBackend:
         ttl_s: float,
         timeout_s: float = 5.0,
         max_connections: int = 32,
+        idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
     ) -> None:
         self._url = url
         self._prefix = prefix
         self._history = history
         self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
         self._redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
@@ -194,13 +219,18 @@ class RedisBackend:
                     raise ChannelClosed(str(reply)) from None
                 if str(reply).startswith("FENCED"):
                     raise Fenced(str(reply)) from None
+                if str(reply).startswith("IDEMPOTENCY"):
+                    raise IdempotencyConflict(str(reply)) from None
                 log.warning("redis refused a command: %s", reply)
             raise
 
     def fence_key(self, channel: str) -> str:
         return f"{self._prefix}fence:{{{channel}}}"
 
-    def _append_call(self, b: AppendBatch) -> tuple[list[str], list[Any]]:
+    def idempotency_key(self, channel: str, key: str) -> str:
+        return f"{self._prefix}idem:{{{channel}}}:{key}"
+
+    def _append_call(self, b: AppendBatch, idempotency: Idempotency | None = None) -> tuple[list[str], list[Any]]:
         keys = [self.stream_key(b.channel)]
         args: list[Any] = [self._history, self._ttl_ms, "1" if b.close else "0"]
         if b.fence is None:
@@ -208,6 +238,12 @@ class RedisBackend:
         else:
             keys.append(self.fence_key(b.channel))
             args += ("take" if b.fence.take else "check", b.fence.owner, b.fence.attempt)
+        if idempotency is None:
+            args += ("", 0)
+        else:
+            # Declared keys must be passed in order (and in one slot): the fence's, even if unused, comes before.
+            keys[1:] = [self.fence_key(b.channel), self.idempotency_key(b.channel, idempotency.key)]
+            args += (idempotency.fingerprint, self._idempotency_ms)
         for ev in b.events:
             args += (ev.event, ev.data)
         return keys, args
@@ -216,6 +252,15 @@ class RedisBackend:
         keys, args = self._append_call(AppendBatch(channel, events, close))
         ids = await self._call(self._append(keys=keys, args=args))
         return list(ids)
+
+    async def append_once(
+        self, channel: str, events: Sequence[NewEvent], idempotency: Idempotency, *, close: bool = False
+    ) -> Appended:
+        keys, args = self._append_call(AppendBatch(channel, events, close), idempotency)
+        ids = list(await self._call(self._append(keys=keys, args=args)))
+        if ids and ids[0] == "=":
+            return Appended(ids[1:], True)
+        return Appended(ids, False)
 
     async def append_many(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
         if not batches:

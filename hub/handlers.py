@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -13,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import Principal, seconds_left
-from .backend import ZERO_ID, BackendUnavailable, NewEvent, RangeResult, check_position, parse_id
+from .backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
 from .fanout import Replayed, Subscriber, encode_reset
 from .handover import hand_over
@@ -137,17 +138,42 @@ async def publish(request: web.Request) -> web.Response:
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     events, close = _parse_events(body, settings)
+    idempotency = _idempotency(request, events, close)
     request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events))
     metrics = request.app[METRICS]
     started = time.perf_counter()
     try:
-        ids = await request.app[BACKEND].append(channel, events, close=close)
+        if idempotency is None:
+            ids = await request.app[BACKEND].append(channel, events, close=close)
+        else:
+            appended = await request.app[BACKEND].append_once(channel, events, idempotency, close=close)
+            ids = appended.ids
+            if appended.replayed:
+                # The same answer as the first time, so a retry cannot tell the difference, but said in a header.
+                metrics.publish_replays.inc()
+                body = orjson.dumps({"ids": ids})
+                return web.Response(status=201, body=body, content_type="application/json", headers=_REPLAYED)
     except BackendUnavailable:
         metrics.backend_errors.labels("append").inc()
         raise
     metrics.publish_seconds.observe(time.perf_counter() - started)
     metrics.events_published.inc(len(ids))
     return web.Response(status=201, body=orjson.dumps({"ids": ids}), content_type="application/json")
+
+
+_REPLAYED = {"Idempotent-Replayed": "true"}
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency(request: web.Request, events: list[NewEvent], close: bool) -> Idempotency | None:
+    """The request's Idempotency-Key, with a digest of what it publishes (a key reused for other events is refused)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters")
+    digest = hashlib.sha256(orjson.dumps([close, [[e.event, e.data] for e in events]])).hexdigest()
+    return Idempotency(key, digest[:32])
 
 
 # -- subscribe ------------------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ class HubMetrics:
         self.events_published = Counter(
             "hub_events_published_total", "Events appended via this node", registry=registry
         )
+        self.publish_replays = Counter(
+            "hub_publish_replays_total",
+            "Publish requests answered from an earlier one with the same Idempotency-Key (nothing appended)",
+            registry=registry,
+        )
         self.events_delivered = Counter(
             "hub_events_delivered_total", "Events written to subscribers (one per subscriber)", registry=registry
         )

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .backend import DEFAULT_IDEMPOTENCY_WINDOW_S
+
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
     "DEFAULT_HISTORY",
@@ -73,6 +75,11 @@ class HubSettings:
     linger_s: float = _opt(
         DEFAULT_LINGER_S, "linger", "seconds a channel stays tailed after its last subscriber left, for quick resumes"
     )
+    idempotency_window_s: float = _opt(
+        DEFAULT_IDEMPOTENCY_WINDOW_S,
+        "idempotency-window",
+        "seconds a publish's Idempotency-Key is remembered (a retry within it appends nothing)",
+    )
     embedded_worker: str = _opt(
         "auto", "embedded-worker", "run a generation worker in this process: auto (with the memory backend), on, off"
     )
@@ -129,6 +136,7 @@ class HubSettings:
         need(self.backlog >= 1, "backlog", "must be at least 1")
         need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
         need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
+        need(1 <= self.idempotency_window_s <= 86_400, "idempotency-window", "must be 1-86400 seconds")
         need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")
         need(
             self.cancel_if_unwatched_s == 0 or 1 <= self.cancel_if_unwatched_s <= 86_400,

@@ -41,12 +41,19 @@ async def make_backend(backend_kind: str, request: pytest.FixtureRequest) -> Asy
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     server: RedisServer | None = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
 
-    def factory(*, history: int = 10_000, ttl_s: float = 3600.0) -> Backend:
+    def factory(*, history: int = 10_000, ttl_s: float = 3600.0, idempotency_window_s: float = 600.0) -> Backend:
         b: Backend
         if server is None:
-            b = MemoryBackend(history=history, ttl_s=ttl_s)
+            b = MemoryBackend(history=history, ttl_s=ttl_s, idempotency_window_s=idempotency_window_s)
         else:
-            b = RedisBackend(server.url, prefix=prefix, history=history, ttl_s=ttl_s, timeout_s=2.0)
+            b = RedisBackend(
+                server.url,
+                prefix=prefix,
+                history=history,
+                ttl_s=ttl_s,
+                timeout_s=2.0,
+                idempotency_window_s=idempotency_window_s,
+            )
         made.append(b)
         return b
 

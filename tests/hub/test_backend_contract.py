@@ -17,11 +17,14 @@ from hub.backend import (
     TRIM_SLACK_MAX,
     ZERO_ID,
     AppendBatch,
+    Appended,
     Backend,
     ChannelClosed,
     Entry,
     Fence,
     Fenced,
+    Idempotency,
+    IdempotencyConflict,
     InvalidPosition,
     NewEvent,
     RangeResult,
@@ -787,3 +790,53 @@ async def test_a_fence_lets_only_the_latest_run_of_one_owner_write(backend: Back
     assert await backend.delete("fenced")
     [ok] = await backend.append_many([batch("b", "job-b", 1, take=True)])
     assert isinstance(ok, list)
+
+
+# -- idempotent appends ---------------------------------------------------------------------------------------------
+
+
+async def test_an_append_retried_with_its_key_appends_nothing_and_answers_the_same_ids(backend: Backend) -> None:
+    key = Idempotency("req-1", "f1")
+    first = await backend.append_once(CH, evs(0, 3), key)
+    assert not first.replayed and len(first.ids) == 3
+    again = await backend.append_once(CH, evs(0, 3), key)
+    assert again == Appended(first.ids, True)
+    assert [e.id for e in await history(backend, CH)] == first.ids
+    # Another key is another request; a key is scoped to its channel.
+    other = await backend.append_once(CH, evs(0, 3), Idempotency("req-2", "f1"))
+    elsewhere = await backend.append_once("other", evs(0, 3), key)
+    assert not other.replayed and not elsewhere.replayed
+    assert len(await history(backend, CH)) == 6 and len(await history(backend, "other")) == 3
+
+
+async def test_a_key_reused_for_other_events_is_refused_and_appends_nothing(backend: Backend) -> None:
+    first = await backend.append_once(CH, evs(0, 1), Idempotency("req", "f1"))
+    with pytest.raises(IdempotencyConflict):
+        await backend.append_once(CH, evs(5, 1), Idempotency("req", "f2"))
+    assert [e.id for e in await history(backend, CH)] == first.ids
+
+
+async def test_the_retry_of_a_closing_append_is_answered_not_refused_as_closed(backend: Backend) -> None:
+    key = Idempotency("closing", "f")
+    first = await backend.append_once(CH, evs(0, 2), key, close=True)
+    assert await backend.append_once(CH, evs(0, 2), key, close=True) == Appended(first.ids, True)
+    with pytest.raises(ChannelClosed):
+        await backend.append_once(CH, evs(0, 2), Idempotency("new", "f"), close=True)
+
+
+async def test_concurrent_requests_with_one_key_append_once(backend: Backend) -> None:
+    key = Idempotency("race", "f")
+    results = await asyncio.gather(*(backend.append_once(CH, evs(0, 2), key) for _ in range(20)))
+    assert sum(not r.replayed for r in results) == 1
+    assert len({tuple(r.ids) for r in results}) == 1
+    assert len(await history(backend, CH)) == 2
+
+
+async def test_a_key_is_forgotten_after_the_idempotency_window(make_backend: BackendFactory) -> None:
+    backend = make_backend(idempotency_window_s=0.3)
+    key = Idempotency("req", "f")
+    first = await backend.append_once(CH, evs(0, 1), key)
+    await asyncio.sleep(0.6)
+    later = await backend.append_once(CH, evs(0, 1), key)
+    assert not later.replayed and later.ids != first.ids
+    assert len(await history(backend, CH)) == 2
