@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import re
 import time
 from typing import Any
@@ -251,8 +252,7 @@ async def stream_channel(
     # not to send its next request (the reconnect) on it.
     resp.force_close()
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
-    lifetime = seconds_left(principal)
-    expiry = asyncio.get_running_loop().call_later(lifetime, sub.end) if lifetime is not None else None
+    expiry = _schedule_end(sub, seconds_left(principal), settings)
 
     def release() -> None:
         fanout.detach(sub)
@@ -290,6 +290,28 @@ async def stream_channel(
         if not handed_over:
             release()
     return resp
+
+
+def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSettings) -> asyncio.TimerHandle | None:
+    """End the stream when its token expires (the client reconnects with a fresh one) or when it reaches the maximum
+    connection age, whichever comes first.
+
+    The age is drawn between 80% and 100% of the setting, so streams opened together (after a deploy, a storm) do not
+    all end together; an aged-out stream is told to reconnect after a random part of the retry delay, and through the
+    load balancer lands where connections are fewest: that is how a node added by a scale-up gets its share.
+    """
+    loop = asyncio.get_running_loop()
+    age = settings.max_connection_age_s
+    if age > 0:
+        age_s = age * random.uniform(0.8, 1.0)
+        if token_left_s is None or age_s < token_left_s:
+            return loop.call_later(age_s, _age_out, sub, random.randint(0, settings.retry_ms))
+    return loop.call_later(token_left_s, sub.end) if token_left_s is not None else None
+
+
+def _age_out(sub: Subscriber, retry_ms: int) -> None:
+    sub.push(retry(retry_ms))
+    sub.end()
 
 
 async def _history(request: web.Request, channel: str, position: str) -> RangeResult:

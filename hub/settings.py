@@ -75,6 +75,11 @@ class HubSettings:
     linger_s: float = _opt(
         DEFAULT_LINGER_S, "linger", "seconds a channel stays tailed after its last subscriber left, for quick resumes"
     )
+    max_connection_age_s: float = _opt(
+        0.0,
+        "max-connection-age",
+        "seconds after which a stream is ended (0.8-1.0 of it, at random) so clients reconnect and rebalance (0: off)",
+    )
     idempotency_window_s: float = _opt(
         DEFAULT_IDEMPOTENCY_WINDOW_S,
         "idempotency-window",
@@ -136,6 +141,11 @@ class HubSettings:
         need(self.backlog >= 1, "backlog", "must be at least 1")
         need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
         need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
+        need(
+            self.max_connection_age_s == 0 or self.max_connection_age_s >= 1,
+            "max-connection-age",
+            "must be 0 (off) or at least 1 second",
+        )
         need(1 <= self.idempotency_window_s <= 86_400, "idempotency-window", "must be 1-86400 seconds")
         need(self.embedded_worker in ("auto", "on", "off"), "embedded-worker", "must be auto, on or off")
         need(
