@@ -167,6 +167,27 @@ class LoadBalancer:
                     raise RuntimeError(f"nginx is not listening:\n{self.log_tail()}") from None
                 time.sleep(0.05)
 
+    def reload(self, nodes: Sequence[str], timeout_s: float = 20) -> None:
+        """Re-render hub.conf for `nodes` and reload nginx (SIGHUP to this master): new workers take new requests,
+        the old ones finish the streams they carry and exit. The file is checked first, because a reload with a bad
+        file is only logged and nginx goes on with the old one."""
+        assert self.proc is not None and self.proc.poll() is None, "nginx is not running"
+        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes))
+        check = subprocess.run([*self.args, "-t", "-q"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t failed:\n{check.stdout}{check.stderr}")
+        old = set(_children(self.proc.pid))
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout_s
+        while len(new := [p for p in _children(self.proc.pid) if p not in old]) < 2:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not reload:\n{self.log_tail()}")
+            time.sleep(0.05)
+        # Only the new ones are remembered for `close`: the old ones exit once their streams end, and a PID kept after
+        # that could name another process by then. Until they exit they are the master's children, which the master's
+        # SIGTERM in `close` ends, and the master exits only after all of its children.
+        self.workers = new
+
     def access_log(self) -> list[str]:
         try:
             return (self.dir / "access.log").read_text(errors="replace").splitlines()
@@ -233,11 +254,14 @@ class Cluster:
     """Three hub nodes on one redis-server (a key prefix of their own), a demo worker, nginx in front. Nodes can be
     killed, stopped and started again on the same port; `close` ends every process this started."""
 
-    def __init__(self, redis: RedisServer, *, nodes: int = 3, tokens_per_s: float = 20.0) -> None:
+    def __init__(
+        self, redis: RedisServer, *, nodes: int = 3, tokens_per_s: float = 20.0, node_flags: Sequence[str] = ()
+    ) -> None:
         self.redis = redis
         self.prefix = f"so{uuid.uuid4().hex[:8]}:"
         common = ("--redis-url", redis.url, "--key-prefix", self.prefix)
-        self.nodes = [HubProcess(*common, *NODE_FLAGS) for _ in range(nodes)]
+        self._node_args = (*common, *NODE_FLAGS, *node_flags)
+        self.nodes = [HubProcess(*self._node_args) for _ in range(nodes)]
         self.worker = ProducerProcess(
             *common, "--metrics-port", "0", "--demo-tokens-per-s", str(tokens_per_s), "--log-level", "warning"
         )
@@ -265,6 +289,15 @@ class Cluster:
                 pass
             assert time.monotonic() < deadline, f"{node.url} not ready:\n{node.log()[-2000:]}"
             await asyncio.sleep(0.05)
+
+    async def scale_up(self, session: aiohttp.ClientSession) -> HubProcess:
+        """Start one more node like the others and, once it is ready, reload nginx with it in the node list."""
+        node = HubProcess(*self._node_args)
+        self.nodes.append(node)
+        await asyncio.to_thread(node.start)
+        await self.wait_ready(node, session)
+        await asyncio.to_thread(self.lb.reload, [f"127.0.0.1:{n.port}" for n in self.nodes])
+        return node
 
     def kill(self, node: HubProcess) -> None:
         """kill -9: no drain, every connection of the node reset by the kernel."""
