@@ -47,7 +47,8 @@ def make_backend(settings: HubSettings) -> Backend:
         return MemoryBackend(
             history=settings.history, ttl_s=settings.ttl_s, idempotency_window_s=settings.idempotency_window_s
         )
-    log.info("using Redis backend at %s", _redact(settings.redis_url))
+    kind = "Redis Cluster" if settings.redis_cluster else "Redis"
+    log.info("using %s backend at %s", kind, _redact(settings.redis_url))
     return RedisBackend(
         settings.redis_url,
         prefix=settings.key_prefix,
@@ -55,6 +56,7 @@ def make_backend(settings: HubSettings) -> Backend:
         ttl_s=settings.ttl_s,
         timeout_s=settings.redis_timeout_s,
         idempotency_window_s=settings.idempotency_window_s,
+        cluster=settings.redis_cluster,
     )
 
 
@@ -119,6 +121,7 @@ def create_app(
                 group=DEFAULT_GROUP,
                 record_ttl_s=settings.ttl_s,
                 timeout_s=settings.redis_timeout_s,
+                cluster=settings.redis_cluster,
             )
             owned.append(app[JOBS])
         else:
@@ -126,7 +129,9 @@ def create_app(
         if presence is not None:
             app[PRESENCE] = presence
         elif settings.redis_url is not None:
-            app[PRESENCE] = RedisPresence(settings.redis_url, prefix=settings.key_prefix)
+            app[PRESENCE] = RedisPresence(
+                settings.redis_url, prefix=settings.key_prefix, cluster=settings.redis_cluster
+            )
             owned.append(app[PRESENCE])
         else:
             app[PRESENCE] = MemoryPresence()

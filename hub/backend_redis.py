@@ -8,12 +8,13 @@ a short stream through which deletions reach every node's tail reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .backend import (
     DEFAULT_IDEMPOTENCY_WINDOW_S,
@@ -33,9 +34,10 @@ from .backend import (
     NewEvent,
     RangeResult,
     ReadResult,
+    TailReader,
     format_id,
 )
-from .redis_client import client_kwargs, redis_call, redis_client
+from .redis_client import client_kwargs, connect, redis_call
 
 __all__ = ["RedisBackend"]
 
@@ -114,8 +116,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[7] ~= '' then
   redis.call('SET', KEYS[3], ARGV[7] .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[8])
 end
+NOTIFY
 return ids
 """.replace("TRIM_SLACK", str(TRIM_SLACK_MAX))
+# On Redis Cluster the tail reader cannot block on many slots at once; each append rings the stream's own shard
+# channel (named like the stream key, so in its slot) and the reader reads what rang. See _ClusterTailReader.
+_NOTIFY_LUA = "redis.call('SPUBLISH', KEYS[1], '')"
 
 # History after a position plus the metadata `check_position` needs, read atomically. Flagged read-only, so it runs
 # while writes are paused (CLIENT PAUSE WRITE during a failover) and on replicas.
@@ -157,10 +163,24 @@ return n
 """
 
 
+# The same on Redis Cluster, where the control stream would be in another slot: the deletion rings the stream's own
+# shard channel with `d`. KEYS[1] stream, KEYS[2] fence.
+_DELETE_CLUSTER_LUA = """
+redis.call('DEL', KEYS[2])
+local n = redis.call('DEL', KEYS[1])
+if n == 1 then redis.call('SPUBLISH', KEYS[1], 'd') end
+return n
+"""
+
+
 def _bulk(value: str) -> bytes:
     """One RESP bulk string."""
     b = value.encode()
     return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def _version(info: Mapping[str, Any]) -> tuple[int, ...]:
+    return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
 
 
 def _entry(raw: Any) -> Entry:
@@ -181,18 +201,20 @@ class RedisBackend:
         timeout_s: float = 5.0,
         max_connections: int = 32,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        cluster: bool = False,
     ) -> None:
         self._url = url
+        self.cluster = cluster
         self._prefix = prefix
         self._history = history
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
-        self._redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
+        self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
-        self._append = self._redis.register_script(_APPEND_LUA)
+        self._append = self._redis.register_script(_APPEND_LUA.replace("NOTIFY", _NOTIFY_LUA if cluster else ""))
         self._range = self._redis.register_script(_RANGE_LUA)
-        self._delete = self._redis.register_script(_DELETE_LUA)
+        self._delete = self._redis.register_script(_DELETE_CLUSTER_LUA if cluster else _DELETE_LUA)
 
     def stream_key(self, channel: str) -> str:
         return f"{self._prefix}ch:{{{channel}}}"
@@ -212,7 +234,7 @@ class RedisBackend:
         mistake; the errors the append script raises on purpose become ChannelClosed and Fenced.
         """
         try:
-            return await redis_call(coro, self._timeout_s)
+            return await redis_call(coro, self._timeout_s, self._gate)
         except BackendUnavailable as e:
             if isinstance(reply := e.__cause__, ResponseError):
                 if str(reply).startswith("CLOSED"):
@@ -275,13 +297,19 @@ class RedisBackend:
         # One pipeline, one round trip; each script call stays atomic on its own. Not a transaction: one refused
         # channel (closed) must not refuse the others.
         pipe = self._redis.pipeline(transaction=False)
-        for b in batches:
-            keys, args = self._append_call(b)
-            await self._append(keys=keys, args=args, client=pipe)
-        raw = await self._call(pipe.execute(raise_on_error=False))
+        calls = [self._append_call(b) for b in batches]
+        for keys, args in calls:
+            if self.cluster:
+                # The cluster pipeline refuses script objects; EVALSHA it routes by its key like any command.
+                pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
+            else:
+                await self._append(keys=keys, args=args, client=pipe)
+        raw = await self._rerun_unloaded(await self._call(pipe.execute(raise_on_error=False)), calls)
         results: list[list[str] | BackendError] = []
         for r in raw:
-            if isinstance(r, ResponseError) and str(r).startswith("CLOSED"):
+            if isinstance(r, BackendError):
+                results.append(r)
+            elif isinstance(r, ResponseError) and str(r).startswith("CLOSED"):
                 results.append(ChannelClosed(str(r)))
             elif isinstance(r, ResponseError) and str(r).startswith("FENCED"):
                 results.append(Fenced(str(r)))
@@ -290,6 +318,19 @@ class RedisBackend:
             else:
                 results.append(list(r))
         return results
+
+    async def _rerun_unloaded(self, raw: list[Any], calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run again the calls a node refused with NOSCRIPT: one that has not seen the script yet (new, restarted,
+        failed over). They did not run, so running them (the script object loads it first) appends once; they are all
+        of that node's calls, so their order holds."""
+        for i, r in enumerate(raw):
+            if isinstance(r, NoScriptError):
+                keys, args = calls[i]
+                try:
+                    raw[i] = await self._call(self._append(keys=keys, args=args))
+                except BackendError as e:
+                    raw[i] = e
+        return raw
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
         # Redis cannot express "after the largest id" as an exclusive start; nothing can follow it anyway.
@@ -317,11 +358,16 @@ class RedisBackend:
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str) -> bool:
+        if self.cluster:
+            n = await self._call(self._delete(keys=[self.stream_key(channel), self.fence_key(channel)]))
+            return bool(n)
         keys = [self.stream_key(channel), self.control_key, self.fence_key(channel)]
         n = await self._call(self._delete(keys=keys, args=[channel, _CONTROL_MAXLEN]))
         return bool(n)
 
-    async def open_reader(self) -> _RedisTailReader:
+    async def open_reader(self) -> TailReader:
+        if self.cluster:
+            return _ClusterTailReader(self)
         reader = _RedisTailReader(self)
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -335,11 +381,13 @@ class RedisBackend:
     async def ping(self) -> None:
         if not self._version_checked:
             info = await self._call(self._redis.info("server"))
-            version = tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
+            # A cluster client may answer with one section per node: the oldest one decides.
+            infos = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]
+            version = min(_version(i) for i in infos)
             if version < (7, 0):
                 # XSETID MAXDELETEDID and max-deleted-entry-id, which make resets exact, came with Redis 7.0.
                 log.error(
-                    "Redis %s is too old: the hub needs Redis 7.0 or newer (or Valkey)", info.get("redis_version")
+                    "Redis %s is too old: the hub needs Redis 7.0 or newer (or Valkey)", ".".join(map(str, version))
                 )
                 raise BackendUnavailable("Redis 7.0 or newer is required")
             self._version_checked = True
@@ -461,3 +509,164 @@ class _RedisTailReader:
 
     async def aclose(self) -> None:
         await self._conn.aclose()
+
+
+class _ClusterTailReader:
+    """The live tail on Redis Cluster: rung by each channel's shard channel, read with plain (non-blocking) XREADs.
+
+    One XREAD may not span slots, so the single blocking read of the other reader cannot exist here, and one blocking
+    connection per channel would not be bounded. Instead every append and deletion publishes to the stream's own shard
+    channel (see `_NOTIFY_LUA`); this reader holds one subscribing connection per cluster node, and a read fetches,
+    in one pipeline per node, just the channels that rang. Rings only say where to look: entries are always read
+    from the last position delivered, so a ring that is lost (a dropped connection, a moved slot) costs latency,
+    never an entry. Every `block_s` it reads all its channels anyway, which bounds that latency, and notices
+    streams that vanished while their ring was lost.
+    """
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._subscribed: dict[str, str] = {}  # stream key → name of the node whose connection subscribed it
+        self._pubsubs: dict[str, Any] = {}  # node name → its PubSub
+        self._listeners: dict[str, asyncio.Task[None]] = {}
+        self._rang: set[str] = set()  # stream keys to read
+        self._deleted: list[str] = []
+        self._failure: BaseException | None = None
+        self._wake = asyncio.Event()
+        self._interrupted = False
+        self._next_sweep = 0.0
+
+    async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
+        backend = self._backend
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_s
+        keys = {backend.stream_key(c): c for c in positions}
+        try:
+            async with asyncio.timeout(block_s + backend._timeout_s):
+                while True:
+                    await self._subscribe(keys)
+                    if not (self._rang or self._deleted or self._interrupted) and loop.time() < self._next_sweep:
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max(0.0, min(deadline, self._next_sweep) - loop.time())):
+                                await self._wake.wait()
+                    self._check()
+                    result = await self._read_due(keys, positions, block_s)
+                    if result.entries or result.deleted or self._interrupted or loop.time() >= deadline:
+                        self._interrupted = False
+                        return result
+        except (RedisError, TimeoutError, OSError) as e:
+            await self._reset()
+            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
+
+    async def _read_due(self, keys: Mapping[str, str], positions: Mapping[str, str], block_s: float) -> ReadResult:
+        """Read the channels that rang, or all of them when a sweep is due."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_sweep:
+            self._next_sweep = loop.time() + block_s
+            wanted, sweep = list(keys), True
+        else:
+            wanted, sweep = [k for k in self._rang if k in keys], False
+        # Taken before reading: a ring that comes during the read marks the key again for the next one.
+        self._rang.clear()
+        result = ReadResult(deleted=[c for c in self._deleted if c in positions])
+        self._deleted.clear()
+        if wanted:
+            await self._fetch(wanted, keys, positions, sweep, result)
+        return result
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise ConnectionError(f"a subscribing connection failed: {failure!r}")
+
+    async def _fetch(
+        self, wanted: list[str], keys: Mapping[str, str], positions: Mapping[str, str], sweep: bool, out: ReadResult
+    ) -> None:
+        backend = self._backend
+        pipe = backend._redis.pipeline(transaction=False)
+        for key in wanted:
+            pipe.xread({key: positions[keys[key]]}, count=_READ_COUNT)
+            if sweep:
+                pipe.exists(key)
+        raw = await backend._call(pipe.execute())
+        step = 2 if sweep else 1
+        for i, key in enumerate(wanted):
+            channel = keys[key]
+            reply = raw[i * step]
+            if reply:
+                entries = reply[key] if isinstance(reply, dict) else reply[0][1]
+                out.entries[channel] = [_entry(e) for e in entries]
+                if len(entries) >= _READ_COUNT:
+                    self._rang.add(key)  # more is waiting: read on at once
+            elif sweep and not raw[i * step + 1] and positions[channel] != ZERO_ID:
+                # It held entries (this reader's position is one of them) and is gone: deleted, or expired,
+                # while its ring was lost. Subscribers are told, as on a deletion.
+                out.deleted.append(channel)
+
+    async def _subscribe(self, keys: Mapping[str, str]) -> None:
+        """Subscribe each new channel on the connection to the node that owns its slot; drop the others."""
+        redis = self._backend._redis
+        await redis.initialize()  # the slot map, learnt on first use (a no-op once known)
+        for key in [k for k in self._subscribed if k not in keys]:
+            pubsub = self._pubsubs.get(self._subscribed.pop(key))
+            if pubsub is not None:
+                await pubsub.sunsubscribe(key)
+        for key in keys:
+            if key in self._subscribed:
+                continue
+            node = redis.get_node_from_key(key)
+            pubsub = self._pubsubs.get(node.name)
+            if pubsub is None:
+                conn = aioredis.Redis(host=node.host, port=node.port, **client_kwargs(self._backend._timeout_s))
+                pubsub = self._pubsubs[node.name] = conn.pubsub()
+            await pubsub.ssubscribe(key)
+            if node.name not in self._listeners:
+                self._listeners[node.name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node.name}")
+            self._subscribed[key] = node.name
+            # Subscribed before it is read: an append after this read rings; one before it is read now.
+            self._rang.add(key)
+
+    async def _listen(self, pubsub: Any) -> None:
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is None:
+                    continue
+                kind, key = message["type"], message["channel"]
+                if kind == "smessage":
+                    if message["data"] == "d":
+                        self._deleted.append(self._backend.channel_of(key))
+                    else:
+                        self._rang.add(key)
+                    self._wake.set()
+                elif kind == "sunsubscribe" and key in self._subscribed:
+                    # Not asked for: the slot moved to another node. Subscribe again where it is now, and read it.
+                    self._subscribed.pop(key, None)
+                    self._rang.add(key)
+                    self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the next read raises it and starts afresh
+            self._failure = e
+            self._wake.set()
+
+    async def _reset(self) -> None:
+        for task in self._listeners.values():
+            task.cancel()
+        await asyncio.gather(*self._listeners.values(), return_exceptions=True)
+        for pubsub in self._pubsubs.values():
+            with contextlib.suppress(Exception):  # being thrown away; its own errors do not matter
+                await pubsub.aclose()
+        self._listeners.clear()
+        self._pubsubs.clear()
+        self._subscribed.clear()
+        self._rang.clear()
+        self._next_sweep = 0.0  # the first read after this one reads every channel
+        self._failure = None
+
+    async def interrupt(self) -> None:
+        self._interrupted = True
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        await self._reset()

@@ -10,7 +10,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
-from .redis_client import redis_call, redis_client
+from .redis_client import connect, redis_call
 
 __all__ = ["PRESENCE_INTERVAL_S", "PRESENCE_SLACK_S", "MemoryPresence", "Presence", "RedisPresence"]
 
@@ -55,13 +55,13 @@ class MemoryPresence:
 
 
 class RedisPresence:
-    def __init__(self, url: str, *, prefix: str, timeout_s: float = 3.0) -> None:
+    def __init__(self, url: str, *, prefix: str, timeout_s: float = 3.0, cluster: bool = False) -> None:
         self._key = f"{prefix}watched"
         self._timeout_s = timeout_s
-        self._redis: Any = redis_client(url, timeout_s=timeout_s, max_connections=4)
+        self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=4)
 
     async def _call(self, coro: Any) -> Any:
-        return await redis_call(coro, self._timeout_s)
+        return await redis_call(coro, self._timeout_s, self._gate)
 
     async def touch(self, channels: Collection[str]) -> None:
         now = time.time()

@@ -53,6 +53,9 @@ class HubSettings:
     host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
     port: int = _opt(DEFAULT_PORT, "port", "TCP port to listen on")
     redis_url: str | None = _opt(None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend")
+    redis_cluster: bool = _opt(
+        False, "redis-cluster", "--redis-url is a node of a Redis Cluster: spread channels over its slots"
+    )
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key this hub uses")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (approximately, like MAXLEN ~)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel lives after its last publish")
@@ -135,6 +138,7 @@ class HubSettings:
         need(self.log_level in _LOG_LEVELS, "log-level", f"must be one of {', '.join(_LOG_LEVELS)}")
         need(self.grace_s >= 0, "grace", "must not be negative")
         need(self.redis_timeout_s > 0, "redis-timeout", "must be positive")
+        need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")

@@ -45,13 +45,18 @@ async def _serve_metrics(registry: CollectorRegistry, port: int) -> web.AppRunne
 async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
     assert settings.redis_url is not None
     registry = CollectorRegistry()
+    cluster = settings.redis_cluster
     backend = RedisBackend(
-        settings.redis_url, prefix=settings.key_prefix, history=settings.history, ttl_s=settings.ttl_s
+        settings.redis_url, prefix=settings.key_prefix, history=settings.history, ttl_s=settings.ttl_s, cluster=cluster
     )
     queue = RedisJobQueue(
-        settings.redis_url, prefix=settings.key_prefix, group=settings.group, record_ttl_s=settings.ttl_s
+        settings.redis_url,
+        prefix=settings.key_prefix,
+        group=settings.group,
+        record_ttl_s=settings.ttl_s,
+        cluster=cluster,
     )
-    presence = RedisPresence(settings.redis_url, prefix=settings.key_prefix)
+    presence = RedisPresence(settings.redis_url, prefix=settings.key_prefix, cluster=cluster)
     worker = Worker(
         settings,
         backend=backend,

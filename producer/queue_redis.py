@@ -15,7 +15,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from hub.backend import BackendUnavailable
-from hub.redis_client import redis_call, redis_client
+from hub.redis_client import connect, redis_call
 
 from .jobs import Delivery, GenerationRecord, Job
 
@@ -52,12 +52,22 @@ def _record(raw: Any, attempts: Any = None) -> GenerationRecord | None:
 
 
 class RedisJobQueue:
-    def __init__(self, url: str, *, prefix: str, group: str, record_ttl_s: float, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str,
+        group: str,
+        record_ttl_s: float,
+        timeout_s: float = 5.0,
+        cluster: bool = False,
+    ) -> None:
         self._prefix = prefix
         self._group = group
         self._ttl_s = max(1, int(record_ttl_s))
         self._timeout_s = timeout_s
-        self._redis: Any = redis_client(url, timeout_s=timeout_s, max_connections=16)
+        self._cluster = cluster
+        self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=16)
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._group_ready = False
         self._claim_cursor = "0-0"
@@ -71,7 +81,7 @@ class RedisJobQueue:
 
     async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
         try:
-            return await redis_call(coro, timeout_s or self._timeout_s)
+            return await redis_call(coro, timeout_s or self._timeout_s, self._gate)
         except BackendUnavailable as e:
             if isinstance(e.__cause__, ResponseError) and "NOGROUP" in str(e.__cause__):
                 # The stream or its group is gone (Redis restarted empty, or flushed): create them again.
@@ -91,9 +101,15 @@ class RedisJobQueue:
 
     async def submit(self, job: Job) -> GenerationRecord:
         record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
-        pipe = self._redis.pipeline(transaction=True)
+        # On a cluster the record and the job queue are in different slots, and no transaction spans slots: the
+        # record goes first, so a worker never takes a job without one. If the job then fails, the submit is a 503
+        # and the record, never handed out, expires.
+        pipe = self._redis.pipeline(transaction=not self._cluster)
         pipe.hset(self.record_key(job.id), "r", orjson.dumps(asdict(record)))
         pipe.expire(self.record_key(job.id), self._ttl_s)
+        if self._cluster:
+            await self._call(pipe.execute())
+            pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.jobs_key, {"j": job.dumps()})
         await self._call(pipe.execute())
         return record

@@ -51,6 +51,7 @@ class ProviderKeys:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProducerSettings:
     redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue")
+    redis_cluster: bool = _opt(False, "redis-cluster", "--redis-url is a node of a Redis Cluster (the hub's setting)")
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")

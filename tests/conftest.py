@@ -14,7 +14,7 @@ from hub.backend import Backend
 from hub.backend_memory import MemoryBackend
 from hub.backend_redis import RedisBackend
 from hub.settings import HubSettings
-from tests.support import RedisServer
+from tests.support import RedisClusterServers, RedisServer
 
 BackendFactory = Callable[..., Backend]
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -28,7 +28,17 @@ def redis_server() -> Iterator[RedisServer]:
     server.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
@@ -39,7 +49,11 @@ async def make_backend(backend_kind: str, request: pytest.FixtureRequest) -> Asy
     """Build backends of the parametrized kind; Redis ones share one server and get a key prefix unique to the test."""
     made: list[Backend] = []
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    server: RedisServer | None = request.getfixturevalue("redis_server") if backend_kind == "redis" else None
+    server: RedisServer | RedisClusterServers | None = None
+    if backend_kind == "redis":
+        server = request.getfixturevalue("redis_server")
+    elif backend_kind == "cluster":
+        server = request.getfixturevalue("redis_cluster")
 
     def factory(*, history: int = 10_000, ttl_s: float = 3600.0, idempotency_window_s: float = 600.0) -> Backend:
         b: Backend
@@ -53,6 +67,7 @@ async def make_backend(backend_kind: str, request: pytest.FixtureRequest) -> Asy
                 ttl_s=ttl_s,
                 timeout_s=2.0,
                 idempotency_window_s=idempotency_window_s,
+                cluster=backend_kind == "cluster",
             )
         made.append(b)
         return b

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -260,3 +261,61 @@ class ResumingClient:
                 self.last_event_id = parser.last_event_id
                 if parser.retry_ms is not None:
                     self.retry_s = parser.retry_ms / 1000
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too; so at most 55535."""
+    for _ in range(200):
+        port = random.randint(20_000, 45_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterServers:
+    """A real Redis Cluster of three masters (no replicas) on free loopback ports, made with `redis-cli --cluster`."""
+
+    def __init__(self, masters: int = 3) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+        self.servers = [RedisServer(*args) for _ in range(masters)]
+        for server in self.servers:
+            server.port = _cluster_port()
+
+    @property
+    def url(self) -> str:
+        """Any node's URL: the client learns the others from it."""
+        return self.servers[0].url
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (make test installs redis-server, which brings it)")
+        nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        for server in self.servers:
+            while True:
+                info = subprocess.run(
+                    [cli, "-p", str(server.port), "cluster", "info"], capture_output=True, text=True, timeout=5
+                ).stdout
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster not ok on {server.port}: {info}")
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()

@@ -1,0 +1,134 @@
+"""Hub nodes and a worker on a real three-master Redis Cluster: channels spread over the slots, and everything the
+single-Redis tests prove (fan-out, resume on another node, generations, deletes) holds, with a bounded number of
+connections from a node to each cluster node. The contract and API tests also run on the cluster (`backend_kind`)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import aiohttp
+import orjson
+import pytest
+
+from hub.backend_redis import RedisBackend
+from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect
+
+pytestmark = pytest.mark.timeout(120)
+
+CHANNELS = 30
+EVENTS = 10
+
+
+@pytest.fixture
+def processes(redis_cluster: RedisClusterServers) -> Iterator[tuple[HubProcess, HubProcess, ProducerProcess, str]]:
+    prefix = f"rc{uuid.uuid4().hex[:8]}:"
+    common = ("--redis-url", redis_cluster.url, "--redis-cluster", "--key-prefix", prefix)
+    a = HubProcess(*common, "--embedded-worker", "off", "--log-level", "warning")
+    b = HubProcess(*common, "--embedded-worker", "off", "--log-level", "warning")
+    worker = ProducerProcess(*common, "--metrics-port", "0", "--demo-tokens-per-s", "100", "--log-level", "warning")
+    try:
+        for p in (a, b, worker):
+            p.start()
+        yield a, b, worker, prefix
+    finally:
+        for p in (a, b, worker):
+            p.close()
+
+
+async def _ready(session: aiohttp.ClientSession, node: HubProcess) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        async with session.get(f"{node.url}/readyz") as resp:
+            if resp.status == 200:
+                return
+        assert time.monotonic() < deadline, node.log()[-2000:]
+        await asyncio.sleep(0.1)
+
+
+def _connections_to(pid: int, ports: set[int]) -> dict[int, int]:
+    """How many TCP connections process `pid` has open to each of `ports`."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    counts = dict.fromkeys(ports, 0)
+    for line in out.splitlines():
+        if f"pid={pid}," not in line:
+            continue
+        peer = line.split()[3]
+        port = int(peer.rsplit(":", 1)[1])
+        if port in counts:
+            counts[port] += 1
+    return counts
+
+
+async def test_fan_out_resume_generations_and_deletes_across_nodes_on_a_redis_cluster(
+    redis_cluster: RedisClusterServers, processes: tuple[HubProcess, HubProcess, ProducerProcess, str]
+) -> None:
+    a, b, _worker, prefix = processes
+    store = RedisBackend(redis_cluster.url, prefix=prefix, history=1000, ttl_s=600, cluster=True)
+    async with aiohttp.ClientSession() as session:
+        try:
+            await _ready(session, a)
+            await _ready(session, b)
+            channels = [f"c{i}" for i in range(CHANNELS)]
+            await store.ping()
+            owners = {store._redis.get_node_from_key(store.stream_key(c)).port for c in channels}
+            assert owners == {s.port for s in redis_cluster.servers}  # the channels are spread over every master
+
+            # Fan-out: two live subscribers per channel on node B; the events are published on node A.
+            streams = [await session.get(f"{b.url}/v1/channels/{c}/events") for c in channels for _ in range(2)]
+            assert {s.status for s in streams} == {200}
+            published: dict[str, list[str]] = {}
+            for c in channels:
+                body = [{"event": "token", "data": f"{c}-{i}"} for i in range(EVENTS)]
+                async with session.post(f"{a.url}/v1/channels/{c}/events", json=body) as resp:
+                    assert resp.status == 201
+                    published[c] = (await resp.json())["ids"]
+            for i, s in enumerate(streams):
+                got = [ev.id for ev in await collect(s, count=EVENTS)]
+                assert got == published[channels[i // 2]]
+
+            # Bounded: while B tails every channel, it holds few connections to each cluster node.
+            per_node = _connections_to(b.proc.pid if b.proc else 0, {s.port for s in redis_cluster.servers})
+            assert all(1 <= n <= 6 for n in per_node.values()), per_node
+            print(f"node B's connections per cluster node while tailing {CHANNELS} channels: {per_node}")
+
+            # Deleting a channel on A ends its streams on B with a reset.
+            async with session.delete(f"{a.url}/v1/channels/c0") as resp:
+                assert resp.status == 204
+            for s in streams[:2]:
+                [reset] = await collect(s)
+                assert reset.event == "reset" and orjson.loads(reset.data)["reason"] == "deleted"
+            for s in streams:
+                s.close()
+
+            # Resume on A from B's ids: exactly the rest.
+            async with session.get(
+                f"{a.url}/v1/channels/c1/events", headers={"Last-Event-ID": published["c1"][3]}
+            ) as resp:
+                assert [ev.id for ev in await collect(resp, count=EVENTS - 4)] == published["c1"][4:]
+
+            # A generation submitted on A, run by the worker, streamed from B to its end.
+            request = {"provider": "demo", "model": "demo:40", "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(f"{a.url}/v1/generations", json=request) as resp:
+                assert resp.status == 202
+                job = await resp.json()
+            async with session.get(f"{b.url}{job['events_url']}?last_event_id=0") as resp:
+                events = await collect(resp, timeout_s=30)
+            stored = (await store.range(job["channel"], "0", limit=1000)).entries
+            assert [ev.id for ev in events] == [e.id for e in stored]
+            assert stored[-1].close and sum(e.event == "token" for e in stored) >= 1
+            deadline = time.monotonic() + 10
+            while True:  # the worker settles the record just after the end marker
+                async with session.get(f"{b.url}/v1/generations/{job['id']}") as resp:
+                    status = (await resp.json())["status"]
+                if status not in ("queued", "running") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert status == "done"
+        finally:
+            await store.aclose()
+        assert not re.search(r"Traceback|ERROR", a.log() + b.log()), (a.log() + b.log())[-3000:]
