@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -344,3 +345,39 @@ async def until(done: Callable[[], bool], what: str, timeout_s: float = 20) -> N
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+@dataclass
+class Publisher:
+    """Publishes one event per request through the balancer at a fixed rate, round robin over `channels`; a request
+    that fails is sent again. A 503 stored nothing, and a request nginx could not hand to a node never reached one:
+    the tests' check of each channel against the acknowledged ids would catch a publish stored twice."""
+
+    session: aiohttp.ClientSession
+    url: str
+    channels: list[str]
+    rate_per_s: float
+    acked: dict[str, list[str]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        started = time.monotonic()
+        n = 0
+        while not stop.is_set():
+            channel = self.channels[n % len(self.channels)]
+            await self.publish(channel, [{"event": "tick", "data": str(len(self.acked.get(channel, [])))}])
+            n += 1
+            # A fixed schedule, not a fixed pause: a slow request does not lower the rate.
+            await asyncio.sleep(max(0.0, started + n / self.rate_per_s - time.monotonic()))
+
+    async def publish(self, channel: str, body: list[dict[str, object]]) -> None:
+        while True:
+            try:
+                async with self.session.post(f"{self.url}/v1/channels/{channel}/events", json=body) as resp:
+                    if resp.status == 201:
+                        self.acked.setdefault(channel, []).extend((await resp.json())["ids"])
+                        return
+                    self.failures.append(f"{resp.status} {await resp.text()}")
+            except aiohttp.ClientError as e:
+                self.failures.append(repr(e))
+            await asyncio.sleep(0.05)

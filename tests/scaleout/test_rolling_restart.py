@@ -7,53 +7,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
 from hub.app import _DRAIN_SPREAD
-from tests.scaleout.cluster import GRACE_S, assert_exact, fail_timeout_s, metric
+from tests.scaleout.cluster import GRACE_S, Publisher, assert_exact, fail_timeout_s, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import ResumingClient
 
 CHANNELS = 10
 CLIENTS = 200
 RATE_PER_S = 40  # publish requests, one event each, round robin over the channels
-
-
-@dataclass
-class Publisher:
-    """Publishes through the balancer at a fixed rate; a refused request is sent again (a 503 stored nothing)."""
-
-    session: aiohttp.ClientSession
-    url: str
-    channels: list[str]
-    acked: dict[str, list[str]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        started = time.monotonic()
-        n = 0
-        while not stop.is_set():
-            channel = self.channels[n % len(self.channels)]
-            seq = len(self.acked.setdefault(channel, []))
-            await self.publish(channel, [{"event": "tick", "data": str(seq)}])
-            n += 1
-            # A fixed schedule, not a fixed pause: a slow request does not lower the rate.
-            await asyncio.sleep(max(0.0, started + n / RATE_PER_S - time.monotonic()))
-
-    async def publish(self, channel: str, body: list[dict[str, object]]) -> None:
-        while True:
-            try:
-                async with self.session.post(f"{self.url}/v1/channels/{channel}/events", json=body) as resp:
-                    if resp.status == 201:
-                        self.acked.setdefault(channel, []).extend((await resp.json())["ids"])
-                        return
-                    self.failures.append(f"{resp.status} {await resp.text()}")
-            except aiohttp.ClientError as e:
-                self.failures.append(repr(e))
-            await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -78,7 +44,7 @@ async def test_rolling_restart_delivers_every_event_once_and_spreads_each_drain(
         ResumingClient(session, f"{cluster.url}/v1/channels/{channels[i % CHANNELS]}/events") for i in range(CLIENTS)
     ]
     tasks = [asyncio.create_task(c.run()) for c in clients]
-    publisher = Publisher(session, cluster.url, channels)
+    publisher = Publisher(session, cluster.url, channels, RATE_PER_S)
     stop = asyncio.Event()
     pub_task: asyncio.Task[None] | None = None
     drains: list[Drain] = []

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 
 from hub.backend import Entry
-from tests.scaleout.cluster import RETRY_MS, assert_exact, metric
+from tests.scaleout.cluster import RETRY_MS, Publisher, assert_exact, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import HubProcess, ResumingClient
 
@@ -29,41 +28,6 @@ WINDOW_S = 3 * AGE_S
 # A third of the streams is what least_conn aims at; 20% leaves room for a slow machine and sampling noise.
 FAIR_SHARE = 0.20
 SAMPLE_S = 0.5
-
-
-@dataclass
-class Publisher:
-    """Publishes through the balancer at a fixed rate; a failed request is sent again. Nothing here kills a node, so
-    a failure can only be a request that never reached one (a keep-alive connection a reloading nginx closed): the
-    check of the channel against the acknowledged ids below would catch a publish stored twice."""
-
-    session: aiohttp.ClientSession
-    url: str
-    channels: list[str]
-    acked: dict[str, list[str]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        started = time.monotonic()
-        n = 0
-        while not stop.is_set():
-            channel = self.channels[n % len(self.channels)]
-            await self.publish(channel, [{"event": "tick", "data": str(len(self.acked.get(channel, [])))}])
-            n += 1
-            # A fixed schedule, not a fixed pause: a slow request does not lower the rate.
-            await asyncio.sleep(max(0.0, started + n / RATE_PER_S - time.monotonic()))
-
-    async def publish(self, channel: str, body: list[dict[str, object]]) -> None:
-        while True:
-            try:
-                async with self.session.post(f"{self.url}/v1/channels/{channel}/events", json=body) as resp:
-                    if resp.status == 201:
-                        self.acked.setdefault(channel, []).extend((await resp.json())["ids"])
-                        return
-                    self.failures.append(f"{resp.status} {await resp.text()}")
-            except aiohttp.ClientError as e:
-                self.failures.append(repr(e))
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -99,7 +63,7 @@ async def test_a_node_added_by_a_scale_up_gets_its_share_of_the_streams_and_no_e
     # Live subscriptions (no position): each stream starts at the channel's end as it is when the stream opens.
     clients = [ResumingClient(stream_session, f"{cluster.url}/v1/channels/{ch}/events") for ch in of_client]
     tasks = [asyncio.create_task(c.run()) for c in clients]
-    publisher = Publisher(session, cluster.url, channels)
+    publisher = Publisher(session, cluster.url, channels, RATE_PER_S)
     stop = asyncio.Event()
     pub_task: asyncio.Task[None] | None = None
     samples: list[tuple[float, list[int]]] = []
