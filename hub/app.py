@@ -29,6 +29,7 @@ from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVID
 from .limits import Limits
 from .metrics import HubMetrics
 from .openapi import routes as openapi_routes
+from .page import routes as page_routes
 from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
 
@@ -183,4 +184,5 @@ def create_app(
     app.add_routes(routes)
     app.add_routes(generation_routes)
     app.add_routes(openapi_routes)
+    app.add_routes(page_routes)
     return app

@@ -1,5 +1,6 @@
-"""What deploy/nginx/hub.conf itself promises, checked through a running nginx: only the API is routed, the nodes
-(not nginx) refuse oversized publish bodies, and a publish that meets a dead node is stored once, by a live one."""
+"""What deploy/nginx/hub.conf itself promises, checked through a running nginx: only the API and the demo page are
+routed, the nodes (not nginx) refuse oversized publish bodies, and a publish that meets a dead node is stored once, by
+a live one."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ async def test_only_the_api_is_routed_and_a_node_refuses_an_oversized_body_itsel
     make_cluster: ClusterFactory, session: aiohttp.ClientSession
 ) -> None:
     cluster = await make_cluster()
-    for path in ("/metrics", "/readyz", "/healthz", "/"):
+    for path in ("/metrics", "/readyz", "/healthz", "/v1x"):
         async with session.get(f"{cluster.url}{path}") as resp:
             assert resp.status == 404, path
-    async with session.get(f"{cluster.url}/v1/openapi.json") as resp:
-        assert resp.status == 200
+    for path in ("/v1/openapi.json", "/", "/static/hub-client.js"):  # the API, and the demo page with its scripts
+        async with session.get(f"{cluster.url}{path}") as resp:
+            assert resp.status == 200, path
     # Over the nodes' 1 MiB: the answer is the hub's JSON error, which names the limit, not nginx's error page.
     body = b'{"data": "' + b"x" * (1 << 20) + b'"}'
     async with session.post(

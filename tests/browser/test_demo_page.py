@@ -1,0 +1,274 @@
+"""The demo page (hub/static) in a real Chromium: a generation streams in token by token and ends with exactly the text
+the worker wrote, through a node killed under it behind nginx, a page reload, and a channel deleted or trimmed under
+it. Screenshots of the finished pages are saved in each test's artifacts folder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from playwright.async_api import Page, Route
+
+from tests.scaleout.cluster import Cluster, find_nginx, metric
+from tests.support import HubProcess, RedisServer, collect, free_port
+
+# Every change of the page's connection state, in order, kept in window.states (installed again after a reload).
+WATCH_STATES = """
+() => {
+    const el = document.getElementById("state");
+    window.states = [el.dataset.state];
+    new MutationObserver(() => {
+        const s = el.dataset.state;
+        if (window.states[window.states.length - 1] !== s) window.states.push(s);
+    }).observe(el, {attributes: true, attributeFilter: ["data-state"]});
+}
+"""
+
+
+def hub_process(*args: str, tokens_per_s: float = 30) -> Iterator[HubProcess]:
+    # The embedded backend and its embedded worker (anonymous): the page works with nothing configured.
+    node = HubProcess(*args, env={"PRODUCER_DEMO_TOKENS_PER_S": str(tokens_per_s)})
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def hub() -> Iterator[HubProcess]:
+    yield from hub_process()
+
+
+@pytest.fixture
+def short_history_hub() -> Iterator[HubProcess]:
+    # Ten events kept per channel: a client that is away for a generation comes back to a trimmed channel.
+    yield from hub_process("--history", "10", tokens_per_s=40)
+
+
+def token_text(events: list[tuple[str, str]]) -> str:
+    """The answer a channel's (event, data) pairs spell: its tokens' text, from after the last reset."""
+    text = ""
+    for name, data in events:
+        if name == "reset":
+            text = ""
+        elif name == "token":
+            text += json.loads(data)["text"]
+    return text
+
+
+async def stored_text(base_url: str, channel: str) -> str:
+    """What the hub holds for a finished channel, read from its start over the HTTP API."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base_url}/v1/channels/{channel}/events?last_event_id=0") as resp:
+            assert resp.status == 200
+            events = await collect(resp, timeout_s=20)
+    assert events and events[-1].event in ("done", "error"), events[-3:]
+    return token_text([(ev.event, ev.data) for ev in events])
+
+
+async def start_generation(page: Page, url: str, model: str) -> dict[str, Any]:
+    """Open the page, ask for a demo generation of `model`, and return what the page saved of it."""
+    await page.goto(url)
+    await page.evaluate(WATCH_STATES)
+    await page.fill("#model", model)
+    await page.click("#send")
+    await page.wait_for_function("() => document.getElementById('answer').textContent.length > 0", timeout=15_000)
+    return await saved(page)
+
+
+async def saved(page: Page) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(await page.evaluate("() => sessionStorage.getItem('sse-hub-demo')"))
+    return state
+
+
+async def wait_state(page: Page, state: str, timeout_s: float = 30) -> None:
+    await page.wait_for_function(
+        "(s) => document.getElementById('state').dataset.state === s", arg=state, timeout=timeout_s * 1000
+    )
+
+
+async def states(page: Page) -> list[str]:
+    seen: list[str] = await page.evaluate("() => window.states")
+    return seen
+
+
+async def answer(page: Page) -> str:
+    return await page.text_content("#answer") or ""
+
+
+async def test_a_generation_streams_into_the_page_token_by_token(hub: HubProcess, page: Page, artifacts: Path) -> None:
+    job = await start_generation(page, f"{hub.url}/", "demo:60")
+    lengths = set()
+    deadline = time.monotonic() + 30
+    while await page.get_attribute("#state", "data-state") != "finished":
+        assert time.monotonic() < deadline, await states(page)
+        lengths.add(len(await answer(page)))
+        await asyncio.sleep(0.02)
+    expected = await stored_text(hub.url, job["channel"])
+    assert await answer(page) == expected and len(expected) > 100
+    # Progressively, not all at once: the page was seen at many lengths between empty and whole.
+    assert len(lengths - {0, len(expected)}) >= 5, sorted(lengths)
+    assert await states(page) == ["idle", "connecting", "streaming", "finished"]
+    await page.screenshot(path=artifacts / "finished.png", full_page=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(find_nginx() is None, reason="nginx is not installed (make test installs it)")
+async def test_a_node_killed_under_the_page_behind_nginx_loses_nothing(
+    redis_server: RedisServer, page: Page, artifacts: Path
+) -> None:
+    cluster = Cluster(redis_server, tokens_per_s=25)
+    try:
+        cluster.start()
+        async with aiohttp.ClientSession() as session:
+            for node in cluster.nodes:
+                await cluster.wait_ready(node, session)
+            job = await start_generation(page, f"{cluster.url}/", "demo:120")
+            await page.wait_for_function("() => document.getElementById('answer').textContent.length > 60")
+            # The node holding the page's stream: the only one with a stream open.
+            serving = [n for n in cluster.nodes if await metric(session, n, "hub_connections_open") == 1]
+            assert len(serving) == 1, [await metric(session, n, "hub_connections_open") for n in cluster.nodes]
+            shown_before = await answer(page)
+            cluster.kill(serving[0])
+            await wait_state(page, "finished", timeout_s=60)
+        entries = await cluster.entries(job["channel"])
+        expected = token_text([(e.event, e.data) for e in entries])
+        assert await answer(page) == expected
+        assert expected.startswith(shown_before) and len(expected) > len(shown_before)
+        seen = await states(page)
+        # The drop was seen and the stream came back resumed, before it finished.
+        assert "reconnecting" in seen and "resumed" in seen[seen.index("reconnecting") :], seen
+        assert seen[-1] == "finished"
+        await page.screenshot(path=artifacts / "after-node-kill.png", full_page=True)
+    finally:
+        await cluster.aclose()
+
+
+async def test_a_page_reloaded_mid_generation_ends_with_the_exact_text(
+    hub: HubProcess, page: Page, artifacts: Path
+) -> None:
+    job = await start_generation(page, f"{hub.url}/", "demo:90")
+    await asyncio.sleep(0.5)
+    before = await saved(page)
+    assert before["status"] == "streaming" and before["lastEventId"]
+    await page.reload()
+    await page.evaluate(WATCH_STATES)
+    # Rebuilt from what the page saved, then resumed from the id it saved with it.
+    await wait_state(page, "finished")
+    assert "resumed" in await states(page)
+    expected = await stored_text(hub.url, job["channel"])
+    assert await answer(page) == expected
+    await page.screenshot(path=artifacts / "after-reload.png", full_page=True)
+
+
+async def test_a_channel_deleted_under_the_page_shows_the_reset_and_no_stale_text(
+    hub: HubProcess, page: Page, artifacts: Path
+) -> None:
+    job = await start_generation(page, f"{hub.url}/", "demo:400")
+    await page.wait_for_function("() => document.getElementById('answer').textContent.length > 20")
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(f"{hub.url}/v1/channels/{job['channel']}") as resp:
+            assert resp.status == 204
+    await wait_state(page, "error", timeout_s=10)
+    assert "deleted" in (await page.text_content("#notice") or "")
+    assert await answer(page) == ""
+    await asyncio.sleep(1.0)  # and nothing comes back
+    assert await answer(page) == "" and (await saved(page))["text"] == ""
+    await page.screenshot(path=artifacts / "deleted.png", full_page=True)
+
+
+async def test_a_page_back_after_its_channel_was_trimmed_shows_the_reset_and_only_what_remains(
+    short_history_hub: HubProcess, page: Page, artifacts: Path
+) -> None:
+    hub = short_history_hub
+    job = await start_generation(page, f"{hub.url}/", "demo:120")
+    stale = await answer(page)
+
+    # The page goes away (reloaded, its stream requests failing) while the generation runs to its end.
+    async def unreachable(route: Route) -> None:
+        await route.abort()
+
+    await page.route("**/events?*", unreachable)
+    await page.reload()
+    await page.evaluate(WATCH_STATES)
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while True:
+            async with session.get(f"{hub.url}/v1/generations/{job['id']}") as resp:
+                if (await resp.json())["status"] == "done":
+                    break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert (await saved(page))["status"] == "streaming"
+    await page.unroute("**/events?*", unreachable)
+
+    # Back: its position was trimmed away. The page says so and shows only what the hub still has.
+    await wait_state(page, "finished", timeout_s=30)
+    assert "no longer kept" in (await page.text_content("#notice") or "")
+    expected = await stored_text(hub.url, job["channel"])
+    assert stale and await answer(page) == expected
+    await page.screenshot(path=artifacts / "trimmed.png", full_page=True)
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>elsewhere</title>
+<script src="{hub}/static/hub-client.js"></script>
+<script>
+  window.received = [];
+  window.states = [];
+  window.subscription = HubClient.subscribe("{hub}/v1/channels/elsewhere/events", {{
+    lastEventId: "{after}",
+    on: {{ token: (data, ev) => window.received.push([ev.lastEventId, data.text]) }},
+    onState: (name, detail) => window.states.push([name, detail.replayed === undefined ? null : detail.replayed]),
+  }});
+</script>"""
+
+
+async def test_hub_client_resumes_from_another_origin(page: Page, artifacts: Path) -> None:
+    """A page of another site embeds hub-client.js from the hub and follows a channel across origins (the hub's CORS
+    settings list that site): the first connection resumes from a given id, and the client counts what it replayed."""
+    site_port = free_port()
+    origin = f"http://127.0.0.1:{site_port}"
+    node = HubProcess("--cors-origins", origin)
+    node.start()
+    runner: web.AppRunner | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = [{"event": "token", "data": {"text": f"t{i}"}} for i in range(5)]
+            async with session.post(f"{node.url}/v1/channels/elsewhere/events", json=body) as resp:
+                ids: list[str] = (await resp.json())["ids"]
+            html = CROSS_ORIGIN_PAGE.format(hub=node.url, after=ids[1])
+
+            async def site(request: web.Request) -> web.Response:
+                return web.Response(text=html, content_type="text/html")
+
+            app = web.Application()
+            app.router.add_get("/", site)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", site_port).start()
+
+            await page.goto(f"{origin}/")
+            await page.wait_for_function("() => window.received.length >= 3", timeout=10_000)
+            one = {"event": "token", "data": {"text": "t5"}}
+            async with session.post(f"{node.url}/v1/channels/elsewhere/events", json=one) as resp:
+                [live] = (await resp.json())["ids"]
+            await page.wait_for_function("() => window.received.length >= 4", timeout=10_000)
+        received = await page.evaluate("() => window.received")
+        assert received == [[ids[2], "t2"], [ids[3], "t3"], [ids[4], "t4"], [live, "t5"]]
+        # Resumed from ids[1]: three events were replayed (the live one is not counted).
+        await page.wait_for_function(
+            "() => window.states.some(([name, n]) => name === 'resumed' && n === 3)", timeout=10_000
+        )
+        await page.screenshot(path=artifacts / "cross-origin.png")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        node.close()
