@@ -43,7 +43,8 @@ bench-deps:
 	@$(HAVE_NCHAN) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan; }
 
 run: install
-	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker, anonymous mode: no authentication). In another shell:"
+	@echo "Hub on http://localhost:$(PORT) (embedded memory backend and demo worker, anonymous mode: no authentication)."
+	@echo "Open http://localhost:$(PORT)/ for the demo page. Or, in another shell:"
 	@echo "  curl -N http://localhost:$(PORT)/v1/channels/demo/events"
 	@echo "  curl -X POST -H 'Content-Type: application/json' -d '{\"event\":\"token\",\"data\":\"hello\"}' http://localhost:$(PORT)/v1/channels/demo/events"
 	@echo "A generation, streamed as it is written (add -H 'Accept: text/event-stream' to get it in the same response):"
