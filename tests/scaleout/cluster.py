@@ -381,3 +381,12 @@ class Publisher:
             except aiohttp.ClientError as e:
                 self.failures.append(repr(e))
             await asyncio.sleep(0.05)
+
+
+async def end_channels(publisher: Publisher, channels: Sequence[str], clients: Sequence[asyncio.Task[None]]) -> None:
+    """Publish each channel's close marker and wait until every client has ended: each reconnects after the marker
+    and gets the 204 that ends it."""
+    for ch in channels:
+        await publisher.publish(ch, [{"event": "end", "data": "", "close": True}])
+    async with asyncio.timeout(30):
+        await asyncio.gather(*clients)

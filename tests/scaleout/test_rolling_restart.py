@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from hub.app import _DRAIN_SPREAD
-from tests.scaleout.cluster import GRACE_S, Publisher, assert_exact, fail_timeout_s, metric
+from tests.scaleout.cluster import GRACE_S, Publisher, assert_exact, end_channels, fail_timeout_s, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import ResumingClient
 
@@ -69,10 +69,7 @@ async def test_rolling_restart_delivers_every_event_once_and_spreads_each_drain(
             await asyncio.sleep(fail_timeout_s() + 0.5)
         stop.set()
         await pub_task
-        for ch in channels:
-            await publisher.publish(ch, [{"event": "end", "data": "", "close": True}])
-        async with asyncio.timeout(30):
-            await asyncio.gather(*tasks)
+        await end_channels(publisher, channels, tasks)
     except BaseException:
         stop.set()
         for t in [*tasks, *([pub_task] if pub_task is not None else [])]:

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from hub.backend import Entry
-from tests.scaleout.cluster import RETRY_MS, Publisher, assert_exact, metric
+from tests.scaleout.cluster import RETRY_MS, Publisher, assert_exact, end_channels, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import HubProcess, ResumingClient
 
@@ -85,11 +85,7 @@ async def test_a_node_added_by_a_scale_up_gets_its_share_of_the_streams_and_no_e
         after = await _streams(session, cluster.nodes)
         stop.set()
         await pub_task
-        for ch in channels:
-            await publisher.publish(ch, [{"event": "end", "data": "", "close": True}])
-        # Each client reconnects after the close marker and gets the 204 that ends it.
-        async with asyncio.timeout(30):
-            await asyncio.gather(*tasks)
+        await end_channels(publisher, channels, tasks)
     except BaseException:
         stop.set()
         for t in [*tasks, *([pub_task] if pub_task is not None else [])]:
