@@ -132,3 +132,64 @@ async def test_fan_out_resume_generations_and_deletes_across_nodes_on_a_redis_cl
         finally:
             await store.aclose()
         assert not re.search(r"Traceback|ERROR", a.log() + b.log()), (a.log() + b.log())[-3000:]
+
+
+def _cli(port: int, *args: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.strip()
+
+
+def _move_slot(slot: int, source: int, target: int, ports: list[int]) -> None:
+    """Migrate one hash slot, keys included, from the master on `source` to the one on `target` (what a resharding
+    does slot by slot), and tell every master."""
+    target_id, source_id = _cli(target, "cluster", "myid"), _cli(source, "cluster", "myid")
+    _cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+    _cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+    while keys := _cli(source, "cluster", "getkeysinslot", str(slot), "100").split():
+        _cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+    for port in ports:
+        _cli(port, "cluster", "setslot", str(slot), "node", target_id)
+
+
+async def test_a_channel_whose_slot_moves_to_another_master_keeps_streaming_exactly(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    prefix = f"mv{uuid.uuid4().hex[:8]}:"
+    node = HubProcess("--redis-url", redis_cluster.url, "--redis-cluster", "--key-prefix", prefix)
+    store = RedisBackend(redis_cluster.url, prefix=prefix, history=1000, ttl_s=600, cluster=True)
+    node.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _ready(session, node)
+            await store.ping()
+            key = store.stream_key("moving")
+            slot = int(_cli(redis_cluster.servers[0].port, "cluster", "keyslot", key))
+            ports = [s.port for s in redis_cluster.servers]
+            source = store._redis.get_node_from_key(key).port
+            target = next(p for p in ports if p != source)
+            published: list[str] = []
+
+            async def publish(n: int) -> None:
+                body = [{"event": "token", "data": str(len(published) + i)} for i in range(n)]
+                async with session.post(f"{node.url}/v1/channels/moving/events", json=body) as resp:
+                    assert resp.status == 201, await resp.text()
+                    published.extend((await resp.json())["ids"])
+
+            await publish(3)
+            stream = await session.get(f"{node.url}/v1/channels/moving/events?last_event_id=0")
+            assert [ev.id for ev in await collect(stream, count=3)] == published
+            await asyncio.to_thread(_move_slot, slot, source, target, ports)
+            for _ in range(5):  # through the move: the hub's client and its tail follow the slot to its new master
+                await publish(2)
+                await asyncio.sleep(0.2)
+            got = [ev.id for ev in await collect(stream, count=10, timeout_s=20)]
+            stream.close()
+            assert got == published[3:]
+            assert _cli(target, "cluster", "countkeysinslot", str(slot)) != "0"
+            # The node's tail followed the slot: it listens for the channel's rings on the new master, not the old
+            # one (it is not left to its periodic sweep, which would delay every event by up to --tail-block).
+            assert _cli(source, "pubsub", "shardnumsub", key).split() == [key, "0"]
+            assert _cli(target, "pubsub", "shardnumsub", key).split() == [key, "1"]
+    finally:
+        await store.aclose()
+        node.close()
