@@ -245,5 +245,13 @@ def _convert(f: dataclasses.Field[Any], raw: str | bool, env: str) -> Any:
         if kind == "float":
             return float(raw)
     except ValueError:
-        raise ValueError(f"invalid setting {f.metadata['flag']} ({env}): {raw!r} is not a number") from None
+        hint = ""
+        if raw.startswith(("tcp://", "udp://")):
+            # Kubernetes sets <SERVICE>_PORT=tcp://<ip>:<port> for every Service in the namespace: a Service named
+            # `hub` (or `producer-metrics`, ...) lands on one of our settings.
+            hint = (
+                " (a Kubernetes service link: a Service's name makes this variable; set enableServiceLinks: false "
+                "in the pod spec, or rename the Service)"
+            )
+        raise ValueError(f"invalid setting {f.metadata['flag']} ({env}): {raw!r} is not a number{hint}") from None
     return raw

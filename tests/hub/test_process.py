@@ -60,6 +60,17 @@ async def test_flag_overrides_environment_and_redis_backend_is_used(
     assert "Redis backend" in node.log()
 
 
+def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
+    # A Service called `hub` in the pod's namespace makes Kubernetes set HUB_PORT=tcp://<ip>:<port>.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env["HUB_PORT"] = "tcp://10.96.0.12:80"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hub", "--anonymous"], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
+    assert proc.returncode == 2
+    assert "HUB_PORT" in proc.stderr and "enableServiceLinks: false" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
