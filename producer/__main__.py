@@ -10,12 +10,15 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
+import orjson
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from hub.backend import BackendUnavailable
 from hub.backend_redis import RedisBackend
 from hub.presence import RedisPresence
 
@@ -26,16 +29,29 @@ from .worker import Worker
 log = logging.getLogger("producer")
 
 
-async def _serve_metrics(registry: CollectorRegistry, port: int) -> web.AppRunner:
+async def _serve_metrics(
+    registry: CollectorRegistry, port: int, problem: Callable[[], Awaitable[str | None]] | None = None
+) -> web.AppRunner:
+    """The worker's operations endpoints: /metrics, /healthz (the process answers) and /readyz (it can work: `problem`
+    says why not, as the hub's /readyz does; a rollout waits for a new worker that cannot reach Redis)."""
+
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
+    async def readyz(_request: web.Request) -> web.Response:
+        reason = await problem() if problem is not None else None
+        if reason is not None:
+            body = orjson.dumps({"status": "unavailable", "reason": reason})
+            return web.Response(status=503, body=body, content_type="application/json")
+        return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
@@ -65,7 +81,17 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
         presence=presence,
         registry=registry,
     )
-    runner = await _serve_metrics(registry, settings.metrics_port) if settings.metrics_port else None
+
+    async def problem() -> str | None:
+        if worker.stopping:
+            return "stopping"
+        try:
+            await backend.ping()
+        except BackendUnavailable:
+            return "backend_unavailable"
+        return None
+
+    runner = await _serve_metrics(registry, settings.metrics_port, problem) if settings.metrics_port else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

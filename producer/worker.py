@@ -138,6 +138,11 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: running generations are finishing or being handed back; nothing new is taken."""
+        return self._stopping.is_set()
+
     async def _shutdown(self) -> None:
         # Stop taking jobs, let running ones finish within the grace period, then hand the rest back.
         for t in self._loops[:2]:

@@ -161,9 +161,13 @@ async def test_the_hub_metrics_path_serves_the_metrics(hub: TestClient[Any, Any]
 
 
 async def test_producer_probe_and_metrics_paths_are_served(producer_metrics: str) -> None:
+    readiness = PRODUCER_CONTAINER["readinessProbe"]["httpGet"]
     liveness = PRODUCER_CONTAINER["livenessProbe"]["httpGet"]
-    assert container_port(PRODUCER_CONTAINER, liveness["port"]) == producer_settings().metrics_port
-    paths = {liveness["path"], PRODUCER["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"]}
+    assert (readiness["path"], liveness["path"]) == ("/readyz", "/healthz"), "readiness must check Redis"
+    for probe in (readiness, liveness):
+        assert container_port(PRODUCER_CONTAINER, probe["port"]) == producer_settings().metrics_port
+    paths = {readiness["path"], liveness["path"]}
+    paths.add(PRODUCER["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"])
     paths |= {e["path"] for e in find("PodMonitor", "sse-hub-producer")["spec"]["podMetricsEndpoints"]}
     async with aiohttp.ClientSession() as session:
         for path in paths:

@@ -409,3 +409,39 @@ async def test_cancel_through_redis_and_the_worker_metrics_endpoint(
             text = await r.text()
     assert 'producer_generations_finished_total{outcome="cancelled",provider="demo"} 1.0' in text
     assert "producer_time_to_first_token_seconds_count" in text and "producer_queue_lag_seconds_count 1.0" in text
+
+
+async def test_worker_readiness_follows_redis_and_liveness_does_not(workers: list[ProducerProcess]) -> None:
+    """/readyz is 503 while the worker cannot reach Redis (a rollout waits for it), and 200 again once it can, without
+    a restart; /healthz stays 200 all along (a Redis outage must not make Kubernetes restart every worker)."""
+    server = RedisServer()
+    server.start()
+    port = free_port()
+    try:
+        w = ProducerProcess("--redis-url", server.url, "--key-prefix", "ready:", "--metrics-port", str(port))
+        workers.append(w)
+        w.start()
+        base = f"http://127.0.0.1:{port}"
+
+        async def until(path: str, status: int) -> dict[str, Any]:
+            deadline = time.monotonic() + 20
+            async with aiohttp.ClientSession() as session:
+                while True:
+                    try:
+                        async with session.get(base + path) as resp:
+                            if resp.status == status:
+                                body: dict[str, Any] = await resp.json()
+                                return body
+                    except aiohttp.ClientConnectionError:
+                        pass  # the metrics server is not up yet
+                    assert time.monotonic() < deadline, (path, status, w.log()[-2000:])
+                    await asyncio.sleep(0.1)
+
+        assert await until("/readyz", 200) == {"status": "ready"}
+        server.stop()
+        assert await until("/readyz", 503) == {"status": "unavailable", "reason": "backend_unavailable"}
+        assert (await until("/healthz", 200))["status"] == "ok"
+        server.start()
+        assert await until("/readyz", 200) == {"status": "ready"}
+    finally:
+        server.close()
