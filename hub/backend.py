@@ -246,10 +246,13 @@ def check_position(after: str, r: RangeResult) -> Reset | None:
 
 @dataclass(slots=True)
 class ReadResult:
-    """What one live-tail read returned: new entries per channel, and channels deleted since the last read."""
+    """What one live-tail read returned: new entries per channel, channels deleted since the last read, and channels
+    found gone without a deletion notice (a reader that learns of deletions by polling cannot tell deleted from
+    expired or lost: their streams resume, and the store says which)."""
 
     entries: dict[str, list[Entry]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
 
 
 class TailReader(Protocol):

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .backend import (
     DEFAULT_IDEMPOTENCY_WINDOW_S,
@@ -534,6 +534,7 @@ class _ClusterTailReader:
         self._wake = asyncio.Event()
         self._interrupted = False
         self._next_sweep = 0.0
+        self._remap = False  # learn the slot map again before subscribing (set after a failure)
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
         backend = self._backend
@@ -551,11 +552,17 @@ class _ClusterTailReader:
                                 await self._wake.wait()
                     self._check()
                     result = await self._read_due(keys, positions, block_s)
-                    if result.entries or result.deleted or self._interrupted or loop.time() >= deadline:
+                    if result.entries or result.deleted or result.vanished or self._interrupted:
                         self._interrupted = False
                         return result
-        except (RedisError, TimeoutError, OSError) as e:
+                    if loop.time() >= deadline:
+                        return result
+        except (RedisError, RedisClusterException, TimeoutError, OSError, BackendUnavailable) as e:
+            # Start afresh: new subscribing connections, on a slot map learnt again (after a failover the old one
+            # still names the dead master), and a read of every channel first.
             await self._reset()
+            if isinstance(e, BackendUnavailable):
+                raise
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
 
     async def _read_due(self, keys: Mapping[str, str], positions: Mapping[str, str], block_s: float) -> ReadResult:
@@ -566,12 +573,17 @@ class _ClusterTailReader:
             wanted, sweep = list(keys), True
         else:
             wanted, sweep = [k for k in self._rang if k in keys], False
-        # Taken before reading: a ring that comes during the read marks the key again for the next one.
+        # Taken before reading: a ring that comes during the read marks the key again for the next one. A failed read
+        # loses none of them: the reader starts afresh (see `read`), and its first read is a sweep.
         self._rang.clear()
         result = ReadResult(deleted=[c for c in self._deleted if c in positions])
-        self._deleted.clear()
+        self._deleted = [c for c in self._deleted if c not in positions]
         if wanted:
-            await self._fetch(wanted, keys, positions, sweep, result)
+            try:
+                await self._fetch(wanted, keys, positions, sweep, result)
+            except BaseException:
+                self._deleted[:0] = result.deleted
+                raise
         return result
 
     def _check(self) -> None:
@@ -599,13 +611,16 @@ class _ClusterTailReader:
                 if len(entries) >= _READ_COUNT:
                     self._rang.add(key)  # more is waiting: read on at once
             elif sweep and not raw[i * step + 1] and positions[channel] != ZERO_ID:
-                # It held entries (this reader's position is one of them) and is gone: deleted, or expired,
-                # while its ring was lost. Subscribers are told, as on a deletion.
-                out.deleted.append(channel)
+                # It held entries (this reader's position is one of them) and is gone: deleted while its ring was
+                # lost, expired, or lost by a failover. Its streams end and resume, and the store tells each why.
+                out.vanished.append(channel)
 
     async def _subscribe(self, keys: Mapping[str, str]) -> None:
         """Subscribe each new channel on the connection to the node that owns its slot; drop the others."""
         redis = self._backend._redis
+        if self._remap:
+            await redis.nodes_manager.initialize()
+            self._remap = False
         await redis.initialize()  # the slot map, learnt on first use (a no-op once known)
         for key in [k for k in self._subscribed if k not in keys]:
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
@@ -617,8 +632,11 @@ class _ClusterTailReader:
             node = redis.get_node_from_key(key)
             pubsub = self._pubsubs.get(node.name)
             if pubsub is None:
-                conn = aioredis.Redis(host=node.host, port=node.port, **client_kwargs(self._backend._timeout_s))
-                pubsub = self._pubsubs[node.name] = conn.pubsub()
+                # The node's own connection settings (password, TLS) from the cluster client, with ours on top;
+                # keepalive so that a silently dead connection is noticed, not left to the sweep.
+                kwargs = {**node.connection_kwargs, **client_kwargs(self._backend._timeout_s), "socket_keepalive": True}
+                pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=1, **kwargs)
+                pubsub = self._pubsubs[node.name] = aioredis.Redis(connection_pool=pool).pubsub()
             await pubsub.ssubscribe(key)
             if node.name not in self._listeners:
                 self._listeners[node.name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node.name}")
@@ -663,6 +681,7 @@ class _ClusterTailReader:
         self._rang.clear()
         self._next_sweep = 0.0  # the first read after this one reads every channel
         self._failure = None
+        self._remap = True
 
     async def interrupt(self) -> None:
         self._interrupted = True

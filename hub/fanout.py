@@ -452,6 +452,8 @@ class Fanout:
                 backoff = _BACKOFF_MIN_S
                 for name in result.deleted:
                     self._on_deleted(name)
+                for name in result.vanished:
+                    self.break_channel(name, "the stream is gone")
                 for name, entries in result.entries.items():
                     ch = snapshot.get(name)
                     # Apply only to the same channel object the read was made for: a channel dropped and re-added

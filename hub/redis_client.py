@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .backend import BackendUnavailable
 
@@ -91,5 +91,6 @@ async def redis_call(call: Awaitable[T], timeout_s: float, gate: ClusterGate | N
             return await (call if gate is None else gate.run(call))
     except ResponseError as e:
         raise BackendUnavailable(f"redis error: {str(e).split(' ', 1)[0]}") from e
-    except (RedisError, TimeoutError, OSError) as e:
+    except (RedisError, RedisClusterException, TimeoutError, OSError) as e:
+        # RedisClusterException (no node of the cluster reachable, a slot not covered) is not a RedisError.
         raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e

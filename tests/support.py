@@ -280,16 +280,26 @@ def _cluster_port() -> int:
 class RedisClusterServers:
     """A real Redis Cluster of three masters (no replicas) on free loopback ports, made with `redis-cli --cluster`."""
 
-    def __init__(self, masters: int = 3) -> None:
-        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
-        self.servers = [RedisServer(*args) for _ in range(masters)]
+    # Password-protected, as managed clusters are: every connection the hub makes to any node must authenticate.
+    PASSWORD = "cluster-secret"
+
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0")
+        auth = ("--requirepass", self.PASSWORD, "--masterauth", self.PASSWORD)
+        self.replicas = replicas
+        self.servers = [RedisServer(*args, *auth) for _ in range(masters * (1 + replicas))]
         for server in self.servers:
             server.port = _cluster_port()
 
     @property
     def url(self) -> str:
-        """Any node's URL: the client learns the others from it."""
-        return self.servers[0].url
+        """Any node's URL (with the password): the client learns the others from it."""
+        return f"redis://:{self.PASSWORD}@127.0.0.1:{self.servers[0].port}/0"
+
+    def cli(self, port: int, *args: str) -> str:
+        """redis-cli against one node, authenticated; its output, stripped."""
+        cmd = ["redis-cli", "-p", str(port), "-a", self.PASSWORD, "--no-auth-warning", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
 
     def start(self) -> None:
         for server in self.servers:
@@ -299,7 +309,8 @@ class RedisClusterServers:
             raise RuntimeError("redis-cli is not installed (make test installs redis-server, which brings it)")
         nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
         subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "-a", self.PASSWORD, "--no-auth-warning", "--cluster", "create", *nodes]
+            + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
@@ -307,13 +318,14 @@ class RedisClusterServers:
         deadline = time.monotonic() + 20
         for server in self.servers:
             while True:
-                info = subprocess.run(
-                    [cli, "-p", str(server.port), "cluster", "info"], capture_output=True, text=True, timeout=5
-                ).stdout
-                if "cluster_state:ok" in info:
+                info = self.cli(server.port, "cluster", "info")
+                # A replica that has not finished its first sync would refuse to fail over (its data "too old").
+                replication = self.cli(server.port, "info", "replication")
+                synced = "role:master" in replication or "master_link_status:up" in replication
+                if "cluster_state:ok" in info and synced:
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"cluster not ok on {server.port}: {info}")
+                    raise TimeoutError(f"cluster not ok on {server.port}: {info}\n{replication}")
                 time.sleep(0.1)
 
     def close(self) -> None:

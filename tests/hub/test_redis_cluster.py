@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from hub.backend import BackendUnavailable, NewEvent
 from hub.backend_redis import RedisBackend
 from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect
 
@@ -134,21 +135,18 @@ async def test_fan_out_resume_generations_and_deletes_across_nodes_on_a_redis_cl
         assert not re.search(r"Traceback|ERROR", a.log() + b.log()), (a.log() + b.log())[-3000:]
 
 
-def _cli(port: int, *args: str) -> str:
-    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10, check=True)
-    return out.stdout.strip()
-
-
-def _move_slot(slot: int, source: int, target: int, ports: list[int]) -> None:
+def _move_slot(cluster: RedisClusterServers, slot: int, source: int, target: int, ports: list[int]) -> None:
     """Migrate one hash slot, keys included, from the master on `source` to the one on `target` (what a resharding
     does slot by slot), and tell every master."""
-    target_id, source_id = _cli(target, "cluster", "myid"), _cli(source, "cluster", "myid")
-    _cli(target, "cluster", "setslot", str(slot), "importing", source_id)
-    _cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
-    while keys := _cli(source, "cluster", "getkeysinslot", str(slot), "100").split():
-        _cli(source, "migrate", "127.0.0.1", str(target), "", "0", "5000", "keys", *keys)
+    cli = cluster.cli
+    target_id, source_id = cli(target, "cluster", "myid"), cli(source, "cluster", "myid")
+    cli(target, "cluster", "setslot", str(slot), "importing", source_id)
+    cli(source, "cluster", "setslot", str(slot), "migrating", target_id)
+    while keys := cli(source, "cluster", "getkeysinslot", str(slot), "100").split():
+        migrate = ["migrate", "127.0.0.1", str(target), "", "0", "5000", "auth", cluster.PASSWORD, "keys", *keys]
+        cli(source, *migrate)
     for port in ports:
-        _cli(port, "cluster", "setslot", str(slot), "node", target_id)
+        cli(port, "cluster", "setslot", str(slot), "node", target_id)
 
 
 async def test_a_channel_whose_slot_moves_to_another_master_keeps_streaming_exactly(
@@ -163,7 +161,7 @@ async def test_a_channel_whose_slot_moves_to_another_master_keeps_streaming_exac
             await _ready(session, node)
             await store.ping()
             key = store.stream_key("moving")
-            slot = int(_cli(redis_cluster.servers[0].port, "cluster", "keyslot", key))
+            slot = int(redis_cluster.cli(redis_cluster.servers[0].port, "cluster", "keyslot", key))
             ports = [s.port for s in redis_cluster.servers]
             source = store._redis.get_node_from_key(key).port
             target = next(p for p in ports if p != source)
@@ -178,18 +176,86 @@ async def test_a_channel_whose_slot_moves_to_another_master_keeps_streaming_exac
             await publish(3)
             stream = await session.get(f"{node.url}/v1/channels/moving/events?last_event_id=0")
             assert [ev.id for ev in await collect(stream, count=3)] == published
-            await asyncio.to_thread(_move_slot, slot, source, target, ports)
+            await asyncio.to_thread(_move_slot, redis_cluster, slot, source, target, ports)
             for _ in range(5):  # through the move: the hub's client and its tail follow the slot to its new master
                 await publish(2)
                 await asyncio.sleep(0.2)
             got = [ev.id for ev in await collect(stream, count=10, timeout_s=20)]
             stream.close()
             assert got == published[3:]
-            assert _cli(target, "cluster", "countkeysinslot", str(slot)) != "0"
+            assert redis_cluster.cli(target, "cluster", "countkeysinslot", str(slot)) != "0"
             # The node's tail followed the slot: it listens for the channel's rings on the new master, not the old
             # one (it is not left to its periodic sweep, which would delay every event by up to --tail-block).
-            assert _cli(source, "pubsub", "shardnumsub", key).split() == [key, "0"]
-            assert _cli(target, "pubsub", "shardnumsub", key).split() == [key, "1"]
+            assert redis_cluster.cli(source, "pubsub", "shardnumsub", key).split() == [key, "0"]
+            assert redis_cluster.cli(target, "pubsub", "shardnumsub", key).split() == [key, "1"]
+    finally:
+        await store.aclose()
+        node.close()
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(masters=3, replicas=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("writer", ["node", "elsewhere"])
+async def test_a_node_streams_on_after_the_master_of_its_channel_fails_over(
+    cluster_with_replicas: RedisClusterServers, writer: str
+) -> None:
+    """kill -9 the master that holds a channel: its replica takes over, and the node, without a restart, learns the
+    new slot map and streams on, exactly. The events are published through the node itself, or appended by another
+    process (as workers do): then nothing but the node's own live tail can notice that its map is stale.
+    (Replication is asynchronous: a failover may lose a master's last writes; here they reached the replica first.)"""
+    cluster = cluster_with_replicas
+    prefix = f"fo{uuid.uuid4().hex[:8]}:"
+    node = HubProcess("--redis-url", cluster.url, "--redis-cluster", "--key-prefix", prefix, "--redis-timeout", "1")
+    store = RedisBackend(cluster.url, prefix=prefix, history=1000, ttl_s=600, cluster=True, timeout_s=1)
+    node.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _ready(session, node)
+            published: list[str] = []
+
+            async def publish(text: str) -> bool:
+                if writer == "elsewhere":
+                    try:
+                        published.extend(await store.append("x", [NewEvent("message", text)]))
+                    except BackendUnavailable:
+                        return False
+                    return True
+                async with session.post(f"{node.url}/v1/channels/x/events", json={"data": text}) as resp:
+                    if resp.status == 201:
+                        published.extend((await resp.json())["ids"])
+                    return resp.status == 201
+
+            assert await publish("before")
+            stream = await session.get(f"{node.url}/v1/channels/x/events?last_event_id=0")
+            assert [ev.id for ev in await collect(stream, count=1)] == published
+            await store.ping()  # the store's client learns the slot map
+            key = store.stream_key("x")
+            master = store._redis.get_node_from_key(key).port
+            assert cluster.cli(master, "wait", "1", "2000") == "1"  # the replica has what the master had
+            victim = next(s for s in cluster.servers if s.port == master)
+            assert victim.proc is not None
+            victim.proc.kill()
+            victim.proc.wait()
+            started = time.monotonic()
+            while not await publish("after"):  # refused until a replica is promoted and the writer has learnt it
+                assert time.monotonic() - started < 30, node.log()[-3000:]
+                await asyncio.sleep(0.2)
+            failover_s = time.monotonic() - started
+            for i in range(3):
+                assert await publish(f"more {i}")
+            got = [ev.id for ev in await collect(stream, count=4, timeout_s=30)]
+            delivered_s = time.monotonic() - started
+            stream.close()
+            assert got == published[1:]
+            print(f"writes refused for {failover_s:.1f} s during the failover; all delivered {delivered_s:.1f} s after")
     finally:
         await store.aclose()
         node.close()
