@@ -13,9 +13,10 @@ from .errors import Handler, json_error
 __all__ = ["Cors"]
 
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-# Last-Event-ID: EventSource polyfills and fetch readers send it on reconnect.
-_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, Accept"
-_EXPOSE_HEADERS = "Retry-After, WWW-Authenticate"
+# Last-Event-ID: EventSource polyfills and fetch readers send it on reconnect. Idempotency-Key: a browser publisher's
+# retries, answered with Idempotent-Replayed.
+_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, Accept, Idempotency-Key"
+_EXPOSE_HEADERS = "Retry-After, WWW-Authenticate, Idempotent-Replayed"
 _MAX_AGE_S = "600"
 
 

@@ -297,7 +297,7 @@ def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSett
     connection age, whichever comes first.
 
     The age is drawn between 80% and 100% of the setting, so streams opened together (after a deploy, a storm) do not
-    all end together; an aged-out stream is told to reconnect after a random part of the retry delay, and through the
+    all end together; an aged-out stream is told to reconnect after a random 25-100% of the retry delay, and through the
     load balancer lands where connections are fewest: that is how a node added by a scale-up gets its share.
     """
     loop = asyncio.get_running_loop()
@@ -305,7 +305,9 @@ def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSett
     if age > 0:
         age_s = age * random.uniform(0.8, 1.0)
         if token_left_s is None or age_s < token_left_s:
-            return loop.call_later(age_s, _age_out, sub, random.randint(0, settings.retry_ms))
+            # Not below a quarter of the delay: EventSource keeps the hint for its next attempts, and a reconnect
+            # that fails (its node gone) must not be retried at once, again and again.
+            return loop.call_later(age_s, _age_out, sub, random.randint(settings.retry_ms // 4, settings.retry_ms))
     return loop.call_later(token_left_s, sub.end) if token_left_s is not None else None
 
 

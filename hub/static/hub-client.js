@@ -24,6 +24,15 @@
  * - States for the page to show: connecting, streaming, reconnecting, resumed (with the number of events the hub
  *   replayed: those published while the client was away), finished, error.
  *
+ * - A live subscription (no `lastEventId`) starts from the channel's current end as a known position, so that a
+ *   reconnect made here resumes from it rather than from "now".
+ * - A 401 or 403 ends it with the error state (reason `unauthorized`): subscribe again with a fresh token. `url` may
+ *   be a function, called for every connection, to put a fresh token in it.
+ *
+ * List the event type that closes your channel in `terminal` (generations close with `done` or `error`), and give
+ * every event type the channel carries a handler: EventSource delivers only the types listened to, and the position
+ * kept for a reconnect is the id of the last event delivered.
+ *
  * It works behind a load balancer and from another origin: set `withCredentials` when the hub's CORS settings list
  * your origin and the hub authenticates with a cookie.
  */
@@ -57,6 +66,10 @@
 
   function subscribe(url, options) {
     options = options || {};
+    // A function is called for every connection: a URL that carries a token can be given a fresh one.
+    var urlOf = typeof url === "function" ? url : function () {
+      return url;
+    };
     var handlers = options.on || {};
     var terminal = options.terminal || DEFAULT_TERMINAL;
     var onState = options.onState || function () {};
@@ -73,6 +86,8 @@
     var replayed = 0;
     var early = []; // ids received on this connection before the boundary was known
     var resuming = false;
+    var received = false; // any event of the channel arrived
+    var liveStart = false; // the first connection is live, from the position the channel had when subscribing
     var types = {};
 
     function state(name, detail) {
@@ -80,11 +95,17 @@
     }
 
     function infoUrl() {
-      // The channel's metadata is at the events URL without its last segment.
-      var u = new URL(url, root.location ? root.location.href : undefined);
+      // The channel's metadata is at the events URL without its last segment; its other query parameters (a token)
+      // are kept.
+      var u = new URL(urlOf(), root.location ? root.location.href : undefined);
       u.pathname = u.pathname.replace(/\/events$/, "");
-      u.search = "";
+      u.searchParams.delete("last_event_id");
       return u.toString();
+    }
+
+    function fetchInfo() {
+      var init = options.withCredentials ? { credentials: "include" } : { credentials: "same-origin" };
+      return root.fetch(infoUrl(), init);
     }
 
     function countReplayed(id) {
@@ -98,8 +119,7 @@
     }
 
     function learnBoundary() {
-      var init = options.withCredentials ? { credentials: "include" } : { credentials: "same-origin" };
-      root.fetch(infoUrl(), init).then(function (resp) {
+      fetchInfo().then(function (resp) {
         return resp.ok ? resp.json() : null;
       }).then(function (info) {
         if (!resuming || finished || closed) return;
@@ -122,6 +142,7 @@
 
     function dispatch(type, ev) {
       if (closed || finished) return;
+      received = true;
       if (ev.lastEventId) lastId = ev.lastEventId;
       countReplayed(ev.lastEventId);
       var data = parse(ev.data);
@@ -136,7 +157,8 @@
     }
 
     function listen(type) {
-      if (types[type]) return;
+      // Unnamed events ("message") come through onmessage, once.
+      if (types[type] || type === "message") return;
       types[type] = true;
       source.addEventListener(type, function (ev) {
         // EventSource reports its own connection failures as an `error` event too, a plain Event without data:
@@ -153,13 +175,16 @@
 
     // Ask the channel whether there is anything left to wait for before opening another connection.
     function giveUpOrRetry() {
-      var init = options.withCredentials ? { credentials: "include" } : { credentials: "same-origin" };
-      root.fetch(infoUrl(), init).then(function (resp) {
+      fetchInfo().then(function (resp) {
         if (resp.status === 404) return { gone: true };
+        if (resp.status === 401 || resp.status === 403) return { denied: resp.status };
         return resp.ok ? resp.json() : null;
       }).then(function (info) {
         if (closed || finished) return;
-        if (info && info.gone && lastId) {
+        if (info && info.denied) {
+          // Retrying cannot help (an expired or refused token): the page subscribes again with a new one.
+          finish("error", { reason: "unauthorized", status: info.denied });
+        } else if (info && info.gone && received) {
           // It held what we received and is gone (deleted, or expired): nothing more will come. A channel never
           // seen may just not exist yet (a generation not yet started): that one is waited for.
           finish("error", { reason: "channel_not_found" });
@@ -176,7 +201,7 @@
     function connect() {
       retryTimer = null;
       if (closed || finished) return;
-      var target = lastId ? withQuery(url, "last_event_id", lastId) : url;
+      var target = lastId ? withQuery(urlOf(), "last_event_id", lastId) : urlOf();
       source = new root.EventSource(target, { withCredentials: !!options.withCredentials });
       types = {};
       Object.keys(handlers).concat(terminal, ["reset"]).forEach(listen);
@@ -187,7 +212,7 @@
         retryMs = RETRY_MIN_MS;
         // A first connection without a position (live) or from the start ("0") is no resume; any other one resumes
         // from an id and replays what was published since (possibly nothing).
-        resuming = opened || (!!lastId && lastId !== "0" && lastId !== "0-0");
+        resuming = opened || (!liveStart && !!lastId && lastId !== "0" && lastId !== "0-0");
         opened = true;
         boundary = null;
         replayed = 0;
@@ -199,7 +224,9 @@
           state("streaming");
         }
       };
-      source.onerror = function () {
+      source.onerror = function (ev) {
+        // A stream event named `error` also reaches onerror: that one is the stream's, handled by its listener.
+        if (typeof root.MessageEvent === "function" && ev instanceof root.MessageEvent) return;
         if (closed || finished) return;
         if (source.readyState === root.EventSource.CONNECTING) {
           // The browser reconnects by itself, with Last-Event-ID.
@@ -214,7 +241,22 @@
     }
 
     state("connecting");
-    connect();
+    if (lastId) {
+      connect();
+    } else {
+      // Live: start from the channel's current end, as a known position. The hub also announces it (an `id:` line
+      // that EventSource keeps to itself), but if the browser gives up on the connection, a reconnect made here
+      // without it would start from "now" again and skip what came in between.
+      liveStart = true;
+      fetchInfo().then(function (resp) {
+        if (resp.status === 404) return { last_id: "0" }; // nothing yet: everything that comes is new
+        return resp.ok ? resp.json() : null;
+      }).then(function (info) {
+        if (info && info.last_id) lastId = info.last_id;
+      }).catch(function () {
+        // Without the position (no access to the channel's metadata) it starts live, as a bare EventSource does.
+      }).then(connect);
+    }
 
     return {
       close: function () {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,7 +226,10 @@ CROSS_ORIGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>elsewhere</ti
   window.states = [];
   window.subscription = HubClient.subscribe("{hub}/v1/channels/elsewhere/events", {{
     lastEventId: "{after}",
-    on: {{ token: (data, ev) => window.received.push([ev.lastEventId, data.text]) }},
+    on: {{
+      token: (data, ev) => window.received.push([ev.lastEventId, data.text]),
+      message: (data, ev) => window.received.push([ev.lastEventId, data]),
+    }},
     onState: (name, detail) => window.states.push([name, detail.replayed === undefined ? null : detail.replayed]),
   }});
 </script>"""
@@ -260,9 +264,27 @@ async def test_hub_client_resumes_from_another_origin(page: Page, artifacts: Pat
             one = {"event": "token", "data": {"text": "t5"}}
             async with session.post(f"{node.url}/v1/channels/elsewhere/events", json=one) as resp:
                 [live] = (await resp.json())["ids"]
-            await page.wait_for_function("() => window.received.length >= 4", timeout=10_000)
+            # An unnamed event (type "message"): once, though the page has a handler for it.
+            async with session.post(f"{node.url}/v1/channels/elsewhere/events", json={"data": "plain"}) as resp:
+                [plain] = (await resp.json())["ids"]
+            await page.wait_for_function("() => window.received.length >= 5", timeout=10_000)
+            await asyncio.sleep(0.2)
         received = await page.evaluate("() => window.received")
-        assert received == [[ids[2], "t2"], [ids[3], "t3"], [ids[4], "t4"], [live, "t5"]]
+        assert received == [[ids[2], "t2"], [ids[3], "t3"], [ids[4], "t4"], [live, "t5"], [plain, "plain"]]
+
+        # The page publishes too, with an Idempotency-Key, across origins: the preflight allows the header and the
+        # answer to the retry shows Idempotent-Replayed.
+        answers = await page.evaluate(
+            """async (url) => {
+                const post = () => fetch(url, {method: "POST", body: JSON.stringify({data: "from the page"}),
+                    headers: {"Content-Type": "application/json", "Idempotency-Key": "page-1"}});
+                const first = await post(), retry = await post();
+                return [[first.status, first.headers.get("Idempotent-Replayed"), (await first.json()).ids],
+                        [retry.status, retry.headers.get("Idempotent-Replayed"), (await retry.json()).ids]];
+            }""",
+            f"{node.url}/v1/channels/elsewhere/events",
+        )
+        assert answers[0][:2] == [201, None] and answers[1][:2] == [201, "true"] and answers[0][2] == answers[1][2]
         # Resumed from ids[1]: three events were replayed (the live one is not counted).
         await page.wait_for_function(
             "() => window.states.some(([name, n]) => name === 'resumed' && n === 3)", timeout=10_000
@@ -271,4 +293,57 @@ async def test_hub_client_resumes_from_another_origin(page: Page, artifacts: Pat
     finally:
         if runner is not None:
             await runner.cleanup()
+        node.close()
+
+
+STREAM = re.compile(r".*/v1/channels/live/events(\?.*)?$")  # the stream's URL, with or without a position
+LIVE_PAGE = """<!doctype html><meta charset="utf-8"><title>live</title>
+<script src="/static/hub-client.js"></script>
+<script>
+  window.received = [];
+  window.states = [];
+  window.subscription = HubClient.subscribe("/v1/channels/live/events", {
+    on: { token: (data, ev) => window.received.push([ev.lastEventId, data]) },
+    onState: (name) => window.states.push(name),
+  });
+</script>"""
+
+
+async def test_a_live_subscription_that_the_browser_gave_up_on_resumes_without_a_gap(
+    page: Page, artifacts: Path
+) -> None:
+    """hub-client subscribed live (no position). Its stream ends (here: --max-connection-age), the browser's own
+    reconnect is refused (a 503, as from a draining node that no balancer retried) and EventSource gives up. What
+    is published meanwhile must still arrive when hub-client reconnects: it knew the live position all along."""
+    node = HubProcess("--max-connection-age", "1", "--retry-ms", "100")
+    node.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"{node.url}/v1/channels/live/events"
+
+            async def publish(data: str) -> str:
+                async with session.post(url, json={"event": "token", "data": data}) as resp:
+                    ids: list[str] = (await resp.json())["ids"]
+                    return ids[0]
+
+            await publish("before")  # not for a live subscriber
+
+            async def refused(route: Route) -> None:
+                await route.fulfill(status=503, body="draining")
+
+            await page.route(f"{node.url}/", lambda route: route.fulfill(body=LIVE_PAGE, content_type="text/html"))
+            await page.goto(f"{node.url}/")
+            await page.wait_for_function("() => window.states.includes('streaming')", timeout=10_000)
+            # Before any event arrived: the page knows no event id, only the position it started from.
+            await page.route(STREAM, refused)
+            # The stream ages out; the reconnects are refused until the route is lifted.
+            await page.wait_for_function("() => window.states.includes('reconnecting')", timeout=10_000)
+            await asyncio.sleep(0.5)
+            missed = await publish("while away")
+            await page.unroute(STREAM, refused)
+            await page.wait_for_function("() => window.received.length >= 1", timeout=15_000)
+            await asyncio.sleep(0.2)
+        assert await page.evaluate("() => window.received") == [[missed, "while away"]]
+        await page.screenshot(path=artifacts / "live-resumed.png")
+    finally:
         node.close()
