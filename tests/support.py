@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,3 +331,19 @@ class RedisClusterServers:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+
+
+async def wait_http_ok(
+    session: aiohttp.ClientSession, url: str, *, timeout_s: float = 20, why: Callable[[], str] = lambda: ""
+) -> None:
+    """Poll `url` until it answers 200 (a process's readiness); past `timeout_s`, fail with `why()` (its log, say)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, f"{url} not ready:\n{why()}"
+        await asyncio.sleep(0.05)

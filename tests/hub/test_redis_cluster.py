@@ -17,7 +17,7 @@ import pytest
 
 from hub.backend import BackendUnavailable, NewEvent
 from hub.backend_redis import RedisBackend
-from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect
+from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect, wait_http_ok
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,13 +42,7 @@ def processes(redis_cluster: RedisClusterServers) -> Iterator[tuple[HubProcess, 
 
 
 async def _ready(session: aiohttp.ClientSession, node: HubProcess) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        async with session.get(f"{node.url}/readyz") as resp:
-            if resp.status == 200:
-                return
-        assert time.monotonic() < deadline, node.log()[-2000:]
-        await asyncio.sleep(0.1)
+    await wait_http_ok(session, f"{node.url}/readyz", why=lambda: node.log()[-2000:])
 
 
 def _connections_to(pid: int, ports: set[int]) -> dict[int, int]:

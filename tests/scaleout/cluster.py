@@ -21,7 +21,7 @@ import aiohttp
 
 from hub.backend import Entry
 from hub.backend_redis import RedisBackend
-from tests.support import ROOT, HubProcess, ProducerProcess, RedisServer, ResumingClient, free_port
+from tests.support import ROOT, HubProcess, ProducerProcess, RedisServer, ResumingClient, free_port, wait_http_ok
 
 __all__ = [
     "HUB_CONF",
@@ -280,16 +280,7 @@ class Cluster:
         self.lb.start()
 
     async def wait_ready(self, node: HubProcess, session: aiohttp.ClientSession, timeout_s: float = 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                async with session.get(f"{node.url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, f"{node.url} not ready:\n{node.log()[-2000:]}"
-            await asyncio.sleep(0.05)
+        await wait_http_ok(session, f"{node.url}/readyz", timeout_s=timeout_s, why=lambda: node.log()[-2000:])
 
     async def scale_up(self, session: aiohttp.ClientSession) -> HubProcess:
         """Start one more node like the others and, once it is ready, reload nginx with it in the node list."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import HubProcess, RedisServer, collect, free_port
+from tests.support import HubProcess, RedisServer, collect, free_port, wait_http_ok
 
 _PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(_PROMETHEUS is None, reason="prometheus is not installed (make test installs it)")
@@ -57,17 +57,7 @@ class PrometheusServer:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc is not None and self.proc.poll() is None, self.log()
-            try:
-                async with session.get(f"{self.url}/-/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{self.log()}"
-            await asyncio.sleep(0.1)
+        await wait_http_ok(session, f"{self.url}/-/ready", timeout_s=timeout_s, why=self.log)
 
     async def query(self, session: aiohttp.ClientSession, expr: str) -> dict[str, float]:
         """An instant query's vector, as {instance (or "" for an aggregate): value}."""
