@@ -32,6 +32,7 @@
     provider: document.getElementById("provider"),
     model: document.getElementById("model"),
     send: document.getElementById("send"),
+    stop: document.getElementById("stop"),
     clear: document.getElementById("clear"),
     state: document.getElementById("state"),
     generation: document.getElementById("generation"),
@@ -76,6 +77,7 @@
     el.generation.textContent = current ? current.id + " · " + current.channel : "";
     showNotice(current ? current.notice : "");
     el.send.disabled = !!(current && current.status === "streaming");
+    el.stop.disabled = !(current && current.status === "streaming");
   }
 
   function finish(status, notice) {
@@ -129,6 +131,17 @@
 
   el.provider.addEventListener("change", function () {
     el.model.value = DEFAULT_MODELS[el.provider.value] || "";
+  });
+
+  // Cancelling is the worker's to do: it stops the provider and ends the channel with `done` (cancelled), which
+  // reaches this page like any other end.
+  el.stop.addEventListener("click", function () {
+    if (!current) return;
+    el.stop.disabled = true;
+    fetch("v1/generations/" + encodeURIComponent(current.id), { method: "DELETE", credentials: "same-origin" })
+      .catch(function () {
+        el.stop.disabled = false;
+      });
   });
 
   el.clear.addEventListener("click", function () {

@@ -347,3 +347,13 @@ async def test_a_live_subscription_that_the_browser_gave_up_on_resumes_without_a
         await page.screenshot(path=artifacts / "live-resumed.png")
     finally:
         node.close()
+
+
+async def test_stop_cancels_the_generation_and_the_page_says_so(hub: HubProcess, page: Page) -> None:
+    job = await start_generation(page, f"{hub.url}/", "demo:400")
+    await page.click("#stop")
+    await wait_state(page, "finished", timeout_s=15)
+    assert "cancelled" in (await page.text_content("#notice") or "")
+    expected = await stored_text(hub.url, job["channel"])
+    assert await answer(page) == expected and 0 < len(expected)
+    assert await page.is_disabled("#stop") and not await page.is_disabled("#send")
