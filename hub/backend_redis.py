@@ -535,6 +535,8 @@ class _ClusterTailReader:
         self._interrupted = False
         self._next_sweep = 0.0
         self._remap = False  # learn the slot map again before subscribing (set after a failure)
+        self._unconfirmed: set[str] = set()  # subscriptions sent, not yet confirmed
+        self._confirmed = asyncio.Event()
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
         backend = self._backend
@@ -637,12 +639,19 @@ class _ClusterTailReader:
                 kwargs = {**node.connection_kwargs, **client_kwargs(self._backend._timeout_s), "socket_keepalive": True}
                 pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=1, **kwargs)
                 pubsub = self._pubsubs[node.name] = aioredis.Redis(connection_pool=pool).pubsub()
+            self._unconfirmed.add(key)
             await pubsub.ssubscribe(key)
             if node.name not in self._listeners:
                 self._listeners[node.name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node.name}")
             self._subscribed[key] = node.name
-            # Subscribed before it is read: an append after this read rings; one before it is read now.
             self._rang.add(key)
+        # Read only once every new subscription is in force: an append after that rings, one before it is read now.
+        # (SSUBSCRIBE goes on one connection and the read on another; sent is not yet subscribed.)
+        while self._unconfirmed:
+            self._confirmed.clear()
+            async with asyncio.timeout(self._backend._timeout_s):
+                await self._confirmed.wait()
+            self._check()
 
     async def _listen(self, pubsub: Any) -> None:
         try:
@@ -657,6 +666,10 @@ class _ClusterTailReader:
                     else:
                         self._rang.add(key)
                     self._wake.set()
+                elif kind == "ssubscribe":
+                    self._unconfirmed.discard(key)
+                    if not self._unconfirmed:
+                        self._confirmed.set()
                 elif kind == "sunsubscribe" and key in self._subscribed:
                     # Not asked for: the slot moved to another node. Subscribe again where it is now, and read it.
                     self._subscribed.pop(key, None)
@@ -667,6 +680,7 @@ class _ClusterTailReader:
         except Exception as e:  # the next read raises it and starts afresh
             self._failure = e
             self._wake.set()
+            self._confirmed.set()
 
     async def _reset(self) -> None:
         for task in self._listeners.values():
@@ -679,6 +693,7 @@ class _ClusterTailReader:
         self._pubsubs.clear()
         self._subscribed.clear()
         self._rang.clear()
+        self._unconfirmed.clear()
         self._next_sweep = 0.0  # the first read after this one reads every channel
         self._failure = None
         self._remap = True
