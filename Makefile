@@ -31,12 +31,12 @@ HAVE_NCHAN := { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && tes
 # The browser binary tests/browser launches (Debian's /usr/bin/chromium is a shell wrapper that execs it).
 CHROMIUM := /usr/lib/chromium/chromium
 
-# Debian packages the tests run for real (redis-server; nginx with Nchan; prometheus; chromium for tests/browser);
+# Debian packages the tests run for real (redis-server; nginx with Nchan; prometheus; chromium for tests/browser; iproute2 for `ss`, which counts a node's Redis connections);
 # installed only when missing. Without recommends: prometheus would also bring node-exporter and hardware tools the
 # tests do not use, chromium desktop services (upower, udev, a notification daemon, printer tools), GPU drivers and
 # fonts-liberation; headless pages render text all the same, in DejaVu, which fontconfig depends on.
 system-deps:
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && $(HAVE_NCHAN) && test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server nginx libnginx-mod-nchan prometheus chromium; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v ss >/dev/null && $(HAVE_NCHAN) && test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server nginx libnginx-mod-nchan prometheus chromium iproute2; }
 
 # nginx with Nchan, the server `make bench` compares the hub with; installed only when missing.
 bench-deps:

@@ -44,6 +44,18 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
     raise TimeoutError(f"nothing listening on port {port} after {timeout_s}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10) -> None:
+    """SIGTERM a process the test started, and SIGKILL it if it has not exited within `timeout_s`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisServer:
     """A redis-server process of the test's own, on a free port; it can be stopped and started again."""
 
@@ -68,13 +80,7 @@ class RedisServer:
         _wait_port(self.port, 10, self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def close(self) -> None:

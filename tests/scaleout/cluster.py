@@ -21,7 +21,16 @@ import aiohttp
 
 from hub.backend import Entry
 from hub.backend_redis import RedisBackend
-from tests.support import ROOT, HubProcess, ProducerProcess, RedisServer, ResumingClient, free_port, wait_http_ok
+from tests.support import (
+    ROOT,
+    HubProcess,
+    ProducerProcess,
+    RedisServer,
+    ResumingClient,
+    free_port,
+    stop_process,
+    wait_http_ok,
+)
 
 __all__ = [
     "HUB_CONF",
@@ -207,13 +216,7 @@ class LoadBalancer:
     def close(self) -> None:
         """Stop the master (SIGTERM: nginx's fast shutdown; a graceful one would wait for every stream), then make
         sure its workers went too: a worker outlives a master that was killed."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         for pid in self.workers:
             try:
                 with open(f"/proc/{pid}/stat") as f:

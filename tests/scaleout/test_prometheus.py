@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import HubProcess, RedisServer, collect, free_port, wait_http_ok
+from tests.support import HubProcess, RedisServer, collect, free_port, stop_process, wait_http_ok
 
 _PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(_PROMETHEUS is None, reason="prometheus is not installed (make test installs it)")
@@ -73,13 +72,7 @@ class PrometheusServer:
             return ""
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
