@@ -1,8 +1,8 @@
 """RedisBackend: one Redis Stream per channel; appends and history reads are Lua scripts, so each is atomic.
 
 Key layout (the only place that builds keys): `<prefix>ch:{<channel>}` per channel (the hash tag keeps a channel on
-one cluster slot), beside it `<prefix>fence:{<channel>}` and `<prefix>idem:{<channel>}:<key>`, and `<prefix>control`,
-a short stream through which deletions reach every node's tail reader.
+one cluster slot), beside it `<prefix>fence:{<channel>}` and `<prefix>idem:{<channel>}:<key>`. Appends and deletions
+also publish to the shard channel named like the stream key, which is how they reach every node's tail reader.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
@@ -36,17 +37,31 @@ from .backend import (
     ReadResult,
     TailReader,
     format_id,
+    parse_id,
 )
 from .redis_client import client_kwargs, connect, redis_call
+from .redis_pipe import RedisPipe, ReplyError
 
 __all__ = ["RedisBackend"]
 
 log = logging.getLogger(__name__)
 
-_CONTROL_MAXLEN = 1000
 _MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
 _READ_COUNT = 200
+
+# Every append rings the stream's own shard channel (named like the stream key, so in its slot on a cluster) with the
+# entries it added: `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it
+# deliver from the ring alone; see _TailReader.
+_NOTIFY_LUA = """
+local ring = {first_prev, ARGV[3]}
+for i = 1, n do
+  ring[#ring + 1] = ids[i]
+  ring[#ring + 1] = ARGV[7 + 2 * i]
+  ring[#ring + 1] = ARGV[8 + 2 * i]
+end
+redis.call('SPUBLISH', KEYS[1], cjson.encode(ring))
+"""
 
 # Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
 # Trimming is done here rather than with `XADD MAXLEN ~`, because Redis does not record what trimming removed, and
@@ -95,6 +110,7 @@ end
 local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
+local first_prev = prev
 local n = (#ARGV - 8) / 2
 for i = 1, n do
   local ev, d = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
@@ -118,11 +134,7 @@ if ARGV[7] ~= '' then
 end
 NOTIFY
 return ids
-""".replace("TRIM_SLACK", str(TRIM_SLACK_MAX))
-# On Redis Cluster the tail reader cannot block on many slots at once; each append rings the stream's own shard
-# channel (named like the stream key, so in its slot) and the reader reads what rang. See _ClusterTailReader.
-_NOTIFY_LUA = "redis.call('SPUBLISH', KEYS[1], '')"
-
+""".replace("TRIM_SLACK", str(TRIM_SLACK_MAX)).replace("NOTIFY", _NOTIFY_LUA)
 # History after a position plus the metadata `check_position` needs, read atomically. Flagged read-only, so it runs
 # while writes are paused (CLIENT PAUSE WRITE during a failover) and on replicas.
 # KEYS[1] stream; ARGV[1] exclusive start ("(<id>"), ARGV[2] count (0: metadata only).
@@ -151,21 +163,8 @@ end
 return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
-# Delete a channel (and its fence) and tell every node's tail reader, in one step.
-# KEYS[1] stream, KEYS[2] control stream, KEYS[3] fence; ARGV[1] channel name, ARGV[2] control maxlen.
+# Delete a channel (and its fence) and ring its shard channel with `d`, in one step. KEYS[1] stream, KEYS[2] fence.
 _DELETE_LUA = """
-redis.call('DEL', KEYS[3])
-local n = redis.call('DEL', KEYS[1])
-if n == 1 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'op', 'delete', 'ch', ARGV[1])
-end
-return n
-"""
-
-
-# The same on Redis Cluster, where the control stream would be in another slot: the deletion rings the stream's own
-# shard channel with `d`. KEYS[1] stream, KEYS[2] fence.
-_DELETE_CLUSTER_LUA = """
 redis.call('DEL', KEYS[2])
 local n = redis.call('DEL', KEYS[1])
 if n == 1 then redis.call('SPUBLISH', KEYS[1], 'd') end
@@ -173,14 +172,21 @@ return n
 """
 
 
-def _bulk(value: str) -> bytes:
-    """One RESP bulk string."""
-    b = value.encode()
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
 def _version(info: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
+
+
+def _refused(reply: str) -> BackendError:
+    """What an error reply means: the ones the append script raises on purpose, or the store refusing work (OOM,
+    READONLY after a failover, MISCONF), which is not a client mistake: a 503."""
+    if reply.startswith("CLOSED"):
+        return ChannelClosed(reply)
+    if reply.startswith("FENCED"):
+        return Fenced(reply)
+    if reply.startswith("IDEMPOTENCY"):
+        return IdempotencyConflict(reply)
+    log.warning("redis refused a command: %s", reply)
+    return BackendUnavailable(f"redis error: {reply.split(' ', 1)[0]}")
 
 
 def _entry(raw: Any) -> Entry:
@@ -212,9 +218,11 @@ class RedisBackend:
         self._timeout_s = timeout_s
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
-        self._append = self._redis.register_script(_APPEND_LUA.replace("NOTIFY", _NOTIFY_LUA if cluster else ""))
+        self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
-        self._delete = self._redis.register_script(_DELETE_CLUSTER_LUA if cluster else _DELETE_LUA)
+        self._delete = self._redis.register_script(_DELETE_LUA)
+        # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL.
+        self._pipe = None if cluster or not RedisPipe.supports(url) else RedisPipe(url, timeout_s=timeout_s)
 
     def stream_key(self, channel: str) -> str:
         return f"{self._prefix}ch:{{{channel}}}"
@@ -222,10 +230,6 @@ class RedisBackend:
     def channel_of(self, key: str) -> str:
         """The channel of a stream key (the inverse of stream_key)."""
         return key[len(self._prefix) + 4 : -1]
-
-    @property
-    def control_key(self) -> str:
-        return f"{self._prefix}control"
 
     async def _call(self, coro: Any) -> Any:
         """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
@@ -237,14 +241,16 @@ class RedisBackend:
             return await redis_call(coro, self._timeout_s, self._gate)
         except BackendUnavailable as e:
             if isinstance(reply := e.__cause__, ResponseError):
-                if str(reply).startswith("CLOSED"):
-                    raise ChannelClosed(str(reply)) from None
-                if str(reply).startswith("FENCED"):
-                    raise Fenced(str(reply)) from None
-                if str(reply).startswith("IDEMPOTENCY"):
-                    raise IdempotencyConflict(str(reply)) from None
-                log.warning("redis refused a command: %s", reply)
+                raise _refused(str(reply)) from None
             raise
+
+    async def _run_append(self, keys: list[str], args: list[Any]) -> Any:
+        if self._pipe is None:
+            return await self._call(self._append(keys=keys, args=args))
+        reply = await self._pipe.evalsha(self._append.script, keys, args)
+        if isinstance(reply, ReplyError):
+            raise _refused(str(reply))
+        return reply
 
     def fence_key(self, channel: str) -> str:
         return f"{self._prefix}fence:{{{channel}}}"
@@ -272,14 +278,13 @@ class RedisBackend:
 
     async def append(self, channel: str, events: Sequence[NewEvent], *, close: bool = False) -> list[str]:
         keys, args = self._append_call(AppendBatch(channel, events, close))
-        ids = await self._call(self._append(keys=keys, args=args))
-        return list(ids)
+        return list(await self._run_append(keys, args))
 
     async def append_once(
         self, channel: str, events: Sequence[NewEvent], idempotency: Idempotency, *, close: bool = False
     ) -> Appended:
         keys, args = self._append_call(AppendBatch(channel, events, close), idempotency)
-        ids = list(await self._call(self._append(keys=keys, args=args)))
+        ids = list(await self._run_append(keys, args))
         if ids and ids[0] == "=":
             return Appended(ids[1:], True)
         return Appended(ids, False)
@@ -291,7 +296,7 @@ class RedisBackend:
             # One script call needs no pipeline (common at low load, and the one-by-one baseline).
             keys, args = self._append_call(batches[0])
             try:
-                return [list(await self._call(self._append(keys=keys, args=args)))]
+                return [list(await self._run_append(keys, args))]
             except BackendError as e:
                 return [e]
         # One pipeline, one round trip; each script call stays atomic on its own. Not a transaction: one refused
@@ -358,25 +363,11 @@ class RedisBackend:
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str) -> bool:
-        if self.cluster:
-            n = await self._call(self._delete(keys=[self.stream_key(channel), self.fence_key(channel)]))
-            return bool(n)
-        keys = [self.stream_key(channel), self.control_key, self.fence_key(channel)]
-        n = await self._call(self._delete(keys=keys, args=[channel, _CONTROL_MAXLEN]))
+        n = await self._call(self._delete(keys=[self.stream_key(channel), self.fence_key(channel)]))
         return bool(n)
 
     async def open_reader(self) -> TailReader:
-        if self.cluster:
-            return _ClusterTailReader(self)
-        reader = _RedisTailReader(self)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await reader._prepare()
-        except (RedisError, TimeoutError, OSError) as e:
-            # Not fatal: a node may start before Redis; the first successful read prepares the reader instead.
-            log.warning("live tail not prepared yet (%s); will retry", type(e).__name__)
-            await reader._reset()
-        return reader
+        return _TailReader(self)
 
     async def ping(self) -> None:
         if not self._version_checked:
@@ -394,133 +385,22 @@ class RedisBackend:
         await self._call(self._redis.ping())
 
     async def aclose(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.aclose()
         await self._redis.aclose()
 
 
-class _RedisTailReader:
-    """One connection doing `XREAD BLOCK` over the control stream and every active channel of this node.
+class _TailReader:
+    """A node's live tail: rung by each channel's shard channel, which carries the appended entries themselves.
 
-    `interrupt()` sends `CLIENT UNBLOCK` from the shared pool, so a new channel joins the read at once. The reader
-    never reads from `$`: it always passes the last id it delivered, so nothing appended between two reads is lost.
-    """
-
-    def __init__(self, backend: RedisBackend) -> None:
-        self._backend = backend
-        # Typed as Any: redis-py's stubs do not model decode_responses=True, and this parses replies itself.
-        self._conn: Any = aioredis.Redis.from_url(
-            backend._url, single_connection_client=True, **client_kwargs(backend._timeout_s)
-        )
-        self._client_id: int | None = None
-        self._control_pos: str | None = None
-        self._reading = False
-        self._interrupting = False
-        # channel → its stream key encoded for the wire once, and its last position with that position encoded (most
-        # channels have not moved since the previous read)
-        self._bulks: dict[str, tuple[bytes, str, bytes]] = {}
-
-    async def _prepare(self) -> None:
-        if self._client_id is None:
-            self._client_id = int(await self._conn.execute_command("CLIENT", "ID"))
-        if self._control_pos is None:
-            # The control stream's current end: deletions before this reader existed are not its business.
-            last = await self._conn.xrevrange(self._backend.control_key, count=1)
-            self._control_pos = last[0][0] if last else ZERO_ID
-
-    async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
-        backend = self._backend
-        self._reading = True
-        try:
-            async with asyncio.timeout(block_s + backend._timeout_s):
-                await self._prepare()
-                assert self._control_pos is not None
-                # The command is packed here rather than by redis-py: a node tailing thousands of channels sends
-                # them all on every read, and building that argument list was most of the tail's CPU. Keys are
-                # encoded once per channel, positions again only when they moved.
-                bulks = self._bulks
-                if len(bulks) > 2 * len(positions) + 64:
-                    self._bulks = bulks = {c: b for c, b in bulks.items() if c in positions}
-                keys: list[bytes] = []
-                ids: list[bytes] = []
-                for channel, pos in positions.items():
-                    cached = bulks.get(channel)
-                    if cached is None:
-                        cached = bulks[channel] = (_bulk(backend.stream_key(channel)), pos, _bulk(pos))
-                    elif cached[1] != pos:
-                        cached = bulks[channel] = (cached[0], pos, _bulk(pos))
-                    keys.append(cached[0])
-                    ids.append(cached[2])
-                block_ms = str(max(1, int(block_s * 1000)))
-                command = [
-                    b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n%s"
-                    % (6 + 2 * (len(keys) + 1), _bulk(str(_READ_COUNT)), _bulk(block_ms), _bulk(backend.control_key)),
-                    *keys,
-                    _bulk(self._control_pos),
-                    *ids,
-                ]
-                conn = self._conn.connection
-                await conn.send_packed_command(command, check_health=False)
-                raw = await conn.read_response()
-        except (RedisError, TimeoutError, OSError) as e:
-            # Any failure, error replies included, drops the connection: a fresh one starts from a known state.
-            await self._reset()
-            raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
-        finally:
-            self._reading = False
-        result = ReadResult()
-        if not raw:
-            return result
-        # RESP2 gives [[key, entries], ...]; RESP3 a mapping.
-        items = raw.items() if isinstance(raw, dict) else raw
-        control = backend.control_key
-        for key, entries in items:
-            if key == control:
-                for entry_id, fields in entries:
-                    self._control_pos = entry_id
-                    if isinstance(fields, list):
-                        fields = dict(zip(fields[::2], fields[1::2], strict=True))
-                    if fields.get("op") == "delete" and "ch" in fields:
-                        result.deleted.append(fields["ch"])
-            else:
-                result.entries[backend.channel_of(key)] = [_entry(e) for e in entries]
-        return result
-
-    async def _reset(self) -> None:
-        self._client_id = None
-        try:
-            await self._conn.connection.disconnect() if self._conn.connection else None
-        except Exception:  # the connection is being thrown away; its own errors do not matter
-            log.debug("error while dropping the tail connection", exc_info=True)
-
-    async def interrupt(self) -> None:
-        """Unblock a pending XREAD. The command may not have reached Redis yet, so retry briefly until it has."""
-        if self._interrupting:
-            return
-        self._interrupting = True
-        try:
-            for _ in range(400):
-                if not self._reading:
-                    return
-                client_id = self._client_id
-                if client_id is not None and await self._backend._call(self._backend._redis.client_unblock(client_id)):
-                    return
-                await asyncio.sleep(0.005)
-        finally:
-            self._interrupting = False
-
-    async def aclose(self) -> None:
-        await self._conn.aclose()
-
-
-class _ClusterTailReader:
-    """The live tail on Redis Cluster: rung by each channel's shard channel, read with plain (non-blocking) XREADs.
-
-    One XREAD may not span slots, so the single blocking read of the other reader cannot exist here, and one blocking
-    connection per channel would not be bounded. Instead every append and deletion publishes to the stream's own shard
-    channel (see `_NOTIFY_LUA`); this reader holds one subscribing connection per cluster node, and a read fetches,
-    in one pipeline per node, just the channels that rang. Rings only say where to look: entries are always read
-    from the last position delivered, so a ring that is lost (a dropped connection, a moved slot) costs latency,
-    never an entry. Every `block_s` it reads all its channels anyway, which bounds that latency, and notices
-    streams that vanished while their ring was lost.
+    Every append publishes what it added to the stream's own shard channel (see `_NOTIFY_LUA`) and every deletion
+    publishes `d`. This reader subscribes each channel it tails, on one connection per Redis node (one in all on a
+    single Redis; on a cluster, the node that owns the channel's slot), and delivers entries from the rings: on the hot
+    path a node sends Redis nothing per event. A ring's entries are taken only if they continue from the position
+    last delivered (their first `prev`); otherwise, and for a ring without entries, the channel is read with a plain
+    XREAD from that position. So a ring that is lost (a dropped connection, a moved slot) or out of step costs
+    latency, never an entry. Every `block_s` it reads all its channels anyway, which bounds that latency; on a
+    cluster that sweep also notices streams that vanished while their ring was lost.
     """
 
     def __init__(self, backend: RedisBackend) -> None:
@@ -529,11 +409,13 @@ class _ClusterTailReader:
         self._pubsubs: dict[str, Any] = {}  # node name → its PubSub
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._rang: set[str] = set()  # stream keys to read
+        self._pushed: dict[str, list[Entry]] = {}  # stream key → entries its rings carried, in order
         self._deleted: list[str] = []
         self._failure: BaseException | None = None
         self._wake = asyncio.Event()
         self._interrupted = False
         self._next_sweep = 0.0
+        self._fresh = True  # nothing heard yet, or rings lost: the next sweep also looks for vanished streams
         self._remap = False  # learn the slot map again before subscribing (set after a failure)
         self._unconfirmed: set[str] = set()  # subscriptions sent, not yet confirmed
         self._confirmed = asyncio.Event()
@@ -547,7 +429,10 @@ class _ClusterTailReader:
             async with asyncio.timeout(block_s + backend._timeout_s):
                 while True:
                     await self._subscribe(keys)
-                    if not (self._rang or self._deleted or self._interrupted) and loop.time() < self._next_sweep:
+                    if (
+                        not (self._rang or self._pushed or self._deleted or self._interrupted)
+                        and loop.time() < self._next_sweep
+                    ):
                         self._wake.clear()
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(max(0.0, min(deadline, self._next_sweep) - loop.time())):
@@ -568,18 +453,32 @@ class _ClusterTailReader:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
 
     async def _read_due(self, keys: Mapping[str, str], positions: Mapping[str, str], block_s: float) -> ReadResult:
-        """Read the channels that rang, or all of them when a sweep is due."""
+        """Deliver what the rings carried; read the channels that rang without it, or all of them when a sweep is
+        due."""
         loop = asyncio.get_running_loop()
+        # Taken before reading: a ring that comes during the read is kept for the next one. A failed read loses none
+        # of them: the reader starts afresh (see `read`), and its first read is a sweep.
+        pushed, self._pushed = self._pushed, {}
+        rang, self._rang = self._rang, set()
+        result = ReadResult(deleted=[c for c in self._deleted if c in positions])
+        self._deleted = [c for c in self._deleted if c not in positions]
         if loop.time() >= self._next_sweep:
             self._next_sweep = loop.time() + block_s
             wanted, sweep = list(keys), True
         else:
-            wanted, sweep = [k for k in self._rang if k in keys], False
-        # Taken before reading: a ring that comes during the read marks the key again for the next one. A failed read
-        # loses none of them: the reader starts afresh (see `read`), and its first read is a sweep.
-        self._rang.clear()
-        result = ReadResult(deleted=[c for c in self._deleted if c in positions])
-        self._deleted = [c for c in self._deleted if c not in positions]
+            wanted, sweep = [k for k in rang if k in keys], False
+            for key, entries in pushed.items():
+                channel = keys.get(key)
+                if channel is None or key in rang:
+                    continue
+                position = parse_id(positions[channel])
+                fresh = [e for e in entries if e.key > position]
+                if not fresh:
+                    continue  # already delivered (read before its ring came)
+                if fresh[0].prev is not None and parse_id(fresh[0].prev) == position:
+                    result.entries[channel] = fresh
+                else:
+                    wanted.append(key)  # out of step with what was delivered: read from the position instead
         if wanted:
             try:
                 await self._fetch(wanted, keys, positions, sweep, result)
@@ -597,54 +496,69 @@ class _ClusterTailReader:
         self, wanted: list[str], keys: Mapping[str, str], positions: Mapping[str, str], sweep: bool, out: ReadResult
     ) -> None:
         backend = self._backend
+        # Whether a stream that returned nothing still exists: on a cluster at every sweep (a stream may expire, or
+        # be lost by a failover, while its subscribers wait), on a single Redis at the first sweep after rings may
+        # have been lost (a deletion's `d` among them).
+        probe = sweep and (backend.cluster or self._fresh)
         pipe = backend._redis.pipeline(transaction=False)
-        for key in wanted:
-            pipe.xread({key: positions[keys[key]]}, count=_READ_COUNT)
-            if sweep:
+        if backend.cluster:
+            for key in wanted:
+                pipe.xread({key: positions[keys[key]]}, count=_READ_COUNT)
+        else:
+            pipe.xread({key: positions[keys[key]] for key in wanted}, count=_READ_COUNT)
+        if probe:
+            for key in wanted:
                 pipe.exists(key)
         raw = await backend._call(pipe.execute())
-        step = 2 if sweep else 1
+        streams: dict[str, Any] = {}  # stream key → its entries
+        replies = raw[: len(wanted)] if backend.cluster else raw[:1]
+        for reply in replies:
+            if reply:  # RESP2: [[key, entries], ...]; RESP3: {key: entries}
+                streams.update(reply.items() if isinstance(reply, dict) else ((k, v) for k, v in reply))
+        exists = raw[len(replies) :]
         for i, key in enumerate(wanted):
             channel = keys[key]
-            reply = raw[i * step]
-            if reply:
-                entries = reply[key] if isinstance(reply, dict) else reply[0][1]
+            if entries := streams.get(key):
                 out.entries[channel] = [_entry(e) for e in entries]
                 if len(entries) >= _READ_COUNT:
                     self._rang.add(key)  # more is waiting: read on at once
-            elif sweep and not raw[i * step + 1] and positions[channel] != ZERO_ID:
+            elif probe and not exists[i] and positions[channel] != ZERO_ID:
                 # It held entries (this reader's position is one of them) and is gone: deleted while its ring was
                 # lost, expired, or lost by a failover. Its streams end and resume, and the store tells each why.
                 out.vanished.append(channel)
+        if sweep:
+            self._fresh = False
 
     async def _subscribe(self, keys: Mapping[str, str]) -> None:
-        """Subscribe each new channel on the connection to the node that owns its slot; drop the others."""
+        """Subscribe each new channel on the connection to the node that owns it; drop the others."""
         redis = self._backend._redis
-        if self._remap:
-            await redis.nodes_manager.initialize()
-            self._remap = False
-        await redis.initialize()  # the slot map, learnt on first use (a no-op once known)
+        cluster = self._backend.cluster
+        if cluster:
+            await self._learn_slots()
         for key in [k for k in self._subscribed if k not in keys]:
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
                 await pubsub.sunsubscribe(key)
+        new: dict[str, list[str]] = {}
         for key in keys:
-            if key in self._subscribed:
-                continue
-            node = redis.get_node_from_key(key)
-            pubsub = self._pubsubs.get(node.name)
+            if key not in self._subscribed:
+                node = redis.get_node_from_key(key).name if cluster else ""
+                new.setdefault(node, []).append(key)
+        for node_name, node_keys in new.items():
+            pubsub = self._pubsubs.get(node_name)
             if pubsub is None:
-                # The node's own connection settings (password, TLS) from the cluster client, with ours on top;
-                # keepalive so that a silently dead connection is noticed, not left to the sweep.
-                kwargs = {**node.connection_kwargs, **client_kwargs(self._backend._timeout_s), "socket_keepalive": True}
-                pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=1, **kwargs)
-                pubsub = self._pubsubs[node.name] = aioredis.Redis(connection_pool=pool).pubsub()
-            self._unconfirmed.add(key)
-            await pubsub.ssubscribe(key)
-            if node.name not in self._listeners:
-                self._listeners[node.name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node.name}")
-            self._subscribed[key] = node.name
-            self._rang.add(key)
+                pubsub = self._pubsubs[node_name] = self._open_pubsub(node_name)
+            self._unconfirmed.update(node_keys)
+            if cluster:
+                for key in node_keys:  # one slot per SSUBSCRIBE
+                    await pubsub.ssubscribe(key)
+            else:
+                await pubsub.ssubscribe(*node_keys)
+            if node_name not in self._listeners:
+                self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
+            for key in node_keys:
+                self._subscribed[key] = node_name
+                self._rang.add(key)
         # Read only once every new subscription is in force: an append after that rings, one before it is read now.
         # (SSUBSCRIBE goes on one connection and the read on another; sent is not yet subscribed.)
         while self._unconfirmed:
@@ -652,6 +566,26 @@ class _ClusterTailReader:
             async with asyncio.timeout(self._backend._timeout_s):
                 await self._confirmed.wait()
             self._check()
+
+    async def _learn_slots(self) -> None:
+        redis = self._backend._redis
+        if self._remap:
+            await redis.nodes_manager.initialize()
+            self._remap = False
+        await redis.initialize()  # the slot map, learnt on first use (a no-op once known)
+
+    def _open_pubsub(self, node_name: str) -> Any:
+        backend = self._backend
+        # Keepalive, so that a silently dead connection is noticed, not left to the sweep.
+        ours = {**client_kwargs(backend._timeout_s), "socket_keepalive": True}
+        if not backend.cluster:
+            return aioredis.Redis.from_url(backend._url, single_connection_client=True, **ours).pubsub()
+        # The node's own connection settings (password, TLS) from the cluster client, with ours on top.
+        node = backend._redis.get_node(node_name=node_name)
+        pool = aioredis.ConnectionPool(
+            connection_class=node.connection_class, max_connections=1, **{**node.connection_kwargs, **ours}
+        )
+        return aioredis.Redis(connection_pool=pool).pubsub()
 
     async def _listen(self, pubsub: Any) -> None:
         try:
@@ -661,8 +595,11 @@ class _ClusterTailReader:
                     continue
                 kind, key = message["type"], message["channel"]
                 if kind == "smessage":
-                    if message["data"] == "d":
+                    data = message["data"]
+                    if data == "d":
                         self._deleted.append(self._backend.channel_of(key))
+                    elif (entries := _ring_entries(data)) is not None:
+                        self._pushed.setdefault(key, []).extend(entries)
                     else:
                         self._rang.add(key)
                     self._wake.set()
@@ -693,8 +630,10 @@ class _ClusterTailReader:
         self._pubsubs.clear()
         self._subscribed.clear()
         self._rang.clear()
+        self._pushed.clear()
         self._unconfirmed.clear()
         self._next_sweep = 0.0  # the first read after this one reads every channel
+        self._fresh = True
         self._failure = None
         self._remap = True
 
@@ -704,3 +643,21 @@ class _ClusterTailReader:
 
     async def aclose(self) -> None:
         await self._reset()
+
+
+def _ring_entries(data: str) -> list[Entry] | None:
+    """The entries a ring carries (see `_NOTIFY_LUA`), each with its `prev`; None for a ring that carries none."""
+    if not data.startswith("["):
+        return None
+    try:
+        raw = orjson.loads(data)
+        prev, close = raw[0], raw[1] == "1"
+        n = (len(raw) - 2) // 3
+        entries = []
+        for i in range(n):
+            entry_id, event, payload = raw[2 + 3 * i : 5 + 3 * i]
+            entries.append(Entry(entry_id, event, payload, close and i == n - 1, prev))
+            prev = entry_id
+    except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
+        return None  # read from the stream instead
+    return entries

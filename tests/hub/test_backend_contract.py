@@ -502,8 +502,8 @@ async def test_a_reader_reports_a_deletion_made_between_open_and_its_first_read(
 
 
 async def test_readers_report_deletions_of_channels_they_were_not_reading(backend: Backend, backend_kind: str) -> None:
-    if backend_kind == "cluster":
-        pytest.skip("on Redis Cluster a reader hears only the channels it reads (the only ones a node acts on)")
+    if backend_kind != "memory":
+        pytest.skip("on Redis a reader hears only the channels it reads (the only ones a node acts on)")
     await backend.append("a", [ev(0)])
     await backend.append("b", [ev(1)])
     reader_1, reader_2 = await backend.open_reader(), await backend.open_reader()

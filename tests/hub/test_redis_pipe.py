@@ -1,0 +1,190 @@
+"""The publish path's pipelined Redis connection (hub.redis_pipe) and the ring-fed live tail, on real redis-servers:
+order under concurrency, a script cache that was flushed, a server that dies or stops answering, AUTH and SELECT
+from the URL, and rings that cannot be trusted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from hub.backend import ZERO_ID, BackendUnavailable, NewEvent, parse_id
+from hub.backend_redis import RedisBackend
+from hub.redis_pipe import RedisPipe
+from tests.support import RedisServer
+
+
+def _backend(url: str, *, timeout_s: float = 5.0) -> RedisBackend:
+    return RedisBackend(url, prefix=f"pipe:{uuid.uuid4().hex[:8]}:", history=10_000, ttl_s=600, timeout_s=timeout_s)
+
+
+def ev(i: int) -> list[NewEvent]:
+    return [NewEvent("message", str(i))]
+
+
+async def test_concurrent_appends_share_the_connection_and_keep_the_order_they_were_made_in(
+    own_redis: RedisServer,
+) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        clients_before = int((await admin.info("clients"))["connected_clients"])
+        await backend.append("warm", ev(0))  # connected, and the script known to the server
+        results = await asyncio.gather(*(backend.append(f"c{i % 3}", ev(i)) for i in range(300)))
+        # Made in one turn of the loop, they leave in one write, in order: per channel, ids grow in call order.
+        for c in range(3):
+            ids = [parse_id(r[0]) for i, r in enumerate(results) if i % 3 == c]
+            assert ids == sorted(ids) and len(set(ids)) == 100
+            stored = await admin.xrange(backend.stream_key(f"c{c}"))
+            assert [f["d"] for _, f in stored] == [str(i) for i in range(c, 300, 3)]
+        # One connection for all of them, not a pool's worth.
+        assert int((await admin.info("clients"))["connected_clients"]) - clients_before == 1
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_a_flushed_script_cache_costs_nothing_and_appends_once(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await backend.append("c", ev(0))
+        await admin.script_flush()  # as after a restart or a failover to a server that never saw the script
+        ids = await asyncio.gather(*(backend.append("c", ev(i)) for i in range(1, 6)))
+        assert len({i[0] for i in ids}) == 5
+        assert [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))] == [str(i) for i in range(6)]
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_a_server_that_dies_fails_calls_at_once_and_the_next_call_reconnects(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url, timeout_s=2.0)
+    try:
+        await backend.append("c", ev(0))
+        own_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await backend.append("c", ev(1))
+        assert time.monotonic() - started < 1.5
+        own_redis.start()
+        assert await backend.append("c", ev(2))
+    finally:
+        await backend.aclose()
+
+
+async def test_a_server_that_stops_answering_fails_calls_at_their_deadline_then_recovers(
+    own_redis: RedisServer,
+) -> None:
+    backend = _backend(own_redis.url, timeout_s=0.5)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    assert own_redis.proc is not None
+    try:
+        await backend.append("c", ev(0))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(*(backend.append("c", ev(i)) for i in range(1, 4)), return_exceptions=True)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+        assert 0.4 <= waited < 2.0
+        # The stuck connection was dropped; a fresh one serves the next call. The calls that timed out may or may not
+        # have run (their replies were never read): a 503 says so, and an Idempotency-Key makes the retry safe.
+        assert await backend.append("c", ev(9))
+        data = [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))]
+        assert data[0] == "0" and data[-1] == "9"
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_auth_and_database_come_from_the_url() -> None:
+    server = RedisServer("--requirepass", "s3cret")
+    server.start()
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        backend = _backend(url)
+        admin: Any = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            [entry_id] = await backend.append("c", ev(1))
+            assert [i for i, _ in await admin.xrange(backend.stream_key("c"))] == [entry_id]
+        finally:
+            await backend.aclose()
+            await admin.aclose()
+        wrong = _backend(f"redis://:nope@127.0.0.1:{server.port}/3")
+        try:
+            with pytest.raises(BackendUnavailable):
+                await wrong.append("c", ev(2))
+        finally:
+            await wrong.aclose()
+    finally:
+        server.close()
+
+
+def test_only_plain_tcp_and_unix_socket_urls_take_the_pipe() -> None:
+    assert RedisPipe.supports("redis://h:1/0") and RedisPipe.supports("unix:///tmp/r.sock")
+    assert not RedisPipe.supports("rediss://h:1/0")
+
+
+async def test_a_ring_out_of_step_with_the_reader_is_not_delivered_the_stream_is_read_instead(
+    own_redis: RedisServer,
+) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    reader = await backend.open_reader()
+    try:
+        [first] = await backend.append("c", ev(0))
+        result = await reader.read({"c": ZERO_ID}, block_s=1.0)
+        assert [e.id for e in result.entries["c"]] == [first]
+        # An entry that reached the stream without its ring (as if the ring was lost): the next ring's entries do not
+        # follow the reader's position, so they must not be delivered as they are.
+        lost = await admin.xadd(backend.stream_key("c"), {"e": "message", "d": "lost", "p": first})
+        await backend.append("c", ev(2))
+        got: list[str] = []
+        position = first
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            result = await reader.read({"c": position}, block_s=1.0)
+            for e in result.entries.get("c", []):
+                assert e.prev == position, "delivered entries must continue from the reader's position"
+                got.append(e.data)
+                position = e.id
+        assert got == ["lost", "2"]
+        assert lost != first
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_rings_deliver_without_reading_the_stream(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    reader = await backend.open_reader()
+    try:
+        [first] = await backend.append("c", ev(0))
+        position = ZERO_ID
+        result = await reader.read({"c": position}, block_s=30.0)  # subscribes, and reads from the position once
+        position = result.entries["c"][-1].id
+        assert position == first
+        await admin.config_resetstat()
+        for i in range(1, 21):
+            await backend.append("c", ev(i))
+            result = await reader.read({"c": position}, block_s=30.0)
+            [entry] = result.entries["c"]
+            assert entry.data == str(i) and entry.prev == position
+            position = entry.id
+        stats = await admin.info("commandstats")
+        assert "cmdstat_xread" not in stats
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
