@@ -40,7 +40,7 @@ from .backend import (
     parse_id,
 )
 from .redis_client import client_kwargs, connect, redis_call
-from .redis_pipe import RedisPipe, ReplyError
+from .redis_pipe import RedisPipe, ReplyError, Subscriber
 
 __all__ = ["RedisBackend"]
 
@@ -547,14 +547,14 @@ class _TailReader:
         for node_name, node_keys in new.items():
             pubsub = self._pubsubs.get(node_name)
             if pubsub is None:
-                pubsub = self._pubsubs[node_name] = self._open_pubsub(node_name)
+                pubsub = self._pubsubs[node_name] = await self._open_pubsub(node_name)
             self._unconfirmed.update(node_keys)
             if cluster:
                 for key in node_keys:  # one slot per SSUBSCRIBE
                     await pubsub.ssubscribe(key)
             else:
                 await pubsub.ssubscribe(*node_keys)
-            if node_name not in self._listeners:
+            if not isinstance(pubsub, Subscriber) and node_name not in self._listeners:
                 self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
             for key in node_keys:
                 self._subscribed[key] = node_name
@@ -574,9 +574,13 @@ class _TailReader:
             self._remap = False
         await redis.initialize()  # the slot map, learnt on first use (a no-op once known)
 
-    def _open_pubsub(self, node_name: str) -> Any:
+    async def _open_pubsub(self, node_name: str) -> Any:
         backend = self._backend
-        # Keepalive, so that a silently dead connection is noticed, not left to the sweep.
+        if not backend.cluster and backend._pipe is not None:
+            # Rings are parsed as they arrive, many per read, and handled in place: no task wakes per message.
+            return Subscriber(await backend._pipe.open(self._on_push, self._on_lost))
+        # Otherwise redis-py's PubSub, read by a task of its own (`_listen`). Keepalive, so that a silently dead
+        # connection is noticed, not left to the sweep.
         ours = {**client_kwargs(backend._timeout_s), "socket_keepalive": True}
         if not backend.cluster:
             return aioredis.Redis.from_url(backend._url, single_connection_client=True, **ours).pubsub()
@@ -587,37 +591,45 @@ class _TailReader:
         )
         return aioredis.Redis(connection_pool=pool).pubsub()
 
+    def _on_message(self, kind: str, key: str, data: Any) -> None:
+        if kind == "smessage":
+            if data == "d":
+                self._deleted.append(self._backend.channel_of(key))
+            elif (entries := _ring_entries(data)) is not None:
+                self._pushed.setdefault(key, []).extend(entries)
+            else:
+                self._rang.add(key)
+            self._wake.set()
+        elif kind == "ssubscribe":
+            self._unconfirmed.discard(key)
+            if not self._unconfirmed:
+                self._confirmed.set()
+        elif kind == "sunsubscribe" and key in self._subscribed:
+            # Not asked for: the slot moved to another node. Subscribe again where it is now, and read it.
+            self._subscribed.pop(key, None)
+            self._rang.add(key)
+            self._wake.set()
+
+    def _on_push(self, push: list[Any]) -> None:
+        if len(push) == 3:
+            self._on_message(push[0], push[1], push[2])
+
+    def _on_lost(self, error: BaseException) -> None:
+        # The next read raises it and starts afresh.
+        self._failure = error
+        self._wake.set()
+        self._confirmed.set()
+
     async def _listen(self, pubsub: Any) -> None:
         try:
             while True:
                 message = await pubsub.get_message(timeout=None)
-                if message is None:
-                    continue
-                kind, key = message["type"], message["channel"]
-                if kind == "smessage":
-                    data = message["data"]
-                    if data == "d":
-                        self._deleted.append(self._backend.channel_of(key))
-                    elif (entries := _ring_entries(data)) is not None:
-                        self._pushed.setdefault(key, []).extend(entries)
-                    else:
-                        self._rang.add(key)
-                    self._wake.set()
-                elif kind == "ssubscribe":
-                    self._unconfirmed.discard(key)
-                    if not self._unconfirmed:
-                        self._confirmed.set()
-                elif kind == "sunsubscribe" and key in self._subscribed:
-                    # Not asked for: the slot moved to another node. Subscribe again where it is now, and read it.
-                    self._subscribed.pop(key, None)
-                    self._rang.add(key)
-                    self._wake.set()
+                if message is not None:
+                    self._on_message(message["type"], message["channel"], message["data"])
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the next read raises it and starts afresh
-            self._failure = e
-            self._wake.set()
-            self._confirmed.set()
+        except Exception as e:
+            self._on_lost(e)
 
     async def _reset(self) -> None:
         for task in self._listeners.values():

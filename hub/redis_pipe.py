@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -28,7 +29,7 @@ from redis.asyncio.connection import parse_url
 
 from .backend import BackendUnavailable
 
-__all__ = ["RedisPipe", "ReplyError", "pack_command"]
+__all__ = ["RedisPipe", "ReplyError", "Subscriber", "pack_command"]
 
 ReplyError = hiredis.ReplyError
 
@@ -44,10 +45,23 @@ def pack_command(args: Sequence[str | bytes | int]) -> bytes:
     return b"".join(out)
 
 
-class _Protocol(asyncio.Protocol):
-    """One connection: the calls sent and not yet answered, in order, each with its deadline."""
+# Messages Redis pushes to a connection in subscribed mode (RESP2: arrays led by their kind), not replies to a call.
+_PUSH_KINDS = frozenset(("smessage", "ssubscribe", "sunsubscribe"))
 
-    def __init__(self, timeout_s: float) -> None:
+PushHandler = Callable[[list[Any]], None]
+LostHandler = Callable[[BackendUnavailable], None]
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: the calls sent and not yet answered, in order, each with its deadline. With `on_push`, it is a
+    subscribing connection: pushed messages go to `on_push` as they are parsed, and the loss of the connection to
+    `on_lost`."""
+
+    def __init__(
+        self, timeout_s: float, on_push: PushHandler | None = None, on_lost: LostHandler | None = None
+    ) -> None:
+        self._on_push = on_push
+        self._on_lost = on_lost
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
         self._reader = hiredis.Reader(encoding="utf-8")
@@ -76,6 +90,14 @@ class _Protocol(asyncio.Protocol):
             self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
         return fut
 
+    def post(self, packed: bytes) -> None:
+        """Queue a command whose answers come as pushes (SSUBSCRIBE, SUNSUBSCRIBE), not as a reply to wait for."""
+        if self.failed is not None:
+            raise self.failed
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(packed)
+
     def _flush(self) -> None:
         out, self._out = self._out, []
         if out and self._transport is not None and self.failed is None:
@@ -84,7 +106,11 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         waiting = self._waiting
+        on_push = self._on_push
         while (reply := self._reader.gets()) is not False:
+            if on_push is not None and type(reply) is list and reply and reply[0] in _PUSH_KINDS:
+                on_push(reply)
+                continue
             if not waiting:
                 self._fail(BackendUnavailable("redis unavailable: a reply nobody asked for"))
                 return
@@ -108,6 +134,8 @@ class _Protocol(asyncio.Protocol):
     def _fail(self, error: BackendUnavailable) -> None:
         if self.failed is None:
             self.failed = error
+            if self._on_lost is not None:
+                self._on_lost(error)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -142,30 +170,43 @@ class RedisPipe:
             return p
         async with self._connecting:
             p = self._protocol
-            if p is not None and p.failed is None:
-                return p
-            loop = asyncio.get_running_loop()
-            timeout_s = self._timeout_s
-            opts = self._opts
-            p = None
-            try:
-                async with asyncio.timeout(timeout_s):
-                    if "path" in opts:
-                        _, p = await loop.create_unix_connection(lambda: _Protocol(timeout_s), opts["path"])
-                    else:
-                        host, port = opts.get("host", "localhost"), opts.get("port", 6379)
-                        _, p = await loop.create_connection(lambda: _Protocol(timeout_s), host, port)
-                    for r in await asyncio.gather(*(p.send(pack_command(c)) for c in self._setup())):
-                        if isinstance(r, ReplyError):
-                            raise BackendUnavailable(f"redis refused the connection: {str(r).split(' ', 1)[0]}")
-            except BaseException as e:
-                if p is not None:
-                    p.close()
-                if isinstance(e, OSError | TimeoutError):
-                    raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
-                raise
-            self._protocol = p
+            if p is None or p.failed is not None:
+                p = self._protocol = await self.open()
             return p
+
+    async def open(self, on_push: PushHandler | None = None, on_lost: LostHandler | None = None) -> _Protocol:
+        """A new connection to the URL's server, authenticated and on its database (see `_Protocol` for the
+        handlers)."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self._timeout_s
+        opts = self._opts
+
+        def factory() -> _Protocol:
+            return _Protocol(timeout_s, on_push, on_lost)
+
+        p = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                if "path" in opts:
+                    _, p = await loop.create_unix_connection(factory, opts["path"])
+                else:
+                    transport, p = await loop.create_connection(
+                        factory, opts.get("host", "localhost"), opts.get("port", 6379)
+                    )
+                    # A subscribing connection may be silent for long: keepalive notices a peer that vanished.
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for r in await asyncio.gather(*(p.send(pack_command(c)) for c in self._setup())):
+                    if isinstance(r, ReplyError):
+                        raise BackendUnavailable(f"redis refused the connection: {str(r).split(' ', 1)[0]}")
+        except BaseException as e:
+            if p is not None:
+                p.close()
+            if isinstance(e, OSError | TimeoutError):
+                raise BackendUnavailable(f"redis unavailable: {type(e).__name__}") from e
+            raise
+        return p
 
     def _setup(self) -> list[list[str | bytes | int]]:
         """The commands a new connection starts with: AUTH and SELECT, as the URL asks."""
@@ -205,3 +246,20 @@ def _digest(script: str) -> str:
     if d is None:
         d = _digests[script] = hashlib.sha1(script.encode()).hexdigest()
     return d
+
+
+class Subscriber:
+    """A subscribing connection of the tail reader (see backend_redis._TailReader) opened by `RedisPipe.open` with
+    handlers: pushes are handled as they are parsed, many per read, with no task per message."""
+
+    def __init__(self, protocol: _Protocol) -> None:
+        self._protocol = protocol
+
+    async def ssubscribe(self, *keys: str) -> None:
+        self._protocol.post(pack_command(["SSUBSCRIBE", *keys]))
+
+    async def sunsubscribe(self, *keys: str) -> None:
+        self._protocol.post(pack_command(["SUNSUBSCRIBE", *keys]))
+
+    async def aclose(self) -> None:
+        self._protocol.close()
