@@ -188,3 +188,41 @@ async def test_rings_deliver_without_reading_the_stream(own_redis: RedisServer) 
         await reader.aclose()
         await backend.aclose()
         await admin.aclose()
+
+
+async def test_a_lost_subscribing_connection_costs_latency_never_entries(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    reader = await backend.open_reader()
+    try:
+        position = ZERO_ID
+        got: list[str] = []
+
+        async def read_until(n: int) -> None:
+            nonlocal position
+            deadline = time.monotonic() + 10
+            while len(got) < n:
+                assert time.monotonic() < deadline, got
+                try:
+                    result = await reader.read({"c": position}, block_s=0.5)
+                except BackendUnavailable:
+                    continue  # the reader starts afresh: subscribes again and reads from its position
+                for e in result.entries.get("c", []):
+                    assert e.prev == position
+                    got.append(e.data)
+                    position = e.id
+
+        await backend.append("c", ev(0))
+        await read_until(1)
+        # Redis drops the node's subscribing connection; what is appended meanwhile rings nobody.
+        assert await admin.client_kill_filter(_type="pubsub") >= 1
+        for i in range(1, 6):
+            await backend.append("c", ev(i))
+        await read_until(6)
+        await backend.append("c", ev(6))  # and the rings reach it again
+        await read_until(7)
+        assert got == [str(i) for i in range(7)]
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
