@@ -436,16 +436,18 @@ class _TailReader:
         self._remap = False  # learn the slot map again before subscribing (set after a failure)
         self._unconfirmed: set[str] = set()  # subscriptions sent, not yet confirmed
         self._confirmed = asyncio.Event()
+        self._stream_keys: dict[str, str] = {}  # channel → its stream key
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
         backend = self._backend
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_s
-        keys = {backend.stream_key(c): c for c in positions}
+        keys = self._keys_of(positions)
         try:
             async with asyncio.timeout(block_s + backend._timeout_s):
                 while True:
-                    await self._subscribe(keys)
+                    if self._subscribed.keys() != keys.keys() or self._unconfirmed:  # not the same as last time
+                        await self._subscribe(keys)
                     if (
                         not (self._rang or self._pushed or self._deleted or self._interrupted)
                         and loop.time() < self._next_sweep
@@ -468,6 +470,20 @@ class _TailReader:
             if isinstance(e, BackendUnavailable):
                 raise
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
+
+    def _keys_of(self, positions: Mapping[str, str]) -> dict[str, str]:
+        """Stream key → channel for the channels to read. Each read gets every channel the node tails: their keys are
+        built once, not on every read."""
+        cache = self._stream_keys
+        if len(cache) > 2 * len(positions) + 64:
+            self._stream_keys = cache = {c: k for c, k in cache.items() if c in positions}
+        keys: dict[str, str] = {}
+        for channel in positions:
+            key = cache.get(channel)
+            if key is None:
+                key = cache[channel] = self._backend.stream_key(channel)
+            keys[key] = channel
+        return keys
 
     async def _read_due(self, keys: Mapping[str, str], positions: Mapping[str, str], block_s: float) -> ReadResult:
         """Deliver what the rings carried; read the channels that rang without it, or all of them when a sweep is
