@@ -327,16 +327,19 @@ class RedisBackend:
         return results
 
     async def _append_piped(self, batches: Sequence[AppendBatch]) -> list[list[str] | BackendError]:
-        """Every call made in this turn of the loop leaves in one write on the pipelined connection: a pipeline
-        without redis-py's per-command cost. Each call succeeds or fails on its own."""
-        calls = [self._append_call(b) for b in batches]
-        replies = await asyncio.gather(*(self._run_append(k, a) for k, a in calls), return_exceptions=True)
+        """All the calls in one write on the pipelined connection: a pipeline without redis-py's per-command cost.
+        Each call succeeds or fails on its own."""
+        assert self._pipe is not None
+        try:
+            replies = await self._pipe.evalsha_many(self._append.script, [self._append_call(b) for b in batches])
+        except BackendUnavailable as e:  # no connection at all
+            return [e] * len(batches)
         out: list[list[str] | BackendError] = []
         for r in replies:
             if isinstance(r, BackendError):
                 out.append(r)
-            elif isinstance(r, BaseException):
-                raise r
+            elif isinstance(r, ReplyError):
+                out.append(_refused(str(r)))
             else:
                 out.append(list(r))
         return out

@@ -232,6 +232,29 @@ class RedisPipe:
             reply = await self.call("EVAL", script, len(keys), *keys, *args)
         return reply
 
+    async def evalsha_many(
+        self, script: str, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes | int]]]
+    ) -> list[Any]:
+        """Several script calls (keys, args) in one write, with no task per call; per call its reply, a ReplyError
+        value, or the BackendUnavailable that failed it. NOSCRIPT is handled as in `evalsha`."""
+        p = await self._connection()
+        sha = _digest(script)
+        futures = [p.send(pack_command(["EVALSHA", sha, len(keys), *keys, *args])) for keys, args in calls]
+        replies: list[Any] = []
+        for fut in futures:
+            try:
+                replies.append(await fut)
+            except BackendUnavailable as e:
+                replies.append(e)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                keys, args = calls[i]
+                try:
+                    replies[i] = await self.call("EVAL", script, len(keys), *keys, *args)
+                except BackendUnavailable as e:
+                    replies[i] = e
+        return replies
+
     async def aclose(self) -> None:
         if self._protocol is not None:
             self._protocol.close()

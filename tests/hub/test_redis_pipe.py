@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from hub.backend import ZERO_ID, BackendUnavailable, NewEvent, parse_id
+from hub.backend import ZERO_ID, AppendBatch, BackendUnavailable, ChannelClosed, NewEvent, parse_id
 from hub.backend_redis import RedisBackend
 from hub.redis_pipe import RedisPipe
 from tests.support import RedisServer
@@ -224,5 +224,24 @@ async def test_a_lost_subscribing_connection_costs_latency_never_entries(own_red
         assert got == [str(i) for i in range(7)]
     finally:
         await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_a_producer_flush_is_answered_per_channel_even_after_a_script_cache_flush(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await backend.append("closed", ev(0), close=True)
+        await admin.script_flush()
+        results = await backend.append_many(
+            [AppendBatch("a", ev(1)), AppendBatch("closed", ev(2)), AppendBatch("b", [*ev(3), *ev(4)])]
+        )
+        assert isinstance(results[0], list) and len(results[0]) == 1
+        assert isinstance(results[1], ChannelClosed)
+        assert isinstance(results[2], list) and len(results[2]) == 2
+        for channel, data in (("a", ["1"]), ("closed", ["0"]), ("b", ["3", "4"])):
+            assert [f["d"] for _, f in await admin.xrange(backend.stream_key(channel))] == data
+    finally:
         await backend.aclose()
         await admin.aclose()
