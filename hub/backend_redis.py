@@ -40,7 +40,7 @@ from .backend import (
     parse_id,
 )
 from .redis_client import client_kwargs, connect, redis_call
-from .redis_pipe import RedisPipe, ReplyError, Subscriber
+from .redis_pipe import RedisPipe, ReplyError, SubscribingConnection
 
 __all__ = ["RedisBackend"]
 
@@ -590,7 +590,7 @@ class _TailReader:
                     await pubsub.ssubscribe(key)
             else:
                 await pubsub.ssubscribe(*node_keys)
-            if not isinstance(pubsub, Subscriber) and node_name not in self._listeners:
+            if not isinstance(pubsub, SubscribingConnection) and node_name not in self._listeners:
                 self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
             for key in node_keys:
                 self._subscribed[key] = node_name
@@ -614,7 +614,7 @@ class _TailReader:
         backend = self._backend
         if not backend.cluster and backend._pipe is not None:
             # Rings are parsed as they arrive, many per read, and handled in place: no task wakes per message.
-            return Subscriber(await backend._pipe.open(self._on_push, self._on_lost))
+            return SubscribingConnection(await backend._pipe.open(self._on_push, self._on_lost))
         # Otherwise redis-py's PubSub, read by a task of its own (`_listen`). Keepalive, so that a silently dead
         # connection is noticed, not left to the sweep.
         ours = {**client_kwargs(backend._timeout_s), "socket_keepalive": True}

@@ -501,9 +501,9 @@ class Fanout:
             lk = sub.last_key
             if lk >= last:
                 continue
-            # The common case, inlined (this loop runs once per subscriber per event, and was most of the node's own
-            # CPU): a handler parked with nothing unwritten, a client that keeps up, all of the batch new to it.
-            # Anything else takes `push`, which does the same and the rest.
+            # The common case, inlined, since this loop runs once per subscriber per event: a handler parked with
+            # nothing unwritten, a client that keeps up, all of the batch new to it. Anything else takes `push`, which
+            # does the same and the rest.
             if lk < first and sub.direct and not end and not sub.ended:
                 t = sub.transport
                 if t is not None and t.get_write_buffer_size() <= sub.max_buffer_bytes and not t.is_closing():
