@@ -733,7 +733,9 @@ def _cpu_model() -> str:
 def _code_version() -> str:
     """The commit measured, and whether the servers' or the load tester's code differed from it."""
     commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = _version(["git", "-C", str(ROOT), "status", "--porcelain", "--", "hub", "loadtest", "bench"])
+    # The results files are what a bench writes: a previous run's left uncommitted does not change what is measured.
+    paths = ["hub", "loadtest", "bench", ":(exclude)bench/results*.md"]
+    dirty = _version(["git", "-C", str(ROOT), "status", "--porcelain", "--", *paths])
     return f"commit {commit}" + (" with uncommitted changes in hub/, loadtest/ or bench/" if dirty != "?" else "")
 
 
