@@ -182,6 +182,8 @@ _FANOUT = (
     *_LATENCY,
     # End-to-end latency on two shared cores is mostly the load clients waiting for CPU; this is the server's part.
     Figure("server-side delivery lag mean (hub metric: append → sockets)", _hub_lag_ms, "ms", better=None),
+    # Its p99 as the upper bound of the histogram bucket holding it (buckets at 1, 2.5, 5, 10, 25, 50 ms...).
+    Figure("server-side delivery lag p99, at most (hub histogram)", at("hub", "lag_p99_bound_ms"), "ms", better=None),
     Figure("server CPU per delivery (publish handling included)", at("hub", "cpu_us_per_delivery"), "us"),
     Figure("server CPU (user + system) over the window", at("hub", "cpu_percent"), "%"),
     Figure("server RSS peak", mib("hub", "rss_peak_bytes"), "MiB"),

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 
 import aiohttp
 
-__all__ = ["MetricsProbe", "ProcProbe", "ProcSample", "metrics_delta", "parse_metrics", "read_proc"]
+__all__ = [
+    "LAG_BUCKETS",
+    "MetricsProbe",
+    "ProcProbe",
+    "ProcSample",
+    "lag_p99_bound_ms",
+    "metrics_delta",
+    "parse_metrics",
+    "read_proc",
+]
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -56,9 +65,14 @@ class ProcProbe:
         return out
 
 
+# The one histogram whose buckets are kept: the hub's own delivery lag, so that its p99 can be put beside the
+# end-to-end one (`lag_p99_bound_ms`). Other buckets would only lengthen the results.
+LAG_BUCKETS = "hub_delivery_lag_seconds_bucket"
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format → value per metric name, summed over label sets, and per labelled series as
-    `name{labels}` too (histogram buckets left out)."""
+    `name{labels}` too (histogram buckets left out, but for LAG_BUCKETS, kept per series only)."""
     out: dict[str, float] = {}
     for raw in text.splitlines():
         line = raw.strip()
@@ -75,13 +89,14 @@ def parse_metrics(text: str) -> dict[str, float]:
         if not fields:
             continue
         value_text = fields[0]
-        if name.endswith(("_bucket", "_created")):
+        if name.endswith("_created") or (name.endswith("_bucket") and name != LAG_BUCKETS):
             continue
         try:
             value = float(value_text)
         except ValueError:
             continue
-        out[name] = out.get(name, 0.0) + value
+        if name != LAG_BUCKETS:  # a sum over a histogram's buckets means nothing
+            out[name] = out.get(name, 0.0) + value
         if series is not None:
             out[series] = out.get(series, 0.0) + value
     return out
@@ -92,8 +107,29 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
     return {
         name: after[name] - before.get(name, 0.0)
         for name in sorted(after)
-        if name.split("{", 1)[0].endswith(("_total", "_sum", "_count"))
+        if name.split("{", 1)[0].endswith(("_total", "_sum", "_count", "_bucket"))
     }
+
+
+def lag_p99_bound_ms(delta: dict[str, float]) -> float | None:
+    """From a `metrics_delta`: the upper bound of the LAG_BUCKETS bucket that holds the 99th percentile, in ms (the
+    hub's own delivery lag, p99 at most this); None without samples or with it above the last finite bucket."""
+    buckets: list[tuple[float, float]] = []
+    for series, count in delta.items():
+        if series.startswith(LAG_BUCKETS + "{") and 'le="' in series:
+            bound = series.split('le="', 1)[1].split('"', 1)[0]
+            try:
+                buckets.append((float(bound), count))  # "+Inf" parses as inf
+            except ValueError:
+                continue
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    for upper, count in buckets:
+        if count >= 0.99 * total:
+            return None if upper == float("inf") else round(upper * 1000, 3)
+    return None
 
 
 class RedisProbe:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from .accounting import Histogram, Tick
-from .probe import ProcSample, metrics_delta
+from .probe import ProcSample, lag_p99_bound_ms, metrics_delta
 from .settings import LoadSettings
 
 __all__ = [
@@ -120,6 +120,7 @@ def hub_figures(
             out[f"cpu_us_per_{per}"] = round(cpu_s * 1e6 / count, 2) if count else None
     if metrics_before is not None and metrics_after is not None:
         out["metrics"] = metrics_delta(metrics_before, metrics_after)
+        out["lag_p99_bound_ms"] = lag_p99_bound_ms(out["metrics"])
     return out
 
 
