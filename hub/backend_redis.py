@@ -53,6 +53,8 @@ _READ_COUNT = 200
 # Every append rings the stream's own shard channel (named like the stream key, so in its slot on a cluster) with the
 # entries it added: `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it
 # deliver from the ring alone; see _TailReader.
+# `pcall`: the entries are stored by then, and a ring refused (an ACL user without the channel) must not turn a stored
+# append into an error that a retry would repeat. Such a user's tail cannot subscribe either, and says so.
 _NOTIFY_LUA = """
 local ring = {first_prev, ARGV[3]}
 for i = 1, n do
@@ -60,7 +62,7 @@ for i = 1, n do
   ring[#ring + 1] = ARGV[7 + 2 * i]
   ring[#ring + 1] = ARGV[8 + 2 * i]
 end
-redis.call('SPUBLISH', KEYS[1], cjson.encode(ring))
+redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
 """
 
 # Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
@@ -167,7 +169,7 @@ return {1, length, last_id, max_deleted, first_id, closed, entries}
 _DELETE_LUA = """
 redis.call('DEL', KEYS[2])
 local n = redis.call('DEL', KEYS[1])
-if n == 1 then redis.call('SPUBLISH', KEYS[1], 'd') end
+if n == 1 then redis.pcall('SPUBLISH', KEYS[1], 'd') end
 return n
 """
 
@@ -452,7 +454,7 @@ class _TailReader:
                     if self._subscribed.keys() != keys.keys() or self._unconfirmed:  # not the same as last time
                         await self._subscribe(keys)
                     if (
-                        not (self._rang or self._pushed or self._deleted or self._interrupted)
+                        not (self._rang or self._pushed or self._deleted or self._interrupted or self._failure)
                         and loop.time() < self._next_sweep
                     ):
                         self._wake.clear()
@@ -466,6 +468,7 @@ class _TailReader:
                         return result
                     if loop.time() >= deadline:
                         return result
+                    await asyncio.sleep(0)  # whatever woke this read, the loop's other work goes on meanwhile
         except (RedisError, RedisClusterException, TimeoutError, OSError, BackendUnavailable) as e:
             # Start afresh: new subscribing connections, on a slot map learnt again (after a failover the old one
             # still names the dead master), and a read of every channel first.
@@ -496,8 +499,10 @@ class _TailReader:
         # of them: the reader starts afresh (see `read`), and its first read is a sweep.
         pushed, self._pushed = self._pushed, {}
         rang, self._rang = self._rang, set()
+        # A deletion of a channel this node no longer tails concerns nobody here: kept, it would make every later read
+        # return at once, and report the channel deleted again once a new incarnation of it is tailed.
         result = ReadResult(deleted=[c for c in self._deleted if c in positions])
-        self._deleted = [c for c in self._deleted if c not in positions]
+        self._deleted = []
         if loop.time() >= self._next_sweep:
             self._next_sweep = loop.time() + block_s
             wanted, sweep = list(keys), True
@@ -630,7 +635,8 @@ class _TailReader:
     def _on_message(self, kind: str, key: str, data: Any) -> None:
         if kind == "smessage":
             if data == "d":
-                self._deleted.append(self._backend.channel_of(key))
+                if key in self._subscribed:
+                    self._deleted.append(self._backend.channel_of(key))
             elif (entries := _ring_entries(data)) is not None:
                 self._pushed.setdefault(key, []).extend(entries)
             else:

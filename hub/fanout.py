@@ -1,8 +1,9 @@
 """Fanout: one live read per active channel per node, each event encoded once, the same bytes to every subscriber.
 
-A single task tails every channel that has local subscribers through one `TailReader` (one Redis connection doing one
-multiplexed `XREAD`). Subscribers are not tasks and have no queues: an event batch is appended, as one shared bytes
-object, to each subscriber's pending list, and the subscriber's own request handler writes it out in one write.
+A single task tails every channel that has local subscribers through one `TailReader` (on Redis: the rings its appends
+publish, on one subscribing connection). Subscribers are not tasks and have no queues: an event batch, encoded once,
+is written straight to each subscriber whose handler is parked, or appended, as one shared bytes object, to its
+pending list for its own request handler to write out in one write.
 A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it loses nothing, as it resumes by id.
 """
 

@@ -113,7 +113,9 @@ class _Protocol(asyncio.Protocol):
                 on_push(reply)
                 continue
             if not waiting:
-                self._fail(BackendUnavailable("redis unavailable: a reply nobody asked for"))
+                # On a subscribing connection, a refused SSUBSCRIBE (say, NOPERM: an ACL user without the channel).
+                why = f"refused: {reply}" if isinstance(reply, ReplyError) else "a reply nobody asked for"
+                self._fail(BackendUnavailable(f"redis unavailable: {why}"))
                 return
             fut, _ = waiting.popleft()
             if not fut.done():  # its caller may have given up (cancelled)
@@ -159,7 +161,7 @@ class RedisPipe:
         self._opts: dict[str, Any] = dict(parse_url(url))
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
-        self._connecting = asyncio.Lock()
+        self._attempt: asyncio.Future[_Protocol] | None = None
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -169,11 +171,18 @@ class RedisPipe:
         p = self._protocol
         if p is not None and p.failed is None:
             return p
-        async with self._connecting:
-            p = self._protocol
-            if p is None or p.failed is not None:
-                p = self._protocol = await self.open()
-            return p
+        # One attempt at a time, shared by every caller that needs it: queued one after another, the tenth caller
+        # would wait ten deadlines for a server that does not answer.
+        attempt = self._attempt
+        if attempt is None:
+            attempt = self._attempt = asyncio.ensure_future(self.open())
+            attempt.add_done_callback(self._attempted)
+        return await asyncio.shield(attempt)
+
+    def _attempted(self, attempt: asyncio.Future[_Protocol]) -> None:
+        self._attempt = None
+        if not attempt.cancelled() and attempt.exception() is None:  # retrieved, even with nobody left to await it
+            self._protocol = attempt.result()
 
     async def open(self, on_push: PushHandler | None = None, on_lost: LostHandler | None = None) -> _Protocol:
         """A new connection to the URL's server, authenticated and on its database (see `_Protocol` for the
@@ -242,11 +251,15 @@ class RedisPipe:
         sha = _digest(script)
         futures = [p.send(pack_command(["EVALSHA", sha, len(keys), *keys, *args])) for keys, args in calls]
         replies: list[Any] = []
-        for fut in futures:
+        for i, fut in enumerate(futures):
             try:
                 replies.append(await fut)
             except BackendUnavailable as e:
                 replies.append(e)
+            except asyncio.CancelledError:
+                for rest in futures[i + 1 :]:  # their failures, if any, are nobody's business now
+                    rest.add_done_callback(_retrieve)
+                raise
         for i, reply in enumerate(replies):
             if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
                 keys, args = calls[i]
@@ -257,9 +270,16 @@ class RedisPipe:
         return replies
 
     async def aclose(self) -> None:
+        if self._attempt is not None:
+            self._attempt.cancel()
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 _digests: dict[str, str] = {}

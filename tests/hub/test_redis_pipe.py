@@ -245,3 +245,110 @@ async def test_a_producer_flush_is_answered_per_channel_even_after_a_script_cach
     finally:
         await backend.aclose()
         await admin.aclose()
+
+
+async def _longest_stall(stop: asyncio.Event) -> float:
+    """The longest the event loop went without running this task, until `stop`."""
+    worst, last = 0.0, time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        worst, last = max(worst, now - last), now
+    return worst
+
+
+async def test_a_deletion_ring_of_a_channel_no_longer_tailed_neither_stalls_the_node_nor_haunts_its_next_incarnation(
+    own_redis: RedisServer,
+) -> None:
+    backend = _backend(own_redis.url)
+    reader = await backend.open_reader()
+    try:
+        [a] = await backend.append("A", ev(0))
+        await backend.append("C", ev(0), close=True)
+        result = await reader.read({"A": ZERO_ID, "C": ZERO_ID}, block_s=30.0)  # both subscribed
+        assert set(result.entries) == {"A", "C"}
+        # C ended, so the node stops tailing it; it is deleted, and the `d` comes before the node unsubscribes.
+        await backend.delete("C")
+        await asyncio.sleep(0.1)
+        stop = asyncio.Event()
+        watch = asyncio.create_task(_longest_stall(stop))
+        await asyncio.sleep(0.02)
+        result = await reader.read({"A": a}, block_s=1.0)
+        stop.set()
+        assert await watch < 0.5, "a read must not hold the event loop"
+        assert result.deleted == []
+        # A new channel C, tailed later, is not reported deleted.
+        [c2] = await backend.append("C", ev(1))
+        result = await reader.read({"A": a, "C": c2}, block_s=0.5)
+        assert result.deleted == []
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+
+
+async def test_a_subscribing_connection_lost_between_reads_fails_the_next_read_at_once(own_redis: RedisServer) -> None:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    reader = await backend.open_reader()
+    try:
+        [a] = await backend.append("A", ev(0))
+        assert (await reader.read({"A": ZERO_ID}, block_s=30.0)).entries
+        await reader.read({"A": a}, block_s=0.2)
+        assert await admin.client_kill_filter(_type="pubsub") >= 1
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await reader.read({"A": a}, block_s=30.0)
+        assert time.monotonic() - started < 1.0  # not at the end of the block, or at the next sweep
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_callers_waiting_for_a_connection_share_one_attempt_and_its_deadline() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts, never answers (the SELECT the URL asks for hangs)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pipe = RedisPipe(f"redis://127.0.0.1:{port}/1", timeout_s=0.3)
+    started = time.monotonic()
+
+    async def one() -> float:
+        with pytest.raises(BackendUnavailable):
+            await pipe.call("PING")
+        return time.monotonic() - started
+
+    try:
+        waited = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(10))), 30)
+        assert max(waited) < 1.0, waited  # one deadline for all, not one after another
+        assert len(accepted) == 1  # and one connection attempt
+    finally:
+        await pipe.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_user_without_the_ring_channels_stores_appends_once_and_its_tail_says_why(
+    own_redis: RedisServer,
+) -> None:
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    await admin.execute_command("ACL", "SETUSER", "hub", "on", ">pw", "~*", "+@all", "resetchannels")
+    backend = _backend(f"redis://hub:pw@127.0.0.1:{own_redis.port}/0")
+    reader = await backend.open_reader()
+    try:
+        # The ring is refused after the entry is stored: the append still succeeds, so a retry cannot store it twice.
+        [entry_id] = await backend.append("c", ev(0))
+        assert [i for i, _ in await admin.xrange(backend.stream_key("c"))] == [entry_id]
+        # The tail cannot subscribe: it fails, with the reason, rather than wait for rings that never come.
+        with pytest.raises(BackendUnavailable, match="NOPERM"):
+            await reader.read({"c": ZERO_ID}, block_s=30.0)
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
