@@ -9,15 +9,39 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from hub.backend import ZERO_ID, AppendBatch, BackendUnavailable, ChannelClosed, NewEvent, parse_id
+from hub.backend import ZERO_ID, AppendBatch, BackendUnavailable, ChannelClosed, NewEvent, TailReader, parse_id
 from hub.backend_redis import RedisBackend
 from hub.redis_pipe import RedisPipe
 from tests.support import RedisServer
+
+
+@dataclass
+class Tail:
+    """A backend on the test's own Redis, an admin client of that Redis, and a tail reader of the backend."""
+
+    backend: RedisBackend
+    admin: Any
+    reader: TailReader
+
+
+@pytest.fixture
+async def tail(own_redis: RedisServer) -> AsyncIterator[Tail]:
+    backend = _backend(own_redis.url)
+    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    reader = await backend.open_reader()
+    try:
+        yield Tail(backend, admin, reader)
+    finally:
+        await reader.aclose()
+        await backend.aclose()
+        await admin.aclose()
 
 
 def _backend(url: str, *, timeout_s: float = 5.0) -> RedisBackend:
@@ -29,39 +53,29 @@ def ev(i: int) -> list[NewEvent]:
 
 
 async def test_concurrent_appends_share_the_connection_and_keep_the_order_they_were_made_in(
-    own_redis: RedisServer,
+    tail: Tail,
 ) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        clients_before = int((await admin.info("clients"))["connected_clients"])
-        await backend.append("warm", ev(0))  # connected, and the script known to the server
-        results = await asyncio.gather(*(backend.append(f"c{i % 3}", ev(i)) for i in range(300)))
-        # Made in one turn of the loop, they leave in one write, in order: per channel, ids grow in call order.
-        for c in range(3):
-            ids = [parse_id(r[0]) for i, r in enumerate(results) if i % 3 == c]
-            assert ids == sorted(ids) and len(set(ids)) == 100
-            stored = await admin.xrange(backend.stream_key(f"c{c}"))
-            assert [f["d"] for _, f in stored] == [str(i) for i in range(c, 300, 3)]
-        # One connection for all of them, not a pool's worth.
-        assert int((await admin.info("clients"))["connected_clients"]) - clients_before == 1
-    finally:
-        await backend.aclose()
-        await admin.aclose()
+    backend, admin = tail.backend, tail.admin
+    clients_before = int((await admin.info("clients"))["connected_clients"])
+    await backend.append("warm", ev(0))  # connected, and the script known to the server
+    results = await asyncio.gather(*(backend.append(f"c{i % 3}", ev(i)) for i in range(300)))
+    # Made in one turn of the loop, they leave in one write, in order: per channel, ids grow in call order.
+    for c in range(3):
+        ids = [parse_id(r[0]) for i, r in enumerate(results) if i % 3 == c]
+        assert ids == sorted(ids) and len(set(ids)) == 100
+        stored = await admin.xrange(backend.stream_key(f"c{c}"))
+        assert [f["d"] for _, f in stored] == [str(i) for i in range(c, 300, 3)]
+    # One connection for all of them, not a pool's worth.
+    assert int((await admin.info("clients"))["connected_clients"]) - clients_before == 1
 
 
-async def test_a_flushed_script_cache_costs_nothing_and_appends_once(own_redis: RedisServer) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        await backend.append("c", ev(0))
-        await admin.script_flush()  # as after a restart or a failover to a server that never saw the script
-        ids = await asyncio.gather(*(backend.append("c", ev(i)) for i in range(1, 6)))
-        assert len({i[0] for i in ids}) == 5
-        assert [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))] == [str(i) for i in range(6)]
-    finally:
-        await backend.aclose()
-        await admin.aclose()
+async def test_a_flushed_script_cache_costs_nothing_and_appends_once(tail: Tail) -> None:
+    backend, admin = tail.backend, tail.admin
+    await backend.append("c", ev(0))
+    await admin.script_flush()  # as after a restart or a failover to a server that never saw the script
+    ids = await asyncio.gather(*(backend.append("c", ev(i)) for i in range(1, 6)))
+    assert len({i[0] for i in ids}) == 5
+    assert [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))] == [str(i) for i in range(6)]
 
 
 async def test_a_server_that_dies_fails_calls_at_once_and_the_next_call_reconnects(own_redis: RedisServer) -> None:
@@ -135,116 +149,90 @@ def test_only_plain_tcp_and_unix_socket_urls_take_the_pipe() -> None:
 
 
 async def test_a_ring_out_of_step_with_the_reader_is_not_delivered_the_stream_is_read_instead(
-    own_redis: RedisServer,
+    tail: Tail,
 ) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    reader = await backend.open_reader()
-    try:
-        [first] = await backend.append("c", ev(0))
-        result = await reader.read({"c": ZERO_ID}, block_s=1.0)
-        assert [e.id for e in result.entries["c"]] == [first]
-        # An entry that reached the stream without its ring (as if the ring was lost): the next ring's entries do not
-        # follow the reader's position, so they must not be delivered as they are.
-        lost = await admin.xadd(backend.stream_key("c"), {"e": "message", "d": "lost", "p": first})
-        await backend.append("c", ev(2))
-        got: list[str] = []
-        position = first
-        deadline = time.monotonic() + 5
-        while len(got) < 2 and time.monotonic() < deadline:
-            result = await reader.read({"c": position}, block_s=1.0)
+    backend, admin, reader = tail.backend, tail.admin, tail.reader
+    [first] = await backend.append("c", ev(0))
+    result = await reader.read({"c": ZERO_ID}, block_s=1.0)
+    assert [e.id for e in result.entries["c"]] == [first]
+    # An entry that reached the stream without its ring (as if the ring was lost): the next ring's entries do not
+    # follow the reader's position, so they must not be delivered as they are.
+    lost = await admin.xadd(backend.stream_key("c"), {"e": "message", "d": "lost", "p": first})
+    await backend.append("c", ev(2))
+    got: list[str] = []
+    position = first
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        result = await reader.read({"c": position}, block_s=1.0)
+        for e in result.entries.get("c", []):
+            assert e.prev == position, "delivered entries must continue from the reader's position"
+            got.append(e.data)
+            position = e.id
+    assert got == ["lost", "2"]
+    assert lost != first
+
+
+async def test_rings_deliver_without_reading_the_stream(tail: Tail) -> None:
+    backend, admin, reader = tail.backend, tail.admin, tail.reader
+    [first] = await backend.append("c", ev(0))
+    position = ZERO_ID
+    result = await reader.read({"c": position}, block_s=30.0)  # subscribes, and reads from the position once
+    position = result.entries["c"][-1].id
+    assert position == first
+    await admin.config_resetstat()
+    for i in range(1, 21):
+        await backend.append("c", ev(i))
+        result = await reader.read({"c": position}, block_s=30.0)
+        [entry] = result.entries["c"]
+        assert entry.data == str(i) and entry.prev == position
+        position = entry.id
+    stats = await admin.info("commandstats")
+    assert "cmdstat_xread" not in stats
+
+
+async def test_a_lost_subscribing_connection_costs_latency_never_entries(tail: Tail) -> None:
+    backend, admin, reader = tail.backend, tail.admin, tail.reader
+    position = ZERO_ID
+    got: list[str] = []
+
+    async def read_until(n: int) -> None:
+        nonlocal position
+        deadline = time.monotonic() + 10
+        while len(got) < n:
+            assert time.monotonic() < deadline, got
+            try:
+                result = await reader.read({"c": position}, block_s=0.5)
+            except BackendUnavailable:
+                continue  # the reader starts afresh: subscribes again and reads from its position
             for e in result.entries.get("c", []):
-                assert e.prev == position, "delivered entries must continue from the reader's position"
+                assert e.prev == position
                 got.append(e.data)
                 position = e.id
-        assert got == ["lost", "2"]
-        assert lost != first
-    finally:
-        await reader.aclose()
-        await backend.aclose()
-        await admin.aclose()
+
+    await backend.append("c", ev(0))
+    await read_until(1)
+    # Redis drops the node's subscribing connection; what is appended meanwhile rings nobody.
+    assert await admin.client_kill_filter(_type="pubsub") >= 1
+    for i in range(1, 6):
+        await backend.append("c", ev(i))
+    await read_until(6)
+    await backend.append("c", ev(6))  # and the rings reach it again
+    await read_until(7)
+    assert got == [str(i) for i in range(7)]
 
 
-async def test_rings_deliver_without_reading_the_stream(own_redis: RedisServer) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    reader = await backend.open_reader()
-    try:
-        [first] = await backend.append("c", ev(0))
-        position = ZERO_ID
-        result = await reader.read({"c": position}, block_s=30.0)  # subscribes, and reads from the position once
-        position = result.entries["c"][-1].id
-        assert position == first
-        await admin.config_resetstat()
-        for i in range(1, 21):
-            await backend.append("c", ev(i))
-            result = await reader.read({"c": position}, block_s=30.0)
-            [entry] = result.entries["c"]
-            assert entry.data == str(i) and entry.prev == position
-            position = entry.id
-        stats = await admin.info("commandstats")
-        assert "cmdstat_xread" not in stats
-    finally:
-        await reader.aclose()
-        await backend.aclose()
-        await admin.aclose()
-
-
-async def test_a_lost_subscribing_connection_costs_latency_never_entries(own_redis: RedisServer) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    reader = await backend.open_reader()
-    try:
-        position = ZERO_ID
-        got: list[str] = []
-
-        async def read_until(n: int) -> None:
-            nonlocal position
-            deadline = time.monotonic() + 10
-            while len(got) < n:
-                assert time.monotonic() < deadline, got
-                try:
-                    result = await reader.read({"c": position}, block_s=0.5)
-                except BackendUnavailable:
-                    continue  # the reader starts afresh: subscribes again and reads from its position
-                for e in result.entries.get("c", []):
-                    assert e.prev == position
-                    got.append(e.data)
-                    position = e.id
-
-        await backend.append("c", ev(0))
-        await read_until(1)
-        # Redis drops the node's subscribing connection; what is appended meanwhile rings nobody.
-        assert await admin.client_kill_filter(_type="pubsub") >= 1
-        for i in range(1, 6):
-            await backend.append("c", ev(i))
-        await read_until(6)
-        await backend.append("c", ev(6))  # and the rings reach it again
-        await read_until(7)
-        assert got == [str(i) for i in range(7)]
-    finally:
-        await reader.aclose()
-        await backend.aclose()
-        await admin.aclose()
-
-
-async def test_a_producer_flush_is_answered_per_channel_even_after_a_script_cache_flush(own_redis: RedisServer) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    try:
-        await backend.append("closed", ev(0), close=True)
-        await admin.script_flush()
-        results = await backend.append_many(
-            [AppendBatch("a", ev(1)), AppendBatch("closed", ev(2)), AppendBatch("b", [*ev(3), *ev(4)])]
-        )
-        assert isinstance(results[0], list) and len(results[0]) == 1
-        assert isinstance(results[1], ChannelClosed)
-        assert isinstance(results[2], list) and len(results[2]) == 2
-        for channel, data in (("a", ["1"]), ("closed", ["0"]), ("b", ["3", "4"])):
-            assert [f["d"] for _, f in await admin.xrange(backend.stream_key(channel))] == data
-    finally:
-        await backend.aclose()
-        await admin.aclose()
+async def test_a_producer_flush_is_answered_per_channel_even_after_a_script_cache_flush(tail: Tail) -> None:
+    backend, admin = tail.backend, tail.admin
+    await backend.append("closed", ev(0), close=True)
+    await admin.script_flush()
+    results = await backend.append_many(
+        [AppendBatch("a", ev(1)), AppendBatch("closed", ev(2)), AppendBatch("b", [*ev(3), *ev(4)])]
+    )
+    assert isinstance(results[0], list) and len(results[0]) == 1
+    assert isinstance(results[1], ChannelClosed)
+    assert isinstance(results[2], list) and len(results[2]) == 2
+    for channel, data in (("a", ["1"]), ("closed", ["0"]), ("b", ["3", "4"])):
+        assert [f["d"] for _, f in await admin.xrange(backend.stream_key(channel))] == data
 
 
 async def _longest_stall(stop: asyncio.Event) -> float:
@@ -258,52 +246,40 @@ async def _longest_stall(stop: asyncio.Event) -> float:
 
 
 async def test_a_deletion_ring_of_a_channel_no_longer_tailed_neither_stalls_the_node_nor_haunts_its_next_incarnation(
-    own_redis: RedisServer,
+    tail: Tail,
 ) -> None:
-    backend = _backend(own_redis.url)
-    reader = await backend.open_reader()
-    try:
-        [a] = await backend.append("A", ev(0))
-        await backend.append("C", ev(0), close=True)
-        result = await reader.read({"A": ZERO_ID, "C": ZERO_ID}, block_s=30.0)  # both subscribed
-        assert set(result.entries) == {"A", "C"}
-        # C ended, so the node stops tailing it; it is deleted, and the `d` comes before the node unsubscribes.
-        await backend.delete("C")
-        await asyncio.sleep(0.1)
-        stop = asyncio.Event()
-        watch = asyncio.create_task(_longest_stall(stop))
-        await asyncio.sleep(0.02)
-        result = await reader.read({"A": a}, block_s=1.0)
-        stop.set()
-        assert await watch < 0.5, "a read must not hold the event loop"
-        assert result.deleted == []
-        # A new channel C, tailed later, is not reported deleted.
-        [c2] = await backend.append("C", ev(1))
-        result = await reader.read({"A": a, "C": c2}, block_s=0.5)
-        assert result.deleted == []
-    finally:
-        await reader.aclose()
-        await backend.aclose()
+    backend, reader = tail.backend, tail.reader
+    [a] = await backend.append("A", ev(0))
+    await backend.append("C", ev(0), close=True)
+    result = await reader.read({"A": ZERO_ID, "C": ZERO_ID}, block_s=30.0)  # both subscribed
+    assert set(result.entries) == {"A", "C"}
+    # C ended, so the node stops tailing it; it is deleted, and the `d` comes before the node unsubscribes.
+    await backend.delete("C")
+    await asyncio.sleep(0.1)
+    stop = asyncio.Event()
+    watch = asyncio.create_task(_longest_stall(stop))
+    await asyncio.sleep(0.02)
+    result = await reader.read({"A": a}, block_s=1.0)
+    stop.set()
+    assert await watch < 0.5, "a read must not hold the event loop"
+    assert result.deleted == []
+    # A new channel C, tailed later, is not reported deleted.
+    [c2] = await backend.append("C", ev(1))
+    result = await reader.read({"A": a, "C": c2}, block_s=0.5)
+    assert result.deleted == []
 
 
-async def test_a_subscribing_connection_lost_between_reads_fails_the_next_read_at_once(own_redis: RedisServer) -> None:
-    backend = _backend(own_redis.url)
-    admin: Any = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    reader = await backend.open_reader()
-    try:
-        [a] = await backend.append("A", ev(0))
-        assert (await reader.read({"A": ZERO_ID}, block_s=30.0)).entries
-        await reader.read({"A": a}, block_s=0.2)
-        assert await admin.client_kill_filter(_type="pubsub") >= 1
-        await asyncio.sleep(0.1)
-        started = time.monotonic()
-        with pytest.raises(BackendUnavailable):
-            await reader.read({"A": a}, block_s=30.0)
-        assert time.monotonic() - started < 1.0  # not at the end of the block, or at the next sweep
-    finally:
-        await reader.aclose()
-        await backend.aclose()
-        await admin.aclose()
+async def test_a_subscribing_connection_lost_between_reads_fails_the_next_read_at_once(tail: Tail) -> None:
+    backend, admin, reader = tail.backend, tail.admin, tail.reader
+    [a] = await backend.append("A", ev(0))
+    assert (await reader.read({"A": ZERO_ID}, block_s=30.0)).entries
+    await reader.read({"A": a}, block_s=0.2)
+    assert await admin.client_kill_filter(_type="pubsub") >= 1
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await reader.read({"A": a}, block_s=30.0)
+    assert time.monotonic() - started < 1.0  # not at the end of the block, or at the next sweep
 
 
 async def test_callers_waiting_for_a_connection_share_one_attempt_and_its_deadline() -> None:
