@@ -69,7 +69,9 @@ class HubSettings:
         DEFAULT_MAX_BUFFER_BYTES, "max-buffer", "bytes a subscriber may leave unread before it is cut off"
     )
     replay_page: int = _opt(DEFAULT_REPLAY_PAGE, "replay-page", "history entries read per round trip on resume")
-    tail_block_s: float = _opt(DEFAULT_TAIL_BLOCK_S, "tail-block", "longest blocking read of the live tail, seconds")
+    tail_block_s: float = _opt(
+        DEFAULT_TAIL_BLOCK_S, "tail-block", "how often the live tail reads every channel from the store, seconds"
+    )
     resume_window_bytes: int = _opt(
         DEFAULT_RESUME_WINDOW_BYTES,
         "resume-window",
