@@ -384,3 +384,30 @@ async def end_channels(publisher: Publisher, channels: Sequence[str], clients: S
         await publisher.publish(ch, [{"event": "end", "data": "", "close": True}])
     async with asyncio.timeout(30):
         await asyncio.gather(*clients)
+
+
+@dataclass
+class Load:
+    """Clients streaming and a Publisher feeding them, for a test that does something to the nodes meanwhile:
+    `publish` once every client is owed every event, then `finish` (stop publishing, end every channel, wait for
+    every client), or `abandon` when the test fails part-way."""
+
+    publisher: Publisher
+    channels: Sequence[str]
+    clients: Sequence[asyncio.Task[None]]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    publishing: asyncio.Task[None] | None = None
+
+    def publish(self) -> None:
+        self.publishing = asyncio.create_task(self.publisher.run(self.stop))
+
+    async def finish(self) -> None:
+        self.stop.set()
+        if self.publishing is not None:
+            await self.publishing
+        await end_channels(self.publisher, self.channels, self.clients)
+
+    def abandon(self) -> None:
+        self.stop.set()
+        for t in [*self.clients, *([self.publishing] if self.publishing is not None else [])]:
+            t.cancel()

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from hub.app import _DRAIN_SPREAD
-from tests.scaleout.cluster import GRACE_S, Publisher, assert_exact, end_channels, fail_timeout_s, metric
+from tests.scaleout.cluster import GRACE_S, Load, Publisher, assert_exact, fail_timeout_s, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import ResumingClient
 
@@ -45,14 +45,13 @@ async def test_rolling_restart_delivers_every_event_once_and_spreads_each_drain(
     ]
     tasks = [asyncio.create_task(c.run()) for c in clients]
     publisher = Publisher(session, cluster.url, channels, RATE_PER_S)
-    stop = asyncio.Event()
-    pub_task: asyncio.Task[None] | None = None
+    load = Load(publisher, channels, tasks)
     drains: list[Drain] = []
     try:
         async with asyncio.timeout(20):
             await asyncio.gather(*(c.opened.wait() for c in clients))
         # Every stream is open, so every client is owed every event published from now on.
-        pub_task = asyncio.create_task(publisher.run(stop))
+        load.publish()
         await asyncio.sleep(1)
         for node in cluster.nodes:
             spread = [int(await metric(session, n, "hub_connections_open")) for n in cluster.nodes]
@@ -67,13 +66,9 @@ async def test_rolling_restart_delivers_every_event_once_and_spreads_each_drain(
             # nginx counted the node's 503s while it drained as failures and skips it for fail_timeout: before the
             # next node goes, wait until it takes streams again, or they would all crowd onto the last node.
             await asyncio.sleep(fail_timeout_s() + 0.5)
-        stop.set()
-        await pub_task
-        await end_channels(publisher, channels, tasks)
+        await load.finish()
     except BaseException:
-        stop.set()
-        for t in [*tasks, *([pub_task] if pub_task is not None else [])]:
-            t.cancel()
+        load.abandon()
         raise
 
     entries = {ch: await cluster.entries(ch) for ch in channels}

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from hub.backend import Entry
-from tests.scaleout.cluster import RETRY_MS, Publisher, assert_exact, end_channels, metric
+from tests.scaleout.cluster import RETRY_MS, Load, Publisher, assert_exact, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import HubProcess, ResumingClient
 
@@ -64,14 +64,13 @@ async def test_a_node_added_by_a_scale_up_gets_its_share_of_the_streams_and_no_e
     clients = [ResumingClient(stream_session, f"{cluster.url}/v1/channels/{ch}/events") for ch in of_client]
     tasks = [asyncio.create_task(c.run()) for c in clients]
     publisher = Publisher(session, cluster.url, channels, RATE_PER_S)
-    stop = asyncio.Event()
-    pub_task: asyncio.Task[None] | None = None
+    load = Load(publisher, channels, tasks)
     samples: list[tuple[float, list[int]]] = []
     try:
         async with asyncio.timeout(30):
             await asyncio.gather(*(c.opened.wait() for c in clients))
         # Every stream is open, so every client is owed every event published from now on.
-        pub_task = asyncio.create_task(publisher.run(stop))
+        load.publish()
         # One age of steady publishing first: with the setting every stream has aged out and come back once by then,
         # still onto the two nodes, so the scale-up happens in the middle of ordinary reconnects.
         await asyncio.sleep(AGE_S)
@@ -83,13 +82,9 @@ async def test_a_node_added_by_a_scale_up_gets_its_share_of_the_streams_and_no_e
             samples.append((elapsed, await _streams(session, cluster.nodes)))
             await asyncio.sleep(SAMPLE_S)
         after = await _streams(session, cluster.nodes)
-        stop.set()
-        await pub_task
-        await end_channels(publisher, channels, tasks)
+        await load.finish()
     except BaseException:
-        stop.set()
-        for t in [*tasks, *([pub_task] if pub_task is not None else [])]:
-            t.cancel()
+        load.abandon()
         raise
 
     entries: dict[str, list[Entry]] = {ch: await cluster.entries(ch) for ch in channels}
