@@ -513,7 +513,7 @@ class Fanout:
                     delivered += n_all
                     continue
             if lk < first:
-                data, n = payload, len(entries)
+                data, n = payload, n_all
             else:
                 i = next(i for i, e in enumerate(entries) if e.key > lk)
                 data, n = b"".join(encoded[i:]), len(entries) - i

@@ -236,10 +236,9 @@ class RedisPipe:
     async def evalsha(self, script: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
         """Run a Lua script by its digest, or by its text when this Redis has not cached it yet (NOSCRIPT: a new,
         restarted or flushed server; the call did not run, so sending it again runs it once)."""
-        sha = _digest(script)
-        reply = await self.call("EVALSHA", sha, len(keys), *keys, *args)
-        if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-            reply = await self.call("EVAL", script, len(keys), *keys, *args)
+        [reply] = await self.evalsha_many(script, [(keys, args)])
+        if isinstance(reply, BackendUnavailable):
+            raise reply
         return reply
 
     async def evalsha_many(
