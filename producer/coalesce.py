@@ -1,8 +1,10 @@
 """Coalescer: events from many concurrent generations, gathered for a few milliseconds, appended in one round trip.
 
-Flushes run one at a time, so the events of one writer are stored in the order they were added; while one flush is
-in flight the next batch fills up (the slower the store, the bigger the batches). With a window of 0 every event is
-its own append: one round trip per token.
+A batch is flushed once its first event has waited the window, so no event waits longer than that for its flush to
+start, except behind a flush in flight. Flushes run one at a time, so the events of one writer are stored in the order
+they were added; while one flush is in flight the next batch fills up (the slower the store, the bigger the batches),
+and it goes as soon as that flush is done if its window has passed meanwhile. With a window of 0 every event is its
+own append: one round trip per token.
 
 A writer is one run of one generation on one channel (its Fence). Once a flush fails for a writer, every later event
 of that writer fails at once: a later batch must never be stored after a lost one, which would be a silent gap.
@@ -47,6 +49,7 @@ class Coalescer:
         self._metrics = metrics
         self._window_s = window_s
         self._pending: dict[_Writer, _Pending] = {}
+        self._since = 0.0  # loop time of the pending batch's first event
         self._failed: dict[_Writer, BackendError] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -56,13 +59,16 @@ class Coalescer:
         `fence.take` on a writer's first event claims the channel for it. After `close`, or after a failure, the
         writer's further events fail at once.
         """
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str] = loop.create_future()
         writer = (channel, fence.owner, fence.attempt)
         if (error := self._failed.get(writer)) is not None:
             _fail(fut, error)
             return fut
         p = self._pending.get(writer)
         if p is None:
+            if not self._pending:
+                self._since = loop.time()
             p = self._pending[writer] = _Pending()
         elif p.close:
             _fail(fut, ChannelClosed(channel))
@@ -84,9 +90,12 @@ class Coalescer:
         self._failed.pop((channel, fence.owner, fence.attempt), None)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
-            if self._window_s > 0:
-                await asyncio.sleep(self._window_s)
+            # The window counts from the batch's first event, not from the end of the last flush: events that came
+            # while a flush was in flight have waited already.
+            if self._window_s > 0 and (wait_s := self._since + self._window_s - loop.time()) > 0:
+                await asyncio.sleep(wait_s)
             batch, self._pending = self._pending, {}
             try:
                 if self._window_s > 0:
