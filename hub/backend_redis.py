@@ -442,6 +442,9 @@ class _TailReader:
         self._unconfirmed: set[str] = set()  # subscriptions sent, not yet confirmed
         self._confirmed = asyncio.Event()
         self._stream_keys: dict[str, str] = {}  # channel → its stream key
+        self._last_positions: Mapping[str, str] = {}  # the positions of the last read, and their stream keys
+        self._last_keys: dict[str, str] = {}
+        self._in_force: dict[str, str] | None = None  # the keys whose subscriptions were all confirmed, if unchanged
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
         backend = self._backend
@@ -451,8 +454,9 @@ class _TailReader:
         try:
             async with asyncio.timeout(block_s + backend._timeout_s):
                 while True:
-                    if self._subscribed.keys() != keys.keys() or self._unconfirmed:  # not the same as last time
+                    if keys is not self._in_force:  # not the same channels as last time
                         await self._subscribe(keys)
+                        self._in_force = keys
                     if (
                         not (self._rang or self._pushed or self._deleted or self._interrupted or self._failure)
                         and loop.time() < self._next_sweep
@@ -478,8 +482,11 @@ class _TailReader:
             raise BackendUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
 
     def _keys_of(self, positions: Mapping[str, str]) -> dict[str, str]:
-        """Stream key → channel for the channels to read. Each read gets every channel the node tails: their keys are
-        built once, not on every read."""
+        """Stream key → channel for the channels to read. Each read gets every channel the node tails, most often the
+        same ones as the last read: then the same mapping is returned, found in one comparison."""
+        if positions.keys() == self._last_positions.keys():
+            self._last_positions = positions
+            return self._last_keys
         cache = self._stream_keys
         if len(cache) > 2 * len(positions) + 64:
             self._stream_keys = cache = {c: k for c, k in cache.items() if c in positions}
@@ -489,6 +496,7 @@ class _TailReader:
             if key is None:
                 key = cache[channel] = self._backend.stream_key(channel)
             keys[key] = channel
+        self._last_positions, self._last_keys = positions, keys
         return keys
 
     async def _read_due(self, keys: Mapping[str, str], positions: Mapping[str, str], block_s: float) -> ReadResult:
@@ -511,6 +519,9 @@ class _TailReader:
             for key, entries in pushed.items():
                 channel = keys.get(key)
                 if channel is None or key in rang:
+                    continue
+                if entries[0].prev == positions[channel]:
+                    result.entries[channel] = entries  # the common case: they follow on from what was delivered
                     continue
                 position = parse_id(positions[channel])
                 fresh = [e for e in entries if e.key > position]
@@ -649,6 +660,7 @@ class _TailReader:
         elif kind == "sunsubscribe" and key in self._subscribed:
             # Not asked for: the slot moved to another node. Subscribe again where it is now, and read it.
             self._subscribed.pop(key, None)
+            self._in_force = None
             self._rang.add(key)
             self._wake.set()
 
@@ -686,6 +698,7 @@ class _TailReader:
         self._rang.clear()
         self._pushed.clear()
         self._unconfirmed.clear()
+        self._in_force = None
         self._next_sweep = 0.0  # the first read after this one reads every channel
         self._fresh = True
         self._failure = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import time
 from bisect import bisect_left
@@ -197,7 +198,7 @@ class _Channel:
     def __init__(self, position: str) -> None:
         self.position = position  # id of the last entry read from the backend for this channel (or where it started)
         self.subscribers: set[Subscriber] = set()
-        self.idle_since: float | None = None  # monotonic time the last subscriber left; None while it has some
+        self.idle_since = 0.0  # monotonic time the last subscriber left (meaningful only while it has none)
         self.window_base: StreamKey = parse_id(position)
         self.window_keys: deque[StreamKey] = deque()
         self.window_data: deque[bytes] = deque()
@@ -256,6 +257,10 @@ class Fanout:
         self._window_bytes = window_bytes
         self._linger_s = linger_s
         self._channels: dict[str, _Channel] = {}
+        # Each tailed channel's position, kept beside `_channels` so that a read copies it in one step instead of
+        # building it channel by channel on every round: a node may tail thousands.
+        self._positions: dict[str, str] = {}
+        self._next_expiry = math.inf  # monotonic time the first idle channel's linger ends (inf: none is idle)
         self._subscribers: set[Subscriber] = set()
         self._reader: TailReader | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -331,6 +336,7 @@ class Fanout:
         ch = self._channels.get(sub.channel)
         if ch is None:
             ch = self._channels[sub.channel] = _Channel(format_id(key))
+            self._positions[sub.channel] = ch.position
             if replayed is not None and replayed.keys and replayed.keys[-1] == key:
                 ch.window_base = replayed.after
                 ch.remember(replayed.keys, replayed.chunks, self._window_bytes)
@@ -372,18 +378,29 @@ class Fanout:
         # If the subscriber is ahead of the tail, it skips what it already has (dispatch compares last_key).
         sub.last_key = key
         ch.subscribers.add(sub)
-        ch.idle_since = None
 
     def detach(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
         self._metrics.connections_open.set(len(self._subscribers))
         ch = self._channels.get(sub.channel)
         if ch is not None and sub in ch.subscribers:
-            ch.subscribers.discard(sub)
-            if not ch.subscribers:
-                # Tailed a while longer (the linger), not dropped here: clients that reconnect soon, all of them
-                # at once after a network blip or a node's drain, resume from the window.
-                ch.idle_since = time.monotonic()
+            self._leave(ch, sub)
+
+    def _leave(self, ch: _Channel, sub: Subscriber) -> None:
+        ch.subscribers.discard(sub)
+        if not ch.subscribers:
+            # Tailed a while longer (the linger), not dropped here: clients that reconnect soon, all of them at once
+            # after a network blip or a node's drain, resume from the window.
+            ch.idle_since = time.monotonic()
+            self._next_expiry = min(self._next_expiry, ch.idle_since + self._linger_s)
+
+    def _drop(self, name: str) -> _Channel | None:
+        """Stop tailing a channel."""
+        ch = self._channels.pop(name, None)
+        if ch is not None:
+            del self._positions[name]
+            self._metrics.channels_active.set(len(self._channels))
+        return ch
 
     # -- the live tail ------------------------------------------------------------------------------------------------
 
@@ -393,7 +410,7 @@ class Fanout:
         End its streams and forget it: each client reconnects with its last id, and the catch-up tells it exactly
         what happened (`reset`) instead of the live feed silently skipping events.
         """
-        ch = self._channels.pop(name, None)
+        ch = self._drop(name)
         if ch is None:
             return
         log.warning(
@@ -403,7 +420,6 @@ class Fanout:
             len(ch.subscribers),
         )
         self._metrics.tail_breaks.inc()
-        self._metrics.channels_active.set(len(self._channels))
         for sub in ch.subscribers:
             sub.end()
 
@@ -426,16 +442,17 @@ class Fanout:
             self._kick_reader()
 
     def _snapshot(self) -> dict[str, _Channel]:
-        expired = time.monotonic() - self._linger_s
-        idle = [
-            name
-            for name, ch in self._channels.items()
-            if not ch.subscribers and (ch.idle_since is None or ch.idle_since <= expired)
-        ]
-        for name in idle:
-            del self._channels[name]
-        if idle:
-            self._metrics.channels_active.set(len(self._channels))
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            # Looked through only when a linger has ended, not on every round.
+            self._next_expiry = math.inf
+            for name, ch in list(self._channels.items()):
+                if ch.subscribers:
+                    continue
+                if ch.idle_since + self._linger_s > now:
+                    self._next_expiry = min(self._next_expiry, ch.idle_since + self._linger_s)
+                else:
+                    self._drop(name)
         return dict(self._channels)
 
     async def _tail_loop(self) -> None:
@@ -449,7 +466,7 @@ class Fanout:
                 continue
             self._wakeup.clear()
             try:
-                result = await self._reader.read({n: ch.position for n, ch in snapshot.items()}, block_s=self._block_s)
+                result = await self._reader.read(dict(self._positions), block_s=self._block_s)
                 self._tail_ok = True
                 backoff = _BACKOFF_MIN_S
                 for name in result.deleted:
@@ -478,7 +495,7 @@ class Fanout:
 
     def _dispatch(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
         head = entries[0]
-        if head.prev is not None and parse_id(head.prev) != parse_id(ch.position):
+        if head.prev is not None and head.prev != ch.position and parse_id(head.prev) != parse_id(ch.position):
             # Entries between our position and this one are gone (trimmed before we read them, or the stream was
             # lost and recreated). Delivering would be a silent gap.
             self.break_channel(name, f"expected an entry after {ch.position}, got one after {head.prev}")
@@ -487,7 +504,7 @@ class Fanout:
         payload = encoded[0] if len(encoded) == 1 else b"".join(encoded)
         first, last = entries[0].key, entries[-1].key
         end = entries[-1].close
-        ch.position = entries[-1].id
+        ch.position = self._positions[name] = entries[-1].id
         ch.remember([e.key for e in entries], encoded, self._window_bytes)
         now = time.time()
         lag = self._metrics.delivery_lag_seconds
@@ -521,21 +538,19 @@ class Fanout:
                 delivered += n
             else:
                 cut += 1
-                ch.subscribers.discard(sub)
+                self._leave(ch, sub)
         if delivered:
             self._metrics.events_delivered.inc(delivered)
         if cut:
             self._metrics.slow_disconnects.inc(cut)
         if end:
             # Nothing can follow the close marker: release the channel.
-            del self._channels[name]
-            self._metrics.channels_active.set(len(self._channels))
+            self._drop(name)
 
     def _on_deleted(self, name: str) -> None:
-        ch = self._channels.pop(name, None)
+        ch = self._drop(name)
         if ch is None:
             return
-        self._metrics.channels_active.set(len(self._channels))
         data = encode_reset(Reset("deleted", "0-0", ch.position))
         for sub in ch.subscribers:
             sub.push(data, end=True)

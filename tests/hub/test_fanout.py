@@ -105,3 +105,33 @@ async def test_http10_client_gets_a_raw_body_and_http11_a_chunked_one(
         size = int(size_line, 16)
         decoded, chunked = decoded + rest[:size], rest[size + 2 :]
     assert decoded.endswith(b"data: three\n\n") and f"id: {ids[1]}\nevent: message\ndata: two\n\n".encode() in decoded
+
+
+async def test_a_channel_whose_last_subscriber_was_cut_off_stops_being_tailed_after_its_linger(
+    make_client: ClientFactory, backend: Backend
+) -> None:
+    client = await make_client(backend, max_buffer_bytes=64 * 1024, linger_s=0.2, tail_block_s=0.1)
+    assert client.port is not None
+    reader, writer = await _stalled_subscriber(client.host, client.port, "/v1/channels/cold/events")
+
+    async def metric(name: str) -> float:
+        text = await (await client.get("/metrics")).text()
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert m is not None
+        return float(m.group(1))
+
+    async with asyncio.timeout(10):
+        while await metric("hub_channels_active") < 1:  # noqa: ASYNC110 - polls the hub's metrics
+            await asyncio.sleep(0.05)
+    payload = "x" * 32_000
+    for i in range(200):
+        await publish(client, "cold", [{"data": f"{i}.{j}:{payload}"} for j in range(10)])
+        if i % 5 == 4 and await metric("hub_slow_consumer_disconnects_total") >= 1:
+            break
+    assert await metric("hub_slow_consumer_disconnects_total") == 1
+    # Its only subscriber is gone: once the linger has passed the node stops tailing it, and costs the store nothing.
+    async with asyncio.timeout(10):
+        while await metric("hub_channels_active") > 0:  # noqa: ASYNC110 - polls the hub's metrics
+            await asyncio.sleep(0.05)
+    writer.close()
+    del reader
