@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Report, cpu_seconds, free_port, wait_port  # noqa: E402
+from producer.coalesce import DEFAULT_WINDOW_MS  # noqa: E402
 from producer.jobs import Job, new_generation_id  # noqa: E402
 from producer.queue_redis import RedisJobQueue  # noqa: E402
 
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=2000)
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--coalesce-ms", type=float, default=5.0)
+    ap.add_argument("--coalesce-ms", type=float, default=DEFAULT_WINDOW_MS)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from producer.coalesce import DEFAULT_WINDOW_MS
+
 __all__ = [
     "DEFAULT_CHANNELS",
     "DEFAULT_CONNECTIONS",
@@ -61,7 +63,7 @@ class LoadSettings:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # after the last publish: wait this long for stragglers
     redis_url: str | None = None  # the hub's Redis: generations append to it; store commands are counted on it
     key_prefix: str = "hub:"  # the hub's --key-prefix, for appends to its Redis
-    coalesce_ms: float = 5.0  # generations: the producer's --coalesce-ms
+    coalesce_ms: float = DEFAULT_WINDOW_MS  # generations: the producer's --coalesce-ms
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:

@@ -20,7 +20,12 @@ from hub.backend import AppendBatch, Backend, BackendError, ChannelClosed, Fence
 
 from .metrics import ProducerMetrics
 
-__all__ = ["Coalescer"]
+__all__ = ["DEFAULT_WINDOW_MS", "Coalescer"]
+
+# Long enough to gather the tokens that arrive together (one network read of a provider's stream, many generations at
+# once: at 20,000 tokens/s, 40 appends per round trip), short enough to add little to each token's way to the browser.
+# At full speed a worker spends 7.5 us per token with it, 6.8 us with 5 ms (`bench/producer.py`).
+DEFAULT_WINDOW_MS = 2.0
 
 log = logging.getLogger(__name__)
 

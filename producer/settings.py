@@ -15,6 +15,7 @@ from typing import Any
 
 from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, settings_from_args
 
+from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
 from .providers.registry import build_providers
 
@@ -62,7 +63,9 @@ class ProducerSettings:
     renew_s: float = _opt(5.0, "renew", "seconds between claim renewals of running jobs")
     poll_s: float = _opt(0.25, "poll", "seconds between checks for cancel requests and unwatched channels")
     grace_s: float = _opt(10.0, "grace", "seconds running generations may take to finish on shutdown")
-    coalesce_ms: float = _opt(5.0, "coalesce-ms", "window in which tokens are gathered into one round trip (0: off)")
+    coalesce_ms: float = _opt(
+        DEFAULT_WINDOW_MS, "coalesce-ms", "most milliseconds a token waits to be gathered into one round trip (0: off)"
+    )
     max_attempts: int = _opt(4, "max-attempts", "provider calls per generation before the first token")
     backoff_s: float = _opt(0.5, "backoff", "first retry delay, doubled each attempt (Retry-After wins)")
     backoff_max_s: float = _opt(30.0, "backoff-max", "longest retry delay")
