@@ -372,7 +372,7 @@ async def subscribe_role(ctx: WorkerContext, job: SubscribeJob) -> None:
     pool = SubscriberPool(ctx, job)
     try:
         await pool.open_all()
-        ctx.send("ready")
+        ctx.ready()
         kind, payload = await ctx.command()
         if kind == "storm":
             await pool.storm(payload["timeout_s"])
@@ -444,7 +444,7 @@ async def fanout_publisher_role(ctx: WorkerContext, job: FanoutPublishJob) -> No
     published per channel (what each subscriber must receive), the elapsed time and the worst schedule lag."""
     adapter = ADAPTERS[job.target]()
     async with _session(len(job.channels)) as session:
-        ctx.send("ready")
+        ctx.ready()
         kind, _ = await ctx.command()
         if kind != "start":
             raise RuntimeError(f"publisher: unexpected command {kind!r}")
@@ -531,7 +531,7 @@ async def publish_loops_role(ctx: WorkerContext, job: PublishLoopsJob) -> None:
     The counts come in the ticks. Ends on `stop`."""
     adapter = ADAPTERS[job.target]()
     async with _session(len(job.channels)) as session:
-        ctx.send("ready")
+        ctx.ready()
         while True:
             kind, payload = await ctx.command()
             if kind != "start":
@@ -626,7 +626,7 @@ async def generations_role(ctx: WorkerContext, job: GenerationsJob) -> None:
                 ctx.tick.published += 1
 
     try:
-        ctx.send("ready")
+        ctx.ready()
         kind, _ = await ctx.command()
         if kind != "start":
             raise RuntimeError(f"generations: unexpected command {kind!r}")
