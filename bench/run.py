@@ -14,6 +14,8 @@ A new scenario is one more `BenchRun` in `standard_runs()`; a target it does not
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import platform
 import shutil
@@ -48,6 +50,9 @@ SATURATION_P99_MS = 100.0
 # ... and at which the publisher really got its events out at (nearly) that rate: the load tester takes the send time
 # after its own per-channel queue, so a server that answers publishes too slowly shows as a lower rate, not latency.
 SATURATION_MIN_RATE_SHARE = 0.95
+# A rate passes when most of its tries pass: 2 of at most 3. One short try on two shared cores can land on either side
+# of the bound by chance (seen: the same server at the same rate, 64 ms in one try and 123 ms in the next).
+SATURATION_TRIES = 3
 # Allowance for spawning load-test workers, connecting, draining and closing, on top of a run's own duration.
 _RUN_SLACK_S = 120.0
 _SETTLE_S = 1.0  # between runs: let the last run's sockets close and the servers go quiet
@@ -243,7 +248,8 @@ def standard_runs(quick: bool) -> list[BenchRun]:
             args=_fanout_args(subs, 10, search_s, None),  # --rate R is added per step
             summary=f"fan-out of {subs:,} subscribers over 10 channels, {search_s:g} s per step: the highest rate of "
             f"{', '.join(f'{r:g}' for r in rates)} events/s with p99 ≤ {SATURATION_P99_MS:g} ms, nothing lost, and "
-            f"the rate really published (≥ {SATURATION_MIN_RATE_SHARE:.0%})",
+            f"the rate really published (≥ {SATURATION_MIN_RATE_SHARE:.0%}); a rate passes when "
+            f"{SATURATION_TRIES // 2 + 1} of at most {SATURATION_TRIES} tries do, the servers taking turns",
             search_rates=rates,
             duration_s=search_s + subs / 1000,
             figures=(),
@@ -438,6 +444,7 @@ class Measurement:
     note: str = ""
     rate: float | None = None  # the step's rate, in a saturation search
     passed: bool | None = None  # the step's verdict, in a saturation search
+    tries: tuple[bool, ...] = ()  # each try's verdict, in order; the result shown is the try with the median p99
 
 
 @dataclass(slots=True)
@@ -507,10 +514,8 @@ def measure(runs: Sequence[BenchRun], targets: Sequence[Target], workdir: Path) 
     for i, run in enumerate(runs, 1):
         m = Measured(run)
         if run.search_rates:
-            for target in targets:
-                print(f"[{i}/{len(runs)}] {run.name} on {target.label} ...", flush=True)
-                m.by_target[target.name] = _search(run, target, workdir)
-                time.sleep(_SETTLE_S)
+            print(f"[{i}/{len(runs)}] {run.name} on {' and '.join(t.label for t in targets)} in turn ...", flush=True)
+            m.by_target = _search(run, targets, workdir)
         else:
             for round_ in range(1, run.rounds + 1):
                 for target in targets:
@@ -525,25 +530,59 @@ def measure(runs: Sequence[BenchRun], targets: Sequence[Target], workdir: Path) 
     return out
 
 
-def _search(run: BenchRun, target: Target, workdir: Path) -> list[Measurement]:
-    """Ascending rates until one fails: a higher one would only take longer to fail too."""
-    steps: list[Measurement] = []
+def _search(run: BenchRun, targets: Sequence[Target], workdir: Path) -> dict[str, list[Measurement]]:
+    """Ascending rates, each target in turn at each rate, until a rate fails for it (a higher one would only take
+    longer to fail too). At each rate a target gets up to `SATURATION_TRIES` tries, alternating with the other's,
+    until most of them have passed or most have failed."""
+    steps: dict[str, list[Measurement]] = {t.name: [] for t in targets}
+    searching = list(targets)
+    need = SATURATION_TRIES // 2 + 1
     for rate in run.search_rates:
-        got = run_loadtest(run, target, ("--rate", f"{rate:g}"), workdir, f"{run.name}-{rate:g}-{target.name}")
-        got.rate = rate
-        if got.status == "n/a":
-            print(f"    n/a: {got.note.splitlines()[0] if got.note else ''}", flush=True)
-            return [got]
-        if got.status in ("ok", "problems"):
-            got.passed, why = saturation_verdict(got.result, rate)
-        else:
-            got.passed, why = False, got.note.splitlines()[0] if got.note else got.status
-        steps.append(got)
-        print(f"    {rate:g}/s: {'pass' if got.passed else 'fail (' + why + ')'}", flush=True)
-        if not got.passed:
+        tries: dict[str, list[Measurement]] = {t.name: [] for t in searching}
+        undecided = list(searching)
+        while undecided:
+            for target in list(undecided):
+                n = len(tries[target.name]) + 1
+                tag = f"{run.name}-{rate:g}-{target.name}-{n}"
+                got = run_loadtest(run, target, ("--rate", f"{rate:g}"), workdir, tag)
+                got.rate = rate
+                if got.status == "n/a":
+                    print(f"    {target.label}: n/a: {got.note.splitlines()[0] if got.note else ''}", flush=True)
+                    steps[target.name] = [got]
+                    undecided.remove(target)
+                    searching.remove(target)
+                    continue
+                if got.status in ("ok", "problems"):
+                    got.passed, why = saturation_verdict(got.result, rate)
+                else:
+                    got.passed, why = False, got.note.splitlines()[0] if got.note else got.status
+                tries[target.name].append(got)
+                verdict = "pass" if got.passed else f"fail ({why})"
+                print(f"    {target.label} {rate:g}/s, try {n}: {verdict}", flush=True)
+                passes = sum(1 for t in tries[target.name] if t.passed)
+                if passes >= need or n - passes >= need:
+                    step = _median_try(tries[target.name])
+                    step.passed = passes >= need
+                    steps[target.name].append(step)
+                    undecided.remove(target)
+                    if not step.passed:
+                        searching.remove(target)
+                time.sleep(_SETTLE_S)
+        if not searching:
             break
-        time.sleep(_SETTLE_S)
     return steps
+
+
+def _median_try(tries: Sequence[Measurement]) -> Measurement:
+    """The try to show for a step (the one with the median p99), carrying every try's verdict."""
+
+    def p99(m: Measurement) -> float:
+        value = (m.result or {}).get("latency_ms", {}).get("p99_ms")
+        return float(value) if isinstance(value, int | float) else math.inf
+
+    ranked = sorted(tries, key=p99)
+    shown = ranked[(len(ranked) - 1) // 2]
+    return dataclasses.replace(shown, tries=tuple(bool(t.passed) for t in tries))
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -684,7 +723,10 @@ def _step_cell(m: Measurement | None) -> str:
     elapsed = float(d.get("publish_elapsed_s") or 0)
     rate = d.get("published", 0) / elapsed if elapsed else 0.0
     lost = sum(int(d.get(k, 0)) for k in ("missing", "gaps", "duplicates", "out_of_order"))
-    return f"{'pass' if m.passed else 'fail'}: p99 {fmt(lat.get('p99_ms'), 'ms')}, {rate:,.0f}/s published, {lost} lost"
+    verdict = "pass" if m.passed else "fail"
+    if len(m.tries) > 1:
+        verdict += f", {sum(m.tries)} of {len(m.tries)} tries passed; the median try"
+    return f"{verdict}: p99 {fmt(lat.get('p99_ms'), 'ms')}, {rate:,.0f}/s published, {lost} lost"
 
 
 def highest_passing(steps: Sequence[Measurement]) -> float | None:
@@ -709,7 +751,7 @@ def _render_search(m: Measured, targets: Sequence[Target]) -> list[str]:
     lines += _notes(targets, m.by_target)
     for rate in run.search_rates:
         cols = [(t.label, by_rate[t.name][rate]) for t in targets if rate in by_rate[t.name]]
-        lines += _details(f"Every figure at {rate:g} events/s", cols)
+        lines += _details(f"Every figure at {rate:g} events/s (each server's median try)", cols)
     return lines
 
 
