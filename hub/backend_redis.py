@@ -456,7 +456,9 @@ class _TailReader:
                 while True:
                     if keys is not self._in_force:  # not the same channels as last time
                         await self._subscribe(keys)
-                        self._in_force = keys
+                        # Unless a subscription was lost while it waited (a slot moved): the next pass makes it again.
+                        if self._subscribed.keys() == keys.keys():
+                            self._in_force = keys
                     if (
                         not (self._rang or self._pushed or self._deleted or self._interrupted or self._failure)
                         and loop.time() < self._next_sweep
@@ -727,4 +729,4 @@ def _ring_entries(data: str) -> list[Entry] | None:
             prev = entry_id
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
         return None  # read from the stream instead
-    return entries
+    return entries or None

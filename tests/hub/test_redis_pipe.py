@@ -190,6 +190,24 @@ async def test_rings_deliver_without_reading_the_stream(tail: Tail) -> None:
     assert "cmdstat_xread" not in stats
 
 
+async def test_a_ring_that_carries_no_entries_is_followed_by_a_read_not_a_failure(tail: Tail) -> None:
+    backend, reader = tail.backend, tail.reader
+    [first] = await backend.append("c", ev(0))
+    result = await reader.read({"c": ZERO_ID}, block_s=30.0)
+    assert [e.id for e in result.entries["c"]] == [first]
+    assert await backend.append("c", []) == []  # an append of nothing still rings, with no entries
+    result = await reader.read({"c": first}, block_s=1.0)  # woken by that ring: reads, finds nothing
+    assert not result.entries.get("c")
+    [second] = await backend.append("c", ev(1))
+    got: list[str] = []
+    position = first
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        result = await reader.read({"c": position}, block_s=1.0)
+        got += [e.id for e in result.entries.get("c", [])]
+    assert got == [second]
+
+
 async def test_a_lost_subscribing_connection_costs_latency_never_entries(tail: Tail) -> None:
     backend, admin, reader = tail.backend, tail.admin, tail.reader
     position = ZERO_ID
