@@ -17,9 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .auth import Principal, seconds_left
 from .backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
-from .fanout import Replayed, Subscriber, encode_reset
+from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
+from .limits import Limits
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
 
@@ -252,14 +253,7 @@ async def stream_channel(
     # not to send its next request (the reconnect) on it.
     resp.force_close()
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
-    expiry = _schedule_end(sub, seconds_left(principal), settings)
-
-    def release() -> None:
-        fanout.detach(sub)
-        if expiry is not None:
-            expiry.cancel()
-        limits.close_stream(client)
-
+    release = _Release(fanout, sub, _schedule_end(sub, seconds_left(principal), settings), limits, client)
     handed_over = False
     try:
         fanout.register(sub)
@@ -290,6 +284,29 @@ async def stream_channel(
         if not handed_over:
             release()
     return resp
+
+
+class _Release:
+    """What a stream holds, given back when it ends: its place in the fan-out, its end timer, its count in the limits.
+    An object rather than a closure: a handed-over stream keeps it for its whole life (see hub.handover), and a node
+    holds thousands of them; a closure over these five would be six objects for the garbage collector to walk."""
+
+    __slots__ = ("client", "expiry", "fanout", "limits", "sub")
+
+    def __init__(
+        self, fanout: Fanout, sub: Subscriber, expiry: asyncio.TimerHandle | None, limits: Limits, client: str
+    ) -> None:
+        self.fanout = fanout
+        self.sub = sub
+        self.expiry = expiry
+        self.limits = limits
+        self.client = client
+
+    def __call__(self) -> None:
+        self.fanout.detach(self.sub)
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.limits.close_stream(self.client)
 
 
 def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSettings) -> asyncio.TimerHandle | None:
