@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -286,21 +287,17 @@ async def stream_channel(
     return resp
 
 
+@dataclass(slots=True, eq=False)
 class _Release:
     """What a stream holds, given back when it ends: its place in the fan-out, its end timer, its count in the limits.
     An object rather than a closure: a handed-over stream keeps it for its whole life (see hub.handover), and a node
     holds thousands of them; a closure over these five would be six objects for the garbage collector to walk."""
 
-    __slots__ = ("client", "expiry", "fanout", "limits", "sub")
-
-    def __init__(
-        self, fanout: Fanout, sub: Subscriber, expiry: asyncio.TimerHandle | None, limits: Limits, client: str
-    ) -> None:
-        self.fanout = fanout
-        self.sub = sub
-        self.expiry = expiry
-        self.limits = limits
-        self.client = client
+    fanout: Fanout
+    sub: Subscriber
+    expiry: asyncio.TimerHandle | None
+    limits: Limits
+    client: str
 
     def __call__(self) -> None:
         self.fanout.detach(self.sub)
