@@ -543,22 +543,13 @@ def _search(run: BenchRun, targets: Sequence[Target], workdir: Path) -> dict[str
         while undecided:
             for target in list(undecided):
                 n = len(tries[target.name]) + 1
-                tag = f"{run.name}-{rate:g}-{target.name}-{n}"
-                got = run_loadtest(run, target, ("--rate", f"{rate:g}"), workdir, tag)
-                got.rate = rate
+                got = _try(run, target, rate, n, workdir)
                 if got.status == "n/a":
-                    print(f"    {target.label}: n/a: {got.note.splitlines()[0] if got.note else ''}", flush=True)
                     steps[target.name] = [got]
                     undecided.remove(target)
                     searching.remove(target)
                     continue
-                if got.status in ("ok", "problems"):
-                    got.passed, why = saturation_verdict(got.result, rate)
-                else:
-                    got.passed, why = False, got.note.splitlines()[0] if got.note else got.status
                 tries[target.name].append(got)
-                verdict = "pass" if got.passed else f"fail ({why})"
-                print(f"    {target.label} {rate:g}/s, try {n}: {verdict}", flush=True)
                 passes = sum(1 for t in tries[target.name] if t.passed)
                 if passes >= need or n - passes >= need:
                     step = _median_try(tries[target.name])
@@ -571,6 +562,21 @@ def _search(run: BenchRun, targets: Sequence[Target], workdir: Path) -> dict[str
         if not searching:
             break
     return steps
+
+
+def _try(run: BenchRun, target: Target, rate: float, n: int, workdir: Path) -> Measurement:
+    """Try `n` of one saturation step: the load test at `rate`, with its verdict (`passed`) unless not applicable."""
+    got = run_loadtest(run, target, ("--rate", f"{rate:g}"), workdir, f"{run.name}-{rate:g}-{target.name}-{n}")
+    got.rate = rate
+    if got.status == "n/a":
+        print(f"    {target.label}: n/a: {got.note.splitlines()[0] if got.note else ''}", flush=True)
+        return got
+    if got.status in ("ok", "problems"):
+        got.passed, why = saturation_verdict(got.result, rate)
+    else:
+        got.passed, why = False, got.note.splitlines()[0] if got.note else got.status
+    print(f"    {target.label} {rate:g}/s, try {n}: {'pass' if got.passed else f'fail ({why})'}", flush=True)
+    return got
 
 
 def _median_try(tries: Sequence[Measurement]) -> Measurement:
