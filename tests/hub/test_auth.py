@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +72,22 @@ async def test_no_credentials_is_401_with_a_bearer_challenge(hub: Client) -> Non
         assert (await resp.json())["error"] == "unauthorized"
 
 
+# Tokens are made when each test runs: one minted at collection would have its `nbf` behind it by then on a slow run.
 @pytest.mark.parametrize(
     "bad",
     [
-        token(key="x" * 64),  # another secret
-        token(exp=time.time() - 60),  # expired beyond the leeway
-        token(nbf=time.time() + 60),  # not yet valid
-        token(sub=None),  # no subject
-        token(subscribe="chat:*"),  # claims of the wrong type
-        token(subscribe=[1]),
-        "not.a.jwt",
-        jwt.encode({"sub": "alice"}, SECRET, algorithm="HS512"),  # an algorithm this hub does not accept
+        lambda: token(key="x" * 64),  # another secret
+        lambda: token(exp=time.time() - 60),  # expired beyond the leeway
+        lambda: token(nbf=time.time() + 60),  # not yet valid
+        lambda: token(sub=None),  # no subject
+        lambda: token(subscribe="chat:*"),  # claims of the wrong type
+        lambda: token(subscribe=[1]),
+        lambda: "not.a.jwt",
+        lambda: jwt.encode({"sub": "alice"}, SECRET, algorithm="HS512"),  # an algorithm this hub does not accept
     ],
 )
-async def test_invalid_tokens_are_401_invalid_token(hub: Client, bad: str) -> None:
-    resp = await hub.get("/v1/channels/chat:1/events", headers=bearer(bad))
+async def test_invalid_tokens_are_401_invalid_token(hub: Client, bad: Callable[[], str]) -> None:
+    resp = await hub.get("/v1/channels/chat:1/events", headers=bearer(bad()))
     assert resp.status == 401
     assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
 
