@@ -61,7 +61,10 @@ class Job:
     owner: str | None = None  # the client that started it (see GenerationRecord.owner)
 
     def dumps(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        """The job without its owner, which a queue keeps beside it: workers that know no owner still read it."""
+        body = asdict(self)
+        del body["owner"]
+        return orjson.dumps(body)
 
     @classmethod
     def loads(cls, raw: bytes | str) -> Job:

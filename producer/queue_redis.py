@@ -1,6 +1,7 @@
 """RedisJobQueue: jobs on a Redis Stream read through a consumer group; each generation's record in a hash.
 
-Keys (built only here): `<prefix>jobs` (the stream), `<prefix>gen:{<id>}` (hash: `r` the record as JSON, `cancel`),
+Keys (built only here): `<prefix>jobs` (the stream; `j` the job, `o` its owner), `<prefix>gen:{<id>}` (hash: `r` the
+record as JSON, `n` its attempts, `o` its owner, `cancel`),
 `<prefix>active:{<owner>}` (sorted set: the owner's generations queued or running, scored by when the slot lapses).
 Claims are kept fresh with `XCLAIM … JUSTID`; a dead worker's jobs are taken over with `XAUTOCLAIM`.
 """
@@ -11,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import orjson
@@ -60,12 +61,21 @@ return 1
 """
 
 
-def _record(raw: Any, attempts: Any = None) -> GenerationRecord | None:
+def _record(raw: Any, attempts: Any = None, owner: Any = None) -> GenerationRecord | None:
     if raw is None:
         return None
     record = GenerationRecord(**orjson.loads(raw))
     record.attempts = int(attempts or 0)
+    record.owner = owner
     return record
+
+
+def _record_json(record: GenerationRecord) -> bytes:
+    # The attempt count and the owner have fields of their own: only begin_attempt changes the one, only submit
+    # writes the other, and a record without them reads as before owners were kept.
+    body = asdict(record)
+    del body["owner"]
+    return orjson.dumps({**body, "attempts": 0})
 
 
 class RedisJobQueue:
@@ -146,17 +156,18 @@ class RedisJobQueue:
         # record goes first, so a worker never takes a job without one. If the job then fails, the submit is a 503
         # and the record, never handed out, expires.
         pipe = self._redis.pipeline(transaction=not self._cluster)
-        pipe.hset(self.record_key(job.id), "r", orjson.dumps(asdict(record)))
+        fields = {"r": _record_json(record)} | ({"o": job.owner} if job.owner is not None else {})
+        pipe.hset(self.record_key(job.id), mapping=fields)
         pipe.expire(self.record_key(job.id), self._ttl_s)
         if self._cluster:
             await self._call(pipe.execute())
             pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.jobs_key, {"j": job.dumps()})
+        pipe.xadd(self.jobs_key, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
         await self._call(pipe.execute())
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
-        raw, attempts = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n"))
-        return _record(raw, attempts)
+        raw, attempts, owner = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n", "o"))
+        return _record(raw, attempts, owner)
 
     async def begin_attempt(self, generation_id: str) -> int:
         return int(await self._call(self._redis.hincrby(self.record_key(generation_id), "n", 1)))
@@ -173,7 +184,8 @@ class RedisJobQueue:
             if not fields or "j" not in fields:
                 continue  # deleted while pending
             try:
-                out.append(Delivery(Job.loads(fields["j"]), entry_id, restarted))
+                job = Job.loads(fields["j"])
+                out.append(Delivery(replace(job, owner=fields.get("o")), entry_id, restarted))
             except (orjson.JSONDecodeError, TypeError, ValueError) as e:
                 # Never readable by any worker: acknowledged, or it would be handed round for ever.
                 log.error("dropping unreadable job %s: %s", entry_id, e)
@@ -231,8 +243,7 @@ class RedisJobQueue:
 
     async def update(self, record: GenerationRecord) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        # The attempt count lives in its own field ("n"), which only begin_attempt changes.
-        pipe.hset(self.record_key(record.id), "r", orjson.dumps({**asdict(record), "attempts": 0}))
+        pipe.hset(self.record_key(record.id), "r", _record_json(record))
         pipe.expire(self.record_key(record.id), self._ttl_s)
         if record.owner is not None:
             # The end of a generation, however it came, frees its owner's slot; a running one keeps it for as long

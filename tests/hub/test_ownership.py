@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -18,6 +20,8 @@ from hub.app import create_app
 from hub.backend import Backend
 from hub.settings import HubSettings
 from hub.sse import SSEEvent
+from producer.jobs import Job, TooManyGenerations
+from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from tests.conftest import ClientFactory
 from tests.support import RedisServer, collect, read_events
@@ -270,3 +274,30 @@ async def test_zero_means_no_limit(aiohttp_client: Any) -> None:
     hub, _ = await _two_hubs(aiohttp_client, None, max_generations_per_client=0, embedded_worker="off")
     for _ in range(20):
         await start(hub, ALICE)
+
+
+async def test_owners_are_kept_beside_jobs_and_records_so_workers_that_know_none_still_read_them(
+    redis_server: RedisServer,
+) -> None:
+    # A rolling upgrade runs hubs and workers of two versions at once: a job or record whose JSON held a field the
+    # older one does not know would be unreadable there (and an unreadable job is dropped).
+    queue = RedisJobQueue(redis_server.url, prefix=f"test:{uuid.uuid4().hex[:12]}:", group="g", record_ttl_s=60)
+    try:
+        job = Job("gen_1", "demo", "demo", [{"role": "user", "content": "hi"}], "gen:gen_1", owner="jwt:alice")
+        await queue.submit(job, max_active=1)
+        with pytest.raises(TooManyGenerations):
+            await queue.submit(dataclasses.replace(job, id="gen_2", channel="gen:gen_2"), max_active=1)
+        [delivery] = await queue.fetch("c", 10, 1.0)
+        assert delivery.job == job
+        raw = await queue._redis.xrange(queue.jobs_key)
+        assert "owner" not in orjson.loads(raw[0][1]["j"])
+        assert "owner" not in orjson.loads(await queue._redis.hget(queue.record_key("gen_1"), "r"))
+        record = await queue.get("gen_1")
+        assert record is not None and record.owner == "jwt:alice"
+        record.status = "done"
+        await queue.update(record)
+        updated = await queue.get("gen_1")
+        assert updated is not None and updated.owner == "jwt:alice" and updated.status == "done"
+        await queue.submit(dataclasses.replace(job, id="gen_3", channel="gen:gen_3"), max_active=1)  # slot freed
+    finally:
+        await queue.aclose()
