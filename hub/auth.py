@@ -23,7 +23,7 @@ from aiohttp import web
 from .errors import ApiError
 from .settings import HubSettings
 
-__all__ = ["ApiKey", "Authenticator", "Principal", "parse_api_keys", "seconds_left"]
+__all__ = ["Action", "ApiKey", "Authenticator", "Principal", "parse_api_keys", "seconds_left"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class Principal:
             return True
         patterns = self.subscribe if action == "subscribe" else self.publish
         return any(_pattern(p).fullmatch(channel) for p in patterns)
+
+    def names(self, action: Action, channel: str) -> bool:
+        """The token's list for `action` holds `channel` itself, not only a pattern that matches it (channel names
+        cannot hold `*`): such a token reaches a generation's channel whoever owns it."""
+        return channel in (self.subscribe if action == "subscribe" else self.publish)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailable",
     "ChannelClosed",
+    "ChannelOwned",
     "Fence",
     "Fenced",
     "ChannelInfo",
@@ -68,6 +69,10 @@ class InvalidPosition(BackendError, ValueError):
 
 class ChannelClosed(BackendError):
     """The channel was finished with `close`; it accepts no more events until it is deleted."""
+
+
+class ChannelOwned(BackendError):
+    """The channel belongs to a generation (see Backend.reserve): only its worker's fenced appends may write it."""
 
 
 class Fenced(BackendError):
@@ -285,7 +290,8 @@ class Backend(Protocol):
         """Append `events` in order, atomically (all or none), and return their ids.
 
         With `close`, the last event carries the close flag and the channel accepts nothing more. Trims the channel to
-        about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed.
+        about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed, and
+        ChannelOwned if it belongs to a generation (only fenced appends, `append_many`, may write those).
         """
         ...
 
@@ -302,8 +308,24 @@ class Backend(Protocol):
         """Several appends (to different channels, or in order to the same one) in one round trip.
 
         Each batch is applied as by `append`, in the order given; the result for each is its ids, or the BackendError
-        that refused it (ChannelClosed, BackendUnavailable). Used by producers to coalesce tokens.
+        that refused it (ChannelClosed, ChannelOwned for a batch without a fence, Fenced, BackendUnavailable). Used
+        by producers to coalesce tokens.
         """
+        ...
+
+    async def reserve(self, channel: str, owner: str) -> bool:
+        """Make `channel` a generation's channel, owned by `owner`, if it does not exist (no stream, no owner).
+
+        Checked and done atomically. From then on every append without a fence is refused (ChannelOwned), so only the
+        generation's worker writes it, from the first event on; the mark lives as long as the channel (its TTL,
+        refreshed by appends) and goes with `delete`. Live tail readers report the channel in `ReadResult.deleted`,
+        as for a deletion: streams opened on the name before it had an owner end, and are authorized afresh.
+        False (nothing changed) when the channel exists.
+        """
+        ...
+
+    async def owner(self, channel: str) -> str | None:
+        """Who owns `channel` (see `reserve`), or None: not a generation's channel."""
         ...
 
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
@@ -315,7 +337,8 @@ class Backend(Protocol):
         ...
 
     async def delete(self, channel: str) -> bool:
-        """Remove the channel; live tail readers on every node report it in `ReadResult.deleted`. False if absent."""
+        """Remove the channel and its owner; live tail readers on every node report it in `ReadResult.deleted`.
+        False if absent."""
         ...
 
     async def open_reader(self) -> TailReader:

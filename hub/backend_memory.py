@@ -20,6 +20,7 @@ from .backend import (
     BackendError,
     ChannelClosed,
     ChannelInfo,
+    ChannelOwned,
     Entry,
     Fence,
     Fenced,
@@ -69,6 +70,9 @@ class MemoryBackend:
         self._channels: dict[str, _Channel] = {}
         # (channel, key) → (fingerprint, ids, expiry). One window for all: insertion order is expiry order.
         self._idempotent: dict[tuple[str, str], tuple[str, list[str], float]] = {}
+        # channel → (owner, expiry) of generations' channels; apart from the channels, as Redis keeps them: a reserved
+        # channel does not exist until its worker's first append.
+        self._owners: dict[str, tuple[str, float]] = {}
         self._readers: set[_MemoryTailReader] = set()
         self._changed = asyncio.Event()
         self._last_sweep = 0.0
@@ -88,10 +92,21 @@ class MemoryBackend:
         self._last_sweep = now
         for name in [n for n, ch in self._channels.items() if ch.expires_at <= now]:
             del self._channels[name]
+        for name in [n for n, (_, expires_at) in self._owners.items() if expires_at <= now]:
+            del self._owners[name]
         for key, (_, _, expires_at) in list(self._idempotent.items()):
             if expires_at > now:
                 break
             del self._idempotent[key]
+
+    def _owner(self, channel: str, now: float) -> str | None:
+        held = self._owners.get(channel)
+        if held is None:
+            return None
+        if held[1] <= now:
+            del self._owners[channel]
+            return None
+        return held[0]
 
     def _next_id(self, ch: _Channel, now: float) -> StreamKey:
         ms = int(now * 1000)
@@ -118,6 +133,8 @@ class MemoryBackend:
     ) -> Appended:
         now = self._clock()
         self._sweep(now)
+        if self._owner(channel, now) is not None:
+            raise ChannelOwned(channel)
         slot = (channel, idempotency.key)
         seen = self._idempotent.get(slot)
         if seen is not None and seen[2] > now:
@@ -132,6 +149,9 @@ class MemoryBackend:
     def _append(self, channel: str, events: Sequence[NewEvent], close: bool, fence: Fence | None) -> list[str]:
         now = self._clock()
         self._sweep(now)
+        owner = self._owner(channel, now)
+        if owner is not None and fence is None:
+            raise ChannelOwned(channel)
         ch = self._get(channel, now)
         if ch is None:
             ch = self._channels[channel] = _Channel()
@@ -156,6 +176,8 @@ class MemoryBackend:
             ids.append(entry.id)
         self._trim(ch)
         ch.expires_at = now + self._ttl_s
+        if owner is not None:
+            self._owners[channel] = (owner, ch.expires_at)
         self._notify()
         return ids
 
@@ -193,6 +215,7 @@ class MemoryBackend:
         return ChannelInfo(length=len(ch.entries), first_id=first, last_id=format_id(ch.last), closed=ch.closed)
 
     async def delete(self, channel: str) -> bool:
+        self._owners.pop(channel, None)
         ch = self._get(channel, self._clock())
         if ch is None:
             return False
@@ -201,6 +224,23 @@ class MemoryBackend:
             reader.note_deleted(channel)
         self._notify()
         return True
+
+    async def reserve(self, channel: str, owner: str) -> bool:
+        now = self._clock()
+        if self._get(channel, now) is not None or self._owner(channel, now) is not None:
+            return False
+        self._owners[channel] = (owner, now + self._ttl_s)
+        # Only to readers that tail it now, as Redis rings only subscribers: a stream opened just after this (its
+        # owner's) must not be ended by a notice it came after.
+        tailing = [r for r in self._readers if channel in r.positions]
+        for reader in tailing:
+            reader.note_deleted(channel)
+        if tailing:
+            self._notify()
+        return True
+
+    async def owner(self, channel: str) -> str | None:
+        return self._owner(channel, self._clock())
 
     async def open_reader(self) -> _MemoryTailReader:
         reader = _MemoryTailReader(self)
@@ -232,6 +272,7 @@ class _MemoryTailReader:
         self._interrupted = False
         self._wake = asyncio.Event()
         self.deleted: list[str] = []
+        self.positions: Mapping[str, str] = {}  # what the last read was given: the channels tailed
 
     def note_deleted(self, channel: str) -> None:
         # Bounded: a reader that is not being read (a node with no active channels) must not grow without end.
@@ -240,6 +281,7 @@ class _MemoryTailReader:
             self.deleted.append(channel)
 
     async def read(self, positions: Mapping[str, str], *, block_s: float) -> ReadResult:
+        self.positions = positions
         deadline = time.monotonic() + block_s
         while True:
             changed = self._backend._changed

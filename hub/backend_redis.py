@@ -1,7 +1,8 @@
 """RedisBackend: one Redis Stream per channel; appends and history reads are Lua scripts, so each is atomic.
 
 Key layout (the only place that builds keys): `<prefix>ch:{<channel>}` per channel (the hash tag keeps a channel on
-one cluster slot), beside it `<prefix>fence:{<channel>}` and `<prefix>idem:{<channel>}:<key>`. Appends and deletions
+one cluster slot), beside it `<prefix>fence:{<channel>}`, `<prefix>owner:{<channel>}` (a generation's channel: who owns
+it) and `<prefix>idem:{<channel>}:<key>`. Appends and deletions
 also publish to the shard channel named like the stream key, which is how they reach every node's tail reader.
 """
 
@@ -28,6 +29,7 @@ from .backend import (
     BackendUnavailable,
     ChannelClosed,
     ChannelInfo,
+    ChannelOwned,
     Entry,
     Fenced,
     Idempotency,
@@ -70,15 +72,19 @@ redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
 # resuming clients must be told exactly when their position fell off the history: after trimming, the id of the newest
 # removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
 # Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
+# A generation's channel (its owner key exists; see backend.reserve) takes fenced appends only, its worker's: checked
+# here, in the same step as the append, so no publisher can slip an event in between a submit and the worker's start.
 # With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash.
 # With an idempotency key (publishers; see backend.Idempotency), a key seen within its window answers the ids it was
 # given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
-# KEYS[1] stream, KEYS[2] fence, KEYS[3] idempotency key (each used only when its mode says so); ARGV: maxlen,
-# ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence owner, fence attempt, idempotency fingerprint
-# ("": none), idempotency window ms, then event/data pairs.
+# KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
+# when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
+# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, then event/data pairs.
 _APPEND_LUA = """
+local owned = redis.call('EXISTS', KEYS[3]) == 1
+if owned and ARGV[4] == '' then return redis.error_reply('OWNED the channel belongs to a generation') end
 if ARGV[7] ~= '' then
-  local seen = redis.call('GET', KEYS[3])
+  local seen = redis.call('GET', KEYS[4])
   if seen then
     local sep = string.find(seen, ' ', 1, true)
     if string.sub(seen, 1, sep - 1) ~= ARGV[7] then
@@ -131,8 +137,9 @@ if excess >= math.min(TRIM_SLACK, maxlen) then
   redis.call('XSETID', KEYS[1], ids[n], 'MAXDELETEDID', gone[#gone][1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if owned then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
 if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[7] .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[8])
+  redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[8])
 end
 NOTIFY
 return ids
@@ -165,12 +172,23 @@ end
 return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
-# Delete a channel (and its fence) and ring its shard channel with `d`, in one step. KEYS[1] stream, KEYS[2] fence.
+# Delete a channel (and its fence and owner) and ring its shard channel with `d`, in one step. KEYS[1] stream,
+# KEYS[2] fence, KEYS[3] owner.
 _DELETE_LUA = """
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 local n = redis.call('DEL', KEYS[1])
 if n == 1 then redis.pcall('SPUBLISH', KEYS[1], 'd') end
 return n
+"""
+
+# Make a channel that does not exist a generation's (see backend.reserve), and ring its shard channel with `d` as a
+# deletion does: tail readers end the streams opened on the name before it had an owner. KEYS[1] stream, KEYS[2]
+# owner; ARGV[1] owner, ARGV[2] ttl_ms.
+_RESERVE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.pcall('SPUBLISH', KEYS[1], 'd')
+return 1
 """
 
 
@@ -185,6 +203,8 @@ def _refused(reply: str) -> BackendError:
         return ChannelClosed(reply)
     if reply.startswith("FENCED"):
         return Fenced(reply)
+    if reply.startswith("OWNED"):
+        return ChannelOwned(reply)
     if reply.startswith("IDEMPOTENCY"):
         return IdempotencyConflict(reply)
     log.warning("redis refused a command: %s", reply)
@@ -223,6 +243,7 @@ class RedisBackend:
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
+        self._reserve = self._redis.register_script(_RESERVE_LUA)
         # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL.
         self._pipe = None if cluster or not RedisPipe.supports(url) else RedisPipe(url, timeout_s=timeout_s)
 
@@ -257,22 +278,24 @@ class RedisBackend:
     def fence_key(self, channel: str) -> str:
         return f"{self._prefix}fence:{{{channel}}}"
 
+    def owner_key(self, channel: str) -> str:
+        return f"{self._prefix}owner:{{{channel}}}"
+
     def idempotency_key(self, channel: str, key: str) -> str:
         return f"{self._prefix}idem:{{{channel}}}:{key}"
 
     def _append_call(self, b: AppendBatch, idempotency: Idempotency | None = None) -> tuple[list[str], list[Any]]:
-        keys = [self.stream_key(b.channel)]
+        # Declared keys are passed in order (and in one slot), the fence's even if unused.
+        keys = [self.stream_key(b.channel), self.fence_key(b.channel), self.owner_key(b.channel)]
         args: list[Any] = [self._history, self._ttl_ms, "1" if b.close else "0"]
         if b.fence is None:
             args += ("", "", 0)
         else:
-            keys.append(self.fence_key(b.channel))
             args += ("take" if b.fence.take else "check", b.fence.owner, b.fence.attempt)
         if idempotency is None:
             args += ("", 0)
         else:
-            # Declared keys must be passed in order (and in one slot): the fence's, even if unused, comes before.
-            keys[1:] = [self.fence_key(b.channel), self.idempotency_key(b.channel, idempotency.key)]
+            keys.append(self.idempotency_key(b.channel, idempotency.key))
             args += (idempotency.fingerprint, self._idempotency_ms)
         for ev in b.events:
             args += (ev.event, ev.data)
@@ -322,6 +345,8 @@ class RedisBackend:
                 results.append(ChannelClosed(str(r)))
             elif isinstance(r, ResponseError) and str(r).startswith("FENCED"):
                 results.append(Fenced(str(r)))
+            elif isinstance(r, ResponseError) and str(r).startswith("OWNED"):
+                results.append(ChannelOwned(str(r)))
             elif isinstance(r, Exception):
                 results.append(BackendUnavailable(f"redis error: {str(r).split(' ', 1)[0]}"))
             else:
@@ -385,8 +410,16 @@ class RedisBackend:
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str) -> bool:
-        n = await self._call(self._delete(keys=[self.stream_key(channel), self.fence_key(channel)]))
-        return bool(n)
+        keys = [self.stream_key(channel), self.fence_key(channel), self.owner_key(channel)]
+        return bool(await self._call(self._delete(keys=keys)))
+
+    async def reserve(self, channel: str, owner: str) -> bool:
+        keys = [self.stream_key(channel), self.owner_key(channel)]
+        return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms])))
+
+    async def owner(self, channel: str) -> str | None:
+        value: str | None = await self._call(self._redis.get(self.owner_key(channel)))
+        return value
 
     async def open_reader(self) -> TailReader:
         return _TailReader(self)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import orjson
 from aiohttp import web
 
-from .backend import BackendUnavailable, ChannelClosed, IdempotencyConflict, InvalidPosition
+from .backend import BackendUnavailable, ChannelClosed, ChannelOwned, IdempotencyConflict, InvalidPosition
 
 __all__ = ["ApiError", "error_middleware", "json_error"]
 
@@ -73,6 +73,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(400, "invalid_id", str(e))
     except ChannelClosed:
         return json_error(409, "channel_closed", "the channel was closed; delete it before publishing again")
+    except ChannelOwned:
+        # Whoever asks, with whatever rights: a generation's channel is written by its worker alone.
+        return json_error(409, "generation_channel", "this channel belongs to a generation; only its worker writes it")
     except IdempotencyConflict:
         return json_error(
             422, "idempotency_key_reused", "this Idempotency-Key was already used for other events on this channel"

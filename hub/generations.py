@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import orjson
 from aiohttp import web
 
-from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id, parse_job_request
+from producer.jobs import (
+    TERMINAL_STATUSES,
+    GenerationRecord,
+    JobRequestError,
+    TooManyGenerations,
+    new_generation_id,
+    parse_job_request,
+)
 
+from .auth import Action
+from .backend import BackendError
 from .errors import ApiError
 from .handlers import _draining, channel_ok, read_body, stream_channel
 from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
+from .ownership import may_reach
 
 __all__ = ["routes"]
 
@@ -54,11 +67,24 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, e.code, e.message) from None
     principal = auth.require(request, "publish", job.channel)
     limits = request.app[LIMITS]
-    limits.publish(limits.client(request, principal), 1)
-    if "channel" in body and await request.app[BACKEND].info(job.channel) is not None:
+    client = limits.client(request, principal)
+    limits.publish(client, 1)
+    job = dataclasses.replace(job, owner=client)
+    backend = request.app[BACKEND]
+    # The channel becomes the generation's before the job exists: from the first moment a worker could take the job,
+    # no one but that worker can write the channel, and only its owner (or a token naming it) can read it.
+    if not await backend.reserve(job.channel, client):
         # One generation per channel: its end marker closes it, and two writers would interleave.
         raise ApiError(409, "channel_exists", "the channel already exists; use a new one (or delete it first)")
-    await request.app[JOBS].submit(job)
+    try:
+        await request.app[JOBS].submit(job, max_active=settings.max_generations_per_client)
+    except (TooManyGenerations, BackendError) as e:
+        # Nothing was queued: the name is free again (else its mark would lapse with the channel's TTL).
+        with contextlib.suppress(BackendError):
+            await backend.delete(job.channel)
+        if isinstance(e, TooManyGenerations):
+            raise limits.too_many_generations() from None
+        raise
     if _wants_stream(request):
         # Like the providers' own APIs: the events in this response; still resumable through events_url.
         return await stream_channel(request, job.channel, "0", principal)
@@ -66,26 +92,27 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     return _json({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
 
 
+async def _reachable_record(request: web.Request, *actions: Action) -> GenerationRecord:
+    """The generation named in the path, if the caller may reach it by one of `actions`; else the 404 of an unknown
+    one, the same status and body: another client's generation is not told apart from none."""
+    principal = request.app[AUTH].authenticate(request)
+    client = request.app[LIMITS].client(request, principal)
+    record = await request.app[JOBS].get(request.match_info["id"])
+    if record is None or not any(may_reach(principal, client, a, record.channel, record.owner) for a in actions):
+        raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
+    return record
+
+
 @routes.get("/v1/generations/{id}")
 async def get_generation(request: web.Request) -> web.Response:
-    principal = request.app[AUTH].authenticate(request)
-    record = await request.app[JOBS].get(request.match_info["id"])
-    if record is None:
-        raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
-    if not (principal.may("subscribe", record.channel) or principal.may("publish", record.channel)):
-        raise ApiError(403, "forbidden", "this token may not see this generation")
+    record = await _reachable_record(request, "subscribe", "publish")
     return _json(record.public())
 
 
 @routes.delete("/v1/generations/{id}")
 async def cancel_generation(request: web.Request) -> web.Response:
-    principal = request.app[AUTH].authenticate(request)
     jobs = request.app[JOBS]
-    record = await jobs.get(request.match_info["id"])
-    if record is None:
-        raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
-    if not principal.may("publish", record.channel):
-        raise ApiError(403, "forbidden", "this token may not cancel this generation")
+    record = await _reachable_record(request, "publish")
     if record.status in TERMINAL_STATUSES:
         raise ApiError(409, "generation_finished", f"the generation is already {record.status}")
     await jobs.request_cancel(record.id)

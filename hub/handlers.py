@@ -22,6 +22,7 @@ from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
+from .ownership import HIDDEN_CHANNEL, channel_reachable
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
 
@@ -198,7 +199,12 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     channel = _channel(request)
     principal = request.app[AUTH].require(request, "subscribe", channel)
     _draining(request)
-    return await stream_channel(request, channel, _requested_position(request), principal)
+    position = _requested_position(request)
+    if not await channel_reachable(request, principal, "subscribe", channel):
+        # Another client's generation: streamed as a channel that does not exist (the same preamble, the same reset
+        # for a resume), and nothing ever comes. A refusal would tell the caller the channel is there.
+        channel = HIDDEN_CHANNEL
+    return await stream_channel(request, channel, position, principal)
 
 
 async def _start(
@@ -383,8 +389,10 @@ async def _catch_up(
 @routes.get("/v1/channels/{channel}")
 async def channel_info(request: web.Request) -> web.Response:
     channel = _channel(request)
-    request.app[AUTH].require(request, "subscribe", channel)
-    info = await request.app[BACKEND].info(channel)
+    principal = request.app[AUTH].require(request, "subscribe", channel)
+    # Another client's generation's channel is answered as one that does not exist.
+    reachable = await channel_reachable(request, principal, "subscribe", channel)
+    info = await request.app[BACKEND].info(channel) if reachable else None
     if info is None:
         raise ApiError(404, "channel_not_found", "no such channel")
     body = {"length": info.length, "first_id": info.first_id, "last_id": info.last_id, "closed": info.closed}
@@ -394,8 +402,9 @@ async def channel_info(request: web.Request) -> web.Response:
 @routes.delete("/v1/channels/{channel}")
 async def channel_delete(request: web.Request) -> web.Response:
     channel = _channel(request)
-    request.app[AUTH].require(request, "publish", channel)
-    if not await request.app[BACKEND].delete(channel):
+    principal = request.app[AUTH].require(request, "publish", channel)
+    reachable = await channel_reachable(request, principal, "publish", channel)
+    if not reachable or not await request.app[BACKEND].delete(channel):
         raise ApiError(404, "channel_not_found", "no such channel")
     return web.Response(status=204)
 

@@ -119,6 +119,14 @@ class Limits:
         else:
             self._streams.pop(client, None)
 
+    # -- generations -----------------------------------------------------------------------------------------------
+
+    def too_many_generations(self) -> ApiError:
+        """The refusal of a generation over --max-generations-per-client (counted by the job queue, over all nodes)."""
+        n = self._s.max_generations_per_client
+        message = f"at most {n} generations queued or running at once per client"
+        return self._refuse(429, "max_generations_per_client", message, 5)
+
     # -- publishing ------------------------------------------------------------------------------------------------
 
     def publish(self, client: str, events: int) -> None:

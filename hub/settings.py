@@ -100,6 +100,11 @@ class HubSettings:
     max_streams: int = _opt(10_000, "max-streams", "open streams this node serves; beyond: 503")
     backlog: int = _opt(4096, "backlog", "connections the kernel may queue before they are accepted (≤ somaxconn)")
     max_streams_per_client: int = _opt(64, "max-streams-per-client", "open streams per client (token or IP); 429")
+    max_generations_per_client: int = _opt(
+        16,
+        "max-generations-per-client",
+        "generations one client (token or IP) may have queued or running at once, over all nodes; 429 (0: no limit)",
+    )
     publish_rate: float = _opt(500.0, "publish-rate", "events per second one publisher may append (token bucket)")
     publish_burst: int = _opt(1000, "publish-burst", "events one publisher may append at once (bucket size)")
     max_batch: int = _opt(1000, "max-batch", "events in one publish request")
@@ -163,6 +168,7 @@ class HubSettings:
         need(self.idle_timeout_s > 0, "idle-timeout", "must be positive")
         need(self.body_timeout_s > 0, "body-timeout", "must be positive")
         need(self.max_streams_per_client >= 1, "max-streams-per-client", "must be at least 1")
+        need(self.max_generations_per_client >= 0, "max-generations-per-client", "must not be negative (0: no limit)")
         need(self.publish_rate > 0, "publish-rate", "must be positive")
         need(self.publish_burst >= 1, "publish-burst", "must be at least 1")
         need(1 <= self.max_batch <= self.publish_burst, "max-batch", "must be 1 to --publish-burst")

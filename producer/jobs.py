@@ -23,6 +23,7 @@ __all__ = [
     "JobQueue",
     "JobRequestError",
     "Status",
+    "TooManyGenerations",
     "new_generation_id",
     "parse_job_request",
 ]
@@ -57,9 +58,13 @@ class Job:
     stop: list[str] | None = None
     cancel_if_unwatched_s: float | None = None
     created_at: float = field(default_factory=time.time)
+    owner: str | None = None  # the client that started it (see GenerationRecord.owner)
 
     def dumps(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        """The job without its owner, which a queue keeps beside it: workers that know no owner still read it."""
+        body = asdict(self)
+        del body["owner"]
+        return orjson.dumps(body)
 
     @classmethod
     def loads(cls, raw: bytes | str) -> Job:
@@ -82,9 +87,17 @@ class GenerationRecord:
     usage: dict[str, int | None] | None = None
     error: dict[str, str] | None = None
     attempts: int = 0
+    # The client that started it (`kind:subject` of its token, or its address in anonymous mode): only it, or a token
+    # naming the channel exactly, may reach it. None for records written before owners were kept. Not shown.
+    owner: str | None = None
+
+    @classmethod
+    def queued(cls, job: Job) -> GenerationRecord:
+        return cls(job.id, job.provider, job.model, job.channel, created_at=job.created_at, owner=job.owner)
 
     def public(self) -> dict[str, Any]:
         body = asdict(self)
+        del body["owner"]
         body["events_url"] = f"/v1/channels/{self.channel}/events"
         return body
 
@@ -96,6 +109,14 @@ class Delivery:
     job: Job
     entry_id: str
     restarted: bool = False
+
+
+class TooManyGenerations(Exception):
+    """The owner already has its limit of generations queued or running; nothing was submitted."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} generations queued or running at once")
+        self.limit = limit
 
 
 class JobRequestError(ValueError):
@@ -207,8 +228,14 @@ class JobQueue(Protocol):
     its claim. A job is acknowledged only after its terminal event is stored.
     """
 
-    async def submit(self, job: Job) -> GenerationRecord:
-        """Record the generation as queued and enqueue it, atomically."""
+    async def submit(self, job: Job, *, max_active: int = 0) -> GenerationRecord:
+        """Record the generation as queued and enqueue it, atomically.
+
+        With `max_active` > 0 and an owner, the job takes one of the owner's `max_active` slots, counted over every
+        node and worker; none free: TooManyGenerations, and nothing is submitted. The slot is freed by `update` with a
+        terminal status, however the generation ended; should that never come (the job lost), it lapses with the
+        record's lifetime.
+        """
         ...
 
     async def get(self, generation_id: str) -> GenerationRecord | None: ...

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job
+from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 
 __all__ = ["MemoryJobQueue"]
 
@@ -24,12 +24,18 @@ class MemoryJobQueue:
         self._records: dict[str, GenerationRecord] = {}
         self._cancel: set[str] = set()
         self._finished: deque[tuple[float, str]] = deque()  # (when, id), oldest first
+        self._active: dict[str, set[str]] = {}  # owner → its generations queued or running
         self._changed = asyncio.Event()
         self._seq = 0
 
-    async def submit(self, job: Job) -> GenerationRecord:
+    async def submit(self, job: Job, *, max_active: int = 0) -> GenerationRecord:
         self._sweep()
-        record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
+        if max_active > 0 and job.owner is not None:
+            active = self._active.setdefault(job.owner, set())
+            if len(active) >= max_active:
+                raise TooManyGenerations(max_active)
+            active.add(job.id)
+        record = GenerationRecord.queued(job)
         self._records[job.id] = record
         self._seq += 1
         self._pending.append(Delivery(job, f"{self._seq}-0"))
@@ -91,6 +97,12 @@ class MemoryJobQueue:
 
     async def update(self, record: GenerationRecord) -> None:
         current = self._records.get(record.id)
+        if record.status in TERMINAL_STATUSES and record.owner is not None:
+            active = self._active.get(record.owner)
+            if active is not None:
+                active.discard(record.id)
+                if not active:
+                    del self._active[record.owner]
         if current is not None:
             # The attempt count is begin_attempt's alone.
             self._records[record.id] = replace(record, attempts=current.attempts)

@@ -1,14 +1,18 @@
 """RedisJobQueue: jobs on a Redis Stream read through a consumer group; each generation's record in a hash.
 
-Keys (built only here): `<prefix>jobs` (the stream), `<prefix>gen:{<id>}` (hash: `r` the record as JSON, `cancel`).
+Keys (built only here): `<prefix>jobs` (the stream; `j` the job, `o` its owner), `<prefix>gen:{<id>}` (hash: `r` the
+record as JSON, `n` its attempts, `o` its owner, `cancel`),
+`<prefix>active:{<owner>}` (sorted set: the owner's generations queued or running, scored by when the slot lapses).
 Claims are kept fresh with `XCLAIM … JUSTID`; a dead worker's jobs are taken over with `XAUTOCLAIM`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import orjson
@@ -17,7 +21,7 @@ from redis.exceptions import ResponseError
 from hub.backend import BackendUnavailable
 from hub.redis_client import connect, redis_call
 
-from .jobs import Delivery, GenerationRecord, Job
+from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 
 __all__ = ["RedisJobQueue"]
 
@@ -42,13 +46,36 @@ end
 return lost
 """
 
+# Take one of an owner's slots, if one is free: drop the lapsed ones, count, add; one step, so two submits on two nodes
+# cannot both take the last one. Slots lapse after the record's lifetime, so a job that is lost (never ended, never
+# updated) cannot hold one for ever; Redis' clock decides, not the nodes'.
+# KEYS[1] the owner's set; ARGV: limit, lifetime ms, generation id. Returns 1 if taken.
+_TAKE_SLOT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
-def _record(raw: Any, attempts: Any = None) -> GenerationRecord | None:
+
+def _record(raw: Any, attempts: Any = None, owner: Any = None) -> GenerationRecord | None:
     if raw is None:
         return None
     record = GenerationRecord(**orjson.loads(raw))
     record.attempts = int(attempts or 0)
+    record.owner = owner
     return record
+
+
+def _record_json(record: GenerationRecord) -> bytes:
+    # The attempt count and the owner have fields of their own: only begin_attempt changes the one, only submit
+    # writes the other, and a record without them reads as before owners were kept.
+    body = asdict(record)
+    del body["owner"]
+    return orjson.dumps({**body, "attempts": 0})
 
 
 class RedisJobQueue:
@@ -69,6 +96,7 @@ class RedisJobQueue:
         self._cluster = cluster
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=16)
         self._renew = self._redis.register_script(_RENEW_LUA)
+        self._take_slot = self._redis.register_script(_TAKE_SLOT_LUA)
         self._group_ready = False
         self._claim_cursor = "0-0"
 
@@ -78,6 +106,9 @@ class RedisJobQueue:
 
     def record_key(self, generation_id: str) -> str:
         return f"{self._prefix}gen:{{{generation_id}}}"
+
+    def active_key(self, owner: str) -> str:
+        return f"{self._prefix}active:{{{owner}}}"
 
     async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -99,24 +130,44 @@ class RedisJobQueue:
                 raise
         self._group_ready = True
 
-    async def submit(self, job: Job) -> GenerationRecord:
-        record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
+    async def submit(self, job: Job, *, max_active: int = 0) -> GenerationRecord:
+        record = GenerationRecord.queued(job)
+        limited = max_active > 0 and job.owner is not None
+        if limited:
+            assert job.owner is not None
+            args = [max_active, self._ttl_s * 1000, job.id]
+            if not await self._call(self._take_slot(keys=[self.active_key(job.owner)], args=args)):
+                raise TooManyGenerations(max_active)
+        try:
+            await self._enqueue(job, record)
+        except Exception:
+            if limited:
+                with contextlib.suppress(BackendUnavailable):  # else it lapses
+                    await self._free_slot(record)
+            raise
+        return record
+
+    async def _free_slot(self, record: GenerationRecord) -> None:
+        if record.owner is not None:
+            await self._call(self._redis.zrem(self.active_key(record.owner), record.id))
+
+    async def _enqueue(self, job: Job, record: GenerationRecord) -> None:
         # On a cluster the record and the job queue are in different slots, and no transaction spans slots: the
         # record goes first, so a worker never takes a job without one. If the job then fails, the submit is a 503
         # and the record, never handed out, expires.
         pipe = self._redis.pipeline(transaction=not self._cluster)
-        pipe.hset(self.record_key(job.id), "r", orjson.dumps(asdict(record)))
+        fields = {"r": _record_json(record)} | ({"o": job.owner} if job.owner is not None else {})
+        pipe.hset(self.record_key(job.id), mapping=fields)
         pipe.expire(self.record_key(job.id), self._ttl_s)
         if self._cluster:
             await self._call(pipe.execute())
             pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.jobs_key, {"j": job.dumps()})
+        pipe.xadd(self.jobs_key, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
         await self._call(pipe.execute())
-        return record
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
-        raw, attempts = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n"))
-        return _record(raw, attempts)
+        raw, attempts, owner = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n", "o"))
+        return _record(raw, attempts, owner)
 
     async def begin_attempt(self, generation_id: str) -> int:
         return int(await self._call(self._redis.hincrby(self.record_key(generation_id), "n", 1)))
@@ -133,7 +184,8 @@ class RedisJobQueue:
             if not fields or "j" not in fields:
                 continue  # deleted while pending
             try:
-                out.append(Delivery(Job.loads(fields["j"]), entry_id, restarted))
+                job = Job.loads(fields["j"])
+                out.append(Delivery(replace(job, owner=fields.get("o")), entry_id, restarted))
             except (orjson.JSONDecodeError, TypeError, ValueError) as e:
                 # Never readable by any worker: acknowledged, or it would be handed round for ever.
                 log.error("dropping unreadable job %s: %s", entry_id, e)
@@ -191,9 +243,17 @@ class RedisJobQueue:
 
     async def update(self, record: GenerationRecord) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        # The attempt count lives in its own field ("n"), which only begin_attempt changes.
-        pipe.hset(self.record_key(record.id), "r", orjson.dumps({**asdict(record), "attempts": 0}))
+        pipe.hset(self.record_key(record.id), "r", _record_json(record))
         pipe.expire(self.record_key(record.id), self._ttl_s)
+        if record.owner is not None:
+            # The end of a generation, however it came, frees its owner's slot; a running one keeps it for as long
+            # as its record lives. (A no-op for a generation that took no slot.)
+            active = self.active_key(record.owner)
+            if record.status in TERMINAL_STATUSES:
+                pipe.zrem(active, record.id)
+            else:
+                pipe.zadd(active, {record.id: (time.time() + self._ttl_s) * 1000}, xx=True)
+                pipe.expire(active, self._ttl_s, gt=True)
         await self._call(pipe.execute())
 
     async def cancel_requested(self, generation_ids: Sequence[str]) -> set[str]:

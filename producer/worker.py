@@ -344,7 +344,7 @@ class Worker:
             await self._ack(run)  # finished before; only the acknowledgement was lost
             return
         if record is None:
-            record = GenerationRecord(job.id, job.provider, job.model, job.channel, created_at=job.created_at)
+            record = GenerationRecord.queued(job)
         if attempt == 1:
             self.metrics.queue_lag_seconds.observe(max(0.0, time.time() - job.created_at))
         record.status, record.started_at = "running", time.time()

@@ -21,6 +21,7 @@ from hub.backend import (
     Appended,
     Backend,
     ChannelClosed,
+    ChannelOwned,
     Entry,
     Fence,
     Fenced,
@@ -794,6 +795,58 @@ async def test_a_fence_lets_only_the_latest_run_of_one_owner_write(backend: Back
     assert await backend.delete("fenced")
     [ok] = await backend.append_many([batch("b", "job-b", 1, take=True)])
     assert isinstance(ok, list)
+
+
+# -- generations' channels -----------------------------------------------------------------------------------------
+
+
+async def test_a_reserved_channel_takes_only_fenced_appends_and_says_whose_it_is(backend: Backend) -> None:
+    assert await backend.owner("gen:a") is None
+    assert await backend.reserve("gen:a", "jwt:alice")
+    assert await backend.owner("gen:a") == "jwt:alice"
+    assert await backend.info("gen:a") is None  # reserved, not yet written: still no channel
+    assert not await backend.reserve("gen:a", "jwt:bob")  # taken: nothing changes
+    assert await backend.owner("gen:a") == "jwt:alice"
+    with pytest.raises(ChannelOwned):
+        await backend.append("gen:a", [ev(0)])
+    with pytest.raises(ChannelOwned):
+        await backend.append_once("gen:a", [ev(0)], Idempotency("k", "f"))
+    [refused] = await backend.append_many([AppendBatch("gen:a", [ev(0)])])
+    assert isinstance(refused, ChannelOwned)
+    [ok] = await backend.append_many([AppendBatch("gen:a", [ev(1)], fence=Fence("gen_a", 1, take=True))])
+    assert isinstance(ok, list)
+    assert [e.data for e in (await backend.range("gen:a", "0", limit=10)).entries] == [ev(1).data]
+    # A channel that exists cannot become a generation's; deleting one frees its name.
+    await backend.append("plain", [ev(0)])
+    assert not await backend.reserve("plain", "jwt:alice") and await backend.owner("plain") is None
+    assert await backend.delete("gen:a") and await backend.owner("gen:a") is None
+    await backend.append("gen:a", [ev(2)])
+
+
+async def test_a_channel_s_owner_lives_as_long_as_the_channel(make_backend: BackendFactory) -> None:
+    backend = make_backend(ttl_s=0.6)
+    assert await backend.reserve("gen:b", "jwt:alice")
+    await asyncio.sleep(0.35)
+    [ok] = await backend.append_many([AppendBatch("gen:b", [ev(0)], fence=Fence("gen_b", 1, take=True))])
+    assert isinstance(ok, list)
+    await asyncio.sleep(0.35)  # past the reservation's first lifetime: the append refreshed it
+    assert await backend.owner("gen:b") == "jwt:alice"
+    await asyncio.sleep(0.6)
+    assert await backend.owner("gen:b") is None and await backend.info("gen:b") is None
+
+
+async def test_reserving_ends_the_reads_of_the_name_made_before(backend: Backend) -> None:
+    reader = await backend.open_reader()
+    try:
+        await reader.read({"gen:c": ZERO_ID}, block_s=0.05)  # tailing it, as a node with a stream on it does
+        waiting = asyncio.create_task(reader.read({"gen:c": ZERO_ID}, block_s=5))
+        await asyncio.sleep(0.2)
+        assert await backend.reserve("gen:c", "jwt:alice")
+        async with asyncio.timeout(5):
+            result = await waiting
+        assert result.deleted == ["gen:c"]
+    finally:
+        await reader.aclose()
 
 
 # -- idempotent appends ---------------------------------------------------------------------------------------------

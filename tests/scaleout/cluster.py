@@ -63,6 +63,8 @@ NODE_FLAGS = (
     "127.0.0.1",
     "--max-streams-per-client",
     "100000",
+    "--max-generations-per-client",
+    "100000",
     "--publish-rate",
     "100000",
     "--publish-burst",

@@ -1,0 +1,37 @@
+"""Who may reach a generation: its owner (the client that started it), or a token that names its channel exactly.
+
+A pattern such as `gen:*` lets a client start generations; it does not reach other clients' ones. Whatever is not
+reachable is answered exactly as something that does not exist, so that nothing tells another client it is there.
+In anonymous mode everyone is the same principal, and ownership separates no one.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .auth import Action, Principal
+from .keys import BACKEND, LIMITS
+
+__all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach"]
+
+# What a stream of a channel that is not the caller's follows instead: a name no request can give (channel names have
+# no "/") and no worker writes (jobs' channels are checked the same way), so it never exists and never has an event.
+HIDDEN_CHANNEL = "/"
+
+
+def may_reach(principal: Principal, client: str, action: Action, channel: str, owner: str | None) -> bool:
+    """Whether `principal` (counted as `client`, see Limits.client) may `action` on a generation's `channel` that
+    `owner` owns (None: a record kept before owners were, which its channel's patterns decide alone)."""
+    if principal.kind == "anonymous" or principal.names(action, channel):
+        return True
+    return principal.may(action, channel) and (owner is None or owner == client)
+
+
+async def channel_reachable(request: web.Request, principal: Principal, action: Action, channel: str) -> bool:
+    """For a caller whose rights on `channel` were already checked: False when the channel is another client's
+    generation's and the token does not name it exactly. One store read, only for tokens that reach the channel by a
+    pattern."""
+    if principal.kind == "anonymous" or principal.names(action, channel):
+        return True
+    owner = await request.app[BACKEND].owner(channel)
+    return owner is None or owner == request.app[LIMITS].client(request, principal)

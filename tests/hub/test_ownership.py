@@ -1,0 +1,303 @@
+"""A generation belongs to the client that started it: others cannot read, cancel, delete or even see it, nobody
+publishes into its channel, and each client has only so many generations queued or running at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import jwt
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from hub.app import create_app
+from hub.backend import Backend
+from hub.settings import HubSettings
+from hub.sse import SSEEvent
+from producer.jobs import Job, TooManyGenerations
+from producer.queue_redis import RedisJobQueue
+from producer.settings import ProducerSettings
+from tests.conftest import ClientFactory
+from tests.support import RedisServer, collect, read_events
+
+Client = TestClient[Any, Any]
+SECRET = "s" * 64
+API_KEY = "svc-key-0123456789abcdef"
+SLOW = {"provider": "demo", "model": "demo", "messages": [{"role": "user", "content": "hi"}]}  # seconds at 10 tokens/s
+QUICK = {**SLOW, "params": {"max_tokens": 2}}
+
+
+def bearer(sub: str, *, subscribe: list[str] | None = None, publish: list[str] | None = None) -> dict[str, str]:
+    claims = {"sub": sub, "exp": time.time() + 600, "subscribe": subscribe or [], "publish": publish or []}
+    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+
+
+ALICE = bearer("alice", subscribe=["gen:*"], publish=["gen:*"])
+BOB = bearer("bob", subscribe=["gen:*"], publish=["gen:*"])
+AUTH = {"anonymous": False, "jwt_secret": SECRET, "api_keys": f"svc {API_KEY} gen:*"}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def hub(make_client: ClientFactory, backend: Backend) -> Client:
+    return await make_client(backend, **AUTH)
+
+
+async def start(hub: Client, headers: dict[str, str], body: dict[str, Any] = SLOW) -> dict[str, Any]:
+    resp = await hub.post("/v1/generations", json=body, headers=headers)
+    job: dict[str, Any] = await resp.json()
+    assert resp.status == 202, job
+    return job
+
+
+async def answer(resp: aiohttp.ClientResponse) -> tuple[int, Any]:
+    return resp.status, await resp.json()
+
+
+async def events_within(resp: aiohttp.ClientResponse, seconds: float) -> list[SSEEvent]:
+    """What a stream delivers within `seconds` (it may stay open)."""
+    out: list[SSEEvent] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            async for ev in read_events(resp):
+                out.append(ev)
+    resp.close()
+    return out
+
+
+async def preamble(hub: Client, channel: str, headers: dict[str, str]) -> bytes:
+    """The first bytes of a live stream: the position it starts from."""
+    resp = await hub.get(f"/v1/channels/{channel}/events", headers=headers)
+    assert resp.status == 200
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            async for chunk in resp.content.iter_any():
+                data += chunk
+    resp.close()
+    return data
+
+
+async def until_done(hub: Client, job: dict[str, Any], headers: dict[str, str]) -> list[SSEEvent]:
+    resp = await hub.get(job["events_url"] + "?last_event_id=0", headers=headers)
+    assert resp.status == 200
+    return await collect(resp, timeout_s=30)  # ends by itself at the terminal event
+
+
+async def test_another_client_with_a_wildcard_cannot_reach_a_generation_nor_tell_it_exists(hub: Client) -> None:
+    job = await start(hub, ALICE, QUICK)
+    gid, channel = job["id"], job["channel"]
+    events = await until_done(hub, job, ALICE)
+    assert [e.event for e in events][-1] == "done"
+
+    unknown_id, unknown_channel = "gen_" + "0" * 24, "gen:gen_" + "0" * 24
+    for method in ("GET", "DELETE"):
+        theirs = await answer(await hub.request(method, f"/v1/generations/{gid}", headers=BOB))
+        assert theirs == await answer(await hub.request(method, f"/v1/generations/{unknown_id}", headers=BOB))
+        assert theirs[0] == 404
+        theirs = await answer(await hub.request(method, f"/v1/channels/{channel}", headers=BOB))
+        assert theirs == await answer(await hub.request(method, f"/v1/channels/{unknown_channel}", headers=BOB))
+        assert theirs[0] == 404
+    # Streams: answered as a channel that does not exist, from the same position, and nothing ever comes.
+    assert await preamble(hub, channel, BOB) == await preamble(hub, unknown_channel, BOB)
+    resp = await hub.get(f"/v1/channels/{channel}/events?last_event_id=0", headers=BOB)
+    assert resp.status == 200 and await events_within(resp, 1.5) == []
+
+    # The owner still reaches all of it (Bob's DELETE removed nothing).
+    assert (await hub.get(f"/v1/generations/{gid}", headers=ALICE)).status == 200
+    assert (await hub.get(f"/v1/channels/{channel}", headers=ALICE)).status == 200
+    assert [e.event for e in await until_done(hub, job, ALICE)] == [e.event for e in events]
+    assert (await hub.delete(f"/v1/channels/{channel}", headers=ALICE)).status == 204
+
+
+async def test_a_token_that_names_the_channel_exactly_reaches_the_generation(hub: Client) -> None:
+    job = await start(hub, ALICE, QUICK)
+    gid, channel = job["id"], job["channel"]
+    reader = bearer("carol", subscribe=[channel])
+    events = await until_done(hub, job, reader)
+    assert [e.event for e in events][0] == "start" and events[-1].event == "done"
+    assert (await hub.get(f"/v1/generations/{gid}", headers=reader)).status == 200
+    assert (await hub.get(f"/v1/channels/{channel}", headers=reader)).status == 200
+    # Reading is not cancelling: that takes the channel named in `publish`.
+    assert (await hub.delete(f"/v1/generations/{gid}", headers=reader)).status == 404
+
+    running = await start(hub, ALICE)
+    canceller = bearer("carol", publish=[running["channel"]])
+    resp = await hub.delete(f"/v1/generations/{running['id']}", headers=canceller)
+    assert resp.status == 202, await resp.text()
+    done = await until_done(hub, running, ALICE)
+    assert done[-1].event == "done" and "cancelled" in done[-1].data
+    assert (await hub.delete(f"/v1/channels/{running['channel']}", headers=canceller)).status == 204
+
+
+async def test_another_client_cannot_cancel_a_running_generation(hub: Client) -> None:
+    job = await start(hub, ALICE)
+    assert (await hub.delete(f"/v1/generations/{job['id']}", headers=BOB)).status == 404
+    assert (await hub.delete(f"/v1/channels/{job['channel']}", headers=BOB)).status == 404
+    record = await (await hub.get(f"/v1/generations/{job['id']}", headers=ALICE)).json()
+    assert record["status"] in ("queued", "running") and "owner" not in record
+    assert (await hub.delete(f"/v1/generations/{job['id']}", headers=ALICE)).status == 202
+
+
+async def _refused_publish(hub: Client, channel: str, headers: dict[str, str], **extra: str) -> None:
+    resp = await hub.post(f"/v1/channels/{channel}/events", json={"data": "forged"}, headers={**headers, **extra})
+    body = await resp.json()
+    assert (resp.status, body["error"]) == (409, "generation_channel"), body
+
+
+async def test_nobody_publishes_into_a_generation_channel_even_before_its_worker_starts(
+    make_client: ClientFactory, backend: Backend
+) -> None:
+    # No worker: the channel is only reserved, the moment between a submit and the worker's first append.
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    job = await start(hub, ALICE)
+    channel = job["channel"]
+    for headers in (ALICE, BOB, bearer("carol", publish=[channel]), {"Authorization": f"Bearer {API_KEY}"}):
+        await _refused_publish(hub, channel, headers)
+        await _refused_publish(hub, channel, headers, **{"Idempotency-Key": uuid.uuid4().hex})
+    assert (await hub.get(f"/v1/channels/{channel}", headers=ALICE)).status == 404  # nothing was written
+
+
+async def test_nobody_publishes_into_a_running_generation_channel(hub: Client) -> None:
+    job = await start(hub, ALICE)
+    channel = job["channel"]
+    resp = await hub.get(job["events_url"] + "?last_event_id=0", headers=ALICE)
+    assert [e.event for e in await collect(resp, count=1)] == ["start"]
+    resp.close()
+    for headers in (ALICE, bearer("carol", publish=[channel]), {"Authorization": f"Bearer {API_KEY}"}):
+        await _refused_publish(hub, channel, headers)
+    events = await until_done(hub, job, ALICE)
+    assert "forged" not in [e.data for e in events]
+
+
+async def test_a_stream_opened_before_the_generation_took_its_name_is_ended(hub: Client) -> None:
+    channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
+    early = await hub.get(f"/v1/channels/{channel}/events", headers=BOB)
+    assert early.status == 200
+    await asyncio.sleep(0.2)  # let the stream attach to the channel
+    await start(hub, ALICE, {**QUICK, "channel": channel})
+    events = await collect(early, timeout_s=10)  # ends, told to start over; reconnecting, Bob is authorized afresh
+    assert [e.event for e in events] == ["reset"] and "deleted" in events[0].data
+    again = await hub.get(f"/v1/channels/{channel}/events?last_event_id=0", headers=BOB)
+    assert await events_within(again, 1.5) == []
+
+
+async def test_anonymous_mode_keeps_everyone_one_principal(make_client: ClientFactory, backend: Backend) -> None:
+    hub = await make_client(backend)
+    job = await start(hub, {}, QUICK)
+    assert (await hub.get(f"/v1/generations/{job['id']}")).status == 200
+    assert [e.event for e in await until_done(hub, job, {})][-1] == "done"
+    assert (await hub.delete(f"/v1/channels/{job['channel']}")).status == 204
+
+
+# -- generations per client ---------------------------------------------------------------------------------------
+
+
+async def _status(hub: Client, gid: str, headers: dict[str, str]) -> str:
+    record: dict[str, Any] = await (await hub.get(f"/v1/generations/{gid}", headers=headers)).json()
+    return str(record["status"])
+
+
+async def _wait_status(hub: Client, gid: str, headers: dict[str, str], wanted: set[str]) -> None:
+    for _ in range(600):  # 30 s
+        if await _status(hub, gid, headers) in wanted:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{gid} never reached {wanted}")
+
+
+async def _refused_generation(hub: Client, headers: dict[str, str]) -> None:
+    resp = await hub.post("/v1/generations", json=SLOW, headers=headers)
+    body = await resp.json()
+    assert resp.status == 429 and body["error"] == body["limit"] == "max_generations_per_client", body
+    assert "Retry-After" in resp.headers
+
+
+def _rejections(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith('hub_limit_rejections_total{limit="max_generations_per_client"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def _two_hubs(aiohttp_client: Any, redis_url: str | None, **settings: Any) -> tuple[Client, Client]:
+    """Two nodes: with Redis, sharing it (the first runs the worker); without, the same app twice."""
+    worker = ProducerSettings(metrics_port=0, demo_tokens_per_s=10, poll_s=0.05)
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    common = {**AUTH, "heartbeat_s": 30.0, "redis_url": redis_url, "key_prefix": prefix, **settings}
+    first = {"embedded_worker": "on" if redis_url else "auto", **common}
+    a: Client = await aiohttp_client(create_app(HubSettings(**first), worker_settings=worker))
+    if redis_url is None:
+        return a, a
+    b: Client = await aiohttp_client(create_app(HubSettings(**{**common, "embedded_worker": "off"})))
+    return a, b
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_client_has_at_most_so_many_generations_queued_or_running(
+    aiohttp_client: Any, redis_server: RedisServer, store: str
+) -> None:
+    a, b = await _two_hubs(aiohttp_client, redis_server.url if store == "redis" else None, max_generations_per_client=2)
+    first, second = await start(a, ALICE), await start(b, ALICE)  # counted over every node
+    await _refused_generation(a, ALICE)
+    await _refused_generation(b, ALICE)
+    assert _rejections(await (await a.get("/metrics")).text()) >= 1
+    other = await start(b, BOB)  # a limit per client, not for all
+    # A cancelled generation frees its slot once it has ended.
+    assert (await b.delete(f"/v1/generations/{first['id']}", headers=ALICE)).status == 202
+    await _wait_status(a, first["id"], ALICE, {"cancelled"})
+    third = await start(a, ALICE)
+    await _refused_generation(b, ALICE)
+    # So does one that finished.
+    for job, who in ((second, ALICE), (third, ALICE), (other, BOB)):
+        assert (await a.delete(f"/v1/generations/{job['id']}", headers=who)).status == 202
+        await _wait_status(a, job["id"], who, {"cancelled"})
+    quick = await start(b, ALICE, QUICK)
+    await _wait_status(a, quick["id"], ALICE, {"done"})
+    await start(a, ALICE)
+    await start(b, ALICE)
+    await _refused_generation(a, ALICE)
+
+
+async def test_zero_means_no_limit(aiohttp_client: Any) -> None:
+    hub, _ = await _two_hubs(aiohttp_client, None, max_generations_per_client=0, embedded_worker="off")
+    for _ in range(20):
+        await start(hub, ALICE)
+
+
+async def test_owners_are_kept_beside_jobs_and_records_so_workers_that_know_none_still_read_them(
+    redis_server: RedisServer,
+) -> None:
+    # A rolling upgrade runs hubs and workers of two versions at once: a job or record whose JSON held a field the
+    # older one does not know would be unreadable there (and an unreadable job is dropped).
+    queue = RedisJobQueue(redis_server.url, prefix=f"test:{uuid.uuid4().hex[:12]}:", group="g", record_ttl_s=60)
+    try:
+        job = Job("gen_1", "demo", "demo", [{"role": "user", "content": "hi"}], "gen:gen_1", owner="jwt:alice")
+        await queue.submit(job, max_active=1)
+        with pytest.raises(TooManyGenerations):
+            await queue.submit(dataclasses.replace(job, id="gen_2", channel="gen:gen_2"), max_active=1)
+        [delivery] = await queue.fetch("c", 10, 1.0)
+        assert delivery.job == job
+        raw = await queue._redis.xrange(queue.jobs_key)
+        assert "owner" not in orjson.loads(raw[0][1]["j"])
+        assert "owner" not in orjson.loads(await queue._redis.hget(queue.record_key("gen_1"), "r"))
+        record = await queue.get("gen_1")
+        assert record is not None and record.owner == "jwt:alice"
+        record.status = "done"
+        await queue.update(record)
+        updated = await queue.get("gen_1")
+        assert updated is not None and updated.owner == "jwt:alice" and updated.status == "done"
+        await queue.submit(dataclasses.replace(job, id="gen_3", channel="gen:gen_3"), max_active=1)  # slot freed
+    finally:
+        await queue.aclose()
