@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .backend import (
@@ -50,19 +51,20 @@ _MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
 _READ_COUNT = 200
 
-# Every append rings the stream's own shard channel (named like the stream key, so in its slot on a cluster) with the
-# entries it added: `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it
-# deliver from the ring alone; see _TailReader.
+# Every append rings the stream's own shard channel (see RedisBackend.ring_channel: the stream key, plus the database
+# number unless it is 0, so in the stream's slot on a cluster) with the entries it added:
+# `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it deliver from the ring
+# alone; see _TailReader. ARGV[9] is the suffix that makes the ring channel's name from the stream key.
 # `pcall`: the entries are stored by then, and a ring refused (an ACL user without the channel) must not turn a stored
 # append into an error that a retry would repeat. Such a user's tail cannot subscribe either, and says so.
 _NOTIFY_LUA = """
 local ring = {first_prev, ARGV[3]}
 for i = 1, n do
   ring[#ring + 1] = ids[i]
-  ring[#ring + 1] = ARGV[7 + 2 * i]
   ring[#ring + 1] = ARGV[8 + 2 * i]
+  ring[#ring + 1] = ARGV[9 + 2 * i]
 end
-redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
+redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 """
 
 # Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
@@ -75,7 +77,7 @@ redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
 # given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
 # KEYS[1] stream, KEYS[2] fence, KEYS[3] idempotency key (each used only when its mode says so); ARGV: maxlen,
 # ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence owner, fence attempt, idempotency fingerprint
-# ("": none), idempotency window ms, then event/data pairs.
+# ("": none), idempotency window ms, ring channel suffix, then event/data pairs.
 _APPEND_LUA = """
 if ARGV[7] ~= '' then
   local seen = redis.call('GET', KEYS[3])
@@ -113,9 +115,9 @@ local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
 local first_prev = prev
-local n = (#ARGV - 8) / 2
+local n = (#ARGV - 9) / 2
 for i = 1, n do
-  local ev, d = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
+  local ev, d = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -165,11 +167,12 @@ end
 return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
-# Delete a channel (and its fence) and ring its shard channel with `d`, in one step. KEYS[1] stream, KEYS[2] fence.
+# Delete a channel (and its fence) and ring its shard channel with `d`, in one step. KEYS[1] stream, KEYS[2] fence;
+# ARGV[1] the ring channel suffix.
 _DELETE_LUA = """
 redis.call('DEL', KEYS[2])
 local n = redis.call('DEL', KEYS[1])
-if n == 1 then redis.pcall('SPUBLISH', KEYS[1], 'd') end
+if n == 1 then redis.pcall('SPUBLISH', KEYS[1] .. ARGV[1], 'd') end
 return n
 """
 
@@ -218,6 +221,8 @@ class RedisBackend:
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
+        db = 0 if cluster else int(parse_url(url).get("db") or 0)
+        self._ring_suffix = f":{db}" if db else ""
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
@@ -232,6 +237,24 @@ class RedisBackend:
     def channel_of(self, key: str) -> str:
         """The channel of a stream key (the inverse of stream_key)."""
         return key[len(self._prefix) + 4 : -1]
+
+    def ring_channel(self, key: str) -> str:
+        """The shard channel that a stream's appends and deletion ring (see `_NOTIFY_LUA`).
+
+        Pub/sub channels are server-wide, not per database: hubs on two databases of one Redis with one key prefix
+        would hear each other's rings. So the ring carries the database number, after the stream key (its hash tag,
+        and so its cluster slot, unchanged). Database 0, the only one on a cluster, keeps the bare stream key, so
+        nodes of different versions on it still hear each other. Stream keys end in `}` and suffixed names in a
+        digit: no ring of one database can be named like one of another.
+        """
+        return key + self._ring_suffix
+
+    def key_of_ring(self, ring: str) -> str | None:
+        """The stream key a ring channel belongs to (the inverse of ring_channel); None if it is not one of ours."""
+        suffix = self._ring_suffix
+        if not suffix:
+            return ring
+        return ring[: -len(suffix)] if ring.endswith(suffix) else None
 
     async def _call(self, coro: Any) -> Any:
         """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
@@ -274,6 +297,7 @@ class RedisBackend:
             # Declared keys must be passed in order (and in one slot): the fence's, even if unused, comes before.
             keys[1:] = [self.fence_key(b.channel), self.idempotency_key(b.channel, idempotency.key)]
             args += (idempotency.fingerprint, self._idempotency_ms)
+        args.append(self._ring_suffix)
         for ev in b.events:
             args += (ev.event, ev.data)
         return keys, args
@@ -385,7 +409,8 @@ class RedisBackend:
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str) -> bool:
-        n = await self._call(self._delete(keys=[self.stream_key(channel), self.fence_key(channel)]))
+        keys = [self.stream_key(channel), self.fence_key(channel)]
+        n = await self._call(self._delete(keys=keys, args=[self._ring_suffix]))
         return bool(n)
 
     async def open_reader(self) -> TailReader:
@@ -592,7 +617,7 @@ class _TailReader:
         for key in [k for k in self._subscribed if k not in keys]:
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
-                await pubsub.sunsubscribe(key)
+                await pubsub.sunsubscribe(self._backend.ring_channel(key))
         new: dict[str, list[str]] = {}
         for key in keys:
             if key not in self._subscribed:
@@ -603,11 +628,12 @@ class _TailReader:
             if pubsub is None:
                 pubsub = self._pubsubs[node_name] = await self._open_pubsub(node_name)
             self._unconfirmed.update(node_keys)
+            rings = [self._backend.ring_channel(key) for key in node_keys]
             if cluster:
-                for key in node_keys:  # one slot per SSUBSCRIBE
-                    await pubsub.ssubscribe(key)
+                for ring in rings:  # one slot per SSUBSCRIBE
+                    await pubsub.ssubscribe(ring)
             else:
-                await pubsub.ssubscribe(*node_keys)
+                await pubsub.ssubscribe(*rings)
             if not isinstance(pubsub, SubscribingConnection) and node_name not in self._listeners:
                 self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
             for key in node_keys:
@@ -645,7 +671,10 @@ class _TailReader:
         )
         return aioredis.Redis(connection_pool=pool).pubsub()
 
-    def _on_message(self, kind: str, key: str, data: Any) -> None:
+    def _on_message(self, kind: str, ring: str, data: Any) -> None:
+        key = self._backend.key_of_ring(ring)
+        if key is None:
+            return
         if kind == "smessage":
             if data == "d":
                 if key in self._subscribed:

@@ -313,3 +313,48 @@ async def test_redis_down_for_seconds_mid_stream_loses_nothing_it_accepted(make_
     finally:
         await backend.aclose()
         server.close()
+
+
+async def _shard_subscribed(admin: aioredis.Redis, pattern: str, count: int, timeout_s: float = 10) -> None:
+    """Wait until `count` shard channels matching `pattern` have a subscriber (a node's tail is in force)."""
+    deadline = time.monotonic() + timeout_s
+    while len(await admin.pubsub_shardchannels(pattern)) < count:
+        assert time.monotonic() < deadline, f"no tail subscribed {pattern}"
+        await asyncio.sleep(0.05)
+
+
+async def test_hubs_on_two_databases_of_one_redis_do_not_hear_each_other(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    """Same key prefix, databases 0 and 1: their keys are apart, and so must be their live events (shard pub/sub is
+    server-wide): a close on one must not end the other's streams, nor a deletion reset them."""
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    db1 = redis_server.url.rsplit("/", 1)[0] + "/1"
+    a_backend = _redis_backend(redis_server, "tenant:")
+    b_backend = RedisBackend(db1, prefix="tenant:", history=10_000, ttl_s=3600.0, timeout_s=1.0)
+    try:
+        node_a = await make_client(a_backend)
+        node_b = await make_client(b_backend)
+        await publish(node_a, "gone", {"data": "a0"})
+        done_b = await subscribe(node_b, "done")
+        gone_b = await subscribe(node_b, "gone")
+        await _shard_subscribed(admin, "tenant:ch:{[dg]o*}*", 2)
+        # On A: a first event that closes its channel (its ring names 0-0 as the entry before it, as B's empty
+        # channel would), and the deletion of a channel B also has.
+        await publish(node_a, "done", {"data": "forged", "close": True})
+        assert (await node_a.delete("/v1/channels/gone")).status == 204
+        b_done = await publish(node_b, "done", [{"data": "b1"}])
+        b_gone = await publish(node_b, "gone", [{"data": "b1"}])
+        [first_done] = await collect(done_b, count=1)
+        [first_gone] = await collect(gone_b, count=1)
+        assert (first_done.id, first_done.event, first_done.data) == (b_done[0], "message", "b1")
+        assert (first_gone.id, first_gone.event, first_gone.data) == (b_gone[0], "message", "b1")
+        # Both streams are still open and live.
+        more = await publish(node_b, "done", {"data": "b2"})
+        assert [e.id for e in await collect(done_b, count=1)] == more
+        done_b.close()
+        gone_b.close()
+    finally:
+        await a_backend.aclose()
+        await b_backend.aclose()
+        await admin.aclose()
