@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 _MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
 _READ_COUNT = 200
+# What the rings of one channel may hold between two tail reads. Past it they are dropped and the channel is read from
+# the store instead: a burst, or a reader that is not being read, costs a read, not memory without bound.
+_RING_BUFFER_MAX_BYTES = 2 * 1024 * 1024
 
 # Every append rings the stream's own shard channel (see RedisBackend.ring_channel: the stream key, plus the database
 # number unless it is 0, so in the stream's slot on a cluster) with the entries it added:
@@ -457,6 +460,7 @@ class _TailReader:
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._rang: set[str] = set()  # stream keys to read
         self._pushed: dict[str, list[Entry]] = {}  # stream key → entries its rings carried, in order
+        self._pushed_bytes: dict[str, int] = {}  # stream key → the size of those rings
         self._deleted: list[str] = []
         self._failure: BaseException | None = None
         self._wake = asyncio.Event()
@@ -533,6 +537,7 @@ class _TailReader:
         # Taken before reading: a ring that comes during the read is kept for the next one. A failed read loses none
         # of them: the reader starts afresh (see `read`), and its first read is a sweep.
         pushed, self._pushed = self._pushed, {}
+        self._pushed_bytes = {}
         rang, self._rang = self._rang, set()
         # A deletion of a channel this node no longer tails concerns nobody here: kept, it would make every later read
         # return at once, and report the channel deleted again once a new incarnation of it is tailed.
@@ -615,6 +620,8 @@ class _TailReader:
         if cluster:
             await self._learn_slots()
         for key in [k for k in self._subscribed if k not in keys]:
+            self._pushed.pop(key, None)
+            self._pushed_bytes.pop(key, None)
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
                 await pubsub.sunsubscribe(self._backend.ring_channel(key))
@@ -628,6 +635,10 @@ class _TailReader:
             if pubsub is None:
                 pubsub = self._pubsubs[node_name] = await self._open_pubsub(node_name)
             self._unconfirmed.update(node_keys)
+            # Counted as subscribed before the command leaves: a ring for a key not in `_subscribed` is dropped.
+            for key in node_keys:
+                self._subscribed[key] = node_name
+                self._rang.add(key)
             rings = [self._backend.ring_channel(key) for key in node_keys]
             if cluster:
                 for ring in rings:  # one slot per SSUBSCRIBE
@@ -636,9 +647,6 @@ class _TailReader:
                 await pubsub.ssubscribe(*rings)
             if not isinstance(pubsub, SubscribingConnection) and node_name not in self._listeners:
                 self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
-            for key in node_keys:
-                self._subscribed[key] = node_name
-                self._rang.add(key)
         # Read only once every new subscription is in force: an append after that rings, one before it is read now.
         # (SSUBSCRIBE goes on one connection and the read on another; sent is not yet subscribed.)
         while self._unconfirmed:
@@ -676,11 +684,21 @@ class _TailReader:
         if key is None:
             return
         if kind == "smessage":
+            if key not in self._subscribed:
+                # Unsubscribed (the channel is no longer tailed here; its SUNSUBSCRIBE may still be on its way):
+                # nobody on this node reads it, and kept it would be held until the next read, maybe for ever.
+                return
             if data == "d":
-                if key in self._subscribed:
-                    self._deleted.append(self._backend.channel_of(key))
+                self._deleted.append(self._backend.channel_of(key))
+            elif key in self._rang:
+                pass  # read from the store at the next read anyway, this ring's entries with it
+            elif (size := self._pushed_bytes.get(key, 0) + len(data)) > _RING_BUFFER_MAX_BYTES:
+                self._pushed.pop(key, None)
+                self._pushed_bytes.pop(key, None)
+                self._rang.add(key)
             elif (entries := _ring_entries(data)) is not None:
                 self._pushed.setdefault(key, []).extend(entries)
+                self._pushed_bytes[key] = size
             else:
                 self._rang.add(key)
             self._wake.set()
@@ -728,6 +746,7 @@ class _TailReader:
         self._subscribed.clear()
         self._rang.clear()
         self._pushed.clear()
+        self._pushed_bytes.clear()
         self._unconfirmed.clear()
         self._in_force = None
         self._next_sweep = 0.0  # the first read after this one reads every channel
@@ -738,6 +757,16 @@ class _TailReader:
     async def interrupt(self) -> None:
         self._interrupted = True
         self._wake.set()
+
+    @property
+    def subscribed(self) -> int:
+        """How many channels this reader holds subscriptions for."""
+        return len(self._subscribed)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The size of the rings held for the next read."""
+        return sum(self._pushed_bytes.values())
 
     async def aclose(self) -> None:
         await self._reset()
