@@ -11,7 +11,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from hub.backend import NewEvent
 from hub.backend_redis import RedisBackend
+from hub.keys import FANOUT
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import RedisServer, collect, read_events
@@ -357,4 +359,45 @@ async def test_hubs_on_two_databases_of_one_redis_do_not_hear_each_other(
     finally:
         await a_backend.aclose()
         await b_backend.aclose()
+        await admin.aclose()
+
+
+async def _shard_subscribers(admin: aioredis.Redis, ring: str, count: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await admin.pubsub_shardnumsub(ring)) != [(ring, count)]:
+        assert time.monotonic() < deadline, f"{ring} never had {count} subscribers"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_node_lets_go_of_a_channel_nobody_watches_and_keeps_none_of_its_events(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    """A worker goes on writing a generation whose last watcher on this node left: once the linger is over, the node
+    holds no subscription for it and buffers none of its events."""
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    backend = _redis_backend(redis_server, "idle:")
+    worker = _redis_backend(redis_server, "idle:")
+    try:
+        node = await make_client(backend, linger_s=0.2, tail_block_s=0.5)
+        ring = backend.ring_channel(backend.stream_key("gen"))
+        live = await subscribe(node, "gen")
+        await _shard_subscribers(admin, ring, 1)
+        live.close()
+        await _shard_subscribers(admin, ring, 0)
+        for _ in range(50):
+            await worker.append("gen", [NewEvent("message", "x" * 10_000)])
+        # The node still serves: a new stream joins and gets what comes next.
+        again = await subscribe(node, "gen")
+        await _shard_subscribers(admin, ring, 1)
+        ids = await worker.append("gen", [NewEvent("message", "next")])
+        assert [e.id for e in await collect(again, count=1)] == ids
+        again.close()
+        await _shard_subscribers(admin, ring, 0)
+        for _ in range(50):
+            await worker.append("gen", [NewEvent("message", "x" * 10_000)])
+        reader: Any = node.app[FANOUT]._reader
+        assert reader.subscribed == 0 and reader.buffered_bytes == 0
+    finally:
+        await backend.aclose()
+        await worker.aclose()
         await admin.aclose()
