@@ -149,6 +149,7 @@ def create_app(
             presence=app[PRESENCE],
             window_bytes=settings.resume_window_bytes,
             linger_s=settings.linger_s,
+            stuck_after_s=settings.tail_stuck_bound_s,
         )
         app[FANOUT] = fanout
         await fanout.start()

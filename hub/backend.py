@@ -269,6 +269,8 @@ class TailReader(Protocol):
         Blocks up to `block_s` while there is nothing; returns early on new entries, on a deletion, or when
         `interrupt()` is called (then possibly empty). Never skips entries: the caller passes the last id it received,
         never "latest". Raises BackendUnavailable when the store is unreachable; a later call may succeed.
+        A channel left out is no longer followed: the reader lets go of what it held for it (on Redis, its
+        subscription and any rings kept), so a read of no channels with `block_s=0` releases everything.
         """
         ...
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .backend import (
@@ -51,20 +52,24 @@ log = logging.getLogger(__name__)
 _MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
 _READ_COUNT = 200
+# What the rings of one channel may hold between two tail reads. Past it they are dropped and the channel is read from
+# the store instead: a burst, or a reader that is not being read, costs a read, not memory without bound.
+_RING_BUFFER_MAX_BYTES = 2 * 1024 * 1024
 
-# Every append rings the stream's own shard channel (named like the stream key, so in its slot on a cluster) with the
-# entries it added: `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it
-# deliver from the ring alone; see _TailReader.
+# Every append rings the stream's own shard channel (see RedisBackend.ring_channel: the stream key, plus the database
+# number unless it is 0, so in the stream's slot on a cluster) with the entries it added:
+# `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it deliver from the ring
+# alone; see _TailReader. ARGV[9] is the suffix that makes the ring channel's name from the stream key.
 # `pcall`: the entries are stored by then, and a ring refused (an ACL user without the channel) must not turn a stored
 # append into an error that a retry would repeat. Such a user's tail cannot subscribe either, and says so.
 _NOTIFY_LUA = """
 local ring = {first_prev, ARGV[3]}
 for i = 1, n do
   ring[#ring + 1] = ids[i]
-  ring[#ring + 1] = ARGV[7 + 2 * i]
   ring[#ring + 1] = ARGV[8 + 2 * i]
+  ring[#ring + 1] = ARGV[9 + 2 * i]
 end
-redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
+redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 """
 
 # Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
@@ -79,7 +84,8 @@ redis.pcall('SPUBLISH', KEYS[1], cjson.encode(ring))
 # given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
 # KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
 # when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
-# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, then event/data pairs.
+# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, then
+# event/data pairs.
 _APPEND_LUA = """
 local owned = redis.call('EXISTS', KEYS[3]) == 1
 if owned and ARGV[4] == '' then return redis.error_reply('OWNED the channel belongs to a generation') end
@@ -119,9 +125,9 @@ local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
 local first_prev = prev
-local n = (#ARGV - 8) / 2
+local n = (#ARGV - 9) / 2
 for i = 1, n do
-  local ev, d = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
+  local ev, d = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -173,21 +179,21 @@ return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
 # Delete a channel (and its fence and owner) and ring its shard channel with `d`, in one step. KEYS[1] stream,
-# KEYS[2] fence, KEYS[3] owner.
+# KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix.
 _DELETE_LUA = """
 redis.call('DEL', KEYS[2], KEYS[3])
 local n = redis.call('DEL', KEYS[1])
-if n == 1 then redis.pcall('SPUBLISH', KEYS[1], 'd') end
+if n == 1 then redis.pcall('SPUBLISH', KEYS[1] .. ARGV[1], 'd') end
 return n
 """
 
 # Make a channel that does not exist a generation's (see backend.reserve), and ring its shard channel with `d` as a
 # deletion does: tail readers end the streams opened on the name before it had an owner. KEYS[1] stream, KEYS[2]
-# owner; ARGV[1] owner, ARGV[2] ttl_ms.
+# owner; ARGV[1] owner, ARGV[2] ttl_ms, ARGV[3] the ring channel suffix.
 _RESERVE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.pcall('SPUBLISH', KEYS[1], 'd')
+redis.pcall('SPUBLISH', KEYS[1] .. ARGV[3], 'd')
 return 1
 """
 
@@ -238,6 +244,8 @@ class RedisBackend:
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
+        db = 0 if cluster else int(parse_url(url).get("db") or 0)
+        self._ring_suffix = f":{db}" if db else ""
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
@@ -253,6 +261,24 @@ class RedisBackend:
     def channel_of(self, key: str) -> str:
         """The channel of a stream key (the inverse of stream_key)."""
         return key[len(self._prefix) + 4 : -1]
+
+    def ring_channel(self, key: str) -> str:
+        """The shard channel that a stream's appends and deletion ring (see `_NOTIFY_LUA`).
+
+        Pub/sub channels are server-wide, not per database: hubs on two databases of one Redis with one key prefix
+        would hear each other's rings. So the ring carries the database number, after the stream key (its hash tag,
+        and so its cluster slot, unchanged). Database 0, the only one on a cluster, keeps the bare stream key, so
+        nodes of different versions on it still hear each other. Stream keys end in `}` and suffixed names in a
+        digit: no ring of one database can be named like one of another.
+        """
+        return key + self._ring_suffix
+
+    def key_of_ring(self, ring: str) -> str | None:
+        """The stream key a ring channel belongs to (the inverse of ring_channel); None if it is not one of ours."""
+        suffix = self._ring_suffix
+        if not suffix:
+            return ring
+        return ring[: -len(suffix)] if ring.endswith(suffix) else None
 
     async def _call(self, coro: Any) -> Any:
         """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
@@ -297,6 +323,7 @@ class RedisBackend:
         else:
             keys.append(self.idempotency_key(b.channel, idempotency.key))
             args += (idempotency.fingerprint, self._idempotency_ms)
+        args.append(self._ring_suffix)
         for ev in b.events:
             args += (ev.event, ev.data)
         return keys, args
@@ -411,11 +438,11 @@ class RedisBackend:
 
     async def delete(self, channel: str) -> bool:
         keys = [self.stream_key(channel), self.fence_key(channel), self.owner_key(channel)]
-        return bool(await self._call(self._delete(keys=keys)))
+        return bool(await self._call(self._delete(keys=keys, args=[self._ring_suffix])))
 
     async def reserve(self, channel: str, owner: str) -> bool:
         keys = [self.stream_key(channel), self.owner_key(channel)]
-        return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms])))
+        return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms, self._ring_suffix])))
 
     async def owner(self, channel: str) -> str | None:
         value: str | None = await self._call(self._redis.get(self.owner_key(channel)))
@@ -465,6 +492,7 @@ class _TailReader:
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._rang: set[str] = set()  # stream keys to read
         self._pushed: dict[str, list[Entry]] = {}  # stream key → entries its rings carried, in order
+        self._pushed_bytes: dict[str, int] = {}  # stream key → the size of those rings
         self._deleted: list[str] = []
         self._failure: BaseException | None = None
         self._wake = asyncio.Event()
@@ -541,6 +569,7 @@ class _TailReader:
         # Taken before reading: a ring that comes during the read is kept for the next one. A failed read loses none
         # of them: the reader starts afresh (see `read`), and its first read is a sweep.
         pushed, self._pushed = self._pushed, {}
+        self._pushed_bytes = {}
         rang, self._rang = self._rang, set()
         # A deletion of a channel this node no longer tails concerns nobody here: kept, it would make every later read
         # return at once, and report the channel deleted again once a new incarnation of it is tailed.
@@ -623,9 +652,11 @@ class _TailReader:
         if cluster:
             await self._learn_slots()
         for key in [k for k in self._subscribed if k not in keys]:
+            self._pushed.pop(key, None)
+            self._pushed_bytes.pop(key, None)
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
-                await pubsub.sunsubscribe(key)
+                await pubsub.sunsubscribe(self._backend.ring_channel(key))
         new: dict[str, list[str]] = {}
         for key in keys:
             if key not in self._subscribed:
@@ -636,16 +667,18 @@ class _TailReader:
             if pubsub is None:
                 pubsub = self._pubsubs[node_name] = await self._open_pubsub(node_name)
             self._unconfirmed.update(node_keys)
-            if cluster:
-                for key in node_keys:  # one slot per SSUBSCRIBE
-                    await pubsub.ssubscribe(key)
-            else:
-                await pubsub.ssubscribe(*node_keys)
-            if not isinstance(pubsub, SubscribingConnection) and node_name not in self._listeners:
-                self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
+            # Counted as subscribed before the command leaves: a ring for a key not in `_subscribed` is dropped.
             for key in node_keys:
                 self._subscribed[key] = node_name
                 self._rang.add(key)
+            rings = [self._backend.ring_channel(key) for key in node_keys]
+            if cluster:
+                for ring in rings:  # one slot per SSUBSCRIBE
+                    await pubsub.ssubscribe(ring)
+            else:
+                await pubsub.ssubscribe(*rings)
+            if not isinstance(pubsub, SubscribingConnection) and node_name not in self._listeners:
+                self._listeners[node_name] = asyncio.create_task(self._listen(pubsub), name=f"tail-rings-{node_name}")
         # Read only once every new subscription is in force: an append after that rings, one before it is read now.
         # (SSUBSCRIBE goes on one connection and the read on another; sent is not yet subscribed.)
         while self._unconfirmed:
@@ -678,13 +711,26 @@ class _TailReader:
         )
         return aioredis.Redis(connection_pool=pool).pubsub()
 
-    def _on_message(self, kind: str, key: str, data: Any) -> None:
+    def _on_message(self, kind: str, ring: str, data: Any) -> None:
+        key = self._backend.key_of_ring(ring)
+        if key is None:
+            return
         if kind == "smessage":
+            if key not in self._subscribed:
+                # Unsubscribed (the channel is no longer tailed here; its SUNSUBSCRIBE may still be on its way):
+                # nobody on this node reads it, and kept it would be held until the next read, maybe for ever.
+                return
             if data == "d":
-                if key in self._subscribed:
-                    self._deleted.append(self._backend.channel_of(key))
+                self._deleted.append(self._backend.channel_of(key))
+            elif key in self._rang:
+                pass  # read from the store at the next read anyway, this ring's entries with it
+            elif (size := self._pushed_bytes.get(key, 0) + len(data)) > _RING_BUFFER_MAX_BYTES:
+                self._pushed.pop(key, None)
+                self._pushed_bytes.pop(key, None)
+                self._rang.add(key)
             elif (entries := _ring_entries(data)) is not None:
                 self._pushed.setdefault(key, []).extend(entries)
+                self._pushed_bytes[key] = size
             else:
                 self._rang.add(key)
             self._wake.set()
@@ -732,6 +778,7 @@ class _TailReader:
         self._subscribed.clear()
         self._rang.clear()
         self._pushed.clear()
+        self._pushed_bytes.clear()
         self._unconfirmed.clear()
         self._in_force = None
         self._next_sweep = 0.0  # the first read after this one reads every channel
@@ -742,6 +789,16 @@ class _TailReader:
     async def interrupt(self) -> None:
         self._interrupted = True
         self._wake.set()
+
+    @property
+    def subscribed(self) -> int:
+        """How many channels this reader holds subscriptions for."""
+        return len(self._subscribed)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The size of the rings held for the next read."""
+        return sum(self._pushed_bytes.values())
 
     async def aclose(self) -> None:
         await self._reset()

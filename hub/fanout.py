@@ -10,6 +10,7 @@ A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it los
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -248,6 +249,7 @@ class Fanout:
         presence: Presence | None = None,
         window_bytes: int = 0,
         linger_s: float = 0.0,
+        stuck_after_s: float = 60.0,
     ) -> None:
         self._backend = backend
         self._presence = presence
@@ -256,6 +258,7 @@ class Fanout:
         self._heartbeat_s = heartbeat_s
         self._window_bytes = window_bytes
         self._linger_s = linger_s
+        self._stuck_after_s = stuck_after_s
         self._channels: dict[str, _Channel] = {}
         # Each tailed channel's position, kept beside `_channels` so that a read copies it in one step instead of
         # building it channel by channel on every round: a node may tail thousands.
@@ -270,11 +273,13 @@ class Fanout:
         self._stopping = False
         self._draining = False
         self._tail_ok = True  # False while the live tail cannot read the backend
+        self._released = True  # the reader holds nothing for channels (no subscription, no ring kept)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._reader = await self._backend.open_reader()
+        self._metrics.liveness.watch("tail", self._stuck_after_s)
         self._tasks = [
             asyncio.create_task(self._tail_loop(), name="fanout-tail"),
             asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),
@@ -295,6 +300,7 @@ class Fanout:
             t.cancel()
         # Each task's own failure (an interrupt that met a closed store, say) is irrelevant once stopping.
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._metrics.liveness.forget("tail")
         if self._reader is not None:
             await self._reader.aclose()
 
@@ -457,16 +463,25 @@ class Fanout:
 
     async def _tail_loop(self) -> None:
         assert self._reader is not None
+        liveness = self._metrics.liveness
         backoff = _BACKOFF_MIN_S
         while not self._stopping:
+            # Progress is going round, whether the last read succeeded or not (that is readiness's business).
+            liveness.beat("tail")
             snapshot = self._snapshot()
-            if not snapshot:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
             self._wakeup.clear()
+            if not snapshot and self._released:
+                # Nothing to follow: wait for a subscriber, but not for ever, so that this wait counts as going round
+                # (and a linger that ends meanwhile is seen).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._block_s):
+                        await self._wakeup.wait()
+                continue
             try:
-                result = await self._reader.read(dict(self._positions), block_s=self._block_s)
+                # With no channel left, one read of none lets go of the reader's subscriptions and whatever it kept
+                # for them: a node must not hold, nor buffer the rings of, channels nobody here watches.
+                result = await self._reader.read(dict(self._positions), block_s=self._block_s if snapshot else 0.0)
+                self._released = not snapshot
                 self._tail_ok = True
                 backoff = _BACKOFF_MIN_S
                 for name in result.deleted:

@@ -414,7 +414,9 @@ async def channel_delete(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+    """Liveness: 503 naming the loop that stopped going round (see hub.liveness); a Redis outage is not one."""
+    status, body = request.app[METRICS].liveness.report()
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 @routes.get("/readyz")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .liveness import Liveness
+
 __all__ = ["HubMetrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -66,3 +68,7 @@ class HubMetrics:
             registry=registry,
         )
         self.resets = Counter("hub_resets_total", "reset events sent to subscribers", ["reason"], registry=registry)
+        # The node's long-running loops (the live tail): how long since each went round, read at each scrape, and
+        # /healthz's answer.
+        self.liveness = Liveness()
+        self.liveness.register(registry, "hub_loop_progress_age_seconds")

@@ -80,6 +80,11 @@ class HubSettings:
     linger_s: float = _opt(
         DEFAULT_LINGER_S, "linger", "seconds a channel stays tailed after its last subscriber left, for quick resumes"
     )
+    tail_stuck_after_s: float = _opt(
+        0.0,
+        "tail-stuck-after",
+        "seconds the live tail may go without a round before /healthz fails (0: 2 x (tail-block + redis-timeout) + 10)",
+    )
     max_connection_age_s: float = _opt(
         0.0,
         "max-connection-age",
@@ -153,6 +158,11 @@ class HubSettings:
         need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
         need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
         need(
+            self.tail_stuck_after_s == 0 or self.tail_stuck_after_s > self.tail_block_s + self.redis_timeout_s,
+            "tail-stuck-after",
+            "must be 0 (derived) or more than tail-block + redis-timeout, the longest a healthy read takes",
+        )
+        need(
             self.max_connection_age_s == 0 or self.max_connection_age_s >= 1,
             "max-connection-age",
             "must be 0 (off) or at least 1 second",
@@ -198,6 +208,15 @@ class HubSettings:
             "redis-url",
             "must start with redis://, rediss:// or unix://",
         )
+
+    @property
+    def tail_stuck_bound_s(self) -> float:
+        """How long the live tail may go without a round before liveness fails. One round is at most a read (up to
+        tail-block, plus redis-timeout when Redis does not answer) and a back-off of up to 2 s after a failure; twice
+        that, and 10 s for a loaded event loop, is still a fraction of a minute."""
+        if self.tail_stuck_after_s:
+            return self.tail_stuck_after_s
+        return 2 * (self.tail_block_s + self.redis_timeout_s) + 10.0
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> HubSettings:

@@ -11,7 +11,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from hub.backend import NewEvent
 from hub.backend_redis import RedisBackend
+from hub.keys import FANOUT
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import RedisServer, collect, read_events
@@ -313,3 +315,89 @@ async def test_redis_down_for_seconds_mid_stream_loses_nothing_it_accepted(make_
     finally:
         await backend.aclose()
         server.close()
+
+
+async def _shard_subscribed(admin: aioredis.Redis, pattern: str, count: int, timeout_s: float = 10) -> None:
+    """Wait until `count` shard channels matching `pattern` have a subscriber (a node's tail is in force)."""
+    deadline = time.monotonic() + timeout_s
+    while len(await admin.pubsub_shardchannels(pattern)) < count:
+        assert time.monotonic() < deadline, f"no tail subscribed {pattern}"
+        await asyncio.sleep(0.05)
+
+
+async def test_hubs_on_two_databases_of_one_redis_do_not_hear_each_other(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    """Same key prefix, databases 0 and 1: their keys are apart, and so must be their live events (shard pub/sub is
+    server-wide): a close on one must not end the other's streams, nor a deletion reset them."""
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    db1 = redis_server.url.rsplit("/", 1)[0] + "/1"
+    a_backend = _redis_backend(redis_server, "tenant:")
+    b_backend = RedisBackend(db1, prefix="tenant:", history=10_000, ttl_s=3600.0, timeout_s=1.0)
+    try:
+        node_a = await make_client(a_backend)
+        node_b = await make_client(b_backend)
+        await publish(node_a, "gone", {"data": "a0"})
+        done_b = await subscribe(node_b, "done")
+        gone_b = await subscribe(node_b, "gone")
+        await _shard_subscribed(admin, "tenant:ch:{[dg]o*}*", 2)
+        # On A: a first event that closes its channel (its ring names 0-0 as the entry before it, as B's empty
+        # channel would), and the deletion of a channel B also has.
+        await publish(node_a, "done", {"data": "forged", "close": True})
+        assert (await node_a.delete("/v1/channels/gone")).status == 204
+        b_done = await publish(node_b, "done", [{"data": "b1"}])
+        b_gone = await publish(node_b, "gone", [{"data": "b1"}])
+        [first_done] = await collect(done_b, count=1)
+        [first_gone] = await collect(gone_b, count=1)
+        assert (first_done.id, first_done.event, first_done.data) == (b_done[0], "message", "b1")
+        assert (first_gone.id, first_gone.event, first_gone.data) == (b_gone[0], "message", "b1")
+        # Both streams are still open and live.
+        more = await publish(node_b, "done", {"data": "b2"})
+        assert [e.id for e in await collect(done_b, count=1)] == more
+        done_b.close()
+        gone_b.close()
+    finally:
+        await a_backend.aclose()
+        await b_backend.aclose()
+        await admin.aclose()
+
+
+async def _shard_subscribers(admin: aioredis.Redis, ring: str, count: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await admin.pubsub_shardnumsub(ring)) != [(ring, count)]:
+        assert time.monotonic() < deadline, f"{ring} never had {count} subscribers"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_node_lets_go_of_a_channel_nobody_watches_and_keeps_none_of_its_events(
+    make_client: ClientFactory, redis_server: RedisServer
+) -> None:
+    """A worker goes on writing a generation whose last watcher on this node left: once the linger is over, the node
+    holds no subscription for it and buffers none of its events."""
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    backend = _redis_backend(redis_server, "idle:")
+    worker = _redis_backend(redis_server, "idle:")
+    try:
+        node = await make_client(backend, linger_s=0.2, tail_block_s=0.5)
+        ring = backend.ring_channel(backend.stream_key("gen"))
+        live = await subscribe(node, "gen")
+        await _shard_subscribers(admin, ring, 1)
+        live.close()
+        await _shard_subscribers(admin, ring, 0)
+        for _ in range(50):
+            await worker.append("gen", [NewEvent("message", "x" * 10_000)])
+        # The node still serves: a new stream joins and gets what comes next.
+        again = await subscribe(node, "gen")
+        await _shard_subscribers(admin, ring, 1)
+        ids = await worker.append("gen", [NewEvent("message", "next")])
+        assert [e.id for e in await collect(again, count=1)] == ids
+        again.close()
+        await _shard_subscribers(admin, ring, 0)
+        for _ in range(50):
+            await worker.append("gen", [NewEvent("message", "x" * 10_000)])
+        reader: Any = node.app[FANOUT]._reader
+        assert reader.subscribed == 0 and reader.buffered_bytes == 0
+    finally:
+        await backend.aclose()
+        await worker.aclose()
+        await admin.aclose()

@@ -346,3 +346,41 @@ async def test_a_user_without_the_ring_channels_stores_appends_once_and_its_tail
         await reader.aclose()
         await backend.aclose()
         await admin.aclose()
+
+
+async def test_the_rings_one_channel_may_hold_between_reads_are_bounded(tail: Tail) -> None:
+    """A burst of rings while nobody reads (a busy node, a reader between reads) costs a read from the store, not
+    memory without bound; nothing is lost."""
+    backend, reader = tail.backend, tail.reader
+    positions = {"c": ZERO_ID, "probe": ZERO_ID}
+    await reader.read(positions, block_s=0)  # both subscribed, and read once
+    ids = []
+    for _ in range(40):  # 4 MB of rings, twice the bound
+        ids += await backend.append("c", [NewEvent("message", "x" * 100_000)])
+    await backend.append("probe", ev(0))
+    # The rings of one subscribing connection arrive in order: once the probe's has come, all of c's have.
+    internals: Any = reader
+    deadline = time.monotonic() + 20
+    probe_key = backend.stream_key("probe")
+    while probe_key not in internals._pushed and probe_key not in internals._rang:
+        assert time.monotonic() < deadline, "the probe's ring never came"
+        await asyncio.sleep(0.02)
+    held = sum(len(e.data) for e in internals._pushed.get(backend.stream_key("c"), []))
+    assert held <= 2 * 1024 * 1024
+    got: list[str] = []
+    while len(got) < len(ids):
+        result = await reader.read({**positions, "c": got[-1] if got else ZERO_ID}, block_s=5)
+        got += [e.id for e in result.entries.get("c", [])]
+    assert got == ids
+
+
+async def test_a_read_of_no_channels_lets_go_of_every_subscription(tail: Tail) -> None:
+    backend, admin, reader = tail.backend, tail.admin, tail.reader
+    ring = backend.ring_channel(backend.stream_key("c"))
+    await reader.read({"c": ZERO_ID}, block_s=0)
+    assert (await admin.pubsub_shardnumsub(ring)) == [(ring, 1)]
+    await reader.read({}, block_s=0)
+    deadline = time.monotonic() + 10
+    while (await admin.pubsub_shardnumsub(ring)) != [(ring, 0)]:
+        assert time.monotonic() < deadline, "the reader kept its subscription"
+        await asyncio.sleep(0.02)
