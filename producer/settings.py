@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, settings_from_args
+from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_url_problem, settings_from_args
 
 from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
@@ -105,11 +105,8 @@ class ProducerSettings:
         need(bool(self.metrics_host), "metrics-host", "must be an address of this host, such as 0.0.0.0 or 127.0.0.1")
         need(self.stall_after_s > 0, "stall-after", "must be positive")
         need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
-        need(
-            self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "redis-url",
-            "must start with redis://, rediss:// or unix://",
-        )
+        url_problem = redis_url_problem(self.redis_url) if self.redis_url is not None else ""
+        need(not url_problem, "redis-url", url_problem)
         if not self.consumer:
             object.__setattr__(self, "consumer", _default_consumer())
 
