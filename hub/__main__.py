@@ -21,6 +21,7 @@ from producer.settings import ProducerSettings, ProviderKeys
 
 from .app import begin_drain, create_app
 from .settings import HubSettings
+from .startup import listen_failure, setting
 
 log = logging.getLogger("hub")
 
@@ -93,7 +94,28 @@ def main(argv: list[str] | None = None) -> int:
 
     app.on_startup.append(freeze_heap)
     app.on_startup.append(_drain_on_signal)
-    log.info("hub listening on http://%s:%d", settings.host, settings.port)
+    try:
+        _run(app, settings)
+    except OSError as e:
+        line = listen_failure(
+            e,
+            host=settings.host,
+            port=settings.port,
+            host_setting=setting("HUB_", "host"),
+            port_setting=setting("HUB_", "port"),
+        )
+        if line is None:
+            raise
+        print(f"python -m hub: {line}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(app: web.Application, settings: HubSettings) -> None:
+    def listening(_message: str) -> None:
+        # aiohttp's "Running on ..." comes once the socket is bound: said then, not before a bind that may fail.
+        log.info("hub listening on http://%s:%d", settings.host, settings.port)
+
     web.run_app(
         app,
         host=settings.host,
@@ -112,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         # second to retry. The kernel caps this at net.core.somaxconn.
         backlog=settings.backlog,
         access_log=logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None,
-        print=None,
+        print=listening,
     )
-    return 0
 
 
 if __name__ == "__main__":

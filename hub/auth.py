@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .errors import ApiError
 from .settings import HubSettings
+from .startup import setting
 
 __all__ = ["Action", "ApiKey", "Authenticator", "Principal", "parse_api_keys", "seconds_left"]
 
@@ -87,6 +88,17 @@ def parse_api_keys(text: str, *, source: str) -> list[ApiKey]:
     return keys
 
 
+def _read(path: str, name: str) -> str:
+    """A file a setting names; one that cannot be read stops the start with a message naming the setting."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ValueError(
+            f"cannot read {path} ({why}): set {setting('HUB_', name)} to a file this process can read"
+        ) from None
+
+
 class Authenticator:
     def __init__(self, settings: HubSettings) -> None:
         self.anonymous = settings.anonymous
@@ -98,12 +110,12 @@ class Authenticator:
         if settings.jwt_secret:
             self._jwt_key, self._algorithms = settings.jwt_secret, ["HS256"]
         elif settings.jwt_public_key:
-            pem = Path(settings.jwt_public_key).read_text()
+            pem = _read(settings.jwt_public_key, "jwt-public-key")
             # Asymmetric only: a public key must never be accepted as an HMAC secret (algorithm confusion).
             self._jwt_key, self._algorithms = pem, ["RS256", "ES256"]
         keys: list[ApiKey] = []
         if settings.api_keys_file:
-            keys += parse_api_keys(Path(settings.api_keys_file).read_text(), source=settings.api_keys_file)
+            keys += parse_api_keys(_read(settings.api_keys_file, "api-keys-file"), source=settings.api_keys_file)
         if settings.api_keys:
             keys += parse_api_keys(settings.api_keys, source="HUB_API_KEYS")
         self._api_keys = keys

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from redis.connection import parse_url
+
 from .backend import DEFAULT_IDEMPOTENCY_WINDOW_S
 
 __all__ = [
@@ -46,6 +48,17 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 def _opt(default: Any, flag: str, help: str, *, secret: bool = False) -> Any:
     # Secrets stay out of repr(), so a logged settings object never shows them.
     return field(default=default, repr=not secret, metadata={"flag": flag, "help": help})
+
+
+def redis_url_problem(url: str) -> str:
+    """What is wrong with a Redis URL, or "" when a client can be built from it (the hub's and the worker's check)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "must start with redis://, rediss:// or unix://"
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as e:  # a port that is not a number, a database that is not one, an option of the wrong type
+        return f"{e}; give a URL such as redis://host:6379/0"
+    return ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,11 +216,8 @@ class HubSettings:
             "give --jwt-secret or --jwt-public-key, not both",
         )
         need(self.jwt_secret is None or len(self.jwt_secret) >= 32, "jwt-secret", "must be at least 32 characters")
-        need(
-            self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "redis-url",
-            "must start with redis://, rediss:// or unix://",
-        )
+        url_problem = redis_url_problem(self.redis_url) if self.redis_url is not None else ""
+        need(not url_problem, "redis-url", url_problem)
 
     @property
     def tail_stuck_bound_s(self) -> float:

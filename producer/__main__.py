@@ -12,67 +12,59 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-import orjson
 import uvloop
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client import CollectorRegistry
 
 from hub.backend import BackendUnavailable
 from hub.backend_redis import RedisBackend
+from hub.liveness import Liveness
 from hub.presence import RedisPresence
+from hub.startup import StartupError, listen_failure, setting
 
+from .endpoints import endpoints_app
 from .queue_redis import RedisJobQueue
 from .settings import ProducerSettings, ProviderKeys, providers_for
 from .worker import Worker
 
 log = logging.getLogger("producer")
+_ENV = "PRODUCER_"
 
 
-async def _serve_metrics(
-    registry: CollectorRegistry, port: int, problem: Callable[[], Awaitable[str | None]] | None = None
+async def _serve_endpoints(
+    settings: ProducerSettings,
+    registry: CollectorRegistry,
+    liveness: Liveness,
+    problem: Callable[[], Awaitable[str | None]] | None = None,
 ) -> web.AppRunner:
-    """The worker's operations endpoints: /metrics, /healthz (the process answers) and /readyz (it can work: `problem`
-    says why not, as the hub's /readyz does; a rollout waits for a new worker that cannot reach Redis)."""
-
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
-
-    async def readyz(_request: web.Request) -> web.Response:
-        reason = await problem() if problem is not None else None
-        if reason is not None:
-            body = orjson.dumps({"status": "unavailable", "reason": reason})
-            return web.Response(status=503, body=body, content_type="application/json")
-        return web.Response(body=b'{"status":"ready"}', content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(endpoints_app(registry, liveness, problem), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
+    host, port = settings.metrics_host, settings.metrics_port
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        line = listen_failure(
+            e,
+            host=host,
+            port=port,
+            host_setting=setting(_ENV, "metrics-host"),
+            port_setting=setting(_ENV, "metrics-port"),
+            port_hint=" (each worker on a host needs its own), or 0 for no metrics server",
+        )
+        if line is None:
+            raise
+        raise StartupError(line) from e
     return runner
 
 
 async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
     assert settings.redis_url is not None
     registry = CollectorRegistry()
-    cluster = settings.redis_cluster
-    backend = RedisBackend(
-        settings.redis_url, prefix=settings.key_prefix, history=settings.history, ttl_s=settings.ttl_s, cluster=cluster
-    )
-    queue = RedisJobQueue(
-        settings.redis_url,
-        prefix=settings.key_prefix,
-        group=settings.group,
-        record_ttl_s=settings.ttl_s,
-        cluster=cluster,
-    )
-    presence = RedisPresence(settings.redis_url, prefix=settings.key_prefix, cluster=cluster)
+    cluster, url, prefix = settings.redis_cluster, settings.redis_url, settings.key_prefix
+    backend = RedisBackend(url, prefix=prefix, history=settings.history, ttl_s=settings.ttl_s, cluster=cluster)
+    queue = RedisJobQueue(url, prefix=prefix, group=settings.group, record_ttl_s=settings.ttl_s, cluster=cluster)
+    presence = RedisPresence(url, prefix=prefix, cluster=cluster)
     worker = Worker(
         settings,
         backend=backend,
@@ -91,11 +83,13 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
             return "backend_unavailable"
         return None
 
-    runner = await _serve_metrics(registry, settings.metrics_port, problem) if settings.metrics_port else None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
+    runner: web.AppRunner | None = None
     try:
+        if settings.metrics_port:
+            runner = await _serve_endpoints(settings, registry, worker.liveness, problem)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
         await worker.run_async()
     finally:
         if runner is not None:
@@ -118,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m producer: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(_main(settings, ProviderKeys.from_env(os.environ)))
+    try:
+        uvloop.run(_main(settings, ProviderKeys.from_env(os.environ)))
+    except StartupError as e:
+        print(f"python -m producer: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

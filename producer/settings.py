@@ -13,16 +13,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, settings_from_args
+from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_url_problem, settings_from_args
 
 from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
 from .providers.registry import build_providers
 
-__all__ = ["DEFAULT_GROUP", "ProducerSettings", "ProviderKeys", "providers_for"]
+__all__ = ["DEFAULT_GROUP", "DEFAULT_STALL_AFTER_S", "ProducerSettings", "ProviderKeys", "providers_for"]
 
 
 DEFAULT_GROUP = "producers"
+# Longer than any Redis call may take (their deadlines are a few seconds) and than a loaded machine may pause a loop,
+# short enough that Kubernetes restarts a worker that stopped taking jobs within a couple of minutes.
+DEFAULT_STALL_AFTER_S = 60.0
 
 
 def _opt(default: Any, flag: str, help: str) -> Any:
@@ -74,7 +77,15 @@ class ProducerSettings:
     anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
     gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
     demo_tokens_per_s: float = _opt(30.0, "demo-tokens-per-s", "pace of the demo provider (0: as fast as possible)")
-    metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics (0: none)")
+    metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics, /healthz and /readyz (0: none)")
+    metrics_host: str = _opt(
+        "0.0.0.0", "metrics-host", "address of that port (0.0.0.0: every interface, for in-cluster scraping)"
+    )
+    stall_after_s: float = _opt(
+        DEFAULT_STALL_AFTER_S,
+        "stall-after",
+        "seconds a worker loop may take beyond its own period before /healthz fails (503 naming the loop)",
+    )
     log_level: str = _opt("info", "log-level", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
@@ -91,12 +102,11 @@ class ProducerSettings:
         need(self.max_attempts >= 1, "max-attempts", "must be at least 1")
         need(self.demo_tokens_per_s >= 0, "demo-tokens-per-s", "must not be negative")
         need(0 <= self.metrics_port <= 65535, "metrics-port", "must be 0-65535")
+        need(bool(self.metrics_host), "metrics-host", "must be an address of this host, such as 0.0.0.0 or 127.0.0.1")
+        need(self.stall_after_s > 0, "stall-after", "must be positive")
         need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
-        need(
-            self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "redis-url",
-            "must start with redis://, rediss:// or unix://",
-        )
+        url_problem = redis_url_problem(self.redis_url) if self.redis_url is not None else ""
+        need(not url_problem, "redis-url", url_problem)
         if not self.consumer:
             object.__setattr__(self, "consumer", _default_consumer())
 

@@ -23,6 +23,7 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from hub.backend import Backend, BackendError, ChannelClosed, Fence, Fenced, NewEvent, id_before
+from hub.liveness import Liveness
 from hub.presence import PRESENCE_SLACK_S, Presence
 
 from .coalesce import Coalescer
@@ -30,14 +31,18 @@ from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Statu
 from .metrics import ProducerMetrics
 from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
 from .settings import ProducerSettings
+from .slots import Slots
 
-__all__ = ["Worker"]
+__all__ = ["LOOP_AGE_METRIC", "Worker"]
 
 log = logging.getLogger(__name__)
 
 # A generation waits for its own stored tokens this often, so a slow store slows it down instead of piling up memory.
 _BACKPRESSURE_EVERY = 64
 _FETCH_BLOCK_S = 1.0
+_FETCH_BACKOFF_MAX_S = 5.0
+# Exported on the worker's /metrics; /healthz answers from the same ages.
+LOOP_AGE_METRIC = "producer_loop_progress_age_seconds"
 # On shutdown, how long a run already writing its terminal event may still take.
 _FINISHING_WAIT_S = 2.0
 # Runs of one job beyond --max-attempts (worker deaths, not provider retries) before it is ended with an error.
@@ -104,8 +109,16 @@ class Worker:
         self._coalescer = Coalescer(backend, self.metrics, window_s=settings.coalesce_ms / 1000)
         self._runs: dict[str, _Run] = {}  # by job entry id
         self._unacked: set[str] = set()  # entry ids started here and neither acknowledged nor taken over
-        self._reserved = 0  # slots promised to a fetch or claim in flight
-        self._slot_free = asyncio.Event()
+        self._slots = Slots(settings.concurrency)
+        # Each loop's own period; it may take --stall-after longer than that before /healthz fails.
+        self._periods = {
+            "fetch": _FETCH_BLOCK_S + _FETCH_BACKOFF_MAX_S,  # a wait for room or a fetch, or a back-off after one
+            "claim": self._claim_interval_s(),
+            "renew": settings.renew_s,
+            "poll": settings.poll_s,
+        }
+        self.liveness = Liveness()
+        self.liveness.register(self.metrics.registry, LOOP_AGE_METRIC)
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -115,6 +128,8 @@ class Worker:
     async def run_async(self) -> None:
         """Work until `stop()` (or a signal, under `run()`), then drain within the grace period."""
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        for name, period_s in self._periods.items():
+            self.liveness.watch(name, period_s + self.settings.stall_after_s)
         self._loops = [
             asyncio.create_task(self._supervised(name, body), name=f"worker-{name}")
             for name, body in (
@@ -147,6 +162,8 @@ class Worker:
         # Stop taking jobs, let running ones finish within the grace period, then hand the rest back.
         for t in self._loops[:2]:
             t.cancel()
+        for name in ("fetch", "claim"):
+            self.liveness.forget(name)
         pending = [r.task for r in self._runs.values() if r.task is not None]
         if pending:
             log.info("waiting up to %.1fs for %d generations", self.settings.grace_s, len(pending))
@@ -175,6 +192,8 @@ class Worker:
         for t in self._loops:
             t.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        for name in self._periods:
+            self.liveness.forget(name)
         await self._coalescer.aclose()
         if self._session is not None:
             await self._session.close()
@@ -190,8 +209,8 @@ class Worker:
                 log.exception("worker loop %s failed; restarting it", name)
                 await asyncio.sleep(1.0)
 
-    def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._runs) - self._reserved
+    def _claim_interval_s(self) -> float:
+        return min(5.0, self.settings.claim_idle_s / 3)
 
     async def _take(self, get: Callable[[int], Awaitable[list[Delivery]]], *, reserve: bool) -> int:
         """Ask for as many jobs as there are free slots and start them.
@@ -200,16 +219,11 @@ class Worker:
         second) does not: it would starve the take-over of dead workers' jobs. So a claim finishing during a fetch
         may put the worker over --concurrency by what it claimed, for that moment.
         """
-        free = self._free_slots()
+        free = self._slots.free
         if free <= 0:
             return 0
-        if reserve:
-            self._reserved += free
-        try:
+        with self._slots.reserve(free if reserve else 0):
             deliveries = await get(free)
-        finally:
-            if reserve:
-                self._reserved -= free
         for d in deliveries:
             if d.entry_id in self._runs:
                 continue  # our own running job, idle because its renewal was late: it is ours again
@@ -221,23 +235,25 @@ class Worker:
     async def _fetch_loop(self) -> None:
         backoff = 0.1
         while True:
-            if self._free_slots() <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+            self.liveness.beat("fetch")
+            # Bounded, so that a full worker still goes round (and shows it does); Slots wakes it as soon as a run
+            # ends or a claim gives back the slots it had reserved.
+            if not await self._slots.wait_for_room(_FETCH_BLOCK_S):
                 continue
             try:
                 await self._take(lambda n: self._queue.fetch(self.settings.consumer, n, _FETCH_BLOCK_S), reserve=False)
             except BackendError as e:
                 log.warning("fetching jobs failed (%s); retrying in %.1fs", e, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, _FETCH_BACKOFF_MAX_S)
                 continue
             backoff = 0.1
 
     async def _claim_loop(self) -> None:
-        interval = min(5.0, self.settings.claim_idle_s / 3)
+        interval = self._claim_interval_s()
         s = self.settings
         while True:
+            self.liveness.beat("claim")
             await asyncio.sleep(interval)
             try:
                 await self._take(lambda n: self._queue.claim_stale(s.consumer, s.claim_idle_s, n), reserve=True)
@@ -246,6 +262,7 @@ class Worker:
 
     async def _renew_loop(self) -> None:
         while True:
+            self.liveness.beat("renew")
             await asyncio.sleep(self.settings.renew_s)
             try:
                 lost = await self._queue.renew(self.settings.consumer, list(self._runs))
@@ -265,6 +282,7 @@ class Worker:
 
     async def _poll_loop(self) -> None:
         while True:
+            self.liveness.beat("poll")
             await asyncio.sleep(self.settings.poll_s)
             try:
                 await self._check_cancels()
@@ -298,6 +316,7 @@ class Worker:
     def _start(self, d: Delivery) -> None:
         run = _Run(d)
         self._runs[d.entry_id] = run
+        self._slots.hold(d.entry_id)
         self._unacked.add(d.entry_id)
         self.metrics.running.set(len(self._runs))
         run.task = asyncio.create_task(self._generate(run), name=f"generation-{d.job.id}")
@@ -306,7 +325,7 @@ class Worker:
     def _finished(self, entry_id: str) -> None:
         self._runs.pop(entry_id, None)
         self.metrics.running.set(len(self._runs))
-        self._slot_free.set()
+        self._slots.vacate(entry_id)
 
     async def _ack(self, run: _Run) -> None:
         await self._queue.ack(run.delivery.entry_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,7 +81,10 @@ def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
         (["--log-level", "loud"], "log-level"),
         (["--anonymous", "--jwt-secret", "short"], "jwt-secret"),
         (["--anonymous", "--api-keys", "svc tooshort chat:*"], "at least 16 characters"),
-        (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "/nonexistent/keys"),
+        (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "--api-keys-file (HUB_API_KEYS_FILE)"),
+        (["--jwt-public-key", "/nonexistent/key.pem"], "--jwt-public-key (HUB_JWT_PUBLIC_KEY)"),
+        (["--redis-url", "redis://127.0.0.1:six/0"], "redis-url (HUB_REDIS_URL)"),
+        (["--host", "192.0.2.1"], "--host (HUB_HOST)"),  # an address of no host here (TEST-NET-1)
         ([], "--anonymous"),  # authentication is on by default, and there is nothing to authenticate with
     ],
 )
@@ -92,7 +96,26 @@ def test_bad_settings_stop_the_process_with_a_clear_message(args: list[str], mes
         [sys.executable, "-m", "hub", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
     )
     assert proc.returncode == 2
-    assert message in proc.stderr
+    assert message in proc.stderr.splitlines()[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_hub_on_a_port_another_process_holds_says_which_setting_to_change() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--anonymous", "--host", "127.0.0.1", "--port", str(port)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "hub", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+        )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "--port" in line]
+    assert line == proc.stderr.splitlines()[-1]
+    assert line.startswith(f"python -m hub: cannot listen on 127.0.0.1:{port}") and "(HUB_PORT)" in line
+    assert "hub listening" not in proc.stderr  # said once it is, not before
 
 
 async def test_sigterm_drains_streams_and_exits_within_grace(hubs: list[HubProcess]) -> None:

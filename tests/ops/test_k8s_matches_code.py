@@ -14,9 +14,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from hub.app import create_app
+from hub.liveness import Liveness
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
-from producer.__main__ import _serve_metrics
+from producer.__main__ import _serve_endpoints
 from producer.settings import ProducerSettings
 
 from .manifests import (
@@ -61,7 +62,8 @@ async def hub(aiohttp_client: Any) -> TestClient[Any, Any]:
 @pytest.fixture
 async def producer_metrics() -> AsyncIterator[str]:
     """The worker's own metrics server (what `python -m producer` starts), on a free port: its base URL."""
-    runner = await _serve_metrics(CollectorRegistry(), 0)
+    settings = ProducerSettings(metrics_host="127.0.0.1", metrics_port=0)
+    runner = await _serve_endpoints(settings, CollectorRegistry(), Liveness())
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()

@@ -445,3 +445,63 @@ async def test_worker_readiness_follows_redis_and_liveness_does_not(workers: lis
         assert await until("/readyz", 200) == {"status": "ready"}
     finally:
         server.close()
+
+
+async def test_a_second_worker_on_the_same_metrics_port_exits_with_one_line_naming_the_setting(
+    workers: list[ProducerProcess], redis_server: RedisServer, prefix: str
+) -> None:
+    port = free_port()
+    first = _worker_process(workers, redis_server, prefix, "--metrics-port", str(port))
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, first.log()
+            await asyncio.sleep(0.1)
+    second = _worker_process(workers, redis_server, prefix, "--metrics-port", str(port))
+    assert second.wait(30) == 2
+    out = second.log()
+    assert out.splitlines() == [
+        f"python -m producer: cannot listen on 0.0.0.0:{port}: another process holds that port; set --metrics-port "
+        "(PRODUCER_METRICS_PORT) to a free port (each worker on a host needs its own), or 0 for no metrics server"
+    ]
+
+
+async def test_an_idle_worker_stays_live_past_its_bounds_and_shows_each_loop_s_progress_age(
+    workers: list[ProducerProcess], redis_server: RedisServer, prefix: str
+) -> None:
+    """Idle is not stuck: every loop goes round while there is nothing to do, so /healthz stays 200 well past the
+    longest bound (fetch: 6 s of its own period + --stall-after), and /metrics shows each loop's age."""
+    port = free_port()
+    w = _worker_process(
+        workers, redis_server, prefix, "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--stall-after", "1"
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.get(base + "/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            assert time.monotonic() < deadline, w.log()
+            await asyncio.sleep(0.1)
+        watched_until = time.monotonic() + 9
+        while time.monotonic() < watched_until:
+            async with session.get(base + "/healthz") as resp:
+                body = await resp.json()
+                assert resp.status == 200, body
+            await asyncio.sleep(0.25)
+        assert body["status"] == "ok" and set(body["loops"]) == {"fetch", "claim", "renew", "poll"}
+        assert body["loops"]["renew"]["bound_s"] == 1.5  # --renew 0.5 + --stall-after 1
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+    for loop in ("fetch", "claim", "renew", "poll"):
+        assert f'producer_loop_progress_age_seconds{{loop="{loop}"}}' in text
