@@ -289,7 +289,10 @@ class Soak:
     def __init__(self, config: SoakConfig) -> None:
         self.config = config
         self.seed = config.seed if config.seed is not None else random.randrange(1 << 32)
-        self.rng = random.Random(self.seed)
+        # One generator per loop, so that a seed gives the same submissions and the same kills whatever the timing.
+        self.rng = random.Random(self.seed)  # submissions: gaps and sizes
+        self._kill_rng = random.Random(self.seed + 1)
+        self._node_rng = random.Random(self.seed + 2)  # which node a request goes to first
         self.redis = RedisServer()
         self.hubs: list[HubProcess] = []
         self.workers: list[ProducerProcess] = []
@@ -375,7 +378,7 @@ class Soak:
     async def _submit(self, session: aiohttp.ClientSession, tokens: int) -> dict[str, str] | None:
         body = {"provider": "demo", "model": f"demo:{tokens}", "messages": [{"role": "user", "content": "soak"}]}
         for _ in range(50):
-            hub = self.rng.choice(self.hubs)
+            hub = self._node_rng.choice(self.hubs)
             try:
                 async with session.post(f"{hub.url}/v1/generations", json=body) as resp:
                     answer = await resp.json(content_type=None)
@@ -397,7 +400,7 @@ class Soak:
         self, session: aiohttp.ClientSession, job: dict[str, str], tokens: int, deadline: float
     ) -> JobOutcome:
         nodes = [h.url for h in self.hubs]
-        self.rng.shuffle(nodes)
+        self._node_rng.shuffle(nodes)
         path = f"/v1/channels/{job['channel']}/events"
         client = _NodeSwitchingClient(session, nodes, path, last_event_id="0", retry_s=0.25, max_attempts=100_000)
         finished = True
@@ -436,18 +439,18 @@ class Soak:
         """kill -9 one random process at a time and start it again after a moment: nodes on their own port."""
         while True:
             try:
-                async with asyncio.timeout(self.rng.uniform(*self.config.kill_gap_s)):
+                async with asyncio.timeout(self._kill_rng.uniform(*self.config.kill_gap_s)):
                     await stop.wait()
                 return
             except TimeoutError:
                 pass
-            victim: ServiceProcess = self.rng.choice([*self.hubs, *self.workers])
+            victim: ServiceProcess = self._kill_rng.choice([*self.hubs, *self.workers])
             kind = "hub" if isinstance(victim, HubProcess) else "worker"
             assert victim.proc is not None
             victim.proc.kill()
             await asyncio.to_thread(victim.wait, 10)
             self.report.kills[kind] += 1
-            await asyncio.sleep(self.rng.uniform(*self.config.down_s))
+            await asyncio.sleep(self._kill_rng.uniform(*self.config.down_s))
             await asyncio.to_thread(victim.start)
             if isinstance(victim, HubProcess):
                 await wait_http_ok(session, f"{victim.url}/readyz", why=_tail(victim))
