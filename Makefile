@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-dev run lint format typecheck test test-only system-deps bench-deps bench lock clean
+.PHONY: install install-dev run lint format typecheck test test-only system-deps bench-deps bench soak lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ test: lint typecheck test-only
 bench: install-dev system-deps bench-deps
 	$(BIN)/python bench/run.py --out bench/results.md
 	$(BIN)/python bench/producer.py --out bench/results-producer.md
+
+# The soak with random kill -9 of hub nodes and workers (`make test` runs 30 s of it without kills). It prints its
+# report and fails when a generation was lost, duplicated or never finished. SOAK_S=60 make soak for a short one.
+SOAK_S ?= 600
+soak: install
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+	$(BIN)/python -m tests.soak --duration $(SOAK_S) --kills --logs
 
 # Re-resolve the pins from pyproject.toml in throw-away environments.
 lock:
