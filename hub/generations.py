@@ -35,7 +35,11 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
+    limits = request.app[LIMITS]
+    if request.content_length is not None:
+        limits.job_bytes(request.content_length)  # before reading what would be refused anyway
     raw = await read_body(request, request.app[SETTINGS])
+    limits.job_bytes(len(raw))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -53,8 +57,8 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     except JobRequestError as e:
         raise ApiError(400, e.code, e.message) from None
     principal = auth.require(request, "publish", job.channel)
-    limits = request.app[LIMITS]
-    limits.publish(limits.client(request, principal), 1)
+    # A job's bytes count like a publish's: its messages are written to the store (the job queue) too.
+    limits.publish(limits.client(request, principal), 1, len(raw))
     if "channel" in body and await request.app[BACKEND].info(job.channel) is not None:
         # One generation per channel: its end marker closes it, and two writers would interleave.
         raise ApiError(409, "channel_exists", "the channel already exists; use a new one (or delete it first)")
