@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -94,12 +95,15 @@ def create_app(
     `embedded_worker` says so ("auto": with the in-memory queue), with `worker_settings` and `provider_keys`.
     """
     cors = Cors(settings.cors_origins)
-    app = web.Application(middlewares=[cors.middleware, error_middleware], client_max_size=settings.max_body_bytes)
+    # The largest body of any route; each route checks its own limit (--max-body, --max-job-bytes).
+    max_size = max(settings.max_body_bytes, settings.max_job_bytes)
+    app = web.Application(middlewares=[cors.middleware, error_middleware], client_max_size=max_size)
     app[SETTINGS] = settings
     app[STATE] = NodeState()
     app[AUTH] = Authenticator(settings)  # reads key files now: a bad one stops the start, not the first request
     app.on_response_prepare.append(cors.on_response_prepare)
-    app[PROVIDERS] = PROVIDER_NAMES
+    # Without --demo a demo job is refused like any provider the hub does not know.
+    app[PROVIDERS] = PROVIDER_NAMES if settings.demo else PROVIDER_NAMES - {"demo"}
     metrics_registry = registry if registry is not None else CollectorRegistry()
     app[METRICS] = HubMetrics(metrics_registry)
     app[LIMITS] = Limits(settings, app[METRICS])
@@ -163,7 +167,8 @@ def create_app(
         if not embedded:
             yield
             return
-        ws = worker_settings or ProducerSettings(metrics_port=0)
+        # The hub's --demo decides for its own worker: it must run every job the hub accepts, and none it refuses.
+        ws = dataclasses.replace(worker_settings or ProducerSettings(metrics_port=0), demo=settings.demo)
         providers = providers_for(ws, provider_keys or ProviderKeys())
         worker = Worker(
             ws,
@@ -173,7 +178,10 @@ def create_app(
             presence=app[PRESENCE],
             registry=metrics_registry,
         )
-        log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)
+        if ws.demo:
+            log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)
+        else:
+            log.info("running an embedded generation worker (no demo provider)")
         task = asyncio.create_task(worker.run_async(), name="embedded-worker")
         yield
         worker.stop()

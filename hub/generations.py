@@ -48,7 +48,11 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
+    limits = request.app[LIMITS]
+    if request.content_length is not None:
+        limits.job_bytes(request.content_length)  # before reading what would be refused anyway
     raw = await read_body(request, request.app[SETTINGS])
+    limits.job_bytes(len(raw))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -66,9 +70,9 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     except JobRequestError as e:
         raise ApiError(400, e.code, e.message) from None
     principal = auth.require(request, "publish", job.channel)
-    limits = request.app[LIMITS]
     client = limits.client(request, principal)
-    limits.publish(client, 1)
+    # A job's bytes count like a publish's: its messages are written to the store (the job queue) too.
+    limits.publish(client, 1, len(raw))
     job = dataclasses.replace(job, owner=client)
     backend = request.app[BACKEND]
     # The channel becomes the generation's before the job exists: from the first moment a worker could take the job,

@@ -127,6 +127,10 @@ def _parse_events(body: Any, settings: HubSettings) -> tuple[list[NewEvent], boo
     return events, close
 
 
+def _body_too_large(settings: HubSettings) -> ApiError:
+    return ApiError(413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes} bytes")
+
+
 @routes.post("/v1/channels/{channel}/events")
 async def publish(request: web.Request) -> web.Response:
     channel = _channel(request)
@@ -135,15 +139,17 @@ async def publish(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise ApiError(413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes} bytes")
+        raise _body_too_large(settings)
     raw = await read_body(request, settings)
+    if len(raw) > settings.max_body_bytes:  # a body without Content-Length (the app reads up to --max-job-bytes)
+        raise _body_too_large(settings)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     events, close = _parse_events(body, settings)
     idempotency = _idempotency(request, events, close)
-    request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events))
+    request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events), len(raw))
     metrics = request.app[METRICS]
     started = time.perf_counter()
     try:

@@ -1,5 +1,6 @@
-"""Limits that keep one client from taking a node: open streams per node and per client, and a publish rate per
-publisher (a token bucket). Every refusal is counted in /metrics and says which limit it hit.
+"""Limits that keep one client from taking a node: open streams per node and per client, a publish rate per publisher
+in events and in bytes (two token buckets), and the size of a generation job. Every refusal is counted in /metrics and
+says which limit it hit.
 
 A client is its token's subject, or its IP address in anonymous mode. The IP is the peer's, or, when the peer is a
 trusted proxy, the nearest untrusted address in `X-Forwarded-For`.
@@ -44,8 +45,26 @@ class TokenBucket:
             return 0.0
         return (n - self.tokens) / self.rate
 
+    def wait(self, n: float, now: float) -> float:
+        """Seconds until n tokens would be there (0: they are); takes nothing."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return 0.0 if n <= self.tokens else (n - self.tokens) / self.rate
+
     def full(self, now: float) -> bool:
         return self.tokens + (now - self.at) * self.rate >= self.burst
+
+
+@dataclass(slots=True)
+class _Publisher:
+    """A publisher's two buckets: events, and request body bytes (an event count alone lets one client write hundreds
+    of megabytes a second into the store)."""
+
+    events: TokenBucket
+    bytes: TokenBucket
+
+    def full(self, now: float) -> bool:
+        return self.events.full(now) and self.bytes.full(now)
 
 
 def _networks(spec: str) -> tuple[IPNetwork, ...]:
@@ -59,13 +78,13 @@ class Limits:
         self._clock = clock
         self._proxies = _networks(settings.trusted_proxies)
         self._streams: dict[str, int] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, _Publisher] = {}
 
-    def _refuse(self, status: int, limit: str, message: str, retry_after_s: float) -> ApiError:
+    def _refuse(self, status: int, limit: str, message: str, retry_after_s: float | None) -> ApiError:
         self._metrics.limit_rejections.labels(limit).inc()
-        return ApiError(
-            status, limit, message, {"Retry-After": str(max(1, math.ceil(retry_after_s)))}, extra={"limit": limit}
-        )
+        # No Retry-After where waiting cannot help (a request too large is too large later as well).
+        headers = {} if retry_after_s is None else {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        return ApiError(status, limit, message, headers, extra={"limit": limit})
 
     # -- who -------------------------------------------------------------------------------------------------------
 
@@ -129,16 +148,39 @@ class Limits:
 
     # -- publishing ------------------------------------------------------------------------------------------------
 
-    def publish(self, client: str, events: int) -> None:
-        """Charge `events` to the publisher's bucket, or refuse the whole request (429) and charge nothing."""
+    def publish(self, client: str, events: int, nbytes: int) -> None:
+        """Charge `events` and `nbytes` (the request body) to the publisher's buckets, or refuse the whole request
+        (429) and charge neither."""
         now = self._clock()
-        bucket = self._buckets.get(client)
-        if bucket is None:
+        pub = self._buckets.get(client)
+        if pub is None:
             if len(self._buckets) >= _SWEEP_AT:
-                self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
-            burst = float(self._s.publish_burst)
-            bucket = self._buckets[client] = TokenBucket(self._s.publish_rate, burst, burst, now)
-        # Settings keep --max-batch within --publish-burst, so one request always fits an idle bucket.
-        wait_s = bucket.take(events, now)
+                self._buckets = {k: p for k, p in self._buckets.items() if not p.full(now)}
+            s = self._s
+            pub = self._buckets[client] = _Publisher(
+                TokenBucket(s.publish_rate, float(s.publish_burst), float(s.publish_burst), now),
+                TokenBucket(
+                    float(s.publish_bytes_rate), float(s.publish_bytes_burst), float(s.publish_bytes_burst), now
+                ),
+            )
+        # Settings keep --max-batch within --publish-burst and --max-body within --publish-bytes-burst, so one
+        # request always fits an idle bucket.
+        wait_s = pub.events.wait(events, now)
         if wait_s > 0:
             raise self._refuse(429, "publish_rate", f"publish rate over {self._s.publish_rate:g} events/s", wait_s)
+        wait_s = pub.bytes.wait(nbytes, now)
+        if wait_s > 0:
+            raise self._refuse(
+                429, "publish_bytes_rate", f"publish rate over {self._s.publish_bytes_rate} bytes/s", wait_s
+            )
+        pub.events.take(events, now)
+        pub.bytes.take(nbytes, now)
+
+    # -- generation jobs -------------------------------------------------------------------------------------------
+
+    def job_bytes(self, nbytes: int) -> None:
+        """Refuse (413) a generation request whose body is over --max-job-bytes."""
+        if nbytes > self._s.max_job_bytes:
+            raise self._refuse(
+                413, "max_job_bytes", f"a generation request is at most {self._s.max_job_bytes} bytes", None
+            )

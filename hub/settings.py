@@ -41,6 +41,9 @@ DEFAULT_REPLAY_PAGE = 500
 DEFAULT_TAIL_BLOCK_S = 5.0
 DEFAULT_RESUME_WINDOW_BYTES = 64 * 1024
 DEFAULT_LINGER_S = 10.0
+DEFAULT_PUBLISH_BYTES_RATE = 1 << 20
+DEFAULT_PUBLISH_BYTES_BURST = 4 << 20
+DEFAULT_MAX_JOB_BYTES = 512 * 1024
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -114,6 +117,9 @@ class HubSettings:
     cancel_if_unwatched_s: float = _opt(
         0.0, "cancel-if-unwatched", "default seconds a generation may go unwatched before it is cancelled (0: off)"
     )
+    demo: bool = _opt(
+        True, "demo", "offer the demo provider (no network; for trials): --no-demo refuses it, as production should"
+    )
     # -- limits (see the README's Security section) --
     max_streams: int = _opt(10_000, "max-streams", "open streams this node serves; beyond: 503")
     backlog: int = _opt(4096, "backlog", "connections the kernel may queue before they are accepted (≤ somaxconn)")
@@ -125,6 +131,21 @@ class HubSettings:
     )
     publish_rate: float = _opt(500.0, "publish-rate", "events per second one publisher may append (token bucket)")
     publish_burst: int = _opt(1000, "publish-burst", "events one publisher may append at once (bucket size)")
+    publish_bytes_rate: int = _opt(
+        DEFAULT_PUBLISH_BYTES_RATE,
+        "publish-bytes-rate",
+        "request body bytes per second one publisher may send to publish or start generations (token bucket)",
+    )
+    publish_bytes_burst: int = _opt(
+        DEFAULT_PUBLISH_BYTES_BURST,
+        "publish-bytes-burst",
+        "request body bytes one publisher may send at once (bucket size; at least --max-body and --max-job-bytes)",
+    )
+    max_job_bytes: int = _opt(
+        DEFAULT_MAX_JOB_BYTES,
+        "max-job-bytes",
+        "largest generation request body accepted, in bytes (apart from --max-body)",
+    )
     max_batch: int = _opt(1000, "max-batch", "events in one publish request")
     max_event_bytes: int = _opt(256 * 1024, "max-event-bytes", "bytes of one event's data")
     max_channel_len: int = _opt(200, "max-channel-len", "characters of a channel name (at most 200)")
@@ -195,6 +216,14 @@ class HubSettings:
         need(self.publish_rate > 0, "publish-rate", "must be positive")
         need(self.publish_burst >= 1, "publish-burst", "must be at least 1")
         need(1 <= self.max_batch <= self.publish_burst, "max-batch", "must be 1 to --publish-burst")
+        need(self.publish_bytes_rate >= 1, "publish-bytes-rate", "must be at least 1")
+        need(self.max_job_bytes >= 1024, "max-job-bytes", "must be at least 1024")
+        # As with --max-batch and --publish-burst: a body the hub accepts must fit an idle bucket, or it never passes.
+        need(
+            self.publish_bytes_burst >= max(self.max_body_bytes, self.max_job_bytes),
+            "publish-bytes-burst",
+            f"must be at least --max-body and --max-job-bytes ({max(self.max_body_bytes, self.max_job_bytes)})",
+        )
         need(self.max_event_bytes >= 1024, "max-event-bytes", "must be at least 1024")
         need(1 <= self.max_channel_len <= 200, "max-channel-len", "must be 1-200")
         try:
@@ -248,8 +277,13 @@ def settings_from_args(
     for f in fields:
         help_text = f"{f.metadata['help']} [{envs[f.name]}]"
         if f.type in ("bool", bool):
+            # --name and --no-name: a setting that is on by default can be switched off on the command line too.
             parser.add_argument(
-                f"--{f.metadata['flag']}", dest=f.name, action="store_const", const=True, default=None, help=help_text
+                f"--{f.metadata['flag']}",
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
             )
         else:
             parser.add_argument(f"--{f.metadata['flag']}", dest=f.name, default=None, help=help_text)

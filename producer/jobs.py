@@ -15,6 +15,8 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from .providers.demo import demo_tokens
+
 __all__ = [
     "TERMINAL_STATUSES",
     "Delivery",
@@ -34,6 +36,7 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 _ROLES = frozenset({"system", "user", "assistant"})
 _MAX_MESSAGES = 1000
 _MAX_STOP = 8
+_MAX_STOP_LEN = 200  # characters of one stop string
 _MAX_MODEL_LEN = 200
 _JOB_FIELDS = frozenset({"provider", "model", "messages", "params", "channel", "cancel_if_unwatched_s"})
 _PARAM_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "stop"})
@@ -183,6 +186,11 @@ def parse_job_request(
     model = body.get("model", "")
     if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and provider != "demo"):
         raise JobRequestError("invalid_model", f"model must be a non-empty string of at most {_MAX_MODEL_LEN}")
+    if provider == "demo":
+        try:
+            demo_tokens(model)
+        except ValueError as e:
+            raise JobRequestError("invalid_model", str(e)) from None
     messages = _messages(body.get("messages"))
     params = body.get("params", {})
     if not isinstance(params, dict) or set(params) - _PARAM_FIELDS:
@@ -196,9 +204,14 @@ def parse_job_request(
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (
-        not isinstance(stop, list) or len(stop) > _MAX_STOP or not all(isinstance(s, str) and s for s in stop)
+        not isinstance(stop, list)
+        or len(stop) > _MAX_STOP
+        or not all(isinstance(s, str) and 0 < len(s) <= _MAX_STOP_LEN for s in stop)
     ):
-        raise JobRequestError("invalid_params", f"params.stop must be a string or at most {_MAX_STOP} strings")
+        raise JobRequestError(
+            "invalid_params",
+            f"params.stop must be a string or at most {_MAX_STOP} strings, each of 1 to {_MAX_STOP_LEN} characters",
+        )
     channel = body.get("channel", f"gen:{generation_id}")
     if not isinstance(channel, str) or not channel_ok(channel):
         raise JobRequestError("invalid_channel", "channel names are 1-200 characters of A-Z a-z 0-9 _ . : @ -")

@@ -76,6 +76,7 @@ class ProducerSettings:
     openai_timeout_s: float = _opt(60.0, "openai-timeout", "longest silence in an OpenAI stream, seconds")
     anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
     gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
+    demo: bool = _opt(True, "demo", "run demo jobs (no network; for trials); --no-demo ends them as unknown_provider")
     demo_tokens_per_s: float = _opt(30.0, "demo-tokens-per-s", "pace of the demo provider (0: as fast as possible)")
     metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics, /healthz and /readyz (0: none)")
     metrics_host: str = _opt(
@@ -119,6 +120,7 @@ class ProducerSettings:
 def providers_for(settings: ProducerSettings, keys: ProviderKeys) -> dict[str, Provider]:
     """The providers of a worker with these settings and credentials."""
     return build_providers(
+        demo=settings.demo,
         demo_tokens_per_s=settings.demo_tokens_per_s,
         connect_timeout_s=settings.connect_timeout_s,
         openai=(keys.openai_api_key, keys.openai_base_url, settings.openai_timeout_s),

@@ -1,7 +1,7 @@
 """DemoProvider: streams a built-in text at a set pace, with no network, so a hub shows real generations offline.
 
-Model "demo" (or empty) streams the text once; "demo:N" streams N tokens, cycling through it (for load tests and long
-generations). `max_tokens` ends it early with finish_reason "length". Token counts are words.
+Model "demo" (or empty) streams the text once; "demo:N" streams N tokens (1 to DEMO_MAX_TOKENS), cycling through it
+(for load tests and long generations). `max_tokens` ends it early with finish_reason "length". Token counts are words.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
-from .base import Finish, GenerationRequest, StreamItem, TextDelta
+from .base import Finish, GenerationRequest, ProviderError, StreamItem, TextDelta
 
-__all__ = ["DemoProvider"]
+__all__ = ["DEMO_MAX_TOKENS", "DemoProvider", "demo_tokens"]
 
 TEXT = (
     "Server-Sent Events are a simple way to stream text from a server to a browser. Each token of this answer is "
@@ -26,6 +26,20 @@ TEXT = (
 )
 _TOKENS = re.findall(r"\s*\S+", TEXT)
 _YIELD_EVERY = 32
+# A demo generation holds a worker slot as long as it runs: 100,000 tokens take 56 minutes at the default 30/s.
+DEMO_MAX_TOKENS = 100_000
+_DEMO_N = re.compile(r"demo:([1-9][0-9]{0,5})")
+
+
+def demo_tokens(model: str) -> int:
+    """How many tokens model `model` streams: the text once for any model but "demo:N", N for that. Raises ValueError
+    for a "demo:" model whose N is not a whole number from 1 to DEMO_MAX_TOKENS."""
+    if not model.startswith("demo:"):
+        return len(_TOKENS)
+    found = _DEMO_N.fullmatch(model)
+    if found is None or int(found[1]) > DEMO_MAX_TOKENS:
+        raise ValueError(f'the demo model is "demo" or "demo:N" with N from 1 to {DEMO_MAX_TOKENS}')
+    return int(found[1])
 
 
 class DemoProvider:
@@ -37,12 +51,11 @@ class DemoProvider:
     async def stream(
         self, session: aiohttp.ClientSession, request: GenerationRequest
     ) -> AsyncGenerator[StreamItem, None]:
-        count = len(_TOKENS)
-        if request.model.startswith("demo:"):
-            try:
-                count = max(1, int(request.model.split(":", 1)[1]))
-            except ValueError:
-                count = len(_TOKENS)
+        try:
+            count = demo_tokens(request.model)
+        except ValueError as e:
+            # The hub refuses such a job; one that reached the queue another way must not hold a slot for ever either.
+            raise ProviderError("bad_request", str(e)) from None
         limit = min(count, request.max_tokens) if request.max_tokens is not None else count
         prompt = sum(len(m["content"].split()) for m in request.messages)
         for i in range(limit):

@@ -12,13 +12,15 @@ PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
 
 def build_providers(
     *,
+    demo: bool = True,
     demo_tokens_per_s: float,
     connect_timeout_s: float,
     openai: tuple[str | None, str | None, float] = (None, None, 60.0),
     anthropic: tuple[str | None, str | None, float] = (None, None, 60.0),
     gemini: tuple[str | None, str | None, float] = (None, None, 60.0),
 ) -> dict[str, Provider]:
-    """One instance per provider. Each tuple is (api key, base URL or None for the public one, read timeout)."""
+    """One instance per provider (the demo one only with `demo`). Each tuple is (api key, base URL or None for the
+    public one, read timeout)."""
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import OpenAIProvider
@@ -29,9 +31,11 @@ def build_providers(
             api_key=key, base_url=base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
         )
 
-    return {
-        "demo": DemoProvider(demo_tokens_per_s),
+    providers: dict[str, Provider] = {
         "openai": OpenAIProvider(config(openai)),
         "anthropic": AnthropicProvider(config(anthropic)),
         "gemini": GeminiProvider(config(gemini)),
     }
+    if demo:
+        providers["demo"] = DemoProvider(demo_tokens_per_s)
+    return providers

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jwt
+import orjson
 from aiohttp.test_utils import TestClient
 
 from hub.backend import Backend
+from hub.keys import JOBS
+from producer.queue_memory import MemoryJobQueue
 from tests.conftest import ClientFactory
 
 Client = TestClient[Any, Any]
@@ -101,3 +105,89 @@ async def test_size_limits_say_which_limit_and_change_nothing(make_client: Clien
         assert resp.status == status, code
         assert (await resp.json())["error"] == code
     assert (await (await hub.get("/v1/channels/s")).json())["length"] == 1
+
+
+async def test_publish_bytes_are_rate_limited_per_publisher(make_client: ClientFactory, backend: Backend) -> None:
+    # The defaults: 1 MiB/s with a 4 MiB burst. Bodies of about 1 MB, four events each (well within the event rate).
+    hub = await make_client(backend, anonymous=False, jwt_secret=SECRET)
+    big = [{"data": "x" * 250_000}] * 4
+    statuses = []
+    started = time.monotonic()
+    for _ in range(30):
+        resp = await hub.post("/v1/channels/big/events", json=big, headers=bearer("alice"))
+        statuses.append(resp.status)
+        if resp.status == 429:
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert (await resp.json())["limit"] == "publish_bytes_rate"
+    elapsed = time.monotonic() - started
+    accepted = statuses.count(201)
+    assert statuses.count(429) == 30 - accepted
+    # The burst, and what the rate gave back meanwhile (one body a second), with one to spare for rounding.
+    assert 4 <= accepted <= 4 + elapsed + 1, (accepted, elapsed)
+    info = await (await hub.get("/v1/channels/big", headers=bearer("alice"))).json()
+    assert info["length"] == 4 * accepted  # a refused body added nothing
+    assert await rejections(hub, "publish_bytes_rate") == 30 - accepted
+    # Another publisher has its own buckets: small publishes still pass.
+    for i in range(20):
+        small = await hub.post("/v1/channels/big/events", json={"data": i}, headers=bearer("bob"))
+        assert small.status == 201
+
+
+async def test_a_refused_byte_budget_charges_no_events(make_client: ClientFactory, backend: Backend) -> None:
+    small = {"max_body_bytes": 4096, "max_job_bytes": 4096, "publish_bytes_burst": 4096, "publish_bytes_rate": 1}
+    hub = await make_client(backend, publish_rate=1, publish_burst=3, max_batch=3, **small)
+    assert (await hub.post("/v1/channels/b/events", json={"data": "x" * 3000})).status == 201
+    refused = await hub.post("/v1/channels/b/events", json={"data": "y" * 3000})
+    assert refused.status == 429 and (await refused.json())["limit"] == "publish_bytes_rate"
+    # The two events left in the event bucket are still there: the refusal took none.
+    assert (await hub.post("/v1/channels/b/events", json=[{"data": 1}, {"data": 2}])).status == 201
+
+
+async def test_generation_jobs_are_bounded_in_bytes(make_client: ClientFactory, backend: Backend) -> None:
+    hub = await make_client(backend, max_job_bytes=2048)
+    job = {"provider": "demo", "model": "demo:1", "messages": [{"role": "user", "content": "x" * 3000}]}
+    headers = {"Content-Type": "application/json"}
+    refused = await hub.post("/v1/generations", data=orjson.dumps(job), headers=headers)
+    assert refused.status == 413
+    body = await refused.json()
+    assert body["error"] == "max_job_bytes" and body["limit"] == "max_job_bytes" and "2048" in body["message"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: measured as it is read
+        raw = orjson.dumps(job)
+        for i in range(0, len(raw), 1000):
+            yield raw[i : i + 1000]
+
+    chunked = await hub.post("/v1/generations", data=chunks(), headers=headers)
+    assert chunked.status == 413 and (await chunked.json())["limit"] == "max_job_bytes"
+    assert await rejections(hub, "max_job_bytes") == 2
+    jobs = hub.app[JOBS]
+    assert isinstance(jobs, MemoryJobQueue) and not jobs._pending and not jobs._records
+    small = {**job, "messages": [{"role": "user", "content": "x" * 1000}]}
+    assert (await hub.post("/v1/generations", data=orjson.dumps(small), headers=headers)).status == 202
+
+
+async def test_generation_jobs_count_toward_the_byte_rate(make_client: ClientFactory, backend: Backend) -> None:
+    sizes = {"max_body_bytes": 65536, "max_job_bytes": 65536, "publish_bytes_burst": 65536, "publish_bytes_rate": 1}
+    hub = await make_client(backend, **sizes)
+    job = {"provider": "demo", "model": "demo:1", "messages": [{"role": "user", "content": "x" * 40_000}]}
+    headers = {"Content-Type": "application/json"}
+    assert (await hub.post("/v1/generations", data=orjson.dumps(job), headers=headers)).status == 202
+    refused = await hub.post("/v1/generations", data=orjson.dumps(job), headers=headers)
+    assert refused.status == 429 and refused.headers["Retry-After"]
+    assert (await refused.json())["limit"] == "publish_bytes_rate"
+
+
+async def test_jobs_may_be_larger_than_publish_bodies(make_client: ClientFactory, backend: Backend) -> None:
+    hub = await make_client(backend, max_body_bytes=4096, max_job_bytes=65536, publish_bytes_burst=65536)
+    raw = orjson.dumps({"data": "x" * 10_000})
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the publish limit is checked on what arrived
+        for i in range(0, len(raw), 1000):
+            yield raw[i : i + 1000]
+
+    refused = await hub.post("/v1/channels/p/events", data=chunks(), headers={"Content-Type": "application/json"})
+    assert refused.status == 413 and (await refused.json())["error"] == "body_too_large"
+    assert (await hub.get("/v1/channels/p")).status == 404  # nothing was published
+    job = {"provider": "demo", "model": "demo:1", "messages": [{"role": "user", "content": "x" * 10_000}]}
+    accepted = await hub.post("/v1/generations", data=orjson.dumps(job), headers={"Content-Type": "application/json"})
+    assert accepted.status == 202

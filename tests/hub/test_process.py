@@ -79,6 +79,10 @@ def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
         (["--port", "http"], "port"),
         (["--redis-url", "localhost:6379"], "redis-url"),
         (["--log-level", "loud"], "log-level"),
+        # A body the hub accepts must fit the byte bucket, or it would be refused for ever.
+        (["--publish-bytes-burst", "100000"], "publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
+        (["--max-job-bytes", "5000000"], "publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
+        (["--max-job-bytes", "100"], "max-job-bytes (HUB_MAX_JOB_BYTES): must be at least 1024"),
         (["--anonymous", "--jwt-secret", "short"], "jwt-secret"),
         (["--anonymous", "--api-keys", "svc tooshort chat:*"], "at least 16 characters"),
         (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "--api-keys-file (HUB_API_KEYS_FILE)"),

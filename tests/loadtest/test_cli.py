@@ -17,7 +17,18 @@ from loadtest.settings import LoadSettings
 from tests.support import ROOT, HubProcess
 
 # Limits that would otherwise throttle one load-test client; the hub's defaults are per publisher and per IP.
-LOAD_FLAGS = ("--publish-rate", "1000000", "--publish-burst", "1000000", "--max-streams-per-client", "1000000")
+LOAD_FLAGS = (
+    "--publish-rate",
+    "1000000",
+    "--publish-burst",
+    "1000000",
+    "--publish-bytes-rate",
+    "1000000000",
+    "--publish-bytes-burst",
+    "1000000000",
+    "--max-streams-per-client",
+    "1000000",
+)
 
 
 @pytest.fixture

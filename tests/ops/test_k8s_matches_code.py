@@ -14,11 +14,12 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from hub.app import create_app
+from hub.keys import PROVIDERS
 from hub.liveness import Liveness
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from producer.__main__ import _serve_endpoints
-from producer.settings import ProducerSettings
+from producer.settings import ProducerSettings, ProviderKeys, providers_for
 
 from .manifests import (
     HUB_ENV,
@@ -95,6 +96,12 @@ def test_hub_and_workers_get_valid_settings_and_share_the_store() -> None:
     # Workers that disagree on these write where the hub does not read, or trim what it still serves.
     assert (hub.key_prefix, hub.history, hub.ttl_s) == (producer.key_prefix, producer.history, producer.ttl_s)
     assert hub.embedded_worker == "off", "the workers are their own Deployment"
+
+
+def test_production_runs_no_demo_provider() -> None:
+    # The demo streams canned text at no cost: in production it would only hold worker slots for whoever asks.
+    assert "demo" not in create_app(hub_settings())[PROVIDERS], "the hub must refuse provider: demo"
+    assert "demo" not in providers_for(producer_settings(), ProviderKeys()), "the workers must not run demo jobs"
 
 
 def test_the_redis_url_points_at_the_redis_service() -> None:

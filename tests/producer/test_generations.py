@@ -17,7 +17,7 @@ from hub.settings import HubSettings
 from producer.providers.demo import TEXT
 from producer.queue_memory import MemoryJobQueue
 from producer.settings import ProducerSettings
-from tests.support import collect
+from tests.support import collect, settled
 
 Client = TestClient[Any, Any]
 
@@ -127,6 +127,17 @@ async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(aiohtt
         ({**DEMO, "params": {"max_tokens": True}}, "invalid_params"),
         ({**DEMO, "params": {"top_p": "high"}}, "invalid_params"),
         ({**DEMO, "params": {"stop": [1]}}, "invalid_params"),
+        ({**DEMO, "params": {"stop": "x" * 201}}, "invalid_params"),
+        ({**DEMO, "params": {"stop": ["ok", "x" * 201]}}, "invalid_params"),
+        ({**DEMO, "params": {"stop": ["x"] * 9}}, "invalid_params"),
+        ({**DEMO, "model": "demo:999999999999"}, "invalid_model"),
+        ({**DEMO, "model": "demo:100001"}, "invalid_model"),
+        ({**DEMO, "model": "demo:0"}, "invalid_model"),
+        ({**DEMO, "model": "demo:-5"}, "invalid_model"),
+        ({**DEMO, "model": "demo:12abc"}, "invalid_model"),
+        ({**DEMO, "model": "x" * 201}, "invalid_model"),
+        ({**DEMO, "messages": [{"role": "user", "content": "x"}] * 1001}, "invalid_messages"),
+        ({**DEMO, "params": {"max_tokens": 1_000_001}}, "invalid_params"),
         ({**DEMO, "params": {"seed": 1}}, "invalid_params"),
         ({**DEMO, "channel": "bad channel"}, "invalid_channel"),
         ({**DEMO, "provider": "openai", "model": ""}, "invalid_model"),
@@ -146,3 +157,31 @@ async def test_bad_jobs_get_a_400_and_nothing_is_queued(hub: Client, body: Any, 
 async def test_unknown_generation_is_404(hub: Client) -> None:
     assert (await hub.get("/v1/generations/gen_nope")).status == 404
     assert (await hub.delete("/v1/generations/gen_nope")).status == 404
+
+
+async def test_the_largest_demo_model_is_accepted(hub: Client) -> None:
+    job = await start(hub, {**DEMO, "model": "demo:100000", "params": {"max_tokens": 3, "stop": ["x" * 200] * 8}})
+    record = await settled(hub.app[JOBS], job["id"], timeout_s=20)
+    assert record.status == "done" and record.finish_reason == "length"
+
+
+async def test_a_hub_without_the_demo_provider_refuses_demo_jobs(aiohttp_client: Any) -> None:
+    # No worker: nothing here may call a provider.
+    settings = HubSettings(anonymous=True, demo=False, embedded_worker="off")
+    app = create_app(settings, backend=MemoryBackend(history=100, ttl_s=3600))
+    hub: Client = await aiohttp_client(app)
+    refused = await start(hub, DEMO, status=400)
+    assert refused["error"] == "unknown_provider" and "demo" not in refused["message"]
+    jobs = hub.app[JOBS]
+    assert isinstance(jobs, MemoryJobQueue) and not jobs._pending and not jobs._records
+    # Other providers are still taken.
+    await start(hub, {**DEMO, "provider": "openai", "model": "gpt-4o-mini"})
+
+
+def test_the_demo_provider_is_switched_off_by_flag_or_environment() -> None:
+    assert HubSettings.from_args(["--anonymous"], {}).demo
+    assert not HubSettings.from_args(["--anonymous", "--no-demo"], {}).demo
+    assert not HubSettings.from_args(["--anonymous"], {"HUB_DEMO": "false"}).demo
+    assert HubSettings.from_args(["--anonymous", "--demo"], {"HUB_DEMO": "false"}).demo  # the flag wins
+    assert not ProducerSettings.from_args(["--no-demo"], {}).demo
+    assert not ProducerSettings.from_args([], {"PRODUCER_DEMO": "off"}).demo

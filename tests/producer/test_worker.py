@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 import uuid
@@ -21,7 +22,7 @@ from hub.sse import SSEEvent
 from producer.jobs import Job, new_generation_id
 from producer.providers.demo import DemoProvider
 from producer.queue_redis import RedisJobQueue
-from producer.settings import ProducerSettings
+from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
 from tests.support import HubProcess, ProducerProcess, RedisServer, free_port, read_events, settled
 
@@ -505,3 +506,36 @@ async def test_an_idle_worker_stays_live_past_its_bounds_and_shows_each_loop_s_p
             text = await resp.text()
     for loop in ("fetch", "claim", "renew", "poll"):
         assert f'producer_loop_progress_age_seconds{{loop="{loop}"}}' in text
+
+
+@pytest.mark.parametrize(
+    ("demo", "model", "code"),
+    [
+        # The hub refuses such a model; one that reaches the queue another way must not hold a slot for centuries.
+        (True, "demo:999999999999", "bad_request"),
+        # A worker with --no-demo runs no demo job at all.
+        (False, "demo:3", "unknown_provider"),
+    ],
+)
+async def test_demo_jobs_a_worker_must_not_run_end_with_an_error_at_once(
+    redis_server: RedisServer,
+    prefix: str,
+    stores: tuple[RedisBackend, RedisJobQueue],
+    demo: bool,
+    model: str,
+    code: str,
+) -> None:
+    backend, queue = stores
+    settings = ProducerSettings(redis_url=redis_server.url, key_prefix=prefix, metrics_port=0)  # demo on: the default
+    if not demo:
+        settings = dataclasses.replace(settings, demo=False)
+    worker = Worker(settings, backend=backend, queue=queue, providers=providers_for(settings, ProviderKeys()))
+    job = dataclasses.replace(_job(1), model=model)
+    await queue.submit(job)
+    task = asyncio.create_task(worker.run_async())
+    try:
+        record = await settled(queue, job.id, timeout_s=20)
+    finally:
+        worker.stop()
+        await task
+    assert record.status == "error" and record.error is not None and record.error["code"] == code
