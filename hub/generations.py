@@ -9,6 +9,7 @@ from producer.jobs import TERMINAL_STATUSES, JobRequestError, new_generation_id,
 
 from .errors import ApiError
 from .handlers import _draining, channel_ok, read_body, stream_channel
+from .jsonbody import parse_json
 from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 
 __all__ = ["routes"]
@@ -35,11 +36,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
-    raw = await read_body(request, request.app[SETTINGS])
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    body = parse_json(await read_body(request, request.app[SETTINGS]))
     settings = request.app[SETTINGS]
     providers: frozenset[str] = request.app[PROVIDERS]
     try:
