@@ -468,3 +468,25 @@ async def test_a_generation_with_an_integer_beyond_64_bits_is_refused_as_such(cl
     resp = await client.post("/v1/generations", data=body, headers={"Content-Type": "application/json"})
     assert resp.status == 400
     assert (await resp.json())["error"] == "invalid_json"
+
+
+async def test_every_response_forbids_sniffing_and_framing_and_names_no_versions(client: Client) -> None:
+    stream = await subscribe(client, "c")
+    page = [await client.get(path) for path in ("/", "/static/app.js", "/static/style.css", "/static/nothing.js")]
+    api = [
+        stream,
+        await client.get("/healthz"),
+        await client.get("/v1/channels/nope"),
+        await client.post(EVENTS.format("c"), data=b'{"data":1}', headers={"Content-Type": "application/json"}),
+    ]
+    for resp in page + api:
+        headers = resp.headers
+        assert headers["X-Content-Type-Options"] == "nosniff", resp.url
+        assert headers["Referrer-Policy"] == "no-referrer", resp.url
+        assert not any(c.isdigit() for c in headers.get("Server", "")), headers["Server"]
+    stream.close()
+    for resp in page:
+        # Its own scripts only (nothing inline, nothing from elsewhere), calls to this hub alone, and no framing.
+        policy = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "connect-src 'self';" in policy and "unsafe" not in policy
+        assert "frame-ancestors 'none'" in policy
