@@ -457,6 +457,10 @@ async def test_integers_are_delivered_exact_or_refused(client: Client) -> None:
         assert resp.status == 400, number
         payload = await resp.json()
         assert payload["error"] == "invalid_json" and "64 bits" in payload["message"]
+    # Checking the integers must not trip over nesting that orjson reads (1024 levels) and Python's parser would not.
+    body = b'{"data":{"deep":' + _nested(1023) + b',"n":1' + b"0" * 25 + b"}}"
+    resp = await client.post(EVENTS.format("c"), data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_json"
     # Long digit runs inside strings, and long fractions, are not integers.
     await publish(client, "c", {"data": {"s": "123456789012345678901234567890", "f": 0.12345678901234567890123}})
     assert (await (await client.get("/v1/channels/c")).json())["length"] == 2

@@ -17,12 +17,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hub.app import create_app
 from hub.auth import Principal, glob_match
 from hub.backend import Backend
+from hub.settings import HubSettings
 from tests.conftest import ClientFactory
 from tests.support import collect
 
@@ -301,3 +303,14 @@ def test_a_pattern_with_many_stars_answers_at_once() -> None:
     assert not principal.may("subscribe", name)
     assert principal.may("subscribe", name + "end")
     assert time.monotonic() - started < 1.0  # generous: it takes microseconds; the regex would take years
+
+
+@pytest.mark.parametrize("content", [b"not a key", b"ed25519"])
+def test_a_public_key_file_the_hub_cannot_use_stops_the_start(tmp_path: Path, content: bytes) -> None:
+    if content == b"ed25519":
+        public = ed25519.Ed25519PrivateKey.generate().public_key()
+        content = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(content)
+    with pytest.raises(ValueError, match=r"jwt-public-key \(HUB_JWT_PUBLIC_KEY\)"):
+        create_app(HubSettings(anonymous=False, jwt_public_key=str(key_file)))
