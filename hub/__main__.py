@@ -20,6 +20,7 @@ from aiohttp.web_runner import GracefulExit
 from producer.settings import ProducerSettings, ProviderKeys
 
 from .app import begin_drain, create_app
+from .httplog import RedactedAccessLogger, server_logger
 from .settings import HubSettings
 from .startup import listen_failure, setting
 
@@ -134,6 +135,9 @@ def _run(app: web.Application, settings: HubSettings) -> None:
         # second to retry. The kernel caps this at net.core.somaxconn.
         backlog=settings.backlog,
         access_log=logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None,
+        access_log_class=RedactedAccessLogger,
+        # Passed on to each connection's handler: its messages, with malformed requests as one debug line.
+        logger=server_logger(),
         print=listening,
     )
 

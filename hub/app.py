@@ -26,6 +26,7 @@ from .errors import error_middleware
 from .fanout import Fanout
 from .generations import routes as generation_routes
 from .handlers import routes
+from .headers import security_headers
 from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .limits import Limits
 from .metrics import HubMetrics
@@ -102,6 +103,7 @@ def create_app(
     app[STATE] = NodeState()
     app[AUTH] = Authenticator(settings)  # reads key files now: a bad one stops the start, not the first request
     app.on_response_prepare.append(cors.on_response_prepare)
+    app.on_response_prepare.append(security_headers)
     # Without --demo a demo job is refused like any provider the hub does not know.
     app[PROVIDERS] = PROVIDER_NAMES if settings.demo else PROVIDER_NAMES - {"demo"}
     metrics_registry = registry if registry is not None else CollectorRegistry()

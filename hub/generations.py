@@ -21,6 +21,7 @@ from .auth import Action
 from .backend import BackendError
 from .errors import ApiError
 from .handlers import _draining, channel_ok, read_body, stream_channel
+from .jsonbody import parse_json
 from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 from .ownership import may_reach
 
@@ -53,10 +54,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         limits.job_bytes(request.content_length)  # before reading what would be refused anyway
     raw = await read_body(request, request.app[SETTINGS])
     limits.job_bytes(len(raw))
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    body = parse_json(raw)
     settings = request.app[SETTINGS]
     providers: frozenset[str] = request.app[PROVIDERS]
     try:

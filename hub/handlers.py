@@ -20,6 +20,7 @@ from .backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeRe
 from .errors import ApiError
 from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
+from .jsonbody import parse_json
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
 from .ownership import HIDDEN_CHANNEL, channel_reachable
@@ -115,7 +116,11 @@ def _parse_events(body: Any, settings: HubSettings) -> tuple[list[NewEvent], boo
             raise ApiError(400, "invalid_body", f"{where}: only the last event of a body may close the channel")
         close = flag
         data = item["data"]
-        text = data if isinstance(data, str) else orjson.dumps(data).decode()
+        try:
+            text = data if isinstance(data, str) else orjson.dumps(data).decode()
+        except orjson.JSONEncodeError:
+            # orjson reads 1024 levels of nesting but writes only 254.
+            raise ApiError(400, "invalid_body", f"{where}: data nests arrays and objects too deeply") from None
         if len(text) > settings.max_event_bytes or len(text.encode()) > settings.max_event_bytes:
             raise ApiError(
                 413,
@@ -143,10 +148,7 @@ async def publish(request: web.Request) -> web.Response:
     raw = await read_body(request, settings)
     if len(raw) > settings.max_body_bytes:  # a body without Content-Length (the app reads up to --max-job-bytes)
         raise _body_too_large(settings)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    body = parse_json(raw)
     events, close = _parse_events(body, settings)
     idempotency = _idempotency(request, events, close)
     request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events), len(raw))

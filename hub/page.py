@@ -6,9 +6,22 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["STATIC_DIR", "routes"]
+__all__ = ["CONTENT_SECURITY_POLICY", "STATIC_DIR", "is_page", "routes"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+_STATIC_PREFIX = "/static/"
+# What the page needs and nothing more: its own scripts and stylesheet (no inline code, so an injected <script> does
+# not run), calls to this hub only, the empty data: icon, and no framing (clickjacking).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def is_page(path: str) -> bool:
+    """Whether `path` is the demo page or one of its files."""
+    return path == "/" or path.startswith(_STATIC_PREFIX)
+
 
 routes = web.RouteTableDef()
 
@@ -19,4 +32,4 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-routes.static("/static", STATIC_DIR, append_version=False)
+routes.static(_STATIC_PREFIX.rstrip("/"), STATIC_DIR, append_version=False)

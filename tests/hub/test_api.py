@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -420,3 +421,76 @@ async def test_live_subscriber_is_ended_not_skipped_when_entries_it_has_not_read
         assert evs[0].event == "reset" and orjson.loads(evs[0].data)["reason"] == "trimmed"
         assert [e.data for e in evs[1:]] == [str(i) for i in range(301 - info["length"], 301)]
     again.close()
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(("depth", "status"), [(254, 201), (255, 400), (1023, 400), (1024, 400), (1025, 400)])
+async def test_deeply_nested_data_is_stored_or_refused_clearly(
+    client: Client, caplog: pytest.LogCaptureFixture, depth: int, status: int
+) -> None:
+    body = b'{"data":' + _nested(depth) + b"}"
+    resp = await client.post(EVENTS.format("c"), data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == status
+    if status == 201:
+        events = await collect(await subscribe(client, "c", last_id="0"), count=1)
+        assert events[0].data == _nested(depth).decode()
+    else:
+        payload = await resp.json()
+        assert payload["error"] in ("invalid_body", "invalid_json") and payload["message"]
+        assert (await client.get("/v1/channels/c")).status == 404
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_integers_are_delivered_exact_or_refused(client: Client) -> None:
+    # The 64-bit extremes on both sides are kept digit for digit.
+    exact = "[18446744073709551615,-9223372036854775808,12345678901234567890]"
+    await publish(client, "c", {"data": orjson.loads(exact)})
+    [event] = await collect(await subscribe(client, "c", last_id="0"), count=1)
+    assert event.data == exact
+    # Beyond them a JSON parser would round to a float: 1.2345678901234568e+29 for this one. Refused instead.
+    for number in ("123456789012345678901234567890", "18446744073709551616", "-9223372036854775809"):
+        body = f'{{"data":{{"n":{number},"s":"{number}"}}}}'.encode()
+        resp = await client.post(EVENTS.format("c"), data=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, number
+        payload = await resp.json()
+        assert payload["error"] == "invalid_json" and "64 bits" in payload["message"]
+    # Checking the integers must not trip over nesting that orjson reads (1024 levels) and Python's parser would not.
+    body = b'{"data":{"deep":' + _nested(1023) + b',"n":1' + b"0" * 25 + b"}}"
+    resp = await client.post(EVENTS.format("c"), data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_json"
+    # Long digit runs inside strings, and long fractions, are not integers.
+    await publish(client, "c", {"data": {"s": "123456789012345678901234567890", "f": 0.12345678901234567890123}})
+    assert (await (await client.get("/v1/channels/c")).json())["length"] == 2
+
+
+async def test_a_generation_with_an_integer_beyond_64_bits_is_refused_as_such(client: Client) -> None:
+    job = b'{"provider":"demo","messages":[{"role":"user","content":"hi"}],"params":{"max_tokens":%s}}'
+    body = job % (b"1" + b"0" * 30)
+    resp = await client.post("/v1/generations", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_json"
+
+
+async def test_every_response_forbids_sniffing_and_framing_and_names_no_versions(client: Client) -> None:
+    stream = await subscribe(client, "c")
+    page = [await client.get(path) for path in ("/", "/static/app.js", "/static/style.css", "/static/nothing.js")]
+    api = [
+        stream,
+        await client.get("/healthz"),
+        await client.get("/v1/channels/nope"),
+        await client.post(EVENTS.format("c"), data=b'{"data":1}', headers={"Content-Type": "application/json"}),
+    ]
+    for resp in page + api:
+        headers = resp.headers
+        assert headers["X-Content-Type-Options"] == "nosniff", resp.url
+        assert headers["Referrer-Policy"] == "no-referrer", resp.url
+        assert not any(c.isdigit() for c in headers.get("Server", "")), headers["Server"]
+    stream.close()
+    for resp in page:
+        # Its own scripts only (nothing inline, nothing from elsewhere), calls to this hub alone, and no framing.
+        policy = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "connect-src 'self';" in policy and "unsafe" not in policy
+        assert "frame-ancestors 'none'" in policy

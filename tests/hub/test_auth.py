@@ -6,6 +6,8 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +18,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hub.app import create_app
+from hub.auth import Principal, glob_match
 from hub.backend import Backend
+from hub.settings import HubSettings
 from tests.conftest import ClientFactory
 from tests.support import collect
 
@@ -141,6 +148,66 @@ async def test_public_key_tokens_and_no_algorithm_confusion(
     assert (await hub.get("/v1/channels/c", headers=bearer(forged))).status == 401
 
 
+def _key_pair(kind: str) -> tuple[Any, bytes]:
+    private: Any = rsa.generate_private_key(65537, 2048) if kind == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, pem
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize(("configured", "claimed"), [("RS256", "ES256"), ("ES256", "RS256")])
+async def test_a_token_of_the_other_key_family_is_an_invalid_token(
+    make_client: ClientFactory,
+    backend: Backend,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    configured: str,
+    claimed: str,
+) -> None:
+    _, pem = _key_pair(configured)
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(pem)
+    hub = await make_client(backend, anonymous=False, jwt_public_key=str(key_file))
+    # Signed with a key of the other family: its header names an algorithm the configured key cannot verify.
+    other, _ = _key_pair(claimed)
+    resp = await hub.get("/v1/channels/c", headers=bearer(token(key=other, alg=claimed, subscribe=["c"])))
+    assert resp.status == 401
+    assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+    assert _errors(caplog) == []
+
+
+async def _raw_status(client: Client, head: bytes) -> int:
+    """Send a request head as bytes (aiohttp's client would refuse to send what a hostile one does): its status."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(head + b"Host: hub\r\nConnection: close\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v1/channels/c HTTP/1.1\r\nAuthorization: Bearer ab\xffcd\r\n",
+        b"GET /v1/channels/c HTTP/1.1\r\nAuthorization: Bearer " + API_KEY[:-1].encode() + b"\xe9\r\n",
+        b"GET /v1/channels/c HTTP/1.1\r\nCookie: hub_token=ab\xffcd\r\n",
+        b"GET /v1/channels/c?access_token=ab%FFcd HTTP/1.1\r\n",
+    ],
+    ids=["bearer", "bearer-like-a-key", "cookie", "query"],
+)
+async def test_a_token_that_is_not_utf8_is_an_invalid_token(
+    hub: Client, caplog: pytest.LogCaptureFixture, head: bytes
+) -> None:
+    assert await _raw_status(hub, head) == 401
+    assert _errors(caplog) == []
+
+
 async def test_api_keys_publish_within_their_patterns_and_rotate(hub: Client) -> None:
     assert (await hub.post("/v1/channels/chat:9/events", json={"data": 1}, headers=bearer(API_KEY))).status == 201
     assert (await hub.post("/v1/channels/other/events", json={"data": 1}, headers=bearer(API_KEY))).status == 403
@@ -217,3 +284,39 @@ async def test_anonymous_mode_allows_everything(make_client: ClientFactory, back
     hub = await make_client(backend, anonymous=True)
     assert (await hub.post("/v1/channels/any/events", json={"data": 1})).status == 201
     await asyncio.sleep(0)
+
+
+def _reference_match(glob: str, name: str) -> bool:
+    # The obvious regex, exact but backtracking: fine on the short inputs below.
+    return re.fullmatch(".*".join(re.escape(part) for part in glob.split("*")), name, re.DOTALL) is not None
+
+
+# Few distinct characters, so that segments overlap and repeat: where a greedy or leftmost choice could go wrong.
+_GLOB_CHARS = st.sampled_from(list("ab-*"))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(glob=st.text(_GLOB_CHARS, max_size=10), name=st.text(st.sampled_from(list("ab-")), max_size=14))
+def test_glob_matches_whole_names_with_star_as_any_run(glob: str, name: str) -> None:
+    assert glob_match(glob, name) == _reference_match(glob, name)
+
+
+def test_a_pattern_with_many_stars_answers_at_once() -> None:
+    # The regex of this pattern tries every way of splitting the name among its stars: 12 s for 100 dashes with six.
+    glob, name = "*-" * 12 + "end", "-" * 200
+    principal = Principal("jwt", "mallory", subscribe=(glob,))
+    started = time.monotonic()
+    assert not principal.may("subscribe", name)
+    assert principal.may("subscribe", name + "end")
+    assert time.monotonic() - started < 1.0  # generous: it takes microseconds; the regex would take years
+
+
+@pytest.mark.parametrize("content", [b"not a key", b"ed25519"])
+def test_a_public_key_file_the_hub_cannot_use_stops_the_start(tmp_path: Path, content: bytes) -> None:
+    if content == b"ed25519":
+        public = ed25519.Ed25519PrivateKey.generate().public_key()
+        content = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_file = tmp_path / "jwt.pem"
+    key_file.write_bytes(content)
+    with pytest.raises(ValueError, match=r"jwt-public-key \(HUB_JWT_PUBLIC_KEY\)"):
+        create_app(HubSettings(anonymous=False, jwt_public_key=str(key_file)))

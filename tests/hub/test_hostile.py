@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -196,3 +199,71 @@ def test_dot_and_slash_channel_names_are_refused(hub: HubProcess, name: str) -> 
         )
         assert status in (400, 404), (name, method, suffix, status)
         assert_clear(status, headers, payload)
+
+
+# Requests no HTTP parser accepts: a byte that is not UTF-8 in the query (where a token goes), a method that is not
+# one, a header without a colon, an endless header line, a bad chunk size, and garbage after a good request.
+MALFORMED = [
+    b"GET /v1/channels/c/events?access_token=s3cret\xff HTTP/1.1\r\nHost: hub\r\n\r\n",
+    b"GARBAGE\x00 / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: hub\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"POST /v1/channels/c/events HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\nGARBAGE\x00 / HTTP/1.1\r\n\r\n",
+]
+
+
+def send_raw(hub: HubProcess, raw: bytes) -> bytes:
+    """Send bytes as they are and return what the hub answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", hub.port), timeout=10) as s:
+        s.sendall(raw)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
+def wait_log(hub: HubProcess, pattern: str, count: int, timeout_s: float = 10) -> str:
+    """The hub's log once `pattern` occurs in it `count` times (a process writes its log when it gets to it)."""
+    deadline = time.monotonic() + timeout_s
+    while (log := hub.log()).count(pattern) < count:
+        assert time.monotonic() < deadline, f"{pattern!r} not {count} times in the log:\n{log[-3000:]}"
+        time.sleep(0.05)
+    return log
+
+
+@pytest.fixture(scope="module")
+def debug_hub() -> Iterator[HubProcess]:
+    node = HubProcess("--log-level", "debug")
+    node.start()
+    yield node
+    node.close()
+
+
+def test_malformed_requests_are_not_logged_as_errors(hub: HubProcess) -> None:
+    for raw in MALFORMED:
+        assert b"HTTP/1.0 400 Bad Request" in send_raw(hub, raw)
+    # Each was answered, and logged (or not) before its answer: the log holds all it will hold about them.
+    log = hub.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+def test_a_malformed_request_is_one_debug_line_without_the_request(debug_hub: HubProcess) -> None:
+    before = debug_hub.log().count("malformed request from")
+    for raw in MALFORMED:
+        assert b"HTTP/1.0 400 Bad Request" in send_raw(debug_hub, raw)
+    log = wait_log(debug_hub, "malformed request from", before + len(MALFORMED))
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    assert "s3cret" not in log
+    lines = [line for line in log.splitlines() if "malformed request from" in line]
+    assert all(" DEBUG hub.http: malformed request from 127.0.0.1: " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("name", ["access_token", "access%5Ftoken"])
+def test_a_token_in_the_query_never_reaches_the_access_log(debug_hub: HubProcess, name: str) -> None:
+    secret, channel = f"tok{uuid.uuid4().hex}", f"none-{uuid.uuid4().hex}"
+    status, _, _ = request(debug_hub, "GET", f"/v1/channels/{channel}?{name}={secret}&x=1")
+    assert status == 404
+    log = wait_log(debug_hub, f'"GET /v1/channels/{channel}?access_token=***&x=1 HTTP/1.1" 404', 1)
+    assert secret not in log

@@ -1,5 +1,5 @@
 """The scale-out topology of tests/scaleout: hub nodes on one redis-server, a demo worker, and nginx in front of the
-nodes, configured by deploy/nginx/hub.conf itself (only its listen address and node list filled in)."""
+nodes, configured by deploy/nginx/hub.conf itself (only its listen address and node list filled in, its log moved)."""
 
 from __future__ import annotations
 
@@ -86,9 +86,6 @@ events {{
 }}
 
 http {{
-    log_format upstreams '$msec $status "$request" upstream=$upstream_addr statuses=$upstream_status '
-                         'time=$request_time';
-    access_log {dir}/access.log upstreams;
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -107,9 +104,9 @@ def find_nginx() -> str | None:
     return exe
 
 
-def render_hub_conf(listen: str, nodes: Sequence[str]) -> str:
-    """deploy/nginx/hub.conf with @LISTEN@ filled in and its @NODE@ line repeated once per node; comments as they
-    are (they name the placeholders)."""
+def render_hub_conf(listen: str, nodes: Sequence[str], log_dir: Path) -> str:
+    """deploy/nginx/hub.conf with @LISTEN@ filled in and its @NODE@ line repeated once per node, its access log in
+    `log_dir`; comments as they are (they name the placeholders)."""
     out: list[str] = []
     for line in HUB_CONF.read_text().splitlines():
         if line.lstrip().startswith("#"):
@@ -117,7 +114,7 @@ def render_hub_conf(listen: str, nodes: Sequence[str]) -> str:
         elif "@NODE@" in line:
             out += [line.replace("@NODE@", node) for node in nodes]
         else:
-            out.append(line.replace("@LISTEN@", listen))
+            out.append(line.replace("@LISTEN@", listen).replace("/var/log/nginx/", f"{log_dir}/"))
     code = "\n".join(line.split("#", 1)[0] for line in out)
     if re.search(r"@[A-Z_]+@", code):
         raise ValueError(f"{HUB_CONF}: a placeholder was left unfilled")
@@ -150,7 +147,7 @@ class LoadBalancer:
         self.dir = Path(tempfile.mkdtemp(prefix="hub-test-nginx-"))
         # Started as root, nginx runs its workers as `nobody`, who must be able to enter this directory.
         self.dir.chmod(0o755)
-        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes))
+        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes, self.dir))
         (self.dir / "nginx.conf").write_text(_MAIN_CONF.format(dir=self.dir))
         self.args = [exe, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(self.dir / "nginx.conf")]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -184,7 +181,7 @@ class LoadBalancer:
         the old ones finish the streams they carry and exit. The file is checked first, because a reload with a bad
         file is only logged and nginx goes on with the old one."""
         assert self.proc is not None and self.proc.poll() is None, "nginx is not running"
-        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes))
+        (self.dir / "hub.conf").write_text(render_hub_conf(f"127.0.0.1:{self.port}", nodes, self.dir))
         check = subprocess.run([*self.args, "-t", "-q"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stdout}{check.stderr}")

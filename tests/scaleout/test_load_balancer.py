@@ -4,7 +4,9 @@ a live one."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 
 import aiohttp
 
@@ -44,3 +46,18 @@ async def test_a_publish_that_meets_a_dead_node_is_stored_once_by_a_live_one(
     assert [e.data for e in await cluster.entries("pub")] == [str(i) for i in range(6)]
     passed_over = [line for line in cluster.lb.access_log() if f"upstream=127.0.0.1:{dead.port}, " in line]
     assert len(passed_over) == 1 and '"POST /v1/channels/pub/events' in passed_over[0], cluster.lb.access_log()
+
+
+async def test_a_token_in_the_query_stays_out_of_the_access_log(
+    make_cluster: ClusterFactory, session: aiohttp.ClientSession
+) -> None:
+    cluster = await make_cluster()
+    secret = "eyJ-not-for-logs"
+    async with session.get(f"{cluster.url}/v1/channels/no-such?access_token={secret}&x=1") as resp:
+        assert resp.status == 404
+    deadline = time.monotonic() + 10
+    while not (logged := [line for line in cluster.lb.access_log() if "/v1/channels/no-such" in line]):
+        assert time.monotonic() < deadline, cluster.lb.access_log()
+        await asyncio.sleep(0.05)
+    assert '"GET /v1/channels/no-such HTTP/1.1" 404' in logged[0], cluster.lb.access_log()
+    assert not [line for line in cluster.lb.access_log() if secret in line]

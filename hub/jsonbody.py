@@ -1,0 +1,53 @@
+"""JSON request bodies: parsed, and accepted only when everything after can carry them exactly."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+from .errors import ApiError
+
+__all__ = ["parse_json"]
+
+# Integers orjson keeps exact (signed and unsigned 64 bits); beyond them it silently makes a float of the number.
+_INT_MIN, _INT_END = -(2**63), 2**64
+# Only a run of 19 digits or more can be out of that range (-2**63 - 1 has 19): bodies without one skip the check.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body's JSON value, or ApiError 400 `invalid_json`: not JSON, or holding an integer that would silently lose
+    digits."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if _LONG_DIGITS.search(raw) is not None:
+        try:
+            # The standard parser hands each integer literal over as text, before it becomes a number.
+            json.loads(raw, parse_int=_exact_int)
+        except _OutOfRange:
+            raise ApiError(
+                400,
+                "invalid_json",
+                "the body holds an integer beyond 64 bits, which would lose digits; send it as a string",
+            ) from None
+        except RecursionError:
+            # Nested near orjson's 1024 levels: far deeper than any request of this API can be (events are encoded
+            # again, which orjson does to 254 levels only).
+            raise ApiError(400, "invalid_json", "the body nests arrays and objects too deeply") from None
+    return body
+
+
+def _exact_int(text: str) -> int:
+    # Python refuses to convert more than 4300 digits; anything over 20 (and a sign) is out of range anyway.
+    if len(text) > 21 or not _INT_MIN <= (value := int(text)) < _INT_END:
+        raise _OutOfRange(text[:40])
+    return value
