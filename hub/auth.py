@@ -228,16 +228,17 @@ def _public_key(path: str) -> tuple[Any, list[str]]:
     """The key in a PEM file and the one algorithm family it verifies. Asymmetric only: a public key must never be
     accepted as an HMAC secret (algorithm confusion). And only its own family: a token whose header names the other
     one (ES256 against an RSA key) is an invalid token, not a key PyJWT is asked to use for what it cannot do."""
+    pem = _read(path, "jwt-public-key").encode()
     try:
-        key = serialization.load_pem_public_key(_read(path, "jwt-public-key").encode())
+        key = serialization.load_pem_public_key(pem)
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise ValueError(f"invalid setting jwt-public-key (HUB_JWT_PUBLIC_KEY): {path} is not a PEM public key") from e
+        raise ValueError(f"invalid setting {setting('HUB_', 'jwt-public-key')}: {path} is not a PEM public key") from e
     if isinstance(key, rsa.RSAPublicKey):
         return key, ["RS256"]
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
         return key, [_EC_ALGORITHMS[key.curve.name]]
     raise ValueError(
-        f"invalid setting jwt-public-key (HUB_JWT_PUBLIC_KEY): {path} must hold an RSA or EC (P-256/384/521) public key"
+        f"invalid setting {setting('HUB_', 'jwt-public-key')}: {path} must hold an RSA or EC (P-256/384/521) public key"
     )
 
 
