@@ -179,6 +179,7 @@ def create_app(
             providers=providers,
             presence=app[PRESENCE],
             registry=metrics_registry,
+            liveness=app[METRICS].liveness,  # the hub's /healthz fails too when one of its loops is stuck
         )
         if ws.demo:
             log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)

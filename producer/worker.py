@@ -99,7 +99,11 @@ class Worker:
         providers: Mapping[str, Provider],
         presence: Presence | None = None,
         registry: CollectorRegistry | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
+        """`liveness`: where the loops report progress. A hub that embeds the worker passes its own, so that one
+        `/healthz` covers the hub's loops and the worker's; without it the worker has its own, exported on
+        `registry`."""
         self.settings = settings
         self.metrics = ProducerMetrics(registry if registry is not None else CollectorRegistry())
         self._backend = backend
@@ -117,8 +121,10 @@ class Worker:
             "renew": settings.renew_s,
             "poll": settings.poll_s,
         }
-        self.liveness = Liveness()
-        self.liveness.register(self.metrics.registry, LOOP_AGE_METRIC)
+        if liveness is None:
+            liveness = Liveness()
+            liveness.register(self.metrics.registry, LOOP_AGE_METRIC)
+        self.liveness = liveness
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
