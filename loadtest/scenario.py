@@ -390,9 +390,9 @@ class ReconnectStorm(Scenario):
             by_command = {
                 k: n - storm_commands.get(k, 0) for k, n in end_commands.items() if n > storm_commands.get(k, 0)
             }
-            # Each history read of the hub is one script (EVALSHA) that runs EXISTS once; nothing else in a storm
-            # does: appends and the tail never call it. So EXISTS counts the storm's store round trips exactly.
-            storm |= {"store_commands_by_command": by_command, "store_history_reads": by_command.get("exists", 0)}
+            # Each history read of the hub is one script (EVALSHA) that runs XINFO STREAM once on a stream that exists;
+            # nothing else calls it (appends run EXISTS too). So XINFO counts the storm's store round trips exactly.
+            storm |= {"store_commands_by_command": by_command, "store_history_reads": by_command.get("xinfo", 0)}
         if metrics_storm is not None and metrics_caught_up is not None:
             d = metrics_delta(metrics_storm, metrics_caught_up)
             storm["resumes_from_window"] = d.get('hub_resumes_total{source="window"}', 0.0)

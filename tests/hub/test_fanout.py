@@ -11,6 +11,9 @@ from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import read_events
 
+# These tests publish megabytes as fast as the node takes them, to fill a stalled client's buffers.
+_UNLIMITED_BYTES = {"publish_bytes_rate": 1 << 30, "publish_bytes_burst": 1 << 30}
+
 
 async def _stalled_subscriber(host: str, port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An SSE client that sends its request and then never reads, with a tiny receive window."""
@@ -27,7 +30,7 @@ async def _stalled_subscriber(host: str, port: int, path: str) -> tuple[asyncio.
 async def test_slow_consumer_is_cut_off_while_fast_one_gets_everything(
     make_client: ClientFactory, backend: Backend
 ) -> None:
-    client = await make_client(backend, max_buffer_bytes=64 * 1024)
+    client = await make_client(backend, max_buffer_bytes=64 * 1024, **_UNLIMITED_BYTES)
     fast = await subscribe(client, "hot")
     assert client.port is not None
     reader, writer = await _stalled_subscriber(client.host, client.port, "/v1/channels/hot/events")
@@ -110,7 +113,7 @@ async def test_http10_client_gets_a_raw_body_and_http11_a_chunked_one(
 async def test_a_channel_whose_last_subscriber_was_cut_off_stops_being_tailed_after_its_linger(
     make_client: ClientFactory, backend: Backend
 ) -> None:
-    client = await make_client(backend, max_buffer_bytes=64 * 1024, linger_s=0.2, tail_block_s=0.1)
+    client = await make_client(backend, max_buffer_bytes=64 * 1024, linger_s=0.2, tail_block_s=0.1, **_UNLIMITED_BYTES)
     assert client.port is not None
     reader, writer = await _stalled_subscriber(client.host, client.port, "/v1/channels/cold/events")
 

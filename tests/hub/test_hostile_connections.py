@@ -36,6 +36,11 @@ def hub() -> Iterator[HubProcess]:
         "warning",
         "--max-streams-per-client",
         "10000",
+        # A client that never reads is fed 12 MB as fast as the node takes it.
+        "--publish-bytes-rate",
+        str(1 << 30),
+        "--publish-bytes-burst",
+        str(1 << 30),
     )
     node.start()
     yield node
