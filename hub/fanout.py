@@ -27,6 +27,7 @@ import orjson
 from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
 from .metrics import HubMetrics
 from .presence import PRESENCE_INTERVAL_S, Presence
+from .settings import TAIL_BACKOFF_MAX_S
 from .sse import comment, encode_event
 
 __all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset"]
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 _HEARTBEAT = comment("keep-alive")
 _BACKOFF_MIN_S = 0.05
-_BACKOFF_MAX_S = 2.0
 
 
 class _Transport(Protocol):
@@ -506,7 +506,7 @@ class Fanout:
             else:
                 continue
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            backoff = min(backoff * 2, TAIL_BACKOFF_MAX_S)
 
     def _dispatch(self, name: str, ch: _Channel, entries: list[Entry]) -> None:
         head = entries[0]

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HISTORY",
     "DEFAULT_RETRY_MS",
     "DEFAULT_TTL_S",
+    "TAIL_BACKOFF_MAX_S",
     "HubSettings",
     "settings_from_args",
 ]
@@ -44,6 +45,9 @@ DEFAULT_LINGER_S = 10.0
 DEFAULT_PUBLISH_BYTES_RATE = 1 << 20
 DEFAULT_PUBLISH_BYTES_BURST = 4 << 20
 DEFAULT_MAX_JOB_BYTES = 512 * 1024
+# The longest the live tail waits after a failed read before the next. A round with Redis down is a read that fails
+# after at most tail-block + redis-timeout, then this pause: --tail-stuck-after must leave room for both.
+TAIL_BACKOFF_MAX_S = 2.0
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -192,9 +196,12 @@ class HubSettings:
         need(self.resume_window_bytes >= 0, "resume-window", "must not be negative")
         need(0 <= self.linger_s <= 3600, "linger", "must be in [0, 3600]")
         need(
-            self.tail_stuck_after_s == 0 or self.tail_stuck_after_s > self.tail_block_s + self.redis_timeout_s,
+            self.tail_stuck_after_s == 0
+            or self.tail_stuck_after_s > self.tail_block_s + self.redis_timeout_s + TAIL_BACKOFF_MAX_S,
             "tail-stuck-after",
-            "must be 0 (derived) or more than tail-block + redis-timeout, the longest a healthy read takes",
+            f"must be 0 (derived) or more than --tail-block + --redis-timeout + {TAIL_BACKOFF_MAX_S:g} "
+            f"({self.tail_block_s + self.redis_timeout_s + TAIL_BACKOFF_MAX_S:g}), the longest a round of the live "
+            "tail takes while Redis is down (a read that times out, then the pause before the next)",
         )
         need(
             self.max_connection_age_s == 0 or self.max_connection_age_s >= 1,
@@ -251,8 +258,8 @@ class HubSettings:
     @property
     def tail_stuck_bound_s(self) -> float:
         """How long the live tail may go without a round before liveness fails. One round is at most a read (up to
-        tail-block, plus redis-timeout when Redis does not answer) and a back-off of up to 2 s after a failure; twice
-        that, and 10 s for a loaded event loop, is still a fraction of a minute."""
+        tail-block, plus redis-timeout when Redis does not answer) and a back-off of up to TAIL_BACKOFF_MAX_S after a
+        failure; twice that, and 10 s for a loaded event loop, is still a fraction of a minute."""
         if self.tail_stuck_after_s:
             return self.tail_stuck_after_s
         return 2 * (self.tail_block_s + self.redis_timeout_s) + 10.0

@@ -89,6 +89,9 @@ def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
         (["--jwt-public-key", "/nonexistent/key.pem"], "--jwt-public-key (HUB_JWT_PUBLIC_KEY)"),
         (["--redis-url", "redis://127.0.0.1:six/0"], "redis-url (HUB_REDIS_URL)"),
         (["--host", "192.0.2.1"], "--host (HUB_HOST)"),  # an address of no host here (TEST-NET-1)
+        # A round of the live tail with Redis down is a read that times out (1 + 1 s) and a pause of up to 2 s: a
+        # bound below that would fail liveness, and restart every node, while Redis is merely down.
+        (["--tail-block", "1", "--redis-timeout", "1", "--tail-stuck-after", "3"], "tail-stuck-after (HUB_TAIL_"),
         ([], "--anonymous"),  # authentication is on by default, and there is nothing to authenticate with
     ],
 )
