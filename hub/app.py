@@ -137,7 +137,10 @@ def create_app(
             app[PRESENCE] = presence
         elif settings.redis_url is not None:
             app[PRESENCE] = RedisPresence(
-                settings.redis_url, prefix=settings.key_prefix, cluster=settings.redis_cluster
+                settings.redis_url,
+                prefix=settings.key_prefix,
+                timeout_s=settings.redis_timeout_s,
+                cluster=settings.redis_cluster,
             )
             owned.append(app[PRESENCE])
         else:
@@ -180,6 +183,7 @@ def create_app(
             presence=app[PRESENCE],
             registry=metrics_registry,
             liveness=app[METRICS].liveness,  # the hub's /healthz fails too when one of its loops is stuck
+            store_timeout_s=0.0 if isinstance(app[JOBS], MemoryJobQueue) else settings.redis_timeout_s,
         )
         if ws.demo:
             log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)

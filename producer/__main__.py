@@ -24,7 +24,7 @@ from hub.startup import StartupError, listen_failure, setting
 
 from .endpoints import endpoints_app
 from .queue_redis import RedisJobQueue
-from .settings import ProducerSettings, ProviderKeys, providers_for
+from .settings import REDIS_TIMEOUT_S, ProducerSettings, ProviderKeys, providers_for
 from .worker import Worker
 
 log = logging.getLogger("producer")
@@ -62,9 +62,14 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
     assert settings.redis_url is not None
     registry = CollectorRegistry()
     cluster, url, prefix = settings.redis_cluster, settings.redis_url, settings.key_prefix
-    backend = RedisBackend(url, prefix=prefix, history=settings.history, ttl_s=settings.ttl_s, cluster=cluster)
-    queue = RedisJobQueue(url, prefix=prefix, group=settings.group, record_ttl_s=settings.ttl_s, cluster=cluster)
-    presence = RedisPresence(url, prefix=prefix, cluster=cluster)
+    t = REDIS_TIMEOUT_S
+    backend = RedisBackend(
+        url, prefix=prefix, history=settings.history, ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster
+    )
+    queue = RedisJobQueue(
+        url, prefix=prefix, group=settings.group, record_ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster
+    )
+    presence = RedisPresence(url, prefix=prefix, timeout_s=t, cluster=cluster)
     worker = Worker(
         settings,
         backend=backend,
@@ -72,6 +77,7 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
         providers=providers_for(settings, keys),
         presence=presence,
         registry=registry,
+        store_timeout_s=t,
     )
 
     async def problem() -> str | None:

@@ -19,13 +19,23 @@ from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
 from .providers.registry import build_providers
 
-__all__ = ["DEFAULT_GROUP", "DEFAULT_STALL_AFTER_S", "ProducerSettings", "ProviderKeys", "providers_for"]
+__all__ = [
+    "DEFAULT_GROUP",
+    "DEFAULT_STALL_AFTER_S",
+    "REDIS_TIMEOUT_S",
+    "ProducerSettings",
+    "ProviderKeys",
+    "providers_for",
+]
 
 
 DEFAULT_GROUP = "producers"
 # Longer than any Redis call may take (their deadlines are a few seconds) and than a loaded machine may pause a loop,
 # short enough that Kubernetes restarts a worker that stopped taking jobs within a couple of minutes.
 DEFAULT_STALL_AFTER_S = 60.0
+# The deadline of each Redis call of a worker process (a hub's embedded worker has the hub's --redis-timeout). Each
+# loop's liveness bound includes it, so that Redis being down, which makes every round wait this long, is not a stall.
+REDIS_TIMEOUT_S = 5.0
 
 
 def _opt(default: Any, flag: str, help: str) -> Any:

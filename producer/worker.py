@@ -30,7 +30,7 @@ from .coalesce import Coalescer
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Status
 from .metrics import ProducerMetrics
 from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
-from .settings import ProducerSettings
+from .settings import REDIS_TIMEOUT_S, ProducerSettings
 from .slots import Slots
 
 __all__ = ["LOOP_AGE_METRIC", "Worker"]
@@ -100,10 +100,11 @@ class Worker:
         presence: Presence | None = None,
         registry: CollectorRegistry | None = None,
         liveness: Liveness | None = None,
+        store_timeout_s: float = REDIS_TIMEOUT_S,
     ) -> None:
         """`liveness`: where the loops report progress. A hub that embeds the worker passes its own, so that one
         `/healthz` covers the hub's loops and the worker's; without it the worker has its own, exported on
-        `registry`."""
+        `registry`. `store_timeout_s`: the deadline of one call to the queue or presence (0 for in-process ones)."""
         self.settings = settings
         self.metrics = ProducerMetrics(registry if registry is not None else CollectorRegistry())
         self._backend = backend
@@ -114,12 +115,15 @@ class Worker:
         self._runs: dict[str, _Run] = {}  # by job entry id
         self._unacked: set[str] = set()  # entry ids started here and neither acknowledged nor taken over
         self._slots = Slots(settings.concurrency)
-        # Each loop's own period; it may take --stall-after longer than that before /healthz fails.
+        # Each loop's longest round while the store is down: its wait, then a call that fails at its deadline (the
+        # fetch: a blocking read that does, then a back-off). It may take --stall-after longer than that before
+        # /healthz fails, so no --stall-after makes a worker fail liveness (and be restarted) for Redis being down.
+        t = store_timeout_s
         self._periods = {
-            "fetch": _FETCH_BLOCK_S + _FETCH_BACKOFF_MAX_S,  # a wait for room or a fetch, or a back-off after one
-            "claim": self._claim_interval_s(),
-            "renew": settings.renew_s,
-            "poll": settings.poll_s,
+            "fetch": _FETCH_BLOCK_S + t + _FETCH_BACKOFF_MAX_S,
+            "claim": self._claim_interval_s() + t,
+            "renew": settings.renew_s + t,
+            "poll": settings.poll_s + t,
         }
         if liveness is None:
             liveness = Liveness()

@@ -57,7 +57,8 @@ async def held_worker() -> AsyncIterator[tuple[Worker, HeldClaims]]:
     settings = ProducerSettings(concurrency=4, claim_idle_s=0.6, renew_s=0.1, poll_s=0.05, stall_after_s=1.0)
     queue = HeldClaims()
     backend = MemoryBackend(history=1000, ttl_s=3600)
-    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(0)})
+    # An in-process queue: no call of it waits for a network deadline.
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(0)}, store_timeout_s=0.0)
     task = asyncio.create_task(worker.run_async())
     yield worker, queue
     queue.let_go.set()
@@ -135,3 +136,42 @@ async def test_healthz_fails_naming_a_loop_stuck_in_a_call_that_never_returns(
     while (resp := await client.get("/healthz")).status != 200:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
+
+
+async def test_redis_that_does_not_answer_is_not_a_stall_whatever_stall_after_says() -> None:
+    """Redis unreachable makes every round of a loop wait for its call's deadline. That is Redis being down (the
+    readiness probe's business), not a stuck loop: were it taken for one, Kubernetes would restart every worker.
+    So even the smallest --stall-after must not fail liveness while each call waits out its deadline."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts, never answers: every call waits for its deadline
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    timeout_s = 1.0
+    queue = RedisJobQueue(url, prefix="down:", group="producers", record_ttl_s=3600, timeout_s=timeout_s)
+    # The claim loop goes round every 0.2 s; each of its calls now takes 1 s, five times --stall-after.
+    settings = ProducerSettings(claim_idle_s=0.6, renew_s=0.1, poll_s=0.05, stall_after_s=0.2)
+    worker = Worker(
+        settings,
+        backend=MemoryBackend(history=1000, ttl_s=3600),
+        queue=queue,
+        providers={"demo": DemoProvider(0)},
+        store_timeout_s=timeout_s,
+    )
+    task = asyncio.create_task(worker.run_async())
+    try:
+        watched_until = time.monotonic() + 4  # several failed claims, each waiting out its deadline
+        while time.monotonic() < watched_until:
+            assert worker.liveness.stuck() == [], worker.liveness.ages()
+            await asyncio.sleep(0.05)
+        assert accepted  # the calls did reach the silent server and wait on it
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await queue.aclose()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
