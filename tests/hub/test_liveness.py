@@ -87,7 +87,7 @@ async def test_healthz_and_metrics_show_how_long_since_the_live_tail_went_round(
     status, body = await _health(node)
     assert status == 200 and body["status"] == "ok"
     # The embedded worker's loops (a hub without Redis runs one) answer to the same /healthz: one probe covers both.
-    assert set(body["loops"]) == {"tail", "fetch", "claim", "renew", "poll"}
+    assert set(body["loops"]) == {"tail", "presence", "heartbeat", "fetch", "claim", "renew", "poll"}
     assert body["loops"]["tail"]["bound_s"] == 2 * (1.0 + 3.0) + 10
     metrics = await (await node.get("/metrics")).text()
     for loop in body["loops"]:
@@ -97,7 +97,7 @@ async def test_healthz_and_metrics_show_how_long_since_the_live_tail_went_round(
 async def test_a_node_with_nothing_to_tail_stays_alive(make_client: ClientFactory) -> None:
     """Waiting for a first subscriber is knowing what it waits for: it goes round while it waits."""
     node = await make_client(
-        MemoryBackend(history=100, ttl_s=60), tail_block_s=0.2, redis_timeout_s=0.2, tail_stuck_after_s=1.5
+        MemoryBackend(history=100, ttl_s=60), tail_block_s=0.2, redis_timeout_s=0.2, tail_stuck_after_s=2.5
     )
     until = time.monotonic() + 4
     while time.monotonic() < until:
@@ -133,7 +133,7 @@ class _StuckTailBackend(MemoryBackend):
 
 async def test_a_live_tail_that_stops_going_round_fails_healthz_naming_it(make_client: ClientFactory) -> None:
     node = await make_client(
-        _StuckTailBackend(history=100, ttl_s=60), tail_block_s=0.2, redis_timeout_s=0.2, tail_stuck_after_s=1.0
+        _StuckTailBackend(history=100, ttl_s=60), tail_block_s=0.2, redis_timeout_s=0.2, tail_stuck_after_s=2.5
     )
     live = await subscribe(node, "c")  # the tail now reads, and its read never returns
     deadline = time.monotonic() + 15
