@@ -279,7 +279,13 @@ class Fanout:
 
     async def start(self) -> None:
         self._reader = await self._backend.open_reader()
-        self._metrics.liveness.watch("tail", self._stuck_after_s)
+        liveness = self._metrics.liveness
+        liveness.watch("tail", self._stuck_after_s)
+        # Each of these rounds is its wait and (presence, on Redis) a call bounded by --redis-timeout, which the
+        # tail's bound already exceeds: a presence loop failing because Redis is down still goes round in time.
+        liveness.watch("heartbeat", self._heartbeat_s + self._stuck_after_s)
+        if self._presence is not None:
+            liveness.watch("presence", PRESENCE_INTERVAL_S + self._stuck_after_s)
         self._tasks = [
             asyncio.create_task(self._tail_loop(), name="fanout-tail"),
             asyncio.create_task(self._heartbeat_loop(), name="fanout-heartbeat"),
@@ -300,7 +306,8 @@ class Fanout:
             t.cancel()
         # Each task's own failure (an interrupt that met a closed store, say) is irrelevant once stopping.
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._metrics.liveness.forget("tail")
+        for name in ("tail", "heartbeat", "presence"):
+            self._metrics.liveness.forget(name)
         if self._reader is not None:
             await self._reader.aclose()
 
@@ -574,22 +581,35 @@ class Fanout:
 
     async def _presence_loop(self) -> None:
         # Tell workers which channels are watched, so abandoned generations can be stopped.
+        # Were this loop to die, workers would cancel watched generations as unwatched: whatever fails, it goes on.
         assert self._presence is not None
+        liveness = self._metrics.liveness
         while True:
+            liveness.beat("presence")
             await asyncio.sleep(PRESENCE_INTERVAL_S)
             try:
                 await self._presence.touch([name for name, ch in self._channels.items() if ch.subscribers])
             except BackendUnavailable as e:
                 log.debug("presence report failed: %s", e)
+            except Exception:
+                log.exception("presence report failed; reporting again in %gs", PRESENCE_INTERVAL_S)
 
     async def _heartbeat_loop(self) -> None:
-        # One timer for the whole node instead of one per connection.
+        # One timer for the whole node instead of one per connection; like the others, it outlives its own errors.
+        liveness = self._metrics.liveness
         while True:
+            liveness.beat("heartbeat")
             await asyncio.sleep(self._heartbeat_s)
-            cut = 0
-            for sub in tuple(self._subscribers):
-                if not sub.push(_HEARTBEAT):
-                    cut += 1
-                    self.detach(sub)
-            if cut:
-                self._metrics.slow_disconnects.inc(cut)
+            try:
+                self._heartbeat()
+            except Exception:
+                log.exception("sending heartbeats failed; sending again in %gs", self._heartbeat_s)
+
+    def _heartbeat(self) -> None:
+        cut = 0
+        for sub in tuple(self._subscribers):
+            if not sub.push(_HEARTBEAT):
+                cut += 1
+                self.detach(sub)
+        if cut:
+            self._metrics.slow_disconnects.inc(cut)

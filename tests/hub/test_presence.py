@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
+from typing import Any
 
 import pytest
 
+from hub.app import create_app
+from hub.backend_memory import MemoryBackend
 from hub.presence import MemoryPresence, Presence, RedisPresence
+from hub.settings import HubSettings
+from tests.hub.test_api import subscribe
 from tests.support import RedisServer
 
 
@@ -33,3 +39,36 @@ async def test_reported_channels_are_seen_and_others_are_not(presence: Presence)
     assert (await presence.last_seen(["a"]))["a"] >= first
     assert await presence.last_seen([]) == {}
     await presence.touch([])  # a node with no subscribers reports nothing, and that is fine
+
+
+class _FailsOnce(MemoryPresence):
+    """The in-process presence, except that its first report fails with an error nobody planned for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def touch(self, channels: Collection[str]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("an unexpected failure")
+        await super().touch(channels)
+
+
+async def test_a_node_goes_on_reporting_presence_after_an_unexpected_error(aiohttp_client: Any) -> None:
+    """Were the presence loop to die, workers would cancel generations that are watched as unwatched, and nothing
+    would show it. It outlives the error, and it answers to /healthz like the live tail."""
+    presence = _FailsOnce()
+    app = create_app(
+        HubSettings(anonymous=True, heartbeat_s=30.0), backend=MemoryBackend(history=100, ttl_s=60), presence=presence
+    )
+    node = await aiohttp_client(app)
+    body = await (await node.get("/healthz")).json()
+    assert {"presence", "heartbeat"} <= set(body["loops"])
+    live = await subscribe(node, "c")
+    deadline = time.monotonic() + 15
+    while "c" not in await presence.last_seen(["c"]):
+        assert time.monotonic() < deadline, "the presence loop stopped reporting"
+        await asyncio.sleep(0.1)
+    assert presence.failed
+    live.close()
