@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any
@@ -50,6 +49,17 @@ return lost
 # cannot both take the last one. Slots lapse after the record's lifetime, so a job that is lost (never ended, never
 # updated) cannot hold one for ever; Redis' clock decides, not the nodes'.
 # KEYS[1] the owner's set; ARGV: limit, lifetime ms, generation id. Returns 1 if taken.
+# A running generation keeps its owner's slot for as long as its record lives, counted, like the slot taken at submit
+# (_TAKE_SLOT_LUA), on Redis' clock: a worker whose clock is off must not shorten or stretch it. Sent with EVAL, as it
+# goes into the same pipeline as the record (on a cluster too, where a pipeline cannot load a script first).
+_KEEP_SLOT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[1], 'GT')
+return 1
+"""
+
 _TAKE_SLOT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -252,8 +262,7 @@ class RedisJobQueue:
             if record.status in TERMINAL_STATUSES:
                 pipe.zrem(active, record.id)
             else:
-                pipe.zadd(active, {record.id: (time.time() + self._ttl_s) * 1000}, xx=True)
-                pipe.expire(active, self._ttl_s, gt=True)
+                pipe.eval(_KEEP_SLOT_LUA, 1, active, self._ttl_s * 1000, record.id)
         await self._call(pipe.execute())
 
     async def cancel_requested(self, generation_ids: Sequence[str]) -> set[str]:

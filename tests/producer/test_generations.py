@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -14,10 +16,12 @@ from hub.app import create_app
 from hub.backend_memory import MemoryBackend
 from hub.keys import JOBS
 from hub.settings import HubSettings
+from producer.jobs import Job
 from producer.providers.demo import TEXT
 from producer.queue_memory import MemoryJobQueue
+from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
-from tests.support import collect, settled
+from tests.support import RedisServer, collect, settled
 
 Client = TestClient[Any, Any]
 
@@ -185,3 +189,24 @@ def test_the_demo_provider_is_switched_off_by_flag_or_environment() -> None:
     assert HubSettings.from_args(["--anonymous", "--demo"], {"HUB_DEMO": "false"}).demo  # the flag wins
     assert not ProducerSettings.from_args(["--no-demo"], {}).demo
     assert not ProducerSettings.from_args([], {"PRODUCER_DEMO": "off"}).demo
+
+
+async def test_a_running_generation_keeps_its_owner_s_slot_by_redis_clock_not_the_worker_s(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot taken at submit lasts as long as the record, on Redis' clock; the worker's refresh of it as the
+    generation runs must count on the same clock, or a worker whose clock is off keeps slots for days, or none."""
+    queue = RedisJobQueue(redis_server.url, prefix=f"test:{uuid.uuid4().hex[:12]}:", group="g", record_ttl_s=60)
+    try:
+        job = Job("gen_1", "demo", "demo", [{"role": "user", "content": "hi"}], "gen:gen_1", owner="jwt:alice")
+        record = await queue.submit(job, max_active=1)
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + 1_000_000)  # this worker's clock is 11 days ahead
+        await queue.update(dataclasses.replace(record, status="running"))
+        monkeypatch.undo()
+        secs, micros = await queue._redis.time()
+        redis_now_ms = secs * 1000 + micros // 1000
+        score = await queue._redis.zscore(queue.active_key("jwt:alice"), "gen_1")
+        assert redis_now_ms + 50_000 <= score <= redis_now_ms + 61_000
+    finally:
+        await queue.aclose()
