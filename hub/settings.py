@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from redis.connection import parse_url
 
 from .backend import DEFAULT_IDEMPOTENCY_WINDOW_S
+from .startup import setting
 
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
@@ -177,7 +178,7 @@ class HubSettings:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"invalid setting {name} (HUB_{name.upper().replace('-', '_')}): {what}")
+                raise ValueError(f"invalid setting {setting('HUB_', name)}: {what}")
 
         need(1 <= self.port <= 65535, "port", "must be 1-65535")
         need(self.history >= 1, "history", "must be at least 1")

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ProducerSettings.from_args(argv, os.environ)
         if settings.redis_url is None:
             raise ValueError(
-                "invalid setting redis-url (PRODUCER_REDIS_URL): a worker process needs Redis "
+                f"invalid setting {setting('PRODUCER_', 'redis-url')}: a worker process needs Redis "
                 "(without Redis, the hub runs its own embedded worker)"
             )
     except ValueError as e:

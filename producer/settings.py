@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_url_problem, settings_from_args
+from hub.startup import setting
 
 from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
@@ -102,7 +103,7 @@ class ProducerSettings:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"invalid setting {name} (PRODUCER_{name.upper().replace('-', '_')}): {what}")
+                raise ValueError(f"invalid setting {setting('PRODUCER_', name)}: {what}")
 
         need(self.concurrency >= 1, "concurrency", "must be at least 1")
         # A renewal may be late by a poll or a slow round trip; three renewals per claim-idle leave room for that.

@@ -80,18 +80,21 @@ def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
         (["--redis-url", "localhost:6379"], "redis-url"),
         (["--log-level", "loud"], "log-level"),
         # A body the hub accepts must fit the byte bucket, or it would be refused for ever.
-        (["--publish-bytes-burst", "100000"], "publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
-        (["--max-job-bytes", "5000000"], "publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
-        (["--max-job-bytes", "100"], "max-job-bytes (HUB_MAX_JOB_BYTES): must be at least 1024"),
+        (["--publish-bytes-burst", "100000"], "--publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
+        (["--max-job-bytes", "5000000"], "--publish-bytes-burst (HUB_PUBLISH_BYTES_BURST): must be at least"),
+        (["--max-job-bytes", "100"], "--max-job-bytes (HUB_MAX_JOB_BYTES): must be at least 1024"),
         (["--anonymous", "--jwt-secret", "short"], "jwt-secret"),
         (["--anonymous", "--api-keys", "svc tooshort chat:*"], "at least 16 characters"),
         (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "--api-keys-file (HUB_API_KEYS_FILE)"),
         (["--jwt-public-key", "/nonexistent/key.pem"], "--jwt-public-key (HUB_JWT_PUBLIC_KEY)"),
-        (["--redis-url", "redis://127.0.0.1:six/0"], "redis-url (HUB_REDIS_URL)"),
+        (["--redis-url", "redis://127.0.0.1:six/0"], "--redis-url (HUB_REDIS_URL)"),
         (["--host", "192.0.2.1"], "--host (HUB_HOST)"),  # an address of no host here (TEST-NET-1)
         # A round of the live tail with Redis down is a read that times out (1 + 1 s) and a pause of up to 2 s: a
         # bound below that would fail liveness, and restart every node, while Redis is merely down.
-        (["--tail-block", "1", "--redis-timeout", "1", "--tail-stuck-after", "3"], "tail-stuck-after (HUB_TAIL_"),
+        (
+            ["--tail-block", "1", "--redis-timeout", "1", "--tail-stuck-after", "3"],
+            "--tail-stuck-after (HUB_TAIL_STUCK_AFTER): must",
+        ),
         ([], "--anonymous"),  # authentication is on by default, and there is nothing to authenticate with
     ],
 )
