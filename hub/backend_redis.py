@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.connection import parse_url
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .backend import (
@@ -42,7 +41,7 @@ from .backend import (
     format_id,
     parse_id,
 )
-from .redis_client import client_kwargs, connect, redis_call
+from .redis_client import client_kwargs, connect, parse_redis_url, redis_call
 from .redis_pipe import RedisPipe, ReplyError, SubscribingConnection
 
 __all__ = ["RedisBackend"]
@@ -244,7 +243,7 @@ class RedisBackend:
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
-        db = 0 if cluster else int(parse_url(url).get("db") or 0)
+        db = 0 if cluster else int(parse_redis_url(url).get("db") or 0)
         self._ring_suffix = f":{db}" if db else ""
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False

@@ -13,15 +13,30 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from .backend import BackendUnavailable
 
-__all__ = ["ClusterGate", "client_kwargs", "connect", "redis_call", "redis_client", "redis_cluster_client"]
+__all__ = [
+    "ClusterGate",
+    "client_kwargs",
+    "connect",
+    "parse_redis_url",
+    "redis_call",
+    "redis_client",
+    "redis_cluster_client",
+]
 
 T = TypeVar("T")
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """The connection options of a Redis URL (host, port, db, ...), by the parser the clients use: the one place a URL
+    is read, for the settings' check and for what is derived from it. Raises ValueError for a URL a client refuses."""
+    return dict(parse_url(url))
 
 
 def client_kwargs(timeout_s: float) -> dict[str, Any]:

@@ -26,9 +26,9 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import hiredis
-from redis.asyncio.connection import parse_url
 
 from .backend import BackendUnavailable
+from .redis_client import parse_redis_url
 
 __all__ = ["RedisPipe", "ReplyError", "SubscribingConnection", "pack_command"]
 
@@ -153,7 +153,7 @@ class RedisPipe:
     """Script calls over one pipelined connection, opened on first use and again after any failure."""
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._opts: dict[str, Any] = dict(parse_url(url))
+        self._opts: dict[str, Any] = parse_redis_url(url)
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._attempt: asyncio.Future[_Protocol] | None = None

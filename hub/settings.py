@@ -13,9 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from redis.connection import parse_url
-
 from .backend import DEFAULT_IDEMPOTENCY_WINDOW_S
+from .redis_client import parse_redis_url
 from .startup import setting
 
 __all__ = [
@@ -63,7 +62,7 @@ def redis_url_problem(url: str) -> str:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return "must start with redis://, rediss:// or unix://"
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        parse_redis_url(url)
     except ValueError as e:  # a port that is not a number, a database that is not one, an option of the wrong type
         return f"{e}; give a URL such as redis://host:6379/0"
     return ""
