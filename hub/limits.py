@@ -36,20 +36,15 @@ class TokenBucket:
     tokens: float
     at: float  # monotonic time of `tokens`
 
-    def take(self, n: float, now: float) -> float:
-        """Take n tokens if there are; else take none and return the seconds until there would be."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if n <= self.tokens:
-            self.tokens -= n
-            return 0.0
-        return (n - self.tokens) / self.rate
-
     def wait(self, n: float, now: float) -> float:
-        """Seconds until n tokens would be there (0: they are); takes nothing."""
+        """Refill up to `now`, then the seconds until n tokens would be there (0: they are); takes nothing."""
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
         return 0.0 if n <= self.tokens else (n - self.tokens) / self.rate
+
+    def take(self, n: float) -> None:
+        """Take n tokens, once `wait(n, now)` answered 0: they are there, and refilling again would be wasted work."""
+        self.tokens -= n
 
     def full(self, now: float) -> bool:
         return self.tokens + (now - self.at) * self.rate >= self.burst
@@ -173,8 +168,8 @@ class Limits:
             raise self._refuse(
                 429, "publish_bytes_rate", f"publish rate over {self._s.publish_bytes_rate} bytes/s", wait_s
             )
-        pub.events.take(events, now)
-        pub.bytes.take(nbytes, now)
+        pub.events.take(events)
+        pub.bytes.take(nbytes)
 
     # -- generation jobs -------------------------------------------------------------------------------------------
 
