@@ -119,7 +119,6 @@ class TooManyGenerations(Exception):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"at most {limit} generations queued or running at once")
-        self.limit = limit
 
 
 class JobRequestError(ValueError):

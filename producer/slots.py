@@ -29,10 +29,6 @@ class Slots:
         """Slots neither held nor reserved. Negative for a moment when a claim lands during a fetch."""
         return self.capacity - len(self._held) - self._reserved
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def hold(self, key: str) -> None:
         """A generation started: it holds a slot until `vacate(key)`."""
         self._held.add(key)
