@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 _MAX_ID = format_id(MAX_KEY)
 # Entries per channel one tail read may return; the rest comes with the next read, in order.
 _READ_COUNT = 200
-# What the rings of one channel may hold between two tail reads. Past it they are dropped and the channel is read from
-# the store instead: a burst, or a reader that is not being read, costs a read, not memory without bound.
-_RING_BUFFER_MAX_BYTES = 2 * 1024 * 1024
+# What the rings of one channel may hold between two tail reads, in characters of their text (counted as they come,
+# without encoding them again; a character of it takes 1 to 4 bytes). Past it they are dropped and the channel is
+# read from the store instead: a burst, or a reader that is not being read, costs a read, not memory without bound.
+_RING_BUFFER_MAX_CHARS = 2 * 1024 * 1024
 
 # Every append rings the stream's own shard channel (see RedisBackend.ring_channel: the stream key, plus the database
 # number unless it is 0, so in the stream's slot on a cluster) with the entries it added:
@@ -491,7 +492,7 @@ class _TailReader:
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._rang: set[str] = set()  # stream keys to read
         self._pushed: dict[str, list[Entry]] = {}  # stream key → entries its rings carried, in order
-        self._pushed_bytes: dict[str, int] = {}  # stream key → the size of those rings
+        self._pushed_chars: dict[str, int] = {}  # stream key → the characters of those rings
         self._deleted: list[str] = []
         self._failure: BaseException | None = None
         self._wake = asyncio.Event()
@@ -568,7 +569,7 @@ class _TailReader:
         # Taken before reading: a ring that comes during the read is kept for the next one. A failed read loses none
         # of them: the reader starts afresh (see `read`), and its first read is a sweep.
         pushed, self._pushed = self._pushed, {}
-        self._pushed_bytes = {}
+        self._pushed_chars = {}
         rang, self._rang = self._rang, set()
         # A deletion of a channel this node no longer tails concerns nobody here: kept, it would make every later read
         # return at once, and report the channel deleted again once a new incarnation of it is tailed.
@@ -652,7 +653,7 @@ class _TailReader:
             await self._learn_slots()
         for key in [k for k in self._subscribed if k not in keys]:
             self._pushed.pop(key, None)
-            self._pushed_bytes.pop(key, None)
+            self._pushed_chars.pop(key, None)
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
                 await pubsub.sunsubscribe(self._backend.ring_channel(key))
@@ -723,13 +724,13 @@ class _TailReader:
                 self._deleted.append(self._backend.channel_of(key))
             elif key in self._rang:
                 pass  # read from the store at the next read anyway, this ring's entries with it
-            elif (size := self._pushed_bytes.get(key, 0) + len(data)) > _RING_BUFFER_MAX_BYTES:
+            elif (size := self._pushed_chars.get(key, 0) + len(data)) > _RING_BUFFER_MAX_CHARS:
                 self._pushed.pop(key, None)
-                self._pushed_bytes.pop(key, None)
+                self._pushed_chars.pop(key, None)
                 self._rang.add(key)
             elif (entries := _ring_entries(data)) is not None:
                 self._pushed.setdefault(key, []).extend(entries)
-                self._pushed_bytes[key] = size
+                self._pushed_chars[key] = size
             else:
                 self._rang.add(key)
             self._wake.set()
@@ -777,7 +778,7 @@ class _TailReader:
         self._subscribed.clear()
         self._rang.clear()
         self._pushed.clear()
-        self._pushed_bytes.clear()
+        self._pushed_chars.clear()
         self._unconfirmed.clear()
         self._in_force = None
         self._next_sweep = 0.0  # the first read after this one reads every channel
@@ -795,9 +796,9 @@ class _TailReader:
         return len(self._subscribed)
 
     @property
-    def buffered_bytes(self) -> int:
-        """The size of the rings held for the next read."""
-        return sum(self._pushed_bytes.values())
+    def buffered_chars(self) -> int:
+        """The characters of the rings held for the next read."""
+        return sum(self._pushed_chars.values())
 
     async def aclose(self) -> None:
         await self._reset()

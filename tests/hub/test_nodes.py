@@ -396,7 +396,7 @@ async def test_a_node_lets_go_of_a_channel_nobody_watches_and_keeps_none_of_its_
         for _ in range(50):
             await worker.append("gen", [NewEvent("message", "x" * 10_000)])
         reader: Any = node.app[FANOUT]._reader
-        assert reader.subscribed == 0 and reader.buffered_bytes == 0
+        assert reader.subscribed == 0 and reader.buffered_chars == 0
     finally:
         await backend.aclose()
         await worker.aclose()
