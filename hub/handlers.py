@@ -421,10 +421,10 @@ async def _may_follow(request: web.Request, sub: Subscriber) -> bool:
 async def channel_info(request: web.Request) -> web.Response:
     channel = _channel(request)
     principal = request.app[AUTH].require(request, "subscribe", channel)
-    # Another client's generation's channel is answered as one that does not exist.
-    reachable = await channel_reachable(request, principal, "subscribe", channel)
-    info = await request.app[BACKEND].info(channel) if reachable else None
-    if info is None:
+    # Another client's generation's channel is answered as one that does not exist. The owner is asked after the
+    # stream was read: a stream with no owner then was no generation's (a name taken in between has an owner by then).
+    info = await request.app[BACKEND].info(channel)
+    if info is None or not await channel_reachable(request, principal, "subscribe", channel):
         raise ApiError(404, "channel_not_found", "no such channel")
     body = {"length": info.length, "first_id": info.first_id, "last_id": info.last_id, "closed": info.closed}
     return web.Response(body=orjson.dumps(body), content_type="application/json")

@@ -216,6 +216,45 @@ async def test_streams_opened_before_the_generation_took_its_name_get_what_their
     assert await events_within(bob_early, 1.5) == []  # still open, and nothing of Alice's ever came
 
 
+def _answer_late(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the first owner lookup read the store at once and answer only when the second event is set (the first
+    is set when it is asked): the race of a request checked just before its name became a generation's."""
+    asked, reply = asyncio.Event(), asyncio.Event()
+    real_owner = backend.owner
+
+    async def late_owner(name: str) -> str | None:
+        owner = await real_owner(name)
+        if not asked.is_set():
+            asked.set()
+            await reply.wait()
+        return owner
+
+    monkeypatch.setattr(backend, "owner", late_owner)
+    return asked, reply
+
+
+async def _write_as_worker(backend: Backend, channel: str, gid: str, *events: str) -> None:
+    batch = AppendBatch(channel, [NewEvent(e, "{}") for e in events], events[-1] == "done", Fence(gid, 1, True))
+    [ids] = await backend.append_many([batch])
+    assert isinstance(ids, list)
+
+
+async def test_the_info_of_a_name_that_becomes_a_generation_meanwhile_is_not_told(
+    make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
+    asked, reply = _answer_late(backend, monkeypatch)
+    bob_request = asyncio.create_task(hub.get(f"/v1/channels/{channel}", headers=BOB))
+    async with asyncio.timeout(10):
+        await asyncio.wait([asyncio.ensure_future(asked.wait()), bob_request], return_when=asyncio.FIRST_COMPLETED)
+    if asked.is_set():  # the owner was asked before the stream was read: let the generation begin meanwhile
+        job = await start(hub, ALICE, {**SLOW, "channel": channel})
+        await _write_as_worker(backend, channel, job["id"], "start")
+        reply.set()
+    assert await answer(await bob_request) == (404, {"error": "channel_not_found", "message": "no such channel"})
+
+
 @pytest.mark.parametrize("answered", ["before the first entry", "after the first entry"])
 async def test_a_stream_admitted_just_before_the_generation_took_its_name_gets_none_of_it(
     make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch, answered: str
@@ -223,19 +262,7 @@ async def test_a_stream_admitted_just_before_the_generation_took_its_name_gets_n
     # No worker: the test writes the channel as its worker would, so that each step happens in a known order.
     hub = await make_client(backend, embedded_worker="off", **AUTH)
     channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
-    asked, answer = asyncio.Event(), asyncio.Event()
-    real_owner = backend.owner
-
-    async def late_owner(name: str) -> str | None:
-        # Bob's check reads "no owner" before Alice's reserve, and its answer arrives after it: the race of a stream
-        # that was admitted just before the name became a generation's.
-        owner = await real_owner(name)
-        if not asked.is_set():
-            asked.set()
-            await answer.wait()
-        return owner
-
-    monkeypatch.setattr(backend, "owner", late_owner)
+    asked, reply = _answer_late(backend, monkeypatch)
     bob_request = asyncio.create_task(hub.get(f"/v1/channels/{channel}/events", headers=BOB))
     async with asyncio.timeout(10):
         await asyncio.wait([asyncio.ensure_future(asked.wait()), bob_request], return_when=asyncio.FIRST_COMPLETED)
@@ -245,19 +272,15 @@ async def test_a_stream_admitted_just_before_the_generation_took_its_name_gets_n
     assert alice.status == 200
 
     async def write(*events: str) -> None:
-        batch = AppendBatch(
-            channel, [NewEvent(e, "{}") for e in events], events[-1] == "done", Fence(job["id"], 1, True)
-        )
-        [ids] = await backend.append_many([batch])
-        assert isinstance(ids, list)
+        await _write_as_worker(backend, channel, job["id"], *events)
 
     if answered == "after the first entry":
         await write("start")
         assert [e.event for e in await collect(alice, count=1)] == ["start"]
-        answer.set()
+        reply.set()
         await _first_block(await bob_request)  # caught up: its catch-up read found the channel written
     else:
-        answer.set()
+        reply.set()
         await _first_block(await bob_request)
         await asyncio.sleep(0.2)  # attached before any entry: the fan-out settles it at the first dispatch
         await write("start")
