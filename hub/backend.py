@@ -320,10 +320,16 @@ class Backend(Protocol):
 
         Checked and done atomically. From then on every append without a fence is refused (ChannelOwned), so only the
         generation's worker writes it, from the first event on; the mark lives as long as the channel (its TTL,
-        refreshed by appends) and goes with `delete`. Live tail readers report the channel in `ReadResult.deleted`,
-        as for a deletion: streams opened on the name before it had an owner end, and are authorized afresh.
+        refreshed by appends) and goes with the `delete` of its stream. Nothing is announced to tail readers: a stream
+        opened on the name before has its right to it checked when the first entries come (see hub.fanout).
         False (nothing changed) when the channel exists.
         """
+        ...
+
+    async def release(self, channel: str, owner: str) -> bool:
+        """Undo a `reserve` whose job was never queued: remove the owner mark if it is still `owner`'s and nothing has
+        been written to the channel, atomically. False (nothing changed) otherwise: a channel its worker has begun to
+        write stays its owner's."""
         ...
 
     async def owner(self, channel: str) -> str | None:
@@ -340,7 +346,8 @@ class Backend(Protocol):
 
     async def delete(self, channel: str) -> bool:
         """Remove the channel and its owner; live tail readers on every node report it in `ReadResult.deleted`.
-        False if absent."""
+        False if absent: a generation's channel reserved but not yet written is absent, and keeps its owner (its
+        queued job will write it)."""
         ...
 
     async def open_reader(self) -> TailReader:

@@ -215,11 +215,11 @@ class MemoryBackend:
         return ChannelInfo(length=len(ch.entries), first_id=first, last_id=format_id(ch.last), closed=ch.closed)
 
     async def delete(self, channel: str) -> bool:
-        self._owners.pop(channel, None)
         ch = self._get(channel, self._clock())
         if ch is None:
-            return False
+            return False  # a reserved name keeps its owner: its queued job still writes it
         del self._channels[channel]
+        self._owners.pop(channel, None)
         for reader in self._readers:
             reader.note_deleted(channel)
         self._notify()
@@ -230,13 +230,13 @@ class MemoryBackend:
         if self._get(channel, now) is not None or self._owner(channel, now) is not None:
             return False
         self._owners[channel] = (owner, now + self._ttl_s)
-        # Only to readers that tail it now, as Redis rings only subscribers: a stream opened just after this (its
-        # owner's) must not be ended by a notice it came after.
-        tailing = [r for r in self._readers if channel in r.positions]
-        for reader in tailing:
-            reader.note_deleted(channel)
-        if tailing:
-            self._notify()
+        return True
+
+    async def release(self, channel: str, owner: str) -> bool:
+        now = self._clock()
+        if self._get(channel, now) is not None or self._owner(channel, now) != owner:
+            return False
+        del self._owners[channel]
         return True
 
     async def owner(self, channel: str) -> str | None:

@@ -178,22 +178,32 @@ end
 return {1, length, last_id, max_deleted, first_id, closed, entries}
 """
 
-# Delete a channel (and its fence and owner) and ring its shard channel with `d`, in one step. KEYS[1] stream,
-# KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix.
+# Delete a channel, and with it its fence and owner, and ring its shard channel with `d`, in one step; a name that has
+# no stream (a generation's channel reserved, not yet written) keeps its owner: its queued job still writes it, and
+# must not write an unowned channel. KEYS[1] stream, KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix.
 _DELETE_LUA = """
-redis.call('DEL', KEYS[2], KEYS[3])
 local n = redis.call('DEL', KEYS[1])
-if n == 1 then redis.pcall('SPUBLISH', KEYS[1] .. ARGV[1], 'd') end
+if n == 1 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.pcall('SPUBLISH', KEYS[1] .. ARGV[1], 'd')
+end
 return n
 """
 
-# Make a channel that does not exist a generation's (see backend.reserve), and ring its shard channel with `d` as a
-# deletion does: tail readers end the streams opened on the name before it had an owner. KEYS[1] stream, KEYS[2]
-# owner; ARGV[1] owner, ARGV[2] ttl_ms, ARGV[3] the ring channel suffix.
+# Make a channel that does not exist a generation's (see backend.reserve). Nothing is rung: streams opened on the name
+# before are checked against the owner when its first entries reach them (see hub.fanout). KEYS[1] stream, KEYS[2]
+# owner; ARGV[1] owner, ARGV[2] ttl_ms.
 _RESERVE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.pcall('SPUBLISH', KEYS[1] .. ARGV[3], 'd')
+return 1
+"""
+
+# Undo a reserve (see backend.release): the owner mark goes only if it is still ARGV[1]'s and nothing was written.
+# KEYS[1] stream, KEYS[2] owner; ARGV[1] owner.
+_RELEASE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
 return 1
 """
 
@@ -252,6 +262,7 @@ class RedisBackend:
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
         self._reserve = self._redis.register_script(_RESERVE_LUA)
+        self._release = self._redis.register_script(_RELEASE_LUA)
         # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL.
         self._pipe = None if cluster or not RedisPipe.supports(url) else RedisPipe(url, timeout_s=timeout_s)
 
@@ -442,7 +453,11 @@ class RedisBackend:
 
     async def reserve(self, channel: str, owner: str) -> bool:
         keys = [self.stream_key(channel), self.owner_key(channel)]
-        return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms, self._ring_suffix])))
+        return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms])))
+
+    async def release(self, channel: str, owner: str) -> bool:
+        keys = [self.stream_key(channel), self.owner_key(channel)]
+        return bool(await self._call(self._release(keys=keys, args=[owner])))
 
     async def owner(self, channel: str) -> str | None:
         value: str | None = await self._call(self._redis.get(self.owner_key(channel)))

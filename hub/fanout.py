@@ -5,6 +5,10 @@ publish, on one subscribing connection). Subscribers are not tasks and have no q
 is written straight to each subscriber whose handler is parked, or appended, as one shared bytes object, to its
 pending list for its own request handler to write out in one write.
 A subscriber that stops reading passes `max_buffer_bytes` and is cut off; it loses nothing, as it resumes by id.
+
+Ownership (see hub.ownership) is settled when data first flows, not by a broadcast: a stream admitted to a channel that
+had no owner yet is provisional, and before the first entries reach it the channel's owner is looked up once; one that
+may not reach it is parked (it stays open, with heartbeats, and never gets an event), the rest follow as any other.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def encode_reset(reset: Reset) -> bytes:
     return encode_event(reset.continue_after, "reset", data)
 
 
+def _may_follow(owner: str | None, client: str) -> bool:
+    # The rule of hub.ownership for a stream whose token reaches the channel by a pattern only.
+    return owner is None or owner == client
+
+
 class Subscriber:
     """One open SSE stream: a pending-bytes list its handler drains, and the id of the last event handed to it.
 
@@ -77,6 +86,7 @@ class Subscriber:
         "handed_over",
         "last_key",
         "max_buffer_bytes",
+        "provisional",
         "transport",
     )
 
@@ -91,6 +101,9 @@ class Subscriber:
         self.last_key: StreamKey = (0, 0)
         self.ended = False  # no more data will come; the handler finishes after writing what is pending
         self.cut = False  # cut off as a slow consumer
+        # The client this stream counts as, while its right to the channel waits on the channel's owner (it was
+        # admitted when the channel had none, by a token pattern): None once it may follow whatever comes.
+        self.provisional: str | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -194,11 +207,27 @@ class _Channel:
     store nothing as long as the clients come back within the window (and the linger, for a channel left idle).
     """
 
-    __slots__ = ("idle_since", "position", "subscribers", "window_base", "window_bytes", "window_data", "window_keys")
+    __slots__ = (
+        "idle_since",
+        "owner",
+        "owner_known",
+        "position",
+        "provisional",
+        "subscribers",
+        "window_base",
+        "window_bytes",
+        "window_data",
+        "window_keys",
+    )
 
     def __init__(self, position: str) -> None:
         self.position = position  # id of the last entry read from the backend for this channel (or where it started)
         self.subscribers: set[Subscriber] = set()
+        self.provisional = 0  # how many of them are provisional: while 0, dispatch does nothing about owners
+        # The owner, once looked up after entries were read: the stream exists then, and keeps its owner until it is
+        # deleted (which drops this object), so the answer holds for every stream that joins later.
+        self.owner_known = False
+        self.owner: str | None = None
         self.idle_since = 0.0  # monotonic time the last subscriber left (meaningful only while it has none)
         self.window_base: StreamKey = parse_id(position)
         self.window_keys: deque[StreamKey] = deque()
@@ -369,10 +398,10 @@ class Fanout:
             return False
         key = parse_id(position)
         missed = ch.replay_after(key)
-        if missed is None:
+        if missed is None or (missed and sub.provisional is not None and not ch.owner_known):
+            # Events whose owner this node has not looked up: the caller reads them from the store and checks.
             return False
-        self._join(ch, sub, key)
-        if missed:
+        if self._join(ch, sub, key) and missed:
             sub.push(missed, parse_id(ch.position))
         return True
 
@@ -387,10 +416,28 @@ class Fanout:
         ch = self._channels.get(channel)
         return ch.position if ch is not None else None
 
-    def _join(self, ch: _Channel, sub: Subscriber, key: StreamKey) -> None:
+    def _join(self, ch: _Channel, sub: Subscriber, key: StreamKey) -> bool:
+        """Add `sub` to the channel's feed; False if it was parked instead (see `park`)."""
         # If the subscriber is ahead of the tail, it skips what it already has (dispatch compares last_key).
         sub.last_key = key
+        if sub.provisional is not None:
+            if not ch.owner_known:
+                ch.provisional += 1
+            elif _may_follow(ch.owner, sub.provisional):
+                sub.provisional = None
+            else:
+                self.park(sub)
+                return False
         ch.subscribers.add(sub)
+        return True
+
+    def park(self, sub: Subscriber) -> None:
+        """`sub` may not reach its channel: it stays open, counted and kept alive like any stream, and nothing of the
+        channel ever comes to it, exactly as for a channel that does not exist (see hub.ownership)."""
+        ch = self._channels.get(sub.channel)
+        if ch is not None and sub in ch.subscribers:
+            self._leave(ch, sub)
+        sub.provisional = None
 
     def detach(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
@@ -401,6 +448,8 @@ class Fanout:
 
     def _leave(self, ch: _Channel, sub: Subscriber) -> None:
         ch.subscribers.discard(sub)
+        if sub.provisional is not None:
+            ch.provisional -= 1
         if not ch.subscribers:
             # Tailed a while longer (the linger), not dropped here: clients that reconnect soon, all of them at once
             # after a network blip or a node's drain, resume from the window.
@@ -500,6 +549,11 @@ class Fanout:
                     # Apply only to the same channel object the read was made for: a channel dropped and re-added
                     # during the read starts from another position, and these entries may not fit it.
                     if entries and ch is not None and self._channels.get(name) is ch:
+                        if ch.provisional:
+                            # Rare: the first entries for streams admitted before the channel had an owner.
+                            await self._settle_owner(name, ch)
+                            if self._channels.get(name) is not ch:
+                                continue
                         self._dispatch(name, ch, entries)
             except BackendUnavailable as e:
                 self._tail_ok = False
@@ -569,15 +623,47 @@ class Fanout:
             # Nothing can follow the close marker: release the channel.
             self._drop(name)
 
+    async def _settle_owner(self, name: str, ch: _Channel) -> None:
+        """Look up the owner of a channel whose entries are about to reach provisional subscribers, and let each of them
+        follow or park it. Entries exist, so the owner cannot change any more (see `_Channel.owner_known`)."""
+        try:
+            owner = await self._backend.owner(name)
+        except BackendUnavailable as e:
+            # Undecided: they end, and their reconnects are authorized afresh. The others get the entries.
+            log.info("channel %s: owner lookup failed (%s); ending its provisional streams", name, e)
+            for sub in tuple(ch.subscribers):
+                if sub.provisional is not None:
+                    self._leave(ch, sub)
+                    sub.provisional = None
+                    sub.end()
+            return
+        if self._channels.get(name) is not ch:
+            return
+        ch.owner_known, ch.owner = True, owner
+        for sub in tuple(ch.subscribers):
+            if sub.provisional is None:
+                continue
+            if _may_follow(owner, sub.provisional):
+                ch.provisional -= 1
+                sub.provisional = None
+            else:
+                self.park(sub)
+
     def _on_deleted(self, name: str) -> None:
         ch = self._drop(name)
         if ch is None:
             return
         data = encode_reset(Reset("deleted", "0-0", ch.position))
+        told = 0
         for sub in ch.subscribers:
-            sub.push(data, end=True)
-        if ch.subscribers:
-            self._metrics.resets.labels("deleted").inc(len(ch.subscribers))
+            if sub.provisional is None:
+                sub.push(data, end=True)
+                told += 1
+            else:
+                # Not told what was there: it ends, and its reconnect is authorized afresh.
+                sub.end()
+        if told:
+            self._metrics.resets.labels("deleted").inc(told)
 
     async def _presence_loop(self) -> None:
         # Tell workers which channels are watched, so abandoned generations can be stopped.

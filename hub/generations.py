@@ -81,9 +81,11 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     try:
         await request.app[JOBS].submit(job, max_active=settings.max_generations_per_client)
     except (TooManyGenerations, BackendError) as e:
-        # Nothing was queued: the name is free again (else its mark would lapse with the channel's TTL).
+        # Nothing was queued (as far as this node can tell): the name is free again, else its mark would lapse with
+        # the channel's TTL. Only our own mark on a channel nothing wrote: a job that was queued after all and has
+        # begun to write keeps its owner.
         with contextlib.suppress(BackendError):
-            await backend.delete(job.channel)
+            await backend.release(job.channel, client)
         if isinstance(e, TooManyGenerations):
             raise limits.too_many_generations() from None
         raise

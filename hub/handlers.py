@@ -23,7 +23,7 @@ from .handover import hand_over
 from .jsonbody import parse_json
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
-from .ownership import HIDDEN_CHANNEL, channel_reachable
+from .ownership import HIDDEN_CHANNEL, channel_reachable, stream_access
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
 
@@ -208,18 +208,15 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
     principal = request.app[AUTH].require(request, "subscribe", channel)
     _draining(request)
     position = _requested_position(request)
-    if not await channel_reachable(request, principal, "subscribe", channel):
-        # Another client's generation: streamed as a channel that does not exist (the same preamble, the same reset
-        # for a resume), and nothing ever comes. A refusal would tell the caller the channel is there.
-        channel = HIDDEN_CHANNEL
-    return await stream_channel(request, channel, position, principal)
+    return await stream_channel(request, channel, position, principal, check_owner=True)
 
 
 async def _start(
     request: web.Request, channel: str, position: str | None
-) -> tuple[str, RangeResult | None, bytes] | None:
-    """Where the stream starts: (position, the first history page if one was read, the preamble); None when the
-    client already has the channel's end marker (answer 204, which tells EventSource to stop reconnecting)."""
+) -> tuple[str, RangeResult | None, bytes, bool] | None:
+    """Where the stream starts: (position, the first history page if one was read, the preamble, whether the store
+    was seen to hold the stream); None when the client already has the channel's end marker (answer 204, which tells
+    EventSource to stop reconnecting)."""
     settings = request.app[SETTINGS]
     fanout = request.app[FANOUT]
     preamble = retry(settings.retry_ms) + comment("ok")
@@ -228,33 +225,46 @@ async def _start(
         # reconnect before the first event resumes from it instead of silently starting from "now" again.
         # A channel this node tails already knows a position that serves (its tail's): no store read.
         live = fanout.live_position(channel)
+        existed = False
         if live is None:
             request.app[METRICS].subscribe_reads.inc()
             info = await request.app[BACKEND].info(channel)
             if info is not None and info.closed:
                 return None
             live = info.last_id if info is not None else ZERO_ID
-        return live, None, preamble + event_id(live)
+            existed = info is not None
+        return live, None, preamble + event_id(live), existed
     if fanout.can_resume(channel, position):
         # What the client missed is in this node's window of the channel: `_catch_up` serves it from memory.
         request.app[METRICS].resumes.labels("window").inc()
-        return position, None, preamble
+        return position, None, preamble, False
     request.app[METRICS].resumes.labels("store").inc()
     first = await _history(request, channel, position)
     if first.closed and check_position(position, first) is None and parse_id(position) >= parse_id(first.last_id):
         return None
-    return position, first, preamble
+    return position, first, preamble, first.exists
 
 
 async def stream_channel(
-    request: web.Request, channel: str, position: str | None, principal: Principal
+    request: web.Request, channel: str, position: str | None, principal: Principal, *, check_owner: bool = False
 ) -> web.StreamResponse:
-    """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization are the
-    caller's; the stream ends when the principal's token expires (the client reconnects with a fresh one)."""
+    """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization by pattern are
+    the caller's; with `check_owner`, so is nothing else: another client's generation is streamed as a channel that
+    does not exist (see hub.ownership). The stream ends when the principal's token expires (the client reconnects with
+    a fresh one)."""
     start = await _start(request, channel, position)
+    provisional = None
+    if check_owner:
+        # After the store was read, so that a stream seen to exist with no owner is known to be no generation's.
+        reachable, provisional = await stream_access(request, principal, channel, existed=start is None or start[3])
+        if not reachable:
+            # Another client's generation: streamed as a channel that does not exist (the same preamble, the same
+            # reset for a resume), and nothing ever comes. A refusal would tell the caller the channel is there.
+            channel = HIDDEN_CHANNEL
+            start = await _start(request, channel, position)
     if start is None:
         return web.Response(status=204)
-    position, first, preamble = start
+    position, first, preamble, _ = start
     settings = request.app[SETTINGS]
     fanout = request.app[FANOUT]
     limits = request.app[LIMITS]
@@ -268,6 +278,7 @@ async def stream_channel(
     # not to send its next request (the reconnect) on it.
     resp.force_close()
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
+    sub.provisional = provisional
     release = _Release(fanout, sub, _schedule_end(sub, seconds_left(principal), settings), limits, client)
     handed_over = False
     try:
@@ -360,6 +371,9 @@ async def _catch_up(
     replayed: Replayed | None = None  # the page just written, handed to the fan-out as the channel's window
     while True:
         if r is not None:
+            if sub.provisional is not None and r.exists and not await _may_follow(request, sub):
+                fanout.park(sub)
+                return True  # open and parked: heartbeats, and never an event
             reset = check_position(position, r)
             if reset is not None:
                 request.app[METRICS].resets.labels(reset.reason).inc()
@@ -391,6 +405,15 @@ async def _catch_up(
             fanout.break_channel(sub.channel, "tail ahead of the stream")
 
 
+async def _may_follow(request: web.Request, sub: Subscriber) -> bool:
+    """Settle a provisional stream (see hub.ownership.stream_access) whose catch-up found the channel written."""
+    owner = await request.app[BACKEND].owner(sub.channel)
+    if owner is not None and owner != sub.provisional:
+        return False
+    sub.provisional = None
+    return True
+
+
 # -- channel management ---------------------------------------------------------------------------------------------
 
 
@@ -398,10 +421,10 @@ async def _catch_up(
 async def channel_info(request: web.Request) -> web.Response:
     channel = _channel(request)
     principal = request.app[AUTH].require(request, "subscribe", channel)
-    # Another client's generation's channel is answered as one that does not exist.
-    reachable = await channel_reachable(request, principal, "subscribe", channel)
-    info = await request.app[BACKEND].info(channel) if reachable else None
-    if info is None:
+    # Another client's generation's channel is answered as one that does not exist. The owner is asked after the
+    # stream was read: a stream with no owner then was no generation's (a name taken in between has an owner by then).
+    info = await request.app[BACKEND].info(channel)
+    if info is None or not await channel_reachable(request, principal, "subscribe", channel):
         raise ApiError(404, "channel_not_found", "no such channel")
     body = {"length": info.length, "first_id": info.first_id, "last_id": info.last_id, "closed": info.closed}
     return web.Response(body=orjson.dumps(body), content_type="application/json")

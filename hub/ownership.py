@@ -12,7 +12,7 @@ from aiohttp import web
 from .auth import Action, Principal
 from .keys import BACKEND, LIMITS
 
-__all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach"]
+__all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "stream_access"]
 
 # What a stream of a channel that is not the caller's follows instead: a name no request can give (channel names have
 # no "/") and no worker writes (jobs' channels are checked the same way), so it never exists and never has an event.
@@ -35,3 +35,22 @@ async def channel_reachable(request: web.Request, principal: Principal, action: 
         return True
     owner = await request.app[BACKEND].owner(channel)
     return owner is None or owner == request.app[LIMITS].client(request, principal)
+
+
+async def stream_access(
+    request: web.Request, principal: Principal, channel: str, *, existed: bool
+) -> tuple[bool, str | None]:
+    """Whether a stream of `channel` may be opened, as `channel_reachable` says, and if so for whom it is provisional.
+
+    `existed`: the stream was seen in the store before this check. A name with no owner now may still become a
+    generation's (`reserve` takes a name that does not exist): a stream admitted to one it did not see exist is
+    provisional, for the client returned, and its right is settled against the owner when the first entries reach it
+    (hub.fanout, and the catch-up in hub.handlers). A stream that existed with no owner is an ordinary channel's.
+    """
+    if principal.kind == "anonymous" or principal.names("subscribe", channel):
+        return True, None
+    client = request.app[LIMITS].client(request, principal)
+    owner = await request.app[BACKEND].owner(channel)
+    if owner is not None:
+        return owner == client, None
+    return True, None if existed else client

@@ -835,18 +835,39 @@ async def test_a_channel_s_owner_lives_as_long_as_the_channel(make_backend: Back
     assert await backend.owner("gen:b") is None and await backend.info("gen:b") is None
 
 
-async def test_reserving_ends_the_reads_of_the_name_made_before(backend: Backend) -> None:
+async def test_reserving_a_name_rings_no_reader_and_deleting_it_unwritten_keeps_its_owner(backend: Backend) -> None:
     reader = await backend.open_reader()
     try:
         await reader.read({"gen:c": ZERO_ID}, block_s=0.05)  # tailing it, as a node with a stream on it does
-        waiting = asyncio.create_task(reader.read({"gen:c": ZERO_ID}, block_s=5))
-        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(reader.read({"gen:c": ZERO_ID}, block_s=0.6))
+        await asyncio.sleep(0.1)
         assert await backend.reserve("gen:c", "jwt:alice")
-        async with asyncio.timeout(5):
-            result = await waiting
-        assert result.deleted == ["gen:c"]
+        # Nothing for the streams already on the name: their right to it is settled when the first entries come.
+        assert await waiting == ReadResult()
     finally:
         await reader.aclose()
+    # Deleting a name with no stream yet deletes nothing: its queued job still writes it, and writes it owned.
+    assert not await backend.delete("gen:c")
+    assert await backend.owner("gen:c") == "jwt:alice"
+    with pytest.raises(ChannelOwned):
+        await backend.append("gen:c", [ev(0)])
+
+
+async def test_release_undoes_only_its_own_reserve_of_a_name_nothing_wrote(backend: Backend) -> None:
+    assert not await backend.release("gen:r", "jwt:alice")  # nobody's
+    assert await backend.reserve("gen:r", "jwt:alice")
+    assert not await backend.release("gen:r", "jwt:bob") and await backend.owner("gen:r") == "jwt:alice"
+    assert await backend.release("gen:r", "jwt:alice") and await backend.owner("gen:r") is None
+    assert await backend.reserve("gen:r", "jwt:bob")  # the name is free again
+
+    # Once its worker has written it (a submit that timed out but landed), the channel stays its owner's.
+    assert await backend.reserve("gen:w", "jwt:alice")
+    [ok] = await backend.append_many([AppendBatch("gen:w", [ev(0)], fence=Fence("gen_w", 1, take=True))])
+    assert isinstance(ok, list)
+    assert not await backend.release("gen:w", "jwt:alice")
+    assert await backend.owner("gen:w") == "jwt:alice"
+    with pytest.raises(ChannelOwned):
+        await backend.append("gen:w", [ev(1)])
 
 
 # -- idempotent appends ---------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from hub.app import create_app
-from hub.backend import Backend
+from hub.backend import AppendBatch, Backend, Fence, NewEvent
+from hub.keys import FANOUT
 from hub.settings import HubSettings
 from hub.sse import SSEEvent
 from producer.jobs import Job, TooManyGenerations
@@ -181,16 +182,124 @@ async def test_nobody_publishes_into_a_running_generation_channel(hub: Client) -
     assert "forged" not in [e.data for e in events]
 
 
-async def test_a_stream_opened_before_the_generation_took_its_name_is_ended(hub: Client) -> None:
+async def _first_block(resp: aiohttp.ClientResponse) -> None:
+    """Wait for a live stream's opening (its position): the stream is then attached, or about to be."""
+    assert resp.status == 200
+    async with asyncio.timeout(10):
+        while b"id: " not in await resp.content.readuntil(b"\n\n"):
+            pass
+
+
+async def _until_tailed(hub: Client, channel: str) -> None:
+    for _ in range(200):  # 10 s
+        if hub.app[FANOUT].live_position(channel) is not None:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{channel} is never tailed")
+
+
+async def test_streams_opened_before_the_generation_took_its_name_get_what_their_client_may_read(hub: Client) -> None:
     channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
-    early = await hub.get(f"/v1/channels/{channel}/events", headers=BOB)
-    assert early.status == 200
-    await asyncio.sleep(0.2)  # let the stream attach to the channel
-    await start(hub, ALICE, {**QUICK, "channel": channel})
-    events = await collect(early, timeout_s=10)  # ends, told to start over; reconnecting, Bob is authorized afresh
-    assert [e.event for e in events] == ["reset"] and "deleted" in events[0].data
-    again = await hub.get(f"/v1/channels/{channel}/events?last_event_id=0", headers=BOB)
-    assert await events_within(again, 1.5) == []
+    alice_early = await hub.get(f"/v1/channels/{channel}/events", headers=ALICE)
+    bob_early = await hub.get(f"/v1/channels/{channel}/events", headers=BOB)
+    for resp in (alice_early, bob_early):
+        await _first_block(resp)
+    await _until_tailed(hub, channel)
+    # The node already follows the name: the creator's own streamed answer joins that feed, and gets all of it.
+    created = await hub.post(
+        "/v1/generations", json={**QUICK, "channel": channel}, headers={**ALICE, "Accept": "text/event-stream"}
+    )
+    assert created.status == 200
+    own = await collect(created, timeout_s=30)
+    assert own[0].event == "start" and own[-1].event == "done", own
+    assert [e.data for e in await collect(alice_early, timeout_s=30)] == [e.data for e in own]
+    assert await events_within(bob_early, 1.5) == []  # still open, and nothing of Alice's ever came
+
+
+def _answer_late(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the first owner lookup read the store at once and answer only when the second event is set (the first
+    is set when it is asked): the race of a request checked just before its name became a generation's."""
+    asked, reply = asyncio.Event(), asyncio.Event()
+    real_owner = backend.owner
+
+    async def late_owner(name: str) -> str | None:
+        owner = await real_owner(name)
+        if not asked.is_set():
+            asked.set()
+            await reply.wait()
+        return owner
+
+    monkeypatch.setattr(backend, "owner", late_owner)
+    return asked, reply
+
+
+async def _write_as_worker(backend: Backend, channel: str, gid: str, *events: str) -> None:
+    batch = AppendBatch(channel, [NewEvent(e, "{}") for e in events], events[-1] == "done", Fence(gid, 1, True))
+    [ids] = await backend.append_many([batch])
+    assert isinstance(ids, list)
+
+
+async def test_the_info_of_a_name_that_becomes_a_generation_meanwhile_is_not_told(
+    make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
+    asked, reply = _answer_late(backend, monkeypatch)
+    bob_request = asyncio.create_task(hub.get(f"/v1/channels/{channel}", headers=BOB))
+    async with asyncio.timeout(10):
+        await asyncio.wait([asyncio.ensure_future(asked.wait()), bob_request], return_when=asyncio.FIRST_COMPLETED)
+    if asked.is_set():  # the owner was asked before the stream was read: let the generation begin meanwhile
+        job = await start(hub, ALICE, {**SLOW, "channel": channel})
+        await _write_as_worker(backend, channel, job["id"], "start")
+        reply.set()
+    assert await answer(await bob_request) == (404, {"error": "channel_not_found", "message": "no such channel"})
+
+
+@pytest.mark.parametrize("answered", ["before the first entry", "after the first entry"])
+async def test_a_stream_admitted_just_before_the_generation_took_its_name_gets_none_of_it(
+    make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch, answered: str
+) -> None:
+    # No worker: the test writes the channel as its worker would, so that each step happens in a known order.
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
+    asked, reply = _answer_late(backend, monkeypatch)
+    bob_request = asyncio.create_task(hub.get(f"/v1/channels/{channel}/events", headers=BOB))
+    async with asyncio.timeout(10):
+        await asyncio.wait([asyncio.ensure_future(asked.wait()), bob_request], return_when=asyncio.FIRST_COMPLETED)
+    assert asked.is_set()
+    job = await start(hub, ALICE, {**SLOW, "channel": channel})
+    alice = await hub.get(f"/v1/channels/{channel}/events?last_event_id=0", headers=ALICE)
+    assert alice.status == 200
+
+    async def write(*events: str) -> None:
+        await _write_as_worker(backend, channel, job["id"], *events)
+
+    if answered == "after the first entry":
+        await write("start")
+        assert [e.event for e in await collect(alice, count=1)] == ["start"]
+        reply.set()
+        await _first_block(await bob_request)  # caught up: its catch-up read found the channel written
+    else:
+        reply.set()
+        await _first_block(await bob_request)
+        await asyncio.sleep(0.2)  # attached before any entry: the fan-out settles it at the first dispatch
+        await write("start")
+    await write("token", "done")
+    assert [e.event for e in await collect(alice, timeout_s=10)][-2:] == ["token", "done"]
+    assert await events_within(bob_request.result(), 1.5) == []
+
+
+async def test_deleting_a_generation_channel_before_its_worker_wrote_it_leaves_it_its_owner_s(
+    make_client: ClientFactory, backend: Backend
+) -> None:
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    job = await start(hub, ALICE)
+    channel = job["channel"]
+    for headers in (ALICE, {"Authorization": f"Bearer {API_KEY}"}):
+        assert (await hub.delete(f"/v1/channels/{channel}", headers=headers)).status == 404  # nothing written yet
+    # Still the generation's: nobody publishes into it (a forged `done`), and its worker will write it owned.
+    await _refused_publish(hub, channel, BOB)
+    assert await backend.owner(channel) == "jwt:alice"
 
 
 async def test_anonymous_mode_keeps_everyone_one_principal(make_client: ClientFactory, backend: Backend) -> None:
