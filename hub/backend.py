@@ -6,10 +6,11 @@ One contract test suite runs against both. Nothing here imports aiohttp.web.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 __all__ = [
     "DEFAULT_IDEMPOTENCY_WINDOW_S",
@@ -20,8 +21,11 @@ __all__ = [
     "ZERO_ID",
     "Backend",
     "BackendError",
+    "ANY_OWNER",
+    "AnyOwner",
     "BackendUnavailable",
     "ChannelClosed",
+    "ChannelLost",
     "ChannelOwned",
     "Fence",
     "Fenced",
@@ -55,6 +59,15 @@ _ID_RE = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})")
 StreamKey = tuple[int, int]
 
 
+class AnyOwner(enum.Enum):
+    """`Backend.delete(owner=ANY_OWNER)`: whoever owns the channel, if anyone."""
+
+    ANY = "any"
+
+
+ANY_OWNER: Literal[AnyOwner.ANY] = AnyOwner.ANY
+
+
 class BackendError(Exception):
     """Base class of the errors a backend raises on purpose."""
 
@@ -73,6 +86,11 @@ class ChannelClosed(BackendError):
 
 class ChannelOwned(BackendError):
     """The channel belongs to a generation (see Backend.reserve): only its worker's fenced appends may write it."""
+
+
+class ChannelLost(BackendError):
+    """A generation's first append found its channel no longer its owner's (see Fence.channel_owner): the name was
+    released after a submit that seemed to fail, deleted, or expired while the job waited. Nothing was written."""
 
 
 class Fenced(BackendError):
@@ -145,11 +163,18 @@ class Fence:
     `take`: claim the channel for this run; refused if another owner holds it, or a later attempt of the same owner.
     Otherwise the append is refused unless this run holds it. A run that was taken over (its worker stalled, another
     re-ran the job) thus cannot write another token after the re-run began.
+
+    `channel_owner` (with `take` only): the client the generation's channel was reserved for (see Backend.reserve).
+    The take is refused with ChannelLost unless the channel's owner mark is still exactly that one, so that a run
+    never writes, as an unowned channel anyone may read, a name whose reservation was undone or is gone. Checked on
+    the take alone: the later appends of the run are held to the fence, which a delete removes with the owner.
+    None: no check (a job queued by a hub that kept no owners).
     """
 
     owner: str
     attempt: int
     take: bool = False
+    channel_owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,8 +335,8 @@ class Backend(Protocol):
         """Several appends (to different channels, or in order to the same one) in one round trip.
 
         Each batch is applied as by `append`, in the order given; the result for each is its ids, or the BackendError
-        that refused it (ChannelClosed, ChannelOwned for a batch without a fence, Fenced, BackendUnavailable). Used
-        by producers to coalesce tokens.
+        that refused it (ChannelClosed, ChannelOwned for a batch without a fence, Fenced, ChannelLost for a take
+        whose `channel_owner` does not hold the channel, BackendUnavailable). Used by producers to coalesce tokens.
         """
         ...
 
@@ -344,10 +369,15 @@ class Backend(Protocol):
         """The channel's length and ends, or None when it does not exist."""
         ...
 
-    async def delete(self, channel: str) -> bool:
+    async def delete(self, channel: str, *, owner: str | None | AnyOwner = ANY_OWNER) -> bool:
         """Remove the channel and its owner; live tail readers on every node report it in `ReadResult.deleted`.
         False if absent: a generation's channel reserved but not yet written is absent, and keeps its owner (its
-        queued job will write it)."""
+        queued job will write it).
+
+        `owner`: delete only if the channel's owner mark (see `reserve`) is this one (None: it has none), checked
+        atomically with the deletion; else False, as for an absent channel. A caller authorized against the owner it
+        read cannot so delete a generation that took the name after the read.
+        """
         ...
 
     async def open_reader(self) -> TailReader:

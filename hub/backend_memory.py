@@ -12,14 +12,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .backend import (
+    ANY_OWNER,
     DEFAULT_IDEMPOTENCY_WINDOW_S,
     TRIM_SLACK_MAX,
     ZERO_ID,
+    AnyOwner,
     AppendBatch,
     Appended,
     BackendError,
     ChannelClosed,
     ChannelInfo,
+    ChannelLost,
     ChannelOwned,
     Entry,
     Fence,
@@ -153,10 +156,12 @@ class MemoryBackend:
         if owner is not None and fence is None:
             raise ChannelOwned(channel)
         ch = self._get(channel, now)
+        if ch is not None and ch.closed:
+            raise ChannelClosed(channel)
+        if fence is not None and fence.take and fence.channel_owner is not None and owner != fence.channel_owner:
+            raise ChannelLost(channel)
         if ch is None:
             ch = self._channels[channel] = _Channel()
-        elif ch.closed:
-            raise ChannelClosed(channel)
         if fence is not None:
             held = ch.fence
             if fence.take:
@@ -214,10 +219,13 @@ class MemoryBackend:
         first = ch.entries[0].id if ch.entries else None
         return ChannelInfo(length=len(ch.entries), first_id=first, last_id=format_id(ch.last), closed=ch.closed)
 
-    async def delete(self, channel: str) -> bool:
-        ch = self._get(channel, self._clock())
+    async def delete(self, channel: str, *, owner: str | None | AnyOwner = ANY_OWNER) -> bool:
+        now = self._clock()
+        ch = self._get(channel, now)
         if ch is None:
             return False  # a reserved name keeps its owner: its queued job still writes it
+        if owner is not ANY_OWNER and self._owner(channel, now) != owner:
+            return False
         del self._channels[channel]
         self._owners.pop(channel, None)
         for reader in self._readers:

@@ -19,16 +19,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from .backend import (
+    ANY_OWNER,
     DEFAULT_IDEMPOTENCY_WINDOW_S,
     MAX_KEY,
     TRIM_SLACK_MAX,
     ZERO_ID,
+    AnyOwner,
     AppendBatch,
     Appended,
     BackendError,
     BackendUnavailable,
     ChannelClosed,
     ChannelInfo,
+    ChannelLost,
     ChannelOwned,
     Entry,
     Fenced,
@@ -66,8 +69,8 @@ _NOTIFY_LUA = """
 local ring = {first_prev, ARGV[3]}
 for i = 1, n do
   ring[#ring + 1] = ids[i]
-  ring[#ring + 1] = ARGV[8 + 2 * i]
   ring[#ring + 1] = ARGV[9 + 2 * i]
+  ring[#ring + 1] = ARGV[10 + 2 * i]
 end
 redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 """
@@ -79,13 +82,15 @@ redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 # Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
 # A generation's channel (its owner key exists; see backend.reserve) takes fenced appends only, its worker's: checked
 # here, in the same step as the append, so no publisher can slip an event in between a submit and the worker's start.
-# With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash.
+# With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash. A take
+# that names the channel's owner finds it still there (the name's reservation not undone, deleted or lapsed) or writes
+# nothing: checked on the take alone, the first append of a run, not on every token.
 # With an idempotency key (publishers; see backend.Idempotency), a key seen within its window answers the ids it was
 # given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
 # KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
 # when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
-# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, then
-# event/data pairs.
+# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, the
+# channel owner a take expects ("": none), then event/data pairs.
 _APPEND_LUA = """
 local owned = redis.call('EXISTS', KEYS[3]) == 1
 if owned and ARGV[4] == '' then return redis.error_reply('OWNED the channel belongs to a generation') end
@@ -112,6 +117,9 @@ if ARGV[4] ~= '' then
   local held = redis.call('HMGET', KEYS[2], 'o', 'a')
   local attempt = tonumber(ARGV[6])
   if ARGV[4] == 'take' then
+    if ARGV[10] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[10] then
+      return redis.error_reply('LOST the channel lost its owner')
+    end
     if held[1] and (held[1] ~= ARGV[5] or tonumber(held[2]) > attempt) then
       return redis.error_reply('FENCED another run holds the channel')
     end
@@ -125,9 +133,9 @@ local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
 local first_prev = prev
-local n = (#ARGV - 9) / 2
+local n = (#ARGV - 10) / 2
 for i = 1, n do
-  local ev, d = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  local ev, d = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -180,8 +188,10 @@ return {1, length, last_id, max_deleted, first_id, closed, entries}
 
 # Delete a channel, and with it its fence and owner, and ring its shard channel with `d`, in one step; a name that has
 # no stream (a generation's channel reserved, not yet written) keeps its owner: its queued job still writes it, and
-# must not write an unowned channel. KEYS[1] stream, KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix.
+# must not write an unowned channel. With ARGV[2] "1", only if the owner mark is ARGV[3] ("": none), in the same step.
+# KEYS[1] stream, KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix, ARGV[2] check flag, ARGV[3] owner.
 _DELETE_LUA = """
+if ARGV[2] == '1' and (redis.call('GET', KEYS[3]) or '') ~= ARGV[3] then return 0 end
 local n = redis.call('DEL', KEYS[1])
 if n == 1 then
   redis.call('DEL', KEYS[2], KEYS[3])
@@ -221,6 +231,8 @@ def _refused(reply: str) -> BackendError:
         return Fenced(reply)
     if reply.startswith("OWNED"):
         return ChannelOwned(reply)
+    if reply.startswith("LOST"):
+        return ChannelLost(reply)
     if reply.startswith("IDEMPOTENCY"):
         return IdempotencyConflict(reply)
     log.warning("redis refused a command: %s", reply)
@@ -335,6 +347,8 @@ class RedisBackend:
             keys.append(self.idempotency_key(b.channel, idempotency.key))
             args += (idempotency.fingerprint, self._idempotency_ms)
         args.append(self._ring_suffix)
+        expected = b.fence.channel_owner if b.fence is not None and b.fence.take else None
+        args.append(expected or "")
         for ev in b.events:
             args += (ev.event, ev.data)
         return keys, args
@@ -379,12 +393,8 @@ class RedisBackend:
         for r in raw:
             if isinstance(r, BackendError):
                 results.append(r)
-            elif isinstance(r, ResponseError) and str(r).startswith("CLOSED"):
-                results.append(ChannelClosed(str(r)))
-            elif isinstance(r, ResponseError) and str(r).startswith("FENCED"):
-                results.append(Fenced(str(r)))
-            elif isinstance(r, ResponseError) and str(r).startswith("OWNED"):
-                results.append(ChannelOwned(str(r)))
+            elif isinstance(r, ResponseError) and str(r).split(" ", 1)[0] in ("CLOSED", "FENCED", "OWNED", "LOST"):
+                results.append(_refused(str(r)))
             elif isinstance(r, Exception):
                 results.append(BackendUnavailable(f"redis error: {str(r).split(' ', 1)[0]}"))
             else:
@@ -447,9 +457,10 @@ class RedisBackend:
         _, length, last_id, _max_deleted, first_id, closed, _ = raw
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
-    async def delete(self, channel: str) -> bool:
+    async def delete(self, channel: str, *, owner: str | None | AnyOwner = ANY_OWNER) -> bool:
         keys = [self.stream_key(channel), self.fence_key(channel), self.owner_key(channel)]
-        return bool(await self._call(self._delete(keys=keys, args=[self._ring_suffix])))
+        check = ("0", "") if owner is ANY_OWNER else ("1", owner or "")
+        return bool(await self._call(self._delete(keys=keys, args=[self._ring_suffix, *check])))
 
     async def reserve(self, channel: str, owner: str) -> bool:
         keys = [self.stream_key(channel), self.owner_key(channel)]

@@ -23,7 +23,7 @@ from .handover import hand_over
 from .jsonbody import parse_json
 from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
-from .ownership import HIDDEN_CHANNEL, channel_reachable, stream_access
+from .ownership import HIDDEN_CHANNEL, channel_reachable, reached_as, stream_access
 from .settings import HubSettings
 from .sse import comment, encode_event, event_id, retry
 
@@ -434,8 +434,10 @@ async def channel_info(request: web.Request) -> web.Response:
 async def channel_delete(request: web.Request) -> web.Response:
     channel = _channel(request)
     principal = request.app[AUTH].require(request, "publish", channel)
-    reachable = await channel_reachable(request, principal, "publish", channel)
-    if not reachable or not await request.app[BACKEND].delete(channel):
+    owner = await reached_as(request, principal, "publish", channel)
+    # Deleted only if the owner is still the one the caller was let in for: a generation that took the name after
+    # the check is not the caller's to delete, and is answered like no channel.
+    if owner is False or not await request.app[BACKEND].delete(channel, owner=owner):
         raise ApiError(404, "channel_not_found", "no such channel")
     return web.Response(status=204)
 

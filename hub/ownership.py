@@ -7,12 +7,15 @@ In anonymous mode everyone is the same principal, and ownership separates no one
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aiohttp import web
 
 from .auth import Action, Principal
+from .backend import ANY_OWNER, AnyOwner
 from .keys import BACKEND, LIMITS
 
-__all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "stream_access"]
+__all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "reached_as", "stream_access"]
 
 # What a stream of a channel that is not the caller's follows instead: a name no request can give (channel names have
 # no "/") and no worker writes (jobs' channels are checked the same way), so it never exists and never has an event.
@@ -31,10 +34,22 @@ async def channel_reachable(request: web.Request, principal: Principal, action: 
     """For a caller whose rights on `channel` were already checked: False when the channel is another client's
     generation's and the token does not name it exactly. One store read, only for tokens that reach the channel by a
     pattern."""
+    return await reached_as(request, principal, action, channel) is not False
+
+
+async def reached_as(
+    request: web.Request, principal: Principal, action: Action, channel: str
+) -> str | None | AnyOwner | Literal[False]:
+    """As `channel_reachable`, with the owner the answer rests on: the owner read (None: no generation's channel),
+    ANY_OWNER when none matters (anonymous mode, a token naming the channel), False when not reachable. A change made
+    on the strength of it is conditioned on that owner in the store (`Backend.delete(owner=...)`): the name may
+    become a generation's between the read and the change."""
     if principal.kind == "anonymous" or principal.names(action, channel):
-        return True
+        return ANY_OWNER
     owner = await request.app[BACKEND].owner(channel)
-    return owner is None or owner == request.app[LIMITS].client(request, principal)
+    if owner is None or owner == request.app[LIMITS].client(request, principal):
+        return owner
+    return False
 
 
 async def stream_access(

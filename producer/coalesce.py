@@ -33,13 +33,19 @@ _Writer = tuple[str, str, int]  # channel, fence owner, fence attempt
 
 
 class _Pending:
-    __slots__ = ("close", "events", "futures", "take")
+    __slots__ = ("channel_owner", "close", "events", "futures", "take")
 
     def __init__(self) -> None:
         self.events: list[NewEvent] = []
         self.futures: list[asyncio.Future[str]] = []
         self.close = False
         self.take = False
+        self.channel_owner: str | None = None  # the take's (see Fence.channel_owner)
+
+    def fence(self, owner: str, attempt: int, *, first: bool = True) -> Fence:
+        """The fence of an append of these events: the take, with its owner check, only with the first of them."""
+        take = self.take and first
+        return Fence(owner, attempt, take, self.channel_owner if take else None)
 
 
 def _fail(fut: asyncio.Future[str], error: BackendError) -> None:
@@ -81,7 +87,8 @@ class Coalescer:
         p.events.append(event)
         p.futures.append(fut)
         p.close = close
-        p.take = p.take or fence.take
+        if fence.take:
+            p.take, p.channel_owner = True, fence.channel_owner
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="coalescer")
         return fut
@@ -120,7 +127,7 @@ class Coalescer:
     async def _flush(self, batch: dict[_Writer, _Pending]) -> None:
         writers = list(batch)
         batches = [
-            AppendBatch(ch, batch[(ch, o, a)].events, batch[(ch, o, a)].close, Fence(o, a, batch[(ch, o, a)].take))
+            AppendBatch(ch, batch[(ch, o, a)].events, batch[(ch, o, a)].close, batch[(ch, o, a)].fence(o, a))
             for ch, o, a in writers
         ]
         self._metrics.append_round_trips.inc()
@@ -147,7 +154,7 @@ class Coalescer:
         for (ch, owner, attempt), p in batch.items():
             last = len(p.events) - 1
             for i, (ev, fut) in enumerate(zip(p.events, p.futures, strict=True)):
-                fence = Fence(owner, attempt, p.take and i == 0)
+                fence = p.fence(owner, attempt, first=i == 0)
                 error = self._failed.get((ch, owner, attempt))
                 if error is None:
                     self._metrics.append_round_trips.inc()

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from hub.backend import Backend, BackendError, ChannelClosed, Fence, Fenced, NewEvent, id_before
+from hub.backend import Backend, BackendError, ChannelClosed, ChannelLost, Fence, Fenced, NewEvent, id_before
 from hub.liveness import Liveness
 from hub.presence import PRESENCE_SLACK_S, Presence
 
@@ -48,6 +48,11 @@ _FINISHING_WAIT_S = 2.0
 # Runs of one job beyond --max-attempts (worker deaths, not provider retries) before it is ended with an error.
 _EXTRA_RUNS = 2
 _INTERNAL = {"code": "internal", "message": "the generation failed inside the worker"}
+_CHANNEL_BUSY = {"code": "channel_busy", "message": "another generation is writing to this channel"}
+_CHANNEL_LOST = {
+    "code": "channel_lost",
+    "message": "the generation's channel was released, deleted or expired before it could be written",
+}
 
 
 def _event(name: str, data: Mapping[str, Any]) -> NewEvent:
@@ -367,7 +372,9 @@ class Worker:
     async def _run_job(self, run: _Run) -> None:
         job = run.delivery.job
         attempt = await self._queue.begin_attempt(job.id)
-        run.fence = Fence(job.id, attempt, take=True)
+        # The take checks that the channel is still the owner's (see Fence.channel_owner): a reservation undone after
+        # a submit that seemed to fail, but landed, must not leave this run writing a channel anyone may read.
+        run.fence = Fence(job.id, attempt, take=True, channel_owner=job.owner)
         record = await self._queue.get(job.id)
         if record is not None and record.status in TERMINAL_STATUSES:
             await self._ack(run)  # finished before; only the acknowledgement was lost
@@ -393,7 +400,10 @@ class Worker:
             await self._finished_before(run, record)
             return
         except Fenced:
-            await self._fenced(run, attempt)
+            await self._fenced(run, attempt, _CHANNEL_BUSY)
+            return
+        except ChannelLost:
+            await self._fenced(run, attempt, _CHANNEL_LOST)
             return
         await self._finish(run, outcome, record)
 
@@ -440,14 +450,17 @@ class Worker:
         log.info("generation %s had already finished (%s)", job.id, record.status)
         await self._ack(run)
 
-    async def _fenced(self, run: _Run, attempt: int) -> None:
-        """Another writer holds the channel: a later run of this job (then stop quietly), or another generation."""
+    async def _fenced(self, run: _Run, attempt: int, reason: Mapping[str, str]) -> None:
+        """The run may not write the channel, and wrote nothing: a later run of this job holds it (then stop quietly),
+        or this job cannot write it at all (another generation holds it, or it is no longer the owner's): then the
+        job ends with `reason`, its channel untouched."""
         job = run.delivery.job
         current = await self._queue.get(job.id)
         if current is not None and current.attempts > attempt:
             raise _Abandoned
         if current is not None:
-            error = {"code": "channel_busy", "message": "another generation is writing to this channel"}
+            error = dict(reason)
+            log.warning("generation %s cannot write its channel: %s", job.id, error["code"])
             current.status, current.error, current.finish_reason = "error", error, "error"
             current.finished_at = time.time()
             await self._queue.update(current)

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 import pytest
 
 from hub.backend import (
+    ANY_OWNER,
     TRIM_SLACK_MAX,
     ZERO_ID,
     AppendBatch,
     Appended,
     Backend,
     ChannelClosed,
+    ChannelLost,
     ChannelOwned,
     Entry,
     Fence,
@@ -868,6 +870,58 @@ async def test_release_undoes_only_its_own_reserve_of_a_name_nothing_wrote(backe
     assert await backend.owner("gen:w") == "jwt:alice"
     with pytest.raises(ChannelOwned):
         await backend.append("gen:w", [ev(1)])
+
+
+async def test_a_delete_conditioned_on_an_owner_deletes_only_while_that_owner_holds_the_channel(
+    backend: Backend,
+) -> None:
+    # A plain channel: deleted when no owner is expected, not when one is (it became no one's generation).
+    await backend.append("plain", [ev(0)])
+    assert not await backend.delete("plain", owner="jwt:alice")
+    assert await backend.delete("plain", owner=None)
+    # A generation's channel: kept (and still its owner's) unless the expected owner is its owner.
+    assert await backend.reserve("gen:d", "jwt:alice")
+    [ok] = await backend.append_many([AppendBatch("gen:d", [ev(0)], fence=Fence("gen_d", 1, take=True))])
+    assert isinstance(ok, list)
+    assert not await backend.delete("gen:d", owner=None)  # authorized while the name was no one's
+    assert not await backend.delete("gen:d", owner="jwt:bob")
+    assert await backend.owner("gen:d") == "jwt:alice" and await backend.info("gen:d") is not None
+    assert await backend.delete("gen:d", owner="jwt:alice")
+    assert await backend.owner("gen:d") is None and await backend.info("gen:d") is None
+    # Without a condition, whoever owns it.
+    assert await backend.reserve("gen:e", "jwt:alice")
+    [ok] = await backend.append_many([AppendBatch("gen:e", [ev(0)], fence=Fence("gen_e", 1, take=True))])
+    assert isinstance(ok, list)
+    assert await backend.delete("gen:e", owner=ANY_OWNER)
+
+
+async def test_a_take_that_names_the_channel_s_owner_writes_only_while_that_owner_holds_it(backend: Backend) -> None:
+    def take(channel: str, owner: str | None, attempt: int = 1) -> AppendBatch:
+        return AppendBatch(channel, [ev(attempt)], fence=Fence(f"job-{channel}", attempt, True, owner))
+
+    # The reservation was undone (a submit that seemed to fail but landed): its job writes nothing, not even an
+    # unowned channel, and the name stays free.
+    assert await backend.reserve("gen:lost", "jwt:alice")
+    assert await backend.release("gen:lost", "jwt:alice")
+    [refused] = await backend.append_many([take("gen:lost", "jwt:alice")])
+    assert isinstance(refused, ChannelLost)
+    assert await backend.info("gen:lost") is None and await backend.owner("gen:lost") is None
+    # Another client's generation took the name meanwhile: not this job's to write either.
+    assert await backend.reserve("gen:lost", "jwt:bob")
+    [refused] = await backend.append_many([take("gen:lost", "jwt:alice")])
+    assert isinstance(refused, ChannelLost)
+    assert await backend.info("gen:lost") is None and await backend.owner("gen:lost") == "jwt:bob"
+    # The owner's mark present: the take writes; a re-run's take after the channel was deleted does not.
+    assert await backend.reserve("gen:kept", "jwt:alice")
+    [ok] = await backend.append_many([take("gen:kept", "jwt:alice")])
+    assert isinstance(ok, list)
+    assert await backend.delete("gen:kept")
+    [refused] = await backend.append_many([take("gen:kept", "jwt:alice", attempt=2)])
+    assert isinstance(refused, ChannelLost)
+    assert await backend.info("gen:kept") is None
+    # A job that names no owner (queued by a hub that kept none) is not checked.
+    [ok] = await backend.append_many([take("gen:old", None)])
+    assert isinstance(ok, list)
 
 
 # -- idempotent appends ---------------------------------------------------------------------------------------------

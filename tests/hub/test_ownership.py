@@ -17,15 +17,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from hub.app import create_app
-from hub.backend import AppendBatch, Backend, Fence, NewEvent
-from hub.keys import FANOUT
+from hub.backend import AppendBatch, Backend, BackendUnavailable, Fence, NewEvent
+from hub.keys import FANOUT, JOBS
 from hub.settings import HubSettings
 from hub.sse import SSEEvent
-from producer.jobs import Job, TooManyGenerations
+from producer.jobs import GenerationRecord, Job, TooManyGenerations
 from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from tests.conftest import ClientFactory
-from tests.support import RedisServer, collect, read_events
+from tests.support import RedisServer, collect, read_events, settled
 
 Client = TestClient[Any, Any]
 SECRET = "s" * 64
@@ -300,6 +300,50 @@ async def test_deleting_a_generation_channel_before_its_worker_wrote_it_leaves_i
     # Still the generation's: nobody publishes into it (a forged `done`), and its worker will write it owned.
     await _refused_publish(hub, channel, BOB)
     assert await backend.owner(channel) == "jwt:alice"
+
+
+async def test_a_delete_let_in_before_the_name_became_a_generation_s_does_not_delete_the_generation(
+    make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = await make_client(backend, embedded_worker="off", **AUTH)
+    channel = f"gen:custom-{uuid.uuid4().hex[:8]}"
+    asked, reply = _answer_late(backend, monkeypatch)
+    bob_request = asyncio.create_task(hub.delete(f"/v1/channels/{channel}", headers=BOB))
+    async with asyncio.timeout(10):
+        await asyncio.wait([asyncio.ensure_future(asked.wait()), bob_request], return_when=asyncio.FIRST_COMPLETED)
+    assert asked.is_set()  # Bob's pattern reaches the name, which is no one's yet: he is let in
+    job = await start(hub, ALICE, {**SLOW, "channel": channel})
+    await _write_as_worker(backend, channel, job["id"], "start")
+    reply.set()
+    assert await answer(await bob_request) == (404, {"error": "channel_not_found", "message": "no such channel"})
+    info = await backend.info(channel)
+    assert info is not None and info.length == 1 and await backend.owner(channel) == "jwt:alice"
+
+
+async def test_a_generation_whose_submit_seemed_to_fail_never_writes_a_channel_others_can_reach(
+    make_client: ClientFactory, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The queue took the job, but its answer was lost (a timeout): the hub undoes the reservation and answers 503,
+    # while a worker runs the job. It must not write the name as an unowned channel, for any pattern to read.
+    hub = await make_client(backend, **AUTH)
+    jobs = hub.app[JOBS]
+    real_submit = jobs.submit
+    submitted: list[Job] = []
+
+    async def landed_but_timed_out(job: Job, *, max_active: int = 0) -> GenerationRecord:
+        submitted.append(job)
+        await real_submit(job, max_active=max_active)
+        raise BackendUnavailable("redis unavailable: TimeoutError")
+
+    monkeypatch.setattr(jobs, "submit", landed_but_timed_out)
+    assert (await hub.post("/v1/generations", json=QUICK, headers=ALICE)).status == 503
+    [job] = submitted
+    monkeypatch.undo()
+    record = await settled(jobs, job.id, timeout_s=30)
+    assert record.status == "error" and record.error is not None and record.error["code"] == "channel_lost"
+    assert await backend.info(job.channel) is None and await backend.owner(job.channel) is None
+    # The owner's slot is free again, and the next generation runs.
+    assert [e.event for e in await until_done(hub, await start(hub, ALICE, QUICK), ALICE)][-1] == "done"
 
 
 async def test_anonymous_mode_keeps_everyone_one_principal(make_client: ClientFactory, backend: Backend) -> None:

@@ -540,3 +540,39 @@ async def test_demo_jobs_a_worker_must_not_run_end_with_an_error_at_once(
         worker.stop()
         await task
     assert record.status == "error" and record.error is not None and record.error["code"] == code
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 2.0])
+async def test_a_job_whose_channel_lost_its_owner_ends_with_an_error_and_writes_nothing(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], coalesce_ms: float
+) -> None:
+    backend, queue = stores
+    # Its hub undid the reservation (the submit's answer was lost, but the job was queued).
+    lost = dataclasses.replace(_job(3), owner="jwt:alice")
+    assert await backend.reserve(lost.channel, "jwt:alice") and await backend.release(lost.channel, "jwt:alice")
+    owned = dataclasses.replace(_job(3), owner="jwt:alice")
+    assert await backend.reserve(owned.channel, "jwt:alice")
+    older = _job(3)  # queued by a hub that kept no owners
+    for job in (lost, owned, older):
+        await queue.submit(job)
+    settings = ProducerSettings(
+        redis_url=redis_server.url, key_prefix=prefix, metrics_port=0, demo_tokens_per_s=0, coalesce_ms=coalesce_ms
+    )
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": DemoProvider(0)})
+    task = asyncio.create_task(worker.run_async())
+    try:
+        records = [await settled(queue, job.id, timeout_s=20) for job in (lost, owned, older)]
+        deadline = time.monotonic() + 10
+        while (await queue._redis.xpending(queue.jobs_key, "producers"))["pending"]:  # each acknowledged
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        worker.stop()
+        await task
+    assert records[0].status == "error" and records[0].error is not None
+    assert records[0].error["code"] == "channel_lost"
+    assert await backend.info(lost.channel) is None and await backend.owner(lost.channel) is None
+    assert [r.status for r in records[1:]] == ["done", "done"]
+    _check_one_run(await _all_entries(backend, owned.channel), 3, restarted=False)
+    assert await backend.owner(owned.channel) == "jwt:alice"
+    _check_one_run(await _all_entries(backend, older.channel), 3, restarted=False)
