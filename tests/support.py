@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
+from hub.backend import Backend, Entry
 from hub.sse import SSEEvent, SSEParser
 from producer.jobs import GenerationRecord, JobQueue
 
@@ -353,3 +354,15 @@ async def wait_http_ok(
             pass  # not listening yet
         assert time.monotonic() < deadline, f"{url} not ready:\n{why()}"
         await asyncio.sleep(0.05)
+
+
+async def stored_entries(backend: Backend, channel: str) -> list[Entry]:
+    """Everything the channel holds, read from the store page by page."""
+    out: list[Entry] = []
+    pos = "0"
+    while True:
+        r = await backend.range(channel, pos, limit=1000)
+        out += r.entries
+        if not r.more:
+            return out
+        pos = out[-1].id

@@ -24,7 +24,16 @@ from producer.providers.demo import DemoProvider
 from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
-from tests.support import HubProcess, ProducerProcess, RedisServer, free_port, read_events, settled
+from tests.support import (
+    HubProcess,
+    ProducerProcess,
+    RedisServer,
+    free_port,
+    read_events,
+    settled,
+    stored_entries,
+    wait_http_ok,
+)
 
 
 @pytest.fixture
@@ -83,23 +92,12 @@ def _job(tokens: int, channel: str | None = None) -> Job:
     )
 
 
-async def _all_entries(backend: RedisBackend, channel: str) -> list[Entry]:
-    out: list[Entry] = []
-    pos = "0"
-    while True:
-        r = await backend.range(channel, pos, limit=1000)
-        out += r.entries
-        if not r.more:
-            return out
-        pos = out[-1].id
-
-
 async def _wait_closed(backend: RedisBackend, channel: str, timeout_s: float) -> list[Entry]:
     deadline = time.monotonic() + timeout_s
     while True:
         info = await backend.info(channel)
         if info is not None and info.closed:
-            return await _all_entries(backend, channel)
+            return await stored_entries(backend, channel)
         assert time.monotonic() < deadline, f"{channel} was not finished within {timeout_s}s"
         await asyncio.sleep(0.05)
 
@@ -107,7 +105,7 @@ async def _wait_closed(backend: RedisBackend, channel: str, timeout_s: float) ->
 async def _wait_tokens(backend: RedisBackend, channel: str, count: int, worker: ProducerProcess) -> None:
     """Until the channel holds `count` tokens: the generation is under way."""
     deadline = time.monotonic() + 20
-    while len([e for e in await _all_entries(backend, channel) if e.event == "token"]) < count:
+    while len([e for e in await stored_entries(backend, channel) if e.event == "token"]) < count:
         assert time.monotonic() < deadline, worker.log()
         await asyncio.sleep(0.05)
 
@@ -262,7 +260,7 @@ async def test_a_long_generation_keeps_its_claim_so_no_other_worker_steals_it(
         stolen += await queue.claim_stale("thief", 1.0, 10)
         await asyncio.sleep(0.1)
     assert stolen == []
-    _check_one_run(await _all_entries(backend, job.channel), 200, restarted=False)
+    _check_one_run(await stored_entries(backend, job.channel), 200, restarted=False)
 
 
 async def test_through_a_hub_a_client_sees_the_take_over_as_a_reset_and_gets_the_whole_answer(
@@ -306,7 +304,7 @@ async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more
     stalled.signal(signal.SIGSTOP)  # a frozen VM, a stop-the-world pause: alive, but not renewing
     try:
         _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "40", "--consumer", "rescuer")
-        while "reset" not in [e.event for e in await _all_entries(backend, job.channel)]:
+        while "reset" not in [e.event for e in await stored_entries(backend, job.channel)]:
             assert time.monotonic() < deadline + 20, "the job was not taken over"
             await asyncio.sleep(0.05)
     finally:
@@ -315,7 +313,7 @@ async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more
     _check_one_run(entries, 80, restarted=True)
     assert [e.event for e in entries].count("start") == 2
     await asyncio.sleep(1.0)  # the woken worker has had time to notice and must have written nothing since
-    assert len(await _all_entries(backend, job.channel)) == len(entries)
+    assert len(await stored_entries(backend, job.channel)) == len(entries)
     record = await queue.get(job.id)
     assert record is not None and record.status == "done"
 
@@ -335,7 +333,7 @@ async def test_a_store_outage_mid_generation_never_finishes_over_a_gap(prefix: s
         job = _job(300)
         await queue.submit(job)
         deadline = time.monotonic() + 20
-        while len(await _all_entries(backend, job.channel)) < 20:
+        while len(await stored_entries(backend, job.channel)) < 20:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         # Redis holds every write for longer than the worker's deadline: those appends fail (their outcome
@@ -397,7 +395,7 @@ async def test_cancel_through_redis_and_the_worker_metrics_endpoint(
     job = _job(100_000)
     await queue.submit(job)
     deadline = time.monotonic() + 20
-    while len(await _all_entries(backend, job.channel)) < 5:
+    while len(await stored_entries(backend, job.channel)) < 5:
         assert time.monotonic() < deadline, w.log()
         await asyncio.sleep(0.05)
     asked = time.monotonic()
@@ -454,16 +452,7 @@ async def test_a_second_worker_on_the_same_metrics_port_exits_with_one_line_nami
     port = free_port()
     first = _worker_process(workers, redis_server, prefix, "--metrics-port", str(port))
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline, first.log()
-            await asyncio.sleep(0.1)
+        await wait_http_ok(session, f"http://127.0.0.1:{port}/healthz", why=first.log)
     second = _worker_process(workers, redis_server, prefix, "--metrics-port", str(port))
     assert second.wait(30) == 2
     out = second.log()
@@ -484,16 +473,7 @@ async def test_an_idle_worker_stays_live_past_its_bounds_and_shows_each_loop_s_p
     )
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with session.get(base + "/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert time.monotonic() < deadline, w.log()
-            await asyncio.sleep(0.1)
+        await wait_http_ok(session, base + "/healthz", why=w.log)
         watched_until = time.monotonic() + 9
         while time.monotonic() < watched_until:
             async with session.get(base + "/healthz") as resp:
@@ -573,6 +553,6 @@ async def test_a_job_whose_channel_lost_its_owner_ends_with_an_error_and_writes_
     assert records[0].error["code"] == "channel_lost"
     assert await backend.info(lost.channel) is None and await backend.owner(lost.channel) is None
     assert [r.status for r in records[1:]] == ["done", "done"]
-    _check_one_run(await _all_entries(backend, owned.channel), 3, restarted=False)
+    _check_one_run(await stored_entries(backend, owned.channel), 3, restarted=False)
     assert await backend.owner(owned.channel) == "jwt:alice"
-    _check_one_run(await _all_entries(backend, older.channel), 3, restarted=False)
+    _check_one_run(await stored_entries(backend, older.channel), 3, restarted=False)

@@ -39,6 +39,7 @@ from tests.support import (
     ResumingClient,
     ServiceProcess,
     free_port,
+    stored_entries,
     wait_http_ok,
 )
 
@@ -411,7 +412,7 @@ class Soak:
             finished = False
         record = await self._record(session, job["id"])
         assert self._backend is not None
-        entries = await _entries(self._backend, job["channel"])
+        entries = await stored_entries(self._backend, job["channel"])
         out = check(tokens, client.events, entries, record)
         out.id, out.finished, out.connections = job["id"], finished, len(client.attempts)
         if not finished:
@@ -464,15 +465,3 @@ async def _finished_count(session: aiohttp.ClientSession, port: int) -> int | No
     except aiohttp.ClientError:
         return None
     return int(sum(float(v) for v in re.findall(r"^producer_generations_finished_total\{.*\} (\S+)$", text, re.M)))
-
-
-async def _entries(backend: RedisBackend, channel: str) -> list[Entry]:
-    """Everything the channel holds, read from Redis."""
-    out: list[Entry] = []
-    pos = "0"
-    while True:
-        r = await backend.range(channel, pos, limit=1000)
-        out += r.entries
-        if not r.more:
-            return out
-        pos = out[-1].id
