@@ -45,15 +45,16 @@ _DRAIN_WAIT = 0.8
 
 
 def make_backend(settings: HubSettings) -> Backend:
-    if settings.redis_url is None:
+    target = settings.redis_target
+    if target is None:
         log.warning("no --redis-url: using the embedded memory backend (single node; data is lost on restart)")
         return MemoryBackend(
             history=settings.history, ttl_s=settings.ttl_s, idempotency_window_s=settings.idempotency_window_s
         )
     kind = "Redis Cluster" if settings.redis_cluster else "Redis"
-    log.info("using %s backend at %s", kind, _redact(settings.redis_url))
+    log.info("using %s backend at %s", kind, target.describe())
     return RedisBackend(
-        settings.redis_url,
+        target,
         prefix=settings.key_prefix,
         history=settings.history,
         ttl_s=settings.ttl_s,
@@ -61,14 +62,6 @@ def make_backend(settings: HubSettings) -> Backend:
         idempotency_window_s=settings.idempotency_window_s,
         cluster=settings.redis_cluster,
     )
-
-
-def _redact(url: str) -> str:
-    # Never log a password that is part of the URL.
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    return scheme + sep + rest
 
 
 async def begin_drain(app: web.Application) -> None:
@@ -92,7 +85,7 @@ def create_app(
 ) -> web.Application:
     """Build a hub node. Injected `backend`, `jobs` and `presence` are shared, not owned: the app does not close them.
 
-    The job queue is Redis when `redis_url` is set, else in memory; a generation worker runs in this process when
+    The job queue is Redis when `redis_target` is set, else in memory; a generation worker runs in this process when
     `embedded_worker` says so ("auto": with the in-memory queue), with `worker_settings` and `provider_keys`.
     """
     cors = Cors(settings.cors_origins)
@@ -121,9 +114,9 @@ def create_app(
         owned: list[JobQueue | Presence] = []
         if jobs is not None:
             app[JOBS] = jobs
-        elif settings.redis_url is not None:
+        elif settings.redis_target is not None:
             app[JOBS] = RedisJobQueue(
-                settings.redis_url,
+                settings.redis_target,
                 prefix=settings.key_prefix,
                 group=DEFAULT_GROUP,
                 record_ttl_s=settings.ttl_s,
@@ -135,9 +128,9 @@ def create_app(
             app[JOBS] = MemoryJobQueue()
         if presence is not None:
             app[PRESENCE] = presence
-        elif settings.redis_url is not None:
+        elif settings.redis_target is not None:
             app[PRESENCE] = RedisPresence(
-                settings.redis_url,
+                settings.redis_target,
                 prefix=settings.key_prefix,
                 timeout_s=settings.redis_timeout_s,
                 cluster=settings.redis_cluster,

@@ -44,7 +44,7 @@ from .backend import (
     format_id,
     parse_id,
 )
-from .redis_client import client_kwargs, connect, parse_redis_url, redis_call
+from .redis_client import RedisTarget, client_kwargs, connect, redis_call
 from .redis_pipe import RedisPipe, ReplyError, SubscribingConnection
 
 __all__ = ["RedisBackend"]
@@ -249,7 +249,7 @@ def _entry(raw: Any) -> Entry:
 class RedisBackend:
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         *,
         prefix: str,
         history: int,
@@ -259,24 +259,26 @@ class RedisBackend:
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         cluster: bool = False,
     ) -> None:
-        self._url = url
+        self._target = target = RedisTarget.of(url)
         self.cluster = cluster
         self._prefix = prefix
         self._history = history
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
-        db = 0 if cluster else int(parse_redis_url(url).get("db") or 0)
+        db = 0 if cluster else target.db
         self._ring_suffix = f":{db}" if db else ""
-        self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
+        self._redis, self._gate = connect(target, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
         self._range = self._redis.register_script(_RANGE_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
         self._reserve = self._redis.register_script(_RESERVE_LUA)
         self._release = self._redis.register_script(_RELEASE_LUA)
-        # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL.
-        self._pipe = None if cluster or not RedisPipe.supports(url) else RedisPipe(url, timeout_s=timeout_s)
+        # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL. It connects to one
+        # address for good, so with Sentinels (whose primary moves) redis-py's own client serves them instead.
+        pipe = not cluster and bool(target.url) and RedisPipe.supports(target.url)
+        self._pipe = RedisPipe(target.url, timeout_s=timeout_s) if pipe else None
 
     def stream_key(self, channel: str) -> str:
         return f"{self._prefix}ch:{{{channel}}}"
@@ -729,7 +731,7 @@ class _TailReader:
         # connection is noticed, not left to the sweep.
         ours = {**client_kwargs(backend._timeout_s), "socket_keepalive": True}
         if not backend.cluster:
-            return aioredis.Redis.from_url(backend._url, single_connection_client=True, **ours).pubsub()
+            return backend._target.pubsub(backend._redis, **ours)
         # The node's own connection settings (password, TLS) from the cluster client, with ours on top.
         node = backend._redis.get_node(node_name=node_name)
         pool = aioredis.ConnectionPool(

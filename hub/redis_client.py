@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
@@ -22,11 +24,12 @@ from .backend import BackendUnavailable
 
 __all__ = [
     "ClusterGate",
+    "RedisTarget",
     "client_kwargs",
     "connect",
     "parse_redis_url",
+    "parse_sentinels",
     "redis_call",
-    "redis_client",
     "redis_cluster_client",
 ]
 
@@ -49,13 +52,91 @@ def client_kwargs(timeout_s: float) -> dict[str, Any]:
     }
 
 
-def redis_client(url: str, *, timeout_s: float, max_connections: int) -> Any:
-    """A client that owns a blocking pool of at most `max_connections` (typed Any: redis-py's stubs do not model
-    decode_responses=True)."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, **client_kwargs(timeout_s)
-    )
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """`host:port[,host:port...]` as (host, port) pairs; ValueError naming the first part that is not one."""
+    pairs = []
+    for part in text.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{part.strip()!r} is not host:port; give host:port[,host:port...]")
+        pairs.append((host.strip("[]"), int(port)))  # [::1]:26379 names an IPv6 address
+    return tuple(pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where Redis is: a URL, or the primary that Sentinels name `master`, found anew on each new connection.
+
+    With Sentinels the primary's address is asked for whenever a connection is opened, so after a failover the next
+    connection goes to the promoted replica; connections to the old primary fail (or are refused as read-only) and
+    are dropped. Database 0; `password` is the primary's and its replicas' (the Sentinels take none).
+    """
+
+    url: str = ""
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, where: str | RedisTarget) -> RedisTarget:
+        return where if isinstance(where, RedisTarget) else cls(url=where)
+
+    @property
+    def db(self) -> int:
+        return int(parse_redis_url(self.url).get("db") or 0) if self.url else 0
+
+    def describe(self) -> str:
+        """For the log, without a password."""
+        if not self.url:
+            return f"Sentinel master {self.master!r} at " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        scheme, sep, rest = self.url.partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.rsplit("@", 1)[1]
+        return scheme + sep + rest
+
+    def client(self, *, timeout_s: float, max_connections: int) -> Any:
+        """A client that owns a blocking pool of at most `max_connections` (typed Any: redis-py's stubs do not model
+        decode_responses=True). Closing it closes its pool, and with Sentinels, the connections to them too."""
+        if self.url:
+            pool = BlockingConnectionPool.from_url(
+                self.url, max_connections=max_connections, timeout=timeout_s, **client_kwargs(timeout_s)
+            )
+            return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
+        # Every Sentinel question has a deadline of its own: a Sentinel that stopped answering is skipped for the next.
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            self.sentinels,
+            sentinel_kwargs={"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s},
+            password=self.password,
+            **client_kwargs(timeout_s),
+        )
+        return sentinel.master_for(
+            self.master,
+            redis_class=_SentinelRedis,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=max_connections,
+            timeout=timeout_s,
+        )
+
+    def pubsub(self, client: Any, **kwargs: Any) -> Any:
+        """A PubSub on a connection of its own to the Redis that `client` (one of `client()`) talks to, with `kwargs`
+        over the connection options."""
+        if self.url:
+            return aioredis.Redis.from_url(self.url, single_connection_client=True, **kwargs).pubsub()
+        # The same Sentinels as `client`'s (closed with it): asked for the primary whenever the PubSub reconnects.
+        sentinel: Sentinel = client.connection_pool.sentinel_manager
+        return sentinel.master_for(self.master, **kwargs).pubsub()
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The primary's pool waits for a free connection within the deadline, as the URL form's does, where redis-py's
+    Sentinel pool would refuse at once."""
+
+
+class _SentinelRedis(aioredis.Redis):
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool: Any = self.connection_pool  # a _BlockingSentinelPool
+        await pool.sentinel_manager.aclose()
 
 
 class ClusterGate:
@@ -92,11 +173,16 @@ def redis_cluster_client(url: str, *, timeout_s: float, max_connections: int) ->
     return client, ClusterGate(client, max_connections)
 
 
-def connect(url: str, *, cluster: bool, timeout_s: float, max_connections: int) -> tuple[Any, ClusterGate | None]:
-    """A client of a single Redis or of a Redis Cluster, and the gate its calls go through (None: single Redis)."""
+def connect(
+    url: str | RedisTarget, *, cluster: bool, timeout_s: float, max_connections: int
+) -> tuple[Any, ClusterGate | None]:
+    """A client of a single Redis (by URL or Sentinels) or of a Redis Cluster, and the gate its calls go through
+    (None: single Redis)."""
+    target = RedisTarget.of(url)
     if cluster:
-        return redis_cluster_client(url, timeout_s=timeout_s, max_connections=max_connections)
-    return redis_client(url, timeout_s=timeout_s, max_connections=max_connections), None
+        assert target.url, "a Redis Cluster is given by the URL of a node (the settings check it)"
+        return redis_cluster_client(target.url, timeout_s=timeout_s, max_connections=max_connections)
+    return target.client(timeout_s=timeout_s, max_connections=max_connections), None
 
 
 async def redis_call(call: Awaitable[T], timeout_s: float, gate: ClusterGate | None = None) -> T:

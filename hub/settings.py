@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .backend import DEFAULT_IDEMPOTENCY_WINDOW_S
-from .redis_client import parse_redis_url
+from .redis_client import RedisTarget, parse_redis_url, parse_sentinels
 from .startup import setting
 
 __all__ = [
@@ -68,6 +68,41 @@ def redis_url_problem(url: str) -> str:
     return ""
 
 
+def redis_target(
+    env_prefix: str, *, url: str | None, sentinels: str | None, master: str | None, password: str | None
+) -> RedisTarget | None:
+    """Where Redis is, from the hub's or the worker's settings: a URL, or Sentinels and the name of their master
+    (exactly one of the two), or None for no Redis. ValueError naming the setting to change."""
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid setting {setting(env_prefix, name)}: {what}")
+
+    need(
+        url is None or sentinels is None,
+        "redis-sentinels",
+        f"give either {setting(env_prefix, 'redis-url')} or Sentinels (with "
+        f"{setting(env_prefix, 'redis-sentinel-master')}), not both",
+    )
+    if url is not None:
+        url_problem = redis_url_problem(url)
+        need(not url_problem, "redis-url", url_problem)
+        need(password is None, "redis-password", "is for Sentinels only: with --redis-url, put the password in the URL")
+        need(master is None, "redis-sentinel-master", "needs --redis-sentinels (and no --redis-url)")
+        return RedisTarget(url=url)
+    if sentinels is None:
+        need(master is None, "redis-sentinel-master", "needs --redis-sentinels")
+        need(password is None, "redis-password", "needs --redis-sentinels")
+        return None
+    try:
+        pairs = parse_sentinels(sentinels)
+    except ValueError as e:
+        need(False, "redis-sentinels", str(e))
+    need(bool(master), "redis-sentinel-master", "must name the master that --redis-sentinels watch")
+    assert master is not None
+    return RedisTarget(sentinels=pairs, master=master, password=password)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HubSettings:
     host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
@@ -75,6 +110,15 @@ class HubSettings:
     redis_url: str | None = _opt(None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend")
     redis_cluster: bool = _opt(
         False, "redis-cluster", "--redis-url is a node of a Redis Cluster: spread channels over its slots"
+    )
+    redis_sentinels: str | None = _opt(
+        None,
+        "redis-sentinels",
+        "Sentinels (host:port,host:port,...) naming the Redis primary, instead of --redis-url",
+    )
+    redis_sentinel_master: str | None = _opt(None, "redis-sentinel-master", "name of the master the Sentinels watch")
+    redis_password: str | None = _opt(
+        None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
     )
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key this hub uses")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (approximately, like MAXLEN ~)")
@@ -189,6 +233,9 @@ class HubSettings:
         need(self.grace_s >= 0, "grace", "must not be negative")
         need(self.redis_timeout_s > 0, "redis-timeout", "must be positive")
         need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
+        need(
+            not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
+        )
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
@@ -252,8 +299,18 @@ class HubSettings:
             "give --jwt-secret or --jwt-public-key, not both",
         )
         need(self.jwt_secret is None or len(self.jwt_secret) >= 32, "jwt-secret", "must be at least 32 characters")
-        url_problem = redis_url_problem(self.redis_url) if self.redis_url is not None else ""
-        need(not url_problem, "redis-url", url_problem)
+        self.redis_target  # validates the Redis settings  # noqa: B018
+
+    @property
+    def redis_target(self) -> RedisTarget | None:
+        """Where Redis is (None: the embedded memory backend)."""
+        return redis_target(
+            "HUB_",
+            url=self.redis_url,
+            sentinels=self.redis_sentinels,
+            master=self.redis_sentinel_master,
+            password=self.redis_password,
+        )
 
     @property
     def tail_stuck_bound_s(self) -> float:

@@ -59,9 +59,10 @@ async def _serve_endpoints(
 
 
 async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
-    assert settings.redis_url is not None
+    url = settings.redis_target
+    assert url is not None
     registry = CollectorRegistry()
-    cluster, url, prefix = settings.redis_cluster, settings.redis_url, settings.key_prefix
+    cluster, prefix = settings.redis_cluster, settings.key_prefix
     t = REDIS_TIMEOUT_S
     backend = RedisBackend(
         url, prefix=prefix, history=settings.history, ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster
@@ -109,10 +110,10 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = ProducerSettings.from_args(argv, os.environ)
-        if settings.redis_url is None:
+        if settings.redis_target is None:
             raise ValueError(
-                f"invalid setting {setting('PRODUCER_', 'redis-url')}: a worker process needs Redis "
-                "(without Redis, the hub runs its own embedded worker)"
+                f"invalid setting {setting('PRODUCER_', 'redis-url')}: a worker process needs Redis, by URL or by "
+                f"{setting('PRODUCER_', 'redis-sentinels')} (without Redis, the hub runs its own embedded worker)"
             )
     except ValueError as e:
         print(f"python -m producer: {e}", file=sys.stderr)

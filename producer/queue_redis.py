@@ -18,7 +18,7 @@ import orjson
 from redis.exceptions import ResponseError
 
 from hub.backend import BackendUnavailable
-from hub.redis_client import connect, redis_call
+from hub.redis_client import RedisTarget, connect, redis_call
 
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 
@@ -91,7 +91,7 @@ def _record_json(record: GenerationRecord) -> bytes:
 class RedisJobQueue:
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         *,
         prefix: str,
         group: str,

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_url_problem, settings_from_args
+from hub.redis_client import RedisTarget
+from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_target, settings_from_args
 from hub.startup import setting
 
 from .coalesce import DEFAULT_WINDOW_MS
@@ -39,8 +40,9 @@ DEFAULT_STALL_AFTER_S = 60.0
 REDIS_TIMEOUT_S = 5.0
 
 
-def _opt(default: Any, flag: str, help: str) -> Any:
-    return field(default=default, metadata={"flag": flag, "help": help})
+def _opt(default: Any, flag: str, help: str, *, secret: bool = False) -> Any:
+    # Secrets stay out of repr(), so a logged settings object never shows them.
+    return field(default=default, repr=not secret, metadata={"flag": flag, "help": help})
 
 
 def _default_consumer() -> str:
@@ -67,6 +69,13 @@ class ProviderKeys:
 class ProducerSettings:
     redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue")
     redis_cluster: bool = _opt(False, "redis-cluster", "--redis-url is a node of a Redis Cluster (the hub's setting)")
+    redis_sentinels: str | None = _opt(
+        None, "redis-sentinels", "Sentinels (host:port,...) that name the Redis primary, instead of --redis-url"
+    )
+    redis_sentinel_master: str | None = _opt(None, "redis-sentinel-master", "name of the master the Sentinels watch")
+    redis_password: str | None = _opt(
+        None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
+    )
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")
@@ -117,10 +126,24 @@ class ProducerSettings:
         need(bool(self.metrics_host), "metrics-host", "must be an address of this host, such as 0.0.0.0 or 127.0.0.1")
         need(self.stall_after_s > 0, "stall-after", "must be positive")
         need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
-        url_problem = redis_url_problem(self.redis_url) if self.redis_url is not None else ""
-        need(not url_problem, "redis-url", url_problem)
+        need(
+            not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
+        )
+        need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
+        self.redis_target  # validates the Redis settings  # noqa: B018
         if not self.consumer:
             object.__setattr__(self, "consumer", _default_consumer())
+
+    @property
+    def redis_target(self) -> RedisTarget | None:
+        """Where Redis is (None: none given)."""
+        return redis_target(
+            "PRODUCER_",
+            url=self.redis_url,
+            sentinels=self.redis_sentinels,
+            master=self.redis_sentinel_master,
+            password=self.redis_password,
+        )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> ProducerSettings:

@@ -68,6 +68,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="hub-test-redis-")
         self.extra = extra
+        self.config: str | None = None  # a configuration file, read first (a Sentinel needs one it can rewrite)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,7 +76,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args = [self.exe, *([self.config] if self.config else [])]
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, 10, self.proc)
@@ -337,6 +339,80 @@ class RedisClusterServers:
 
     def close(self) -> None:
         for server in self.servers:
+            server.close()
+
+
+class RedisSentinels:
+    """A password-protected Redis primary with replicas, watched by three Sentinels (quorum 2) that call it down
+    after a second and promote a replica; on free loopback ports."""
+
+    MASTER = "m"
+    PASSWORD = "sentinel-secret"
+
+    def __init__(self, replicas: int = 2) -> None:
+        auth = ("--requirepass", self.PASSWORD, "--masterauth", self.PASSWORD, "--repl-diskless-sync-delay", "0")
+        self.primary = RedisServer(*auth)
+        self.replicas = [
+            RedisServer(*auth, "--replicaof", "127.0.0.1", str(self.primary.port)) for _ in range(replicas)
+        ]
+        self.sentinels = [RedisServer("--sentinel") for _ in range(3)]
+
+    @property
+    def addresses(self) -> str:
+        """The Sentinels as --redis-sentinels takes them."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def cli(self, port: int, *args: str, password: str | None = None) -> str:
+        auth = ["-a", password, "--no-auth-warning"] if password else []
+        cmd = ["redis-cli", "-p", str(port), *auth, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
+    def primary_port(self) -> int:
+        """The primary's port as the first Sentinel names it."""
+        return int(self.cli(self.sentinels[0].port, "sentinel", "get-master-addr-by-name", self.MASTER).split()[1])
+
+    def start(self) -> None:
+        self.primary.start()
+        for replica in self.replicas:
+            replica.start()
+        for sentinel in self.sentinels:
+            sentinel.config = os.path.join(sentinel.dir, "sentinel.conf")
+            Path(sentinel.config).write_text(
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel auth-pass {self.MASTER} {self.PASSWORD}\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+            )
+            sentinel.start()
+        # Ready when every replica has synced and every Sentinel knows the replicas and the other Sentinels: a
+        # failover needs both (the replicas are learnt from the primary, the Sentinels from each other's hellos).
+        deadline = time.monotonic() + 60
+        for sentinel in self.sentinels:
+            while True:
+                replicas = self.cli(sentinel.port, "sentinel", "replicas", self.MASTER).count("flags\nslave")
+                others = self.cli(sentinel.port, "sentinel", "sentinels", self.MASTER).count("flags\nsentinel")
+                synced = all(
+                    "master_link_status:up" in self.cli(r.port, "info", "replication", password=self.PASSWORD)
+                    for r in self.replicas
+                )
+                if replicas == len(self.replicas) and others == len(self.sentinels) - 1 and synced:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Sentinel on {sentinel.port} sees {replicas} replicas, {others} Sentinels")
+                time.sleep(0.2)
+
+    def kill_primary(self) -> int:
+        """kill -9 the current primary; its port."""
+        port = self.primary_port()
+        [server] = [s for s in (self.primary, *self.replicas) if s.port == port]
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.proc = None
+        return port
+
+    def close(self) -> None:
+        for server in (*self.sentinels, self.primary, *self.replicas):
             server.close()
 
 

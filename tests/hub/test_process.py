@@ -88,6 +88,15 @@ def test_a_kubernetes_service_link_in_a_setting_is_named_as_such() -> None:
         (["--anonymous", "--api-keys-file", "/nonexistent/keys"], "--api-keys-file (HUB_API_KEYS_FILE)"),
         (["--jwt-public-key", "/nonexistent/key.pem"], "--jwt-public-key (HUB_JWT_PUBLIC_KEY)"),
         (["--redis-url", "redis://127.0.0.1:six/0"], "--redis-url (HUB_REDIS_URL)"),
+        # Redis is given one way: by URL, or by Sentinels and the name of the master they watch.
+        (
+            ["--redis-url", "redis://127.0.0.1:1/0", "--redis-sentinels", "127.0.0.1:1"],
+            "--redis-sentinels (HUB_REDIS_SENTINELS): give either --redis-url (HUB_REDIS_URL) or Sentinels",
+        ),
+        (["--redis-sentinels", "127.0.0.1:1"], "--redis-sentinel-master (HUB_REDIS_SENTINEL_MASTER): must name"),
+        (["--redis-sentinel-master", "m"], "--redis-sentinel-master (HUB_REDIS_SENTINEL_MASTER): needs --redis-sen"),
+        (["--redis-sentinels", "127.0.0.1", "--redis-sentinel-master", "m"], "'127.0.0.1' is not host:port"),
+        (["--redis-url", "redis://127.0.0.1:1/0", "--redis-password", "pw"], "--redis-password (HUB_REDIS_PASSWORD)"),
         (["--host", "192.0.2.1"], "--host (HUB_HOST)"),  # an address of no host here (TEST-NET-1)
         # A round of the live tail with Redis down is a read that times out (1 + 1 s) and a pause of up to 2 s: a
         # bound below that would fail liveness, and restart every node, while Redis is merely down.

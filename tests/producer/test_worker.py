@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +28,7 @@ from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
 from tests.support import (
+    ROOT,
     HubProcess,
     ProducerProcess,
     RedisServer,
@@ -556,3 +560,31 @@ async def test_a_job_whose_channel_lost_its_owner_ends_with_an_error_and_writes_
     _check_one_run(await stored_entries(backend, owned.channel), 3, restarted=False)
     assert await backend.owner(owned.channel) == "jwt:alice"
     _check_one_run(await stored_entries(backend, older.channel), 3, restarted=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--redis-url (PRODUCER_REDIS_URL): a worker process needs Redis, by URL or by --redis-sentinels"),
+        (
+            [
+                "--redis-url",
+                "redis://127.0.0.1:1/0",
+                "--redis-sentinels",
+                "127.0.0.1:1",
+                "--redis-sentinel-master",
+                "m",
+            ],
+            "--redis-sentinels (PRODUCER_REDIS_SENTINELS): give either --redis-url (PRODUCER_REDIS_URL) or Sentinels",
+        ),
+        (["--redis-sentinels", "127.0.0.1:1"], "--redis-sentinel-master (PRODUCER_REDIS_SENTINEL_MASTER): must name"),
+    ],
+)
+def test_a_worker_given_redis_two_ways_or_none_says_so_in_one_line(args: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRODUCER_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
