@@ -1,4 +1,5 @@
-"""A hub on Redis named by Sentinels: it follows a failover to the promoted replica without a restart."""
+"""A hub and a worker on Redis named by Sentinels: they follow a failover to the promoted replica without a
+restart."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import aiohttp
 import pytest
 
 from hub.sse import SSEEvent
-from tests.support import HubProcess, RedisSentinels, ResumingClient, wait_http_ok
+from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
 
 @pytest.fixture
@@ -34,6 +35,7 @@ def hub(sentinels: RedisSentinels) -> Iterator[HubProcess]:
         "2",
         "--tail-block",
         "1",
+        "--demo",
         env={"HUB_REDIS_PASSWORD": sentinels.PASSWORD},
     )
     try:
@@ -41,6 +43,24 @@ def hub(sentinels: RedisSentinels) -> Iterator[HubProcess]:
         yield node
     finally:
         node.close()
+
+
+@pytest.fixture
+def worker(sentinels: RedisSentinels) -> Iterator[tuple[ProducerProcess, str]]:
+    """A worker process and the URL of its /readyz."""
+    # The Sentinels by environment variable, the way a deployment gives them.
+    env = {
+        "PRODUCER_REDIS_SENTINELS": sentinels.addresses,
+        "PRODUCER_REDIS_SENTINEL_MASTER": sentinels.MASTER,
+        "PRODUCER_REDIS_PASSWORD": sentinels.PASSWORD,
+    }
+    port = free_port()
+    w = ProducerProcess("--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--demo-tokens-per-s", "0", env=env)
+    try:
+        w.start()
+        yield w, f"http://127.0.0.1:{port}/readyz"
+    finally:
+        w.close()
 
 
 async def _publish(session: aiohttp.ClientSession, url: str, data: str, *, timeout_s: float = 60) -> None:
@@ -73,12 +93,14 @@ def _without_gap(events: list[SSEEvent], before: list[str], after: list[str]) ->
     assert data == before + after or any(e.event == "reset" for e in events), [(e.event, e.data) for e in events]
 
 
-async def test_a_hub_follows_a_sentinel_failover_and_delivers_what_is_published_after_it(
-    sentinels: RedisSentinels, hub: HubProcess
+async def test_a_hub_and_a_worker_follow_a_sentinel_failover(
+    sentinels: RedisSentinels, hub: HubProcess, worker: tuple[ProducerProcess, str]
 ) -> None:
     channel = f"{hub.url}/v1/channels/fo/events"
+    producer, producer_ready = worker
     async with aiohttp.ClientSession() as session:
         await wait_http_ok(session, f"{hub.url}/readyz", why=hub.log)
+        await wait_http_ok(session, producer_ready, why=producer.log)
         live = ResumingClient(session, channel, last_event_id="0", retry_s=0.2)
         reading = asyncio.create_task(live.run())
         try:
@@ -95,6 +117,7 @@ async def test_a_hub_follows_a_sentinel_failover_and_delivers_what_is_published_
                 await asyncio.sleep(0.2)
             # Ready again on the new primary, the hub never restarted.
             await wait_http_ok(session, f"{hub.url}/readyz", timeout_s=60, why=hub.log)
+            await wait_http_ok(session, producer_ready, timeout_s=60, why=producer.log)
             assert hub.proc is not None and hub.proc.poll() is None
 
             after = [f"a{i}" for i in range(5)]
@@ -111,5 +134,18 @@ async def test_a_hub_follows_a_sentinel_failover_and_delivers_what_is_published_
             finally:
                 resuming.cancel()
             _without_gap(back.events, [], after)
+
+            # The worker, never restarted either, takes a generation from the queue on the new primary and runs it
+            # to its one terminal event.
+            body = {"provider": "demo", "model": "demo:20", "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(f"{hub.url}/v1/generations", json=body) as resp:
+                job = await resp.json()
+                assert resp.status == 202, job
+            generation = ResumingClient(session, f"{hub.url}{job['events_url']}?last_event_id=0", retry_s=0.2)
+            async with asyncio.timeout(60):
+                await generation.run()
+            names = [e.event for e in generation.events]
+            assert names == ["start"] + ["token"] * 20 + ["done"], (names, producer.log()[-3000:])
+            assert producer.proc is not None and producer.proc.poll() is None
         finally:
             reading.cancel()
