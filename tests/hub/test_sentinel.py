@@ -111,6 +111,14 @@ async def test_a_hub_and_a_worker_follow_a_sentinel_failover(
             resume_from = live.last_event_id
 
             old = sentinels.kill_primary()
+            # Not ready while no primary is reachable: a health check that stayed green would send traffic here.
+            deadline = time.monotonic() + 30
+            while True:
+                async with session.get(f"{hub.url}/readyz") as resp:
+                    if resp.status == 503:
+                        break
+                assert time.monotonic() < deadline, "/readyz stayed 200 with the primary dead"
+                await asyncio.sleep(0.05)
             deadline = time.monotonic() + 60
             while sentinels.primary_port() == old:
                 assert time.monotonic() < deadline, "Sentinels promoted no replica"
