@@ -4,12 +4,16 @@ restart."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
+from hub.backend import NewEvent
+from hub.backend_redis import RedisBackend
+from hub.redis_client import RedisTarget
 from hub.sse import SSEEvent
 from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
@@ -61,6 +65,38 @@ def worker(sentinels: RedisSentinels) -> Iterator[tuple[ProducerProcess, str]]:
         yield w, f"http://127.0.0.1:{port}/readyz"
     finally:
         w.close()
+
+
+async def test_a_backend_on_sentinels_wakes_a_blocked_reader_and_closes_all_it_opened(
+    sentinels: RedisSentinels,
+) -> None:
+    """Appends go to the primary the Sentinels name, through redis-py (not the pipelined connection, which holds one
+    address), and the live tail's ring subscription is on that primary too. Whatever was opened is closed: an
+    unclosed connection would fail the test (warnings are errors)."""
+    target = RedisTarget(
+        sentinels=tuple(("127.0.0.1", s.port) for s in sentinels.sentinels),
+        master=sentinels.MASTER,
+        password=sentinels.PASSWORD,
+    )
+    backend = RedisBackend(target, prefix="s:", history=100, ttl_s=60, timeout_s=5)
+    try:
+        first = await backend.append("c", [NewEvent("message", "one")])
+        reader = await backend.open_reader()
+        try:
+            assert [e.id for e in (await reader.read({"c": "0-0"}, block_s=1.0)).entries["c"]] == first
+            woken = asyncio.create_task(reader.read({"c": first[-1]}, block_s=20.0))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            second = await backend.append("c", [NewEvent("message", "two")])
+            result = await asyncio.wait_for(woken, 30)
+            assert [e.id for e in result.entries["c"]] == second
+            assert time.monotonic() - started < 15  # woken by the ring, not by the end of its 20 s block
+        finally:
+            await reader.aclose()
+    finally:
+        await backend.aclose()
+    del backend, reader
+    gc.collect()  # a connection left open warns when collected: now, within the test, where it fails it
 
 
 async def _publish(session: aiohttp.ClientSession, url: str, data: str, *, timeout_s: float = 60) -> None:
