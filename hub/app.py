@@ -61,6 +61,8 @@ def make_backend(settings: HubSettings) -> Backend:
         timeout_s=settings.redis_timeout_s,
         idempotency_window_s=settings.idempotency_window_s,
         cluster=settings.redis_cluster,
+        replicas=settings.publish_replicas,
+        replicas_timeout_s=settings.publish_replicas_timeout_s,
     )
 
 
@@ -122,6 +124,8 @@ def create_app(
                 record_ttl_s=settings.ttl_s,
                 timeout_s=settings.redis_timeout_s,
                 cluster=settings.redis_cluster,
+                replicas=settings.publish_replicas,
+                replicas_timeout_s=settings.publish_replicas_timeout_s,
             )
             owned.append(app[JOBS])
         else:

@@ -34,6 +34,7 @@ __all__ = [
     "IdempotencyConflict",
     "Entry",
     "InvalidPosition",
+    "NotReplicated",
     "NewEvent",
     "RangeResult",
     "ReadResult",
@@ -74,6 +75,16 @@ class BackendError(Exception):
 
 class BackendUnavailable(BackendError):
     """The store cannot be reached or did not answer in time. Nothing was changed, or it is unknown (publish: 503)."""
+
+
+class NotReplicated(BackendUnavailable):
+    """The write is on the primary, but fewer replicas than required confirmed it in time (see `--publish-replicas`).
+    It may survive a failover or not: a retry with the same idempotency key appends it at most once (publish: 503)."""
+
+    def __init__(self, required: int, acked: int) -> None:
+        super().__init__(f"{acked} of {required} replicas confirmed the write in time")
+        self.required = required
+        self.acked = acked
 
 
 class InvalidPosition(BackendError, ValueError):
@@ -318,7 +329,9 @@ class Backend(Protocol):
 
         With `close`, the last event carries the close flag and the channel accepts nothing more. Trims the channel to
         about `history` entries and refreshes its expiry. Raises ChannelClosed if the channel was already closed, and
-        ChannelOwned if it belongs to a generation (only fenced appends, `append_many`, may write those).
+        ChannelOwned if it belongs to a generation (only fenced appends, `append_many`, may write those). Where the
+        store requires replicas to hold each write (Redis with `--publish-replicas`), raises NotReplicated when they did
+        not confirm it in time: the events are stored on the primary, not yet safe from its loss.
         """
         ...
 

@@ -38,6 +38,7 @@ from .backend import (
     Idempotency,
     IdempotencyConflict,
     NewEvent,
+    NotReplicated,
     RangeResult,
     ReadResult,
     TailReader,
@@ -87,6 +88,8 @@ redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 # nothing: checked on the take alone, the first append of a run, not on every token.
 # With an idempotency key (publishers; see backend.Idempotency), a key seen within its window answers the ids it was
 # given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
+# A WAIT after that answer, on any connection, covers the first append: since Redis 7.0 WAIT waits for the replication
+# offset of the connection's last command, a read included, not only of its last write.
 # KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
 # when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
 # owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, the
@@ -258,8 +261,15 @@ class RedisBackend:
         max_connections: int = 32,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         cluster: bool = False,
+        replicas: int = 0,
+        replicas_timeout_s: float = 1.0,
     ) -> None:
         self._target = target = RedisTarget.of(url)
+        # With replicas, every append is followed by WAIT on its connection (see `_appends`); not on a cluster, where
+        # WAIT would have to go to each key's node (the settings refuse the two together).
+        assert not (replicas and cluster)
+        self._replicas = replicas
+        self._wait = ("WAIT", replicas, max(1, int(replicas_timeout_s * 1000))) if replicas else None
         self.cluster = cluster
         self._prefix = prefix
         self._history = history
@@ -319,12 +329,45 @@ class RedisBackend:
             raise
 
     async def _run_append(self, keys: list[str], args: list[Any]) -> Any:
-        if self._pipe is None:
-            return await self._call(self._append(keys=keys, args=args))
-        reply = await self._pipe.evalsha(self._append.script, keys, args)
-        if isinstance(reply, ReplyError):
-            raise _refused(str(reply))
-        return reply
+        if self._pipe is not None:
+            reply = await self._pipe.evalsha(self._append.script, keys, args, wait=self._wait)
+            if isinstance(reply, ReplyError):
+                raise _refused(str(reply))
+            return reply
+        if self._replicas:
+            [reply] = await self._append_waited([(keys, args)])
+            if isinstance(reply, BackendError):
+                raise reply
+            return reply
+        return await self._call(self._append(keys=keys, args=args))
+
+    async def _append_waited(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Append calls through redis-py, then WAIT on their connection (one pipeline): per call its reply, or the
+        BackendError that refused it, NotReplicated for one that succeeded where fewer than the required replicas
+        confirmed it in time."""
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args in calls:
+            await self._append(keys=keys, args=args, client=pipe)
+        assert self._wait is not None
+        pipe.execute_command(*self._wait)
+        try:
+            *raw, acked = await self._call(pipe.execute(raise_on_error=False))
+        except BackendError as e:
+            return [e] * len(calls)
+        short = None
+        if not isinstance(acked, int) or acked < self._replicas:
+            short = NotReplicated(self._replicas, acked if isinstance(acked, int) else 0)
+        out: list[Any] = []
+        for r in raw:
+            if isinstance(r, ResponseError):
+                # NOSCRIPT too: the pipeline loaded the script just before, so the server changed in between (a
+                # failover); the call did not run, and a retry runs it.
+                out.append(_refused(str(r)))
+            elif isinstance(r, Exception):
+                out.append(BackendUnavailable(f"redis unavailable: {type(r).__name__}"))
+            else:
+                out.append(r if short is None else short)
+        return out
 
     def fence_key(self, channel: str) -> str:
         return f"{self._prefix}fence:{{{channel}}}"
@@ -373,6 +416,9 @@ class RedisBackend:
             return []
         if self._pipe is not None:
             return await self._append_piped(batches)
+        if self._replicas:
+            replies = await self._append_waited([self._append_call(b) for b in batches])
+            return [r if isinstance(r, BackendError) else list(r) for r in replies]
         if len(batches) == 1:
             # One script call needs no pipeline (common at low load, and the one-by-one baseline).
             keys, args = self._append_call(batches[0])
@@ -408,7 +454,8 @@ class RedisBackend:
         Each call succeeds or fails on its own."""
         assert self._pipe is not None
         try:
-            replies = await self._pipe.evalsha_many(self._append.script, [self._append_call(b) for b in batches])
+            calls = [self._append_call(b) for b in batches]
+            replies = await self._pipe.evalsha_many(self._append.script, calls, wait=self._wait)
         except BackendUnavailable as e:  # no connection at all
             return [e] * len(batches)
         out: list[list[str] | BackendError] = []

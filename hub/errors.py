@@ -8,7 +8,14 @@ from collections.abc import Awaitable, Callable, Mapping
 import orjson
 from aiohttp import web
 
-from .backend import BackendUnavailable, ChannelClosed, ChannelOwned, IdempotencyConflict, InvalidPosition
+from .backend import (
+    BackendUnavailable,
+    ChannelClosed,
+    ChannelOwned,
+    IdempotencyConflict,
+    InvalidPosition,
+    NotReplicated,
+)
 
 __all__ = ["ApiError", "error_middleware", "json_error"]
 
@@ -80,6 +87,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(
             422, "idempotency_key_reused", "this Idempotency-Key was already used for other events on this channel"
         )
+    except NotReplicated as e:
+        log.warning("not replicated during %s %s: %s", request.method, request.path, e)
+        message = (
+            "stored, but not yet confirmed by the replicas it must reach; it may be lost in a failover. Retry: with "
+            "the same Idempotency-Key a retry stores it at most once"
+        )
+        return json_error(503, "not_replicated", message, {"Retry-After": "1"})
     except BackendUnavailable as e:
         log.warning("backend unavailable during %s %s: %s", request.method, request.path, e)
         return json_error(503, "backend_unavailable", "the backend is unavailable; retry later", {"Retry-After": "1"})

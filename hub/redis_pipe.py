@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import hiredis
 
-from .backend import BackendUnavailable
+from .backend import BackendUnavailable, NotReplicated
 from .redis_client import parse_redis_url
 
 __all__ = ["RedisPipe", "ReplyError", "SubscribingConnection", "pack_command"]
@@ -228,22 +228,56 @@ class RedisPipe:
         p = await self._connection()
         return await p.send(pack_command(args))
 
-    async def evalsha(self, script: str, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
+    async def evalsha(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[str | bytes | int],
+        *,
+        wait: Sequence[str | int] | None = None,
+    ) -> Any:
         """Run a Lua script by its digest, or by its text when this Redis has not cached it yet (NOSCRIPT: a new,
-        restarted or flushed server; the call did not run, so sending it again runs it once)."""
-        [reply] = await self.evalsha_many(script, [(keys, args)])
+        restarted or flushed server; the call did not run, so sending it again runs it once). `wait` as in
+        `evalsha_many`."""
+        [reply] = await self.evalsha_many(script, [(keys, args)], wait=wait)
         if isinstance(reply, BackendUnavailable):
             raise reply
         return reply
 
     async def evalsha_many(
-        self, script: str, calls: Sequence[tuple[Sequence[str], Sequence[str | bytes | int]]]
+        self,
+        script: str,
+        calls: Sequence[tuple[Sequence[str], Sequence[str | bytes | int]]],
+        *,
+        wait: Sequence[str | int] | None = None,
     ) -> list[Any]:
         """Several script calls (keys, args) in one write, with no task per call; per call its reply, a ReplyError
-        value, or the BackendUnavailable that failed it. NOSCRIPT is handled as in `evalsha`."""
-        p = await self._connection()
+        value, or the BackendUnavailable that failed it. NOSCRIPT is handled as in `evalsha`.
+
+        `wait` (`WAIT <replicas> <ms>`) follows the calls on their connection: a call that succeeded is answered
+        NotReplicated unless that many replicas confirmed it within the time.
+        """
         sha = _digest(script)
-        futures = [p.send(pack_command(["EVALSHA", sha, len(keys), *keys, *args])) for keys, args in calls]
+        replies = await self._send([["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls], wait)
+        unloaded = [i for i, r in enumerate(replies) if isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT")]
+        if unloaded:
+            try:
+                again = await self._send(
+                    [["EVAL", script, len(calls[i][0]), *calls[i][0], *calls[i][1]] for i in unloaded], wait
+                )
+            except BackendUnavailable as e:
+                again = [e] * len(unloaded)
+            for i, reply in zip(unloaded, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send(self, commands: list[list[str | bytes | int]], wait: Sequence[str | int] | None) -> list[Any]:
+        """`commands` in one write on one connection, then `wait` if given (see `evalsha_many`)."""
+        p = await self._connection()
+        futures = [p.send(pack_command(c)) for c in commands]
+        if wait is not None:
+            # On the same connection, right after the calls: WAIT counts the replicas holding its last write.
+            futures.append(p.send(pack_command(wait)))
         replies: list[Any] = []
         for i, fut in enumerate(futures):
             try:
@@ -254,13 +288,11 @@ class RedisPipe:
                 for rest in futures[i + 1 :]:  # their failures, if any, are nobody's business now
                     rest.add_done_callback(_retrieve)
                 raise
-        for i, reply in enumerate(replies):
-            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                keys, args = calls[i]
-                try:
-                    replies[i] = await self.call("EVAL", script, len(keys), *keys, *args)
-                except BackendUnavailable as e:
-                    replies[i] = e
+        if wait is not None:
+            acked, required = replies.pop(), int(wait[1])
+            if not isinstance(acked, int) or acked < required:
+                short: BackendUnavailable = NotReplicated(required, acked if isinstance(acked, int) else 0)
+                replies = [r if isinstance(r, ReplyError | BackendUnavailable) else short for r in replies]
         return replies
 
     async def aclose(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +37,9 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_GRACE_S = 10.0
 DEFAULT_KEY_PREFIX = "hub:"
 DEFAULT_REDIS_TIMEOUT_S = 3.0
+# Replicas on the same network confirm a write within a millisecond or two; a second is a replica that is down or far
+# behind, and the answer should say so rather than make the publisher wait longer.
+DEFAULT_REPLICAS_TIMEOUT_S = 1.0
 DEFAULT_MAX_BUFFER_BYTES = 1 << 20
 DEFAULT_REPLAY_PAGE = 500
 DEFAULT_TAIL_BLOCK_S = 5.0
@@ -103,6 +106,28 @@ def redis_target(
     return RedisTarget(sentinels=pairs, master=master, password=password)
 
 
+def check_replicas(
+    need: Callable[[bool, str, str], None],
+    replicas: int,
+    timeout_s: float,
+    *,
+    redis_timeout_s: float,
+    redis: bool,
+    cluster: bool,
+) -> None:
+    """The checks of --publish-replicas and its timeout, the hub's and the worker's."""
+    need(0 <= replicas <= 16, "publish-replicas", "must be 0-16")
+    if replicas:
+        need(redis, "publish-replicas", "needs Redis (--redis-url or --redis-sentinels): the memory backend has none")
+        need(not cluster, "publish-replicas", "is not supported with --redis-cluster")
+    # WAIT holds its connection for up to the timeout: within one call's deadline, or every wait would fail the call.
+    need(
+        0 < timeout_s < redis_timeout_s,
+        "publish-replicas-timeout",
+        f"must be positive and less than the Redis call deadline ({redis_timeout_s:g} s)",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HubSettings:
     host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
@@ -129,6 +154,16 @@ class HubSettings:
     log_level: str = _opt("info", "log-level", "debug, info, warning or error")
     grace_s: float = _opt(DEFAULT_GRACE_S, "grace", "seconds a shutdown may take before streams are cut")
     redis_timeout_s: float = _opt(DEFAULT_REDIS_TIMEOUT_S, "redis-timeout", "deadline of one Redis call, seconds")
+    publish_replicas: int = _opt(
+        0,
+        "publish-replicas",
+        "replicas that must hold each publish and submitted generation before it is answered (0: the primary alone)",
+    )
+    publish_replicas_timeout_s: float = _opt(
+        DEFAULT_REPLICAS_TIMEOUT_S,
+        "publish-replicas-timeout",
+        "seconds to wait for them, then answer 503 not_replicated",
+    )
     max_buffer_bytes: int = _opt(
         DEFAULT_MAX_BUFFER_BYTES, "max-buffer", "bytes a subscriber may leave unread before it is cut off"
     )
@@ -232,6 +267,14 @@ class HubSettings:
         need(self.log_level in _LOG_LEVELS, "log-level", f"must be one of {', '.join(_LOG_LEVELS)}")
         need(self.grace_s >= 0, "grace", "must not be negative")
         need(self.redis_timeout_s > 0, "redis-timeout", "must be positive")
+        check_replicas(
+            need,
+            self.publish_replicas,
+            self.publish_replicas_timeout_s,
+            redis_timeout_s=self.redis_timeout_s,
+            redis=self.redis_url is not None or self.redis_sentinels is not None,
+            cluster=self.redis_cluster,
+        )
         need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
         need(
             not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"

@@ -65,7 +65,14 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
     cluster, prefix = settings.redis_cluster, settings.key_prefix
     t = REDIS_TIMEOUT_S
     backend = RedisBackend(
-        url, prefix=prefix, history=settings.history, ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster
+        url,
+        prefix=prefix,
+        history=settings.history,
+        ttl_s=settings.ttl_s,
+        timeout_s=t,
+        cluster=cluster,
+        replicas=settings.publish_replicas,
+        replicas_timeout_s=settings.publish_replicas_timeout_s,
     )
     queue = RedisJobQueue(
         url, prefix=prefix, group=settings.group, record_ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster

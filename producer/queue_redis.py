@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from hub.backend import BackendUnavailable
+from hub.backend import BackendUnavailable, NotReplicated
 from hub.redis_client import RedisTarget, connect, redis_call
 
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
@@ -98,7 +98,11 @@ class RedisJobQueue:
         record_ttl_s: float,
         timeout_s: float = 5.0,
         cluster: bool = False,
+        replicas: int = 0,
+        replicas_timeout_s: float = 1.0,
     ) -> None:
+        self._replicas = replicas
+        self._wait_ms = max(1, int(replicas_timeout_s * 1000))
         self._prefix = prefix
         self._group = group
         self._ttl_s = max(1, int(record_ttl_s))
@@ -174,6 +178,22 @@ class RedisJobQueue:
             pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.jobs_key, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
         await self._call(pipe.execute())
+        if self._replicas:
+            await self._replicated(self.record_key(job.id))
+
+    async def _replicated(self, key: str) -> None:
+        """Return once the replicas required hold every write made so far, or raise NotReplicated.
+
+        WAIT counts the replicas holding its connection's last write. A pooled connection's last write may be older
+        than ours, so it first writes one of its own (the record's expiry, set again to the same): then WAIT covers
+        everything before it, ours included.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.expire(key, self._ttl_s)
+        pipe.execute_command("WAIT", self._replicas, self._wait_ms)
+        _, acked = await self._call(pipe.execute())
+        if acked < self._replicas:
+            raise NotReplicated(self._replicas, acked)
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
         raw, attempts, owner = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n", "o"))

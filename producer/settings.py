@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.redis_client import RedisTarget
-from hub.settings import DEFAULT_HISTORY, DEFAULT_KEY_PREFIX, DEFAULT_TTL_S, redis_target, settings_from_args
+from hub.settings import (
+    DEFAULT_HISTORY,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_REPLICAS_TIMEOUT_S,
+    DEFAULT_TTL_S,
+    check_replicas,
+    redis_target,
+    settings_from_args,
+)
 from hub.startup import setting
 
 from .coalesce import DEFAULT_WINDOW_MS
@@ -79,6 +87,12 @@ class ProducerSettings:
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")
+    publish_replicas: int = _opt(
+        0, "publish-replicas", "replicas that must hold each append before it counts (0: the primary alone)"
+    )
+    publish_replicas_timeout_s: float = _opt(
+        DEFAULT_REPLICAS_TIMEOUT_S, "publish-replicas-timeout", "seconds to wait for them, then fail the run over"
+    )
     concurrency: int = _opt(64, "concurrency", "generations at once in this process")
     group: str = _opt(DEFAULT_GROUP, "group", "consumer group of the job stream")
     consumer: str = _opt("", "consumer", "this worker's name in the group (default: host-pid)")
@@ -130,6 +144,14 @@ class ProducerSettings:
             not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
         )
         need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
+        check_replicas(
+            need,
+            self.publish_replicas,
+            self.publish_replicas_timeout_s,
+            redis_timeout_s=REDIS_TIMEOUT_S,
+            redis=True,
+            cluster=self.redis_cluster,
+        )
         self.redis_target  # validates the Redis settings  # noqa: B018
         if not self.consumer:
             object.__setattr__(self, "consumer", _default_consumer())

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import time
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
-from hub.backend import NewEvent
+from hub.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplicated
 from hub.backend_redis import RedisBackend
 from hub.redis_client import RedisTarget
 from hub.sse import SSEEvent
@@ -97,6 +99,37 @@ async def test_a_backend_on_sentinels_wakes_a_blocked_reader_and_closes_all_it_o
         await backend.aclose()
     del backend, reader
     gc.collect()  # a connection left open warns when collected: now, within the test, where it fails it
+
+
+async def test_a_backend_on_sentinels_answers_a_write_once_a_replica_holds_it(sentinels: RedisSentinels) -> None:
+    """--publish-replicas through redis-py (the Sentinel form): WAIT on the append's own connection."""
+    target = RedisTarget(
+        sentinels=tuple(("127.0.0.1", s.port) for s in sentinels.sentinels),
+        master=sentinels.MASTER,
+        password=sentinels.PASSWORD,
+    )
+    backend = RedisBackend(target, prefix="s:", history=100, ttl_s=60, timeout_s=5, replicas=2, replicas_timeout_s=0.3)
+    key = Idempotency("k", "f")
+    try:
+        await backend.append("c", [NewEvent("message", "zero")])
+        stopped = [r.proc for r in sentinels.replicas if r.proc is not None]
+        for proc in stopped:
+            os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(NotReplicated):
+                await backend.append_once("c", [NewEvent("message", "one")], key)
+            [result] = await backend.append_many(
+                [AppendBatch("g", [NewEvent("token", "t")], fence=Fence("j", 1, True))]
+            )
+            assert isinstance(result, NotReplicated)
+        finally:
+            for proc in stopped:
+                os.kill(proc.pid, signal.SIGCONT)
+        again = await backend.append_once("c", [NewEvent("message", "one")], key)
+        assert again.replayed
+        assert [e.data for e in (await backend.range("c", "0", limit=10)).entries] == ["zero", "one"]
+    finally:
+        await backend.aclose()
 
 
 async def _publish(session: aiohttp.ClientSession, url: str, data: str, *, timeout_s: float = 60) -> int:
