@@ -69,13 +69,22 @@ class RedisTarget:
 
     With Sentinels the primary's address is asked for whenever a connection is opened, so after a failover the next
     connection goes to the promoted replica; connections to the old primary fail (or are refused as read-only) and
-    are dropped. Database 0; `password` is the primary's and its replicas' (the Sentinels take none).
+    are dropped. Database 0; `username` and `password` are the primary's and its replicas', `sentinel_username` and
+    `sentinel_password` the Sentinels' own (None: they take none). The TLS files serve every TLS connection: of a
+    rediss:// URL, or with Sentinels and `tls`, to the Sentinels and to the primary alike.
     """
 
     url: str = ""
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = ""
     password: str | None = field(default=None, repr=False)
+    username: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    tls: bool = False  # the Sentinel form's TLS, to the Sentinels and to the primary (a URL says so by rediss://)
+    tls_ca_file: str | None = None  # None: the system's CAs
+    tls_cert_file: str | None = None  # with tls_key_file: a client certificate, for servers that ask for one
+    tls_key_file: str | None = None
 
     @classmethod
     def of(cls, where: str | RedisTarget) -> RedisTarget:
@@ -85,10 +94,14 @@ class RedisTarget:
     def db(self) -> int:
         return int(parse_redis_url(self.url).get("db") or 0) if self.url else 0
 
+    def __repr__(self) -> str:
+        return f"RedisTarget({self.describe()})"  # a URL may hold a password: never shown
+
     def describe(self) -> str:
         """For the log, without a password."""
         if not self.url:
-            return f"Sentinel master {self.master!r} at " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            where = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"Sentinel master {self.master!r} at {where}" + (" over TLS" if self.tls else "")
         scheme, sep, rest = self.url.partition("://")
         if "@" in rest:
             rest = "***@" + rest.rsplit("@", 1)[1]
@@ -99,15 +112,27 @@ class RedisTarget:
         decode_responses=True). Closing it closes its pool, and with Sentinels, the connections to them too."""
         if self.url:
             pool = BlockingConnectionPool.from_url(
-                self.url, max_connections=max_connections, timeout=timeout_s, **client_kwargs(timeout_s)
+                self.url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                **client_kwargs(timeout_s),
+                **self.tls_kwargs(),
             )
             return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
         # Every Sentinel question has a deadline of its own: a Sentinel that stopped answering is skipped for the next.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             self.sentinels,
-            sentinel_kwargs={"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s},
+            sentinel_kwargs={
+                "socket_connect_timeout": timeout_s,
+                "socket_timeout": timeout_s,
+                "username": self.sentinel_username,
+                "password": self.sentinel_password,
+                **self.tls_kwargs(),
+            },
+            username=self.username,
             password=self.password,
             **client_kwargs(timeout_s),
+            **self.tls_kwargs(),
         )
         return sentinel.master_for(
             self.master,
@@ -121,10 +146,20 @@ class RedisTarget:
         """A PubSub on a connection of its own to the Redis that `client` (one of `client()`) talks to, with `kwargs`
         over the connection options."""
         if self.url:
-            return aioredis.Redis.from_url(self.url, single_connection_client=True, **kwargs).pubsub()
+            url_client = aioredis.Redis.from_url(self.url, single_connection_client=True, **self.tls_kwargs(), **kwargs)
+            return url_client.pubsub()
         # The same Sentinels as `client`'s (closed with it): asked for the primary whenever the PubSub reconnects.
         sentinel: Sentinel = client.connection_pool.sentinel_manager
         return sentinel.master_for(self.master, **kwargs).pubsub()
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's TLS options of a connection: none without TLS. The server's certificate is checked against the
+        CA file (else the system's CAs) and its host name or IP address; `ssl` is what turns TLS on where no rediss://
+        URL does (the Sentinel form)."""
+        if not (self.url.startswith("rediss://") if self.url else self.tls):
+            return {}
+        files = {"ssl_ca_certs": self.tls_ca_file, "ssl_certfile": self.tls_cert_file, "ssl_keyfile": self.tls_key_file}
+        return {**({} if self.url else {"ssl": True}), **{k: v for k, v in files.items() if v is not None}}
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -164,12 +199,15 @@ class ClusterGate:
             return await call
 
 
-def redis_cluster_client(url: str, *, timeout_s: float, max_connections: int) -> tuple[Any, ClusterGate]:
+def redis_cluster_client(url: str | RedisTarget, *, timeout_s: float, max_connections: int) -> tuple[Any, ClusterGate]:
     """A Redis Cluster client from the URL of any of its nodes (it learns the others and follows the slot map), and
     the gate its calls go through (`redis_call(..., gate=)`). Redirections (MOVED, ASK) are followed, since the command
     did not run; nothing is retried after a connection error, for the same reason as above.
     """
-    client = RedisCluster.from_url(url, max_connections=max_connections, **client_kwargs(timeout_s))
+    target = RedisTarget.of(url)
+    client = RedisCluster.from_url(
+        target.url, max_connections=max_connections, **client_kwargs(timeout_s), **target.tls_kwargs()
+    )
     return client, ClusterGate(client, max_connections)
 
 
@@ -181,7 +219,7 @@ def connect(
     target = RedisTarget.of(url)
     if cluster:
         assert target.url, "a Redis Cluster is given by the URL of a node (the settings check it)"
-        return redis_cluster_client(target.url, timeout_s=timeout_s, max_connections=max_connections)
+        return redis_cluster_client(target, timeout_s=timeout_s, max_connections=max_connections)
     return target.client(timeout_s=timeout_s, max_connections=max_connections), None
 
 

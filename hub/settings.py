@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,7 +73,19 @@ def redis_url_problem(url: str) -> str:
 
 
 def redis_target(
-    env_prefix: str, *, url: str | None, sentinels: str | None, master: str | None, password: str | None
+    env_prefix: str,
+    *,
+    url: str | None,
+    sentinels: str | None,
+    master: str | None,
+    password: str | None,
+    username: str | None = None,
+    sentinel_username: str | None = None,
+    sentinel_password: str | None = None,
+    tls: bool = False,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
 ) -> RedisTarget | None:
     """Where Redis is, from the hub's or the worker's settings: a URL, or Sentinels and the name of their master
     (exactly one of the two), or None for no Redis. ValueError naming the setting to change."""
@@ -91,19 +104,94 @@ def redis_target(
         url_problem = redis_url_problem(url)
         need(not url_problem, "redis-url", url_problem)
         need(password is None, "redis-password", "is for Sentinels only: with --redis-url, put the password in the URL")
-        need(master is None, "redis-sentinel-master", "needs --redis-sentinels (and no --redis-url)")
-        return RedisTarget(url=url)
-    if sentinels is None:
-        need(master is None, "redis-sentinel-master", "needs --redis-sentinels")
-        need(password is None, "redis-password", "needs --redis-sentinels")
-        return None
-    try:
-        pairs = parse_sentinels(sentinels)
-    except ValueError as e:
-        need(False, "redis-sentinels", str(e))
-    need(bool(master), "redis-sentinel-master", "must name the master that --redis-sentinels watch")
-    assert master is not None
-    return RedisTarget(sentinels=pairs, master=master, password=password)
+        need(username is None, "redis-username", "is for Sentinels only: with --redis-url, put the user in the URL")
+        need(not tls or url.startswith("rediss://"), "redis-tls", "with --redis-url, TLS is a rediss:// URL: give one")
+        for name, value in (
+            ("redis-sentinel-master", master),
+            ("redis-sentinel-username", sentinel_username),
+            ("redis-sentinel-password", sentinel_password),
+        ):
+            need(value is None, name, "needs --redis-sentinels (and no --redis-url)")
+        tls_on, no_tls = url.startswith("rediss://"), "needs TLS: a rediss:// URL in --redis-url"
+        target = RedisTarget(url=url, tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
+    elif sentinels is None:
+        for name, given in (
+            ("redis-sentinel-master", master is not None),
+            ("redis-password", password is not None),
+            ("redis-username", username is not None),
+            ("redis-sentinel-username", sentinel_username is not None),
+            ("redis-sentinel-password", sentinel_password is not None),
+            ("redis-tls", tls),
+        ):
+            need(not given, name, "needs --redis-sentinels")
+        tls_on, no_tls = False, "needs TLS to Redis: a rediss:// --redis-url, or --redis-sentinels with --redis-tls"
+        target = None
+    else:
+        try:
+            pairs = parse_sentinels(sentinels)
+        except ValueError as e:
+            need(False, "redis-sentinels", str(e))
+        need(bool(master), "redis-sentinel-master", "must name the master that --redis-sentinels watch")
+        assert master is not None
+        tls_on, no_tls = tls, "needs --redis-tls (TLS to the Sentinels and to the primary)"
+        target = RedisTarget(
+            sentinels=pairs,
+            master=master,
+            password=password,
+            username=username,
+            sentinel_username=sentinel_username,
+            sentinel_password=sentinel_password,
+            tls=tls,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+        )
+    for name, path in (
+        ("redis-tls-ca-file", tls_ca_file),
+        ("redis-tls-cert-file", tls_cert_file),
+        ("redis-tls-key-file", tls_key_file),
+    ):
+        need(path is None or tls_on, name, no_tls)
+    need(tls_key_file is None or tls_cert_file is not None, "redis-tls-key-file", "needs --redis-tls-cert-file")
+    need(tls_cert_file is None or tls_key_file is not None, "redis-tls-cert-file", "needs --redis-tls-key-file")
+    problem = _tls_files_problem(tls_ca_file, tls_cert_file, tls_key_file)
+    if problem is not None:
+        need(False, *problem)
+    return target
+
+
+def _tls_files_problem(ca_file: str | None, cert_file: str | None, key_file: str | None) -> tuple[str, str] | None:
+    """The setting whose TLS file cannot serve, and why; None when all serve. Checked at start, so that a typo or a
+    wrong file stops the process in one line instead of failing every connection to Redis."""
+    for name, path in (
+        ("redis-tls-ca-file", ca_file),
+        ("redis-tls-cert-file", cert_file),
+        ("redis-tls-key-file", key_file),
+    ):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            return name, f"cannot read {path} ({e.strerror or type(e).__name__}); give a file this process can read"
+    context = ssl.create_default_context()
+    for name, path in (("redis-tls-ca-file", ca_file), ("redis-tls-cert-file", cert_file)):
+        try:
+            if path is not None:
+                context.load_verify_locations(cafile=path)
+        except ssl.SSLError as e:
+            return name, f"{path} holds no PEM certificate ({e.reason or e})"
+    if cert_file is not None and key_file is not None:
+        try:
+            # An encrypted key is refused here (the password callback gives none), rather than making the TLS
+            # library ask for its password on a terminal at the first connection.
+            context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+        except ssl.SSLError as e:
+            return "redis-tls-key-file", (
+                f"{key_file} is not the unencrypted PEM private key of the certificate in {cert_file} ({e.reason or e})"
+            )
+    return None
 
 
 def check_replicas(
@@ -145,6 +233,25 @@ class HubSettings:
     redis_password: str | None = _opt(
         None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
     )
+    redis_username: str | None = _opt(
+        None, "redis-username", "ACL user of the primary and replicas named by Sentinels (default: the default user)"
+    )
+    redis_sentinel_username: str | None = _opt(None, "redis-sentinel-username", "ACL user of the Sentinels")
+    redis_sentinel_password: str | None = _opt(
+        None, "redis-sentinel-password", "password of the Sentinels (their requirepass)", secret=True
+    )
+    redis_tls: bool = _opt(
+        False, "redis-tls", "TLS to the Sentinels and to the primary and replicas they name (a URL says rediss://)"
+    )
+    redis_tls_ca_file: str | None = _opt(
+        None,
+        "redis-tls-ca-file",
+        "PEM file of the CAs that Redis's certificates are checked against (default: system's)",
+    )
+    redis_tls_cert_file: str | None = _opt(
+        None, "redis-tls-cert-file", "PEM file of this process's client certificate, for Redis that asks for one"
+    )
+    redis_tls_key_file: str | None = _opt(None, "redis-tls-key-file", "PEM file of that certificate's private key")
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key this hub uses")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (approximately, like MAXLEN ~)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel lives after its last publish")
@@ -353,6 +460,13 @@ class HubSettings:
             sentinels=self.redis_sentinels,
             master=self.redis_sentinel_master,
             password=self.redis_password,
+            username=self.redis_username,
+            sentinel_username=self.redis_sentinel_username,
+            sentinel_password=self.redis_sentinel_password,
+            tls=self.redis_tls,
+            tls_ca_file=self.redis_tls_ca_file,
+            tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file,
         )
 
     @property

@@ -84,6 +84,25 @@ class ProducerSettings:
     redis_password: str | None = _opt(
         None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
     )
+    redis_username: str | None = _opt(
+        None, "redis-username", "ACL user of the primary and replicas named by Sentinels (default: the default user)"
+    )
+    redis_sentinel_username: str | None = _opt(None, "redis-sentinel-username", "ACL user of the Sentinels")
+    redis_sentinel_password: str | None = _opt(
+        None, "redis-sentinel-password", "password of the Sentinels (their requirepass)", secret=True
+    )
+    redis_tls: bool = _opt(
+        False, "redis-tls", "TLS to the Sentinels and to the primary and replicas they name (a URL says rediss://)"
+    )
+    redis_tls_ca_file: str | None = _opt(
+        None,
+        "redis-tls-ca-file",
+        "PEM file of the CAs that Redis's certificates are checked against (default: system's)",
+    )
+    redis_tls_cert_file: str | None = _opt(
+        None, "redis-tls-cert-file", "PEM file of this process's client certificate, for Redis that asks for one"
+    )
+    redis_tls_key_file: str | None = _opt(None, "redis-tls-key-file", "PEM file of that certificate's private key")
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")
@@ -165,6 +184,13 @@ class ProducerSettings:
             sentinels=self.redis_sentinels,
             master=self.redis_sentinel_master,
             password=self.redis_password,
+            username=self.redis_username,
+            sentinel_username=self.redis_sentinel_username,
+            sentinel_password=self.redis_sentinel_password,
+            tls=self.redis_tls,
+            tls_ca_file=self.redis_tls_ca_file,
+            tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file,
         )
 
     @classmethod

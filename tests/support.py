@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import os
 import random
 import shutil
@@ -17,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hub.backend import Backend, Entry
 from hub.sse import SSEEvent, SSEParser
@@ -442,3 +448,120 @@ async def stored_entries(backend: Backend, channel: str) -> list[Entry]:
         if not r.more:
             return out
         pos = out[-1].id
+
+
+# -- TLS: throw-away certificates, and Redis servers and Sentinels that speak only TLS --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files made for one test: a CA, a server certificate it signed (for 127.0.0.1 and localhost), a client
+    certificate it signed, and another CA, which signed neither."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+
+    def server_args(self) -> tuple[str, ...]:
+        """redis-server's TLS options for these files (clients' certificates checked against the CA when asked)."""
+        return ("--tls-cert-file", self.server_cert, "--tls-key-file", self.server_key, "--tls-ca-cert-file", self.ca)
+
+
+def make_tls_files(directory: str) -> TlsFiles:
+    """Write a fresh CA and the certificates it signs into `directory` (keys unencrypted, valid for a day)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def write(name: str, data: bytes) -> str:
+        path = os.path.join(directory, name)
+        Path(path).write_bytes(data)
+        return path
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def certificate(
+        cn: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None
+    ) -> x509.CertificateBuilder:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        issuer_name, issuer_key = issuer or (name, key)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        )
+
+    def ca(cn: str) -> tuple[x509.Name, ec.EllipticCurvePrivateKey, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            certificate(cn, key, None)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )  # certificate and CRL signing only
+            .sign(key, hashes.SHA256())
+        )
+        return cert.subject, key, cert.public_bytes(serialization.Encoding.PEM)
+
+    def leaf(cn: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey], server: bool) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+        builder = certificate(cn, key, issuer).add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        if server:  # Redis servers connect to one another with this certificate too: client and server use
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(issuer[1], hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    ca_name, ca_key, ca_pem = ca("hub-test-ca")
+    server_cert, server_key = leaf("hub-test-redis", (ca_name, ca_key), server=True)
+    client_cert, client_key = leaf("hub-test-client", (ca_name, ca_key), server=False)
+    return TlsFiles(
+        ca=write("ca.pem", ca_pem),
+        server_cert=write("server.pem", server_cert),
+        server_key=write("server-key.pem", server_key),
+        client_cert=write("client.pem", client_cert),
+        client_key=write("client-key.pem", client_key),
+        other_ca=write("other-ca.pem", ca("hub-test-other-ca")[2]),
+    )
+
+
+def tls_only(server: RedisServer, tls: TlsFiles, *extra: str) -> RedisServer:
+    """`server`, made to listen for TLS alone on its port (no plain TCP), with `extra` redis-server options."""
+    server.extra = (*server.extra, "--port", "0", "--tls-port", str(server.port), *tls.server_args(), *extra)
+    return server
+
+
+class TlsRedisSentinels(RedisSentinels):
+    """RedisSentinels over TLS alone: clients, replication, and the Sentinels' own connections to the servers and to
+    one another. The Sentinels also take a password of their own (requirepass), given to each other as
+    `sentinel sentinel-pass`. Clients present no certificate."""
+
+    SENTINEL_PASSWORD = "sentinels-own-secret"
+
+    def __init__(self, tls: TlsFiles, replicas: int = 1) -> None:
+        super().__init__(replicas)
+        self.tls = tls
+        both = ("--tls-replication", "yes", "--tls-auth-clients", "no")
+        for server in (self.primary, *self.replicas):
+            tls_only(server, tls, *both)
+        for sentinel in self.sentinels:
+            tls_only(sentinel, tls, *both, "--requirepass", self.SENTINEL_PASSWORD)
+            sentinel.extra += ("--sentinel", "sentinel-pass", self.SENTINEL_PASSWORD)
+
+    def cli(self, port: int, *args: str, password: str | None = None) -> str:
+        if password is None and port in {s.port for s in self.sentinels}:
+            password = self.SENTINEL_PASSWORD
+        cmd = ["redis-cli", "--tls", "--cacert", self.tls.ca, "-p", str(port)]
+        cmd += ["-a", password, "--no-auth-warning"] if password else []
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
