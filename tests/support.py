@@ -355,11 +355,12 @@ class RedisSentinels:
     MASTER = "m"
     PASSWORD = "sentinel-secret"
 
-    def __init__(self, replicas: int = 2) -> None:
+    def __init__(self, replicas: int = 2, extra: tuple[str, ...] = ()) -> None:
+        """`extra`: more options of the primary and the replicas."""
         auth = ("--requirepass", self.PASSWORD, "--masterauth", self.PASSWORD, "--repl-diskless-sync-delay", "0")
-        self.primary = RedisServer(*auth)
+        self.primary = RedisServer(*auth, *extra)
         self.replicas = [
-            RedisServer(*auth, "--replicaof", "127.0.0.1", str(self.primary.port)) for _ in range(replicas)
+            RedisServer(*auth, *extra, "--replicaof", "127.0.0.1", str(self.primary.port)) for _ in range(replicas)
         ]
         self.sentinels = [RedisServer("--sentinel") for _ in range(3)]
 
