@@ -27,6 +27,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelLost",
     "ChannelOwned",
+    "ChannelRewound",
     "Fence",
     "Fenced",
     "ChannelInfo",
@@ -85,6 +86,12 @@ class NotReplicated(BackendUnavailable):
         super().__init__(f"{acked} of {required} replicas confirmed the write in time")
         self.required = required
         self.acked = acked
+
+
+class ChannelRewound(BackendUnavailable):
+    """A run's append found the channel's newest entry is not the run's last stored event (see Fence.after): the store
+    lost events it had acknowledged (a failover to a replica that lacked them). Nothing was written; the run must not
+    go on over the hole, and is re-run from a reset like after any store failure."""
 
 
 class InvalidPosition(BackendError, ValueError):
@@ -180,12 +187,17 @@ class Fence:
     never writes, as an unowned channel anyone may read, a name whose reservation was undone or is gone. Checked on
     the take alone: the later appends of the run are held to the fence, which a delete removes with the owner.
     None: no check (a job queued by a hub that kept no owners).
+
+    `after` (without `take`): the id of this run's last stored event. The append is refused with ChannelRewound
+    unless it is still the channel's newest entry, so that a run whose latest events the store lost never writes on
+    over the hole. None: no check.
     """
 
     owner: str
     attempt: int
     take: bool = False
     channel_owner: str | None = None
+    after: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

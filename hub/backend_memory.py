@@ -24,6 +24,7 @@ from .backend import (
     ChannelInfo,
     ChannelLost,
     ChannelOwned,
+    ChannelRewound,
     Entry,
     Fence,
     Fenced,
@@ -170,6 +171,8 @@ class MemoryBackend:
                 ch.fence = (fence.owner, fence.attempt)
             elif held != (fence.owner, fence.attempt):
                 raise Fenced(channel)
+            elif fence.after is not None and (not ch.entries or ch.entries[-1].id != fence.after):
+                raise ChannelRewound(channel)
         ids: list[str] = []
         last_index = len(events) - 1
         for i, ev in enumerate(events):

@@ -33,6 +33,7 @@ from .backend import (
     ChannelInfo,
     ChannelLost,
     ChannelOwned,
+    ChannelRewound,
     Entry,
     Fenced,
     Idempotency,
@@ -70,8 +71,8 @@ _NOTIFY_LUA = """
 local ring = {first_prev, ARGV[3]}
 for i = 1, n do
   ring[#ring + 1] = ids[i]
-  ring[#ring + 1] = ARGV[9 + 2 * i]
   ring[#ring + 1] = ARGV[10 + 2 * i]
+  ring[#ring + 1] = ARGV[11 + 2 * i]
 end
 redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 """
@@ -93,7 +94,8 @@ redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
 # KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
 # when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
 # owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, the
-# channel owner a take expects ("": none), then event/data pairs.
+# channel owner a take expects ("": none), the run's last stored id a check expects ("": none; see Fence.after), then
+# event/data pairs.
 _APPEND_LUA = """
 local owned = redis.call('EXISTS', KEYS[3]) == 1
 if owned and ARGV[4] == '' then return redis.error_reply('OWNED the channel belongs to a generation') end
@@ -130,15 +132,18 @@ if ARGV[4] ~= '' then
   elseif held[1] ~= ARGV[5] or tonumber(held[2]) ~= attempt then
     return redis.error_reply('FENCED another run holds the channel')
   end
+  if ARGV[11] ~= '' and (#last == 0 or last[1][1] ~= ARGV[11]) then
+    return redis.error_reply('REWOUND the channel lost events of this run')
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 local ids = {}
 local prev = '0-0'
 if #last > 0 then prev = last[1][1] end
 local first_prev = prev
-local n = (#ARGV - 10) / 2
+local n = (#ARGV - 11) / 2
 for i = 1, n do
-  local ev, d = ARGV[9 + 2 * i], ARGV[10 + 2 * i]
+  local ev, d = ARGV[10 + 2 * i], ARGV[11 + 2 * i]
   if i == n and ARGV[3] == '1' then
     prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
   else
@@ -225,6 +230,10 @@ def _version(info: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
 
 
+# The append script's refusals (see _APPEND_LUA), told apart from the store's own error replies.
+_REFUSALS = ("CLOSED", "FENCED", "OWNED", "LOST", "REWOUND")
+
+
 def _refused(reply: str) -> BackendError:
     """What an error reply means: the ones the append script raises on purpose, or the store refusing work (OOM,
     READONLY after a failover, MISCONF), which is not a client mistake: a 503."""
@@ -238,6 +247,8 @@ def _refused(reply: str) -> BackendError:
         return ChannelLost(reply)
     if reply.startswith("IDEMPOTENCY"):
         return IdempotencyConflict(reply)
+    if reply.startswith("REWOUND"):
+        return ChannelRewound(reply)
     log.warning("redis refused a command: %s", reply)
     return BackendUnavailable(f"redis error: {reply.split(' ', 1)[0]}")
 
@@ -394,6 +405,7 @@ class RedisBackend:
         args.append(self._ring_suffix)
         expected = b.fence.channel_owner if b.fence is not None and b.fence.take else None
         args.append(expected or "")
+        args.append((b.fence.after or "") if b.fence is not None and not b.fence.take else "")
         for ev in b.events:
             args += (ev.event, ev.data)
         return keys, args
@@ -441,7 +453,7 @@ class RedisBackend:
         for r in raw:
             if isinstance(r, BackendError):
                 results.append(r)
-            elif isinstance(r, ResponseError) and str(r).split(" ", 1)[0] in ("CLOSED", "FENCED", "OWNED", "LOST"):
+            elif isinstance(r, ResponseError) and str(r).split(" ", 1)[0] in _REFUSALS:
                 results.append(_refused(str(r)))
             elif isinstance(r, Exception):
                 results.append(BackendUnavailable(f"redis error: {str(r).split(' ', 1)[0]}"))

@@ -42,10 +42,11 @@ class _Pending:
         self.take = False
         self.channel_owner: str | None = None  # the take's (see Fence.channel_owner)
 
-    def fence(self, owner: str, attempt: int, *, first: bool = True) -> Fence:
-        """The fence of an append of these events: the take, with its owner check, only with the first of them."""
+    def fence(self, owner: str, attempt: int, after: str | None, *, first: bool = True) -> Fence:
+        """The fence of an append of these events: the take, with its owner check, only with the first of them; else
+        the check that the writer's last stored event (`after`) is still the channel's newest."""
         take = self.take and first
-        return Fence(owner, attempt, take, self.channel_owner if take else None)
+        return Fence(owner, attempt, take, self.channel_owner if take else None, None if take else after)
 
 
 def _fail(fut: asyncio.Future[str], error: BackendError) -> None:
@@ -62,6 +63,8 @@ class Coalescer:
         self._pending: dict[_Writer, _Pending] = {}
         self._since = 0.0  # loop time of the pending batch's first event
         self._failed: dict[_Writer, BackendError] = {}
+        # Per writer, the id of its last stored event: its next append is refused if the store lost it (Fence.after).
+        self._last: dict[_Writer, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def add(self, channel: str, event: NewEvent, fence: Fence, *, close: bool = False) -> asyncio.Future[str]:
@@ -100,6 +103,7 @@ class Coalescer:
     def forget(self, channel: str, fence: Fence) -> None:
         """The writer is done: drop what is remembered about it."""
         self._failed.pop((channel, fence.owner, fence.attempt), None)
+        self._last.pop((channel, fence.owner, fence.attempt), None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,8 +131,9 @@ class Coalescer:
     async def _flush(self, batch: dict[_Writer, _Pending]) -> None:
         writers = list(batch)
         batches = [
-            AppendBatch(ch, batch[(ch, o, a)].events, batch[(ch, o, a)].close, batch[(ch, o, a)].fence(o, a))
+            AppendBatch(ch, p.events, p.close, p.fence(o, a, self._last.get((ch, o, a))))
             for ch, o, a in writers
+            for p in (batch[(ch, o, a)],)
         ]
         self._metrics.append_round_trips.inc()
         try:
@@ -144,6 +149,7 @@ class Coalescer:
                     _fail(f, result)
             else:
                 events += len(result)
+                self._last[writer] = result[-1]
                 for f, event_id in zip(futures, result, strict=True):
                     if not f.done():
                         f.set_result(event_id)
@@ -154,17 +160,19 @@ class Coalescer:
         for (ch, owner, attempt), p in batch.items():
             last = len(p.events) - 1
             for i, (ev, fut) in enumerate(zip(p.events, p.futures, strict=True)):
-                fence = p.fence(owner, attempt, first=i == 0)
-                error = self._failed.get((ch, owner, attempt))
+                writer = (ch, owner, attempt)
+                fence = p.fence(owner, attempt, self._last.get(writer), first=i == 0)
+                error = self._failed.get(writer)
                 if error is None:
                     self._metrics.append_round_trips.inc()
                     [result] = await self._backend.append_many([AppendBatch(ch, [ev], p.close and i == last, fence)])
                     if isinstance(result, list):
+                        self._last[writer] = result[0]
                         self._metrics.appended_events.inc()
                         if not fut.done():
                             fut.set_result(result[0])
                         continue
-                    error = self._failed[(ch, owner, attempt)] = result
+                    error = self._failed[writer] = result
                 _fail(fut, error)
 
     async def aclose(self) -> None:

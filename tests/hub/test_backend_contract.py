@@ -24,6 +24,7 @@ from hub.backend import (
     ChannelClosed,
     ChannelLost,
     ChannelOwned,
+    ChannelRewound,
     Entry,
     Fence,
     Fenced,
@@ -796,6 +797,28 @@ async def test_a_fence_lets_only_the_latest_run_of_one_owner_write(backend: Back
     # Unfenced publishing (the HTTP API) is not affected by fences; deleting the channel clears its fence.
     assert await backend.delete("fenced")
     [ok] = await backend.append_many([batch("b", "job-b", 1, take=True)])
+    assert isinstance(ok, list)
+
+
+async def test_a_run_s_append_is_refused_unless_its_last_event_is_still_the_newest(backend: Backend) -> None:
+    """Fence.after: a store that lost the run's latest events (a failover) refuses the next append, writing nothing,
+    so the run is re-run rather than continued over a hole. The memory backend loses nothing, but keeps the rule."""
+    take = Fence("job", 1, take=True)
+    [first] = await backend.append_many(
+        [AppendBatch("run", [NewEvent("token", "a"), NewEvent("token", "b")], fence=take)]
+    )
+    assert isinstance(first, list)
+    [ok] = await backend.append_many(
+        [AppendBatch("run", [NewEvent("token", "c")], fence=Fence("job", 1, after=first[1]))]
+    )
+    assert isinstance(ok, list)
+    # As if the store no longer held "c": the run's next append names "b" as its last, and the newest is "c".
+    [refused] = await backend.append_many(
+        [AppendBatch("run", [NewEvent("token", "d")], fence=Fence("job", 1, after=first[1]))]
+    )
+    assert isinstance(refused, ChannelRewound)
+    assert [e.data for e in (await backend.range("run", "0", limit=10)).entries] == ["a", "b", "c"]
+    [ok] = await backend.append_many([AppendBatch("run", [NewEvent("token", "d")], fence=Fence("job", 1, after=ok[0]))])
     assert isinstance(ok, list)
 
 

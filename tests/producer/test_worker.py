@@ -355,6 +355,29 @@ async def test_a_store_outage_mid_generation_never_finishes_over_a_gap(prefix: s
         server.close()
 
 
+async def test_a_run_whose_latest_events_the_store_lost_is_re_run_not_continued_over_the_hole(
+    redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
+) -> None:
+    """A failover to a replica that lacked the newest writes takes back events the worker was told were stored, while
+    it waits for the provider's next token: nothing fails then. Its next append must notice, not write on over the
+    hole (the answer would miss tokens for good)."""
+    backend, queue = stores
+    worker = _worker_process(workers, redis_server, prefix, "--demo-tokens-per-s", "4", "--coalesce-ms", "0")
+    job = _job(12)
+    await queue.submit(job)
+    await _wait_tokens(backend, job.channel, 3, worker)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        # Right after a token (at 4 tokens/s the next is 250 ms away): the store forgets it.
+        key = f"{prefix}ch:{{{job.channel}}}"
+        newest: Any = await admin.xrevrange(key, count=1)
+        await admin.xdel(key, newest[0][0])
+    finally:
+        await admin.aclose()
+    entries = await _wait_closed(backend, job.channel, 60)
+    _check_one_run(entries, 12, restarted=True)
+
+
 async def test_workers_recover_when_the_job_stream_and_group_vanish(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue]
 ) -> None:
