@@ -188,6 +188,7 @@ async def test_a_primary_killed_under_load_loses_no_acknowledged_event(
 
             # The replicas fall behind: stopped, and their connections filled, so what follows stays in the primary.
             stopped = [r.proc for r in sentinels.replicas if r.proc is not None]
+            lag_from, acked_before_lag = time.monotonic(), len(publisher.acked)
             for proc in stopped:
                 os.kill(proc.pid, signal.SIGSTOP)
             filler = RedisBackend(target, prefix="filler:", history=10, ttl_s=60, timeout_s=10)
@@ -196,7 +197,6 @@ async def test_a_primary_killed_under_load_loses_no_acknowledged_event(
                     await filler.append("filler", [NewEvent("message", _FILLER_EVENT)])
             finally:
                 await filler.aclose()
-            acked_before_lag = len(publisher.acked)
             await asyncio.sleep(1.0)
             acked_in_lag = len(publisher.acked) - acked_before_lag
             refused_before_kill = publisher.refused
@@ -246,7 +246,8 @@ async def test_a_primary_killed_under_load_loses_no_acknowledged_event(
             whole = answer == ["start"] + ["token"] * _TOKENS + ["done"]
             print(
                 f"\n--publish-replicas {replicas}: publishes taken again {recovered_s:.2f} s after kill -9 of the "
-                f"primary; acknowledged {len(publisher.acked)} ({acked_in_lag} while the replicas lagged), refused "
+                f"primary; acknowledged {len(publisher.acked)} ({acked_in_lag} while the replicas lagged, "
+                f"{killed_at - lag_from:.1f} s), refused "
                 f"{publisher.refused} ({refused_before_kill} before the kill; {publisher.refusals}); acknowledged "
                 f"events lost {len(lost)}; resets per subscriber {resets}; generation whole after its last re-run: "
                 f"{whole}, re-runs {len(restarts)}"
