@@ -699,9 +699,11 @@ class _TailReader:
         self, wanted: list[str], keys: Mapping[str, str], positions: Mapping[str, str], sweep: bool, out: ReadResult
     ) -> None:
         backend = self._backend
-        # Whether a stream that returned nothing still exists: on a cluster at every sweep (a stream may expire, or
-        # be lost by a failover, while its subscribers wait), on a single Redis at the first sweep after rings may
-        # have been lost (a deletion's `d` among them).
+        # Whether a stream that returned nothing still holds the position delivered last: on a cluster at every sweep
+        # (a stream may expire, or be lost by a failover, while its subscribers wait), on a single Redis at the first
+        # sweep after rings may have been lost (a deletion's `d` among them) or the store failed over. A stream can be
+        # gone, or back without its latest entries (a replica promoted before it had them): with no new entry, the
+        # continuity check would only notice at the next one.
         probe = sweep and (backend.cluster or self._fresh)
         pipe = backend._redis.pipeline(transaction=False)
         if backend.cluster:
@@ -711,23 +713,25 @@ class _TailReader:
             pipe.xread({key: positions[keys[key]] for key in wanted}, count=_READ_COUNT)
         if probe:
             for key in wanted:
-                pipe.exists(key)
+                position = positions[keys[key]]
+                pipe.xrange(key, position, position)
         raw = await backend._call(pipe.execute())
         streams: dict[str, Any] = {}  # stream key → its entries
         replies = raw[: len(wanted)] if backend.cluster else raw[:1]
         for reply in replies:
             if reply:  # RESP2: [[key, entries], ...]; RESP3: {key: entries}
                 streams.update(reply.items() if isinstance(reply, dict) else ((k, v) for k, v in reply))
-        exists = raw[len(replies) :]
+        held = raw[len(replies) :]
         for i, key in enumerate(wanted):
             channel = keys[key]
             if entries := streams.get(key):
                 out.entries[channel] = [_entry(e) for e in entries]
                 if len(entries) >= _READ_COUNT:
                     self._rang.add(key)  # more is waiting: read on at once
-            elif probe and not exists[i] and positions[channel] != ZERO_ID:
-                # It held entries (this reader's position is one of them) and is gone: deleted while its ring was
-                # lost, expired, or lost by a failover. Its streams end and resume, and the store tells each why.
+            elif probe and not held[i] and positions[channel] != ZERO_ID:
+                # It held the position (the entry delivered last) and no longer does: deleted while its ring was lost,
+                # expired, or lost by a failover, whole or its latest entries. Its streams end and resume, and the
+                # store tells each why.
                 out.vanished.append(channel)
         if sweep:
             self._fresh = False

@@ -543,7 +543,7 @@ class Fanout:
                 for name in result.deleted:
                     self._on_deleted(name)
                 for name in result.vanished:
-                    self.break_channel(name, "the stream is gone")
+                    self.break_channel(name, "the store no longer holds its last position")
                 for name, entries in result.entries.items():
                     ch = snapshot.get(name)
                     # Apply only to the same channel object the read was made for: a channel dropped and re-added

@@ -205,15 +205,16 @@ def check_replicas(
 ) -> None:
     """The checks of --publish-replicas and its timeout, the hub's and the worker's."""
     need(0 <= replicas <= 16, "publish-replicas", "must be 0-16")
+    need(timeout_s > 0, "publish-replicas-timeout", "must be positive")
     if replicas:
         need(redis, "publish-replicas", "needs Redis (--redis-url or --redis-sentinels): the memory backend has none")
         need(not cluster, "publish-replicas", "is not supported with --redis-cluster")
-    # WAIT holds its connection for up to the timeout: within one call's deadline, or every wait would fail the call.
-    need(
-        0 < timeout_s < redis_timeout_s,
-        "publish-replicas-timeout",
-        f"must be positive and less than the Redis call deadline ({redis_timeout_s:g} s)",
-    )
+        # WAIT holds its connection for up to the timeout: within one call's deadline, or every wait would fail it.
+        need(
+            timeout_s < redis_timeout_s,
+            "publish-replicas-timeout",
+            f"must be less than the Redis call deadline ({redis_timeout_s:g} s)",
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

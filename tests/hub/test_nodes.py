@@ -240,6 +240,38 @@ async def test_a_store_that_comes_back_without_its_latest_writes_resets_resuming
         await backend.aclose()
 
 
+async def test_a_store_back_without_a_channel_s_latest_writes_ends_its_streams_with_no_new_event(
+    make_client: ClientFactory, own_redis: RedisServer
+) -> None:
+    """As above, but nothing is published afterwards (a generation waiting for its provider, a quiet channel): the
+    node does not wait for a next event to notice. Its first sweep after the store came back finds the position it
+    delivered last gone, ends the streams, and each one's reconnect is told."""
+    backend = _redis_backend(own_redis, "quiet:", timeout_s=1.0)
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        node = await make_client(backend, tail_block_s=0.5)
+        saved = [(await publish(node, "c", {"data": f"e{i}"}))[0] for i in range(1, 3)]
+        await admin.save()
+        live = await subscribe(node, "c", last_id=saved[-1])
+        lost = (await publish(node, "c", {"data": "e3"}))[0]
+        assert [ev.id for ev in await collect(live, count=1)] == [lost]
+        assert own_redis.proc is not None
+        own_redis.proc.kill()
+        own_redis.proc.wait()
+        own_redis.start()
+        # The stream ends by itself (collect returns at its end, well within its deadline), having sent nothing more.
+        assert [ev.id for ev in await collect(live, timeout_s=20)] == []
+        resumed = await subscribe(node, "c", last_id=lost)
+        events = await collect(resumed, count=3)
+        resumed.close()
+        assert events[0].event == "reset" and orjson.loads(events[0].data)["reason"] == "unknown_position"
+        assert [(ev.id, ev.data) for ev in events[1:]] == [(saved[0], "e1"), (saved[1], "e2")]
+        live.close()
+    finally:
+        await admin.aclose()
+        await backend.aclose()
+
+
 async def _follow(node: Any, channel: str, received: list[str], resets: list[str], cut: list[int]) -> None:
     """What EventSource does: read until the stream ends, then reconnect with the last id received."""
     while True:

@@ -196,7 +196,7 @@ async def test_a_publish_no_replica_confirms_is_a_503_not_replicated_and_its_ret
         ),
         (
             ["--redis-url", "redis://h:1/0", "--publish-replicas", "1", "--publish-replicas-timeout", "3"],
-            "--publish-replicas-timeout (HUB_PUBLISH_REPLICAS_TIMEOUT): must be positive and less than",
+            "--publish-replicas-timeout (HUB_PUBLISH_REPLICAS_TIMEOUT): must be less than",
         ),
         (["--redis-url", "redis://h:1/0", "--publish-replicas", "-1"], "must be 0-16"),
     ],
@@ -212,4 +212,13 @@ def test_a_worker_takes_the_same_replica_settings() -> None:
     )
     assert (s.publish_replicas, s.publish_replicas_timeout_s) == (1, 2.0)
     with pytest.raises(ValueError, match="PRODUCER_PUBLISH_REPLICAS_TIMEOUT"):
-        ProducerSettings.from_args(["--redis-url", "redis://h:1/0", "--publish-replicas-timeout", "9"], {})
+        ProducerSettings.from_args(
+            ["--redis-url", "redis://h:1/0", "--publish-replicas", "1", "--publish-replicas-timeout", "9"], {}
+        )
+    # Without replicas to wait for, the timeout is not held to the deadline: a short --redis-timeout stays valid.
+    assert (
+        HubSettings.from_args(
+            ["--redis-url", "redis://h:1/0", "--redis-timeout", "1", "--anonymous"], {}
+        ).publish_replicas
+        == 0
+    )
