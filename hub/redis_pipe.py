@@ -65,6 +65,7 @@ class _Protocol(asyncio.Protocol):
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._wait: tuple[bytes, asyncio.Future[Any]] | None = None  # the WAIT that ends this turn's write, if any
         self.failed: BackendUnavailable | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +87,21 @@ class _Protocol(asyncio.Protocol):
             self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
         return fut
 
+    def send_wait(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue a WAIT (`packed`) to follow everything queued in this turn of the loop: one at the end of the write,
+        shared by every caller that asks in the turn. It counts the replicas holding the connection's last write, so
+        it covers all the calls before it; a WAIT per call would hold the connection once per call instead."""
+        if self._wait is not None:
+            return self._wait[1]
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        if self.failed is not None:
+            fut.set_exception(self.failed)
+            return fut
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._wait = (packed, fut)
+        return fut
+
     def post(self, packed: bytes) -> None:
         """Queue a command whose answers come as pushes (SSUBSCRIBE, SUNSUBSCRIBE), not as a reply to wait for."""
         if self.failed is not None:
@@ -95,6 +111,13 @@ class _Protocol(asyncio.Protocol):
         self._out.append(packed)
 
     def _flush(self) -> None:
+        if self._wait is not None and self.failed is None:
+            packed, fut = self._wait
+            self._out.append(packed)
+            self._waiting.append((fut, self._loop.time() + self._timeout_s))
+            if self._watchdog is None:
+                self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
+        self._wait = None
         out, self._out = self._out, []
         if out and self._transport is not None and self.failed is None:
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -138,6 +161,9 @@ class _Protocol(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         self._out = []
+        if self._wait is not None:
+            self._waiting.append((self._wait[1], 0.0))
+            self._wait = None
         while self._waiting:
             fut, _ = self._waiting.popleft()
             if not fut.done():
@@ -276,8 +302,8 @@ class RedisPipe:
         p = await self._connection()
         futures = [p.send(pack_command(c)) for c in commands]
         if wait is not None:
-            # On the same connection, right after the calls: WAIT counts the replicas holding its last write.
-            futures.append(p.send(pack_command(wait)))
+            # On the same connection, at the end of this turn's write: WAIT counts the replicas holding its last write.
+            futures.append(p.send_wait(pack_command(wait)))
         replies: list[Any] = []
         for i, fut in enumerate(futures):
             try:

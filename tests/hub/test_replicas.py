@@ -7,6 +7,7 @@ replica holds the first write.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -116,6 +117,26 @@ async def test_a_write_no_replica_confirms_is_refused_and_its_retry_stores_it_on
         assert _length(replicated, replicated.replica.port, "c") == 3
     finally:
         await backend.aclose()
+
+
+async def test_concurrent_publishes_share_one_wait(replicated: Replicated) -> None:
+    """Publishes made together leave in one write on the hub's connection and wait for the replica once, not once
+    each: WAIT blocks its connection, so a WAIT per publish would make them wait one after another."""
+    backend = _backend(replicated)
+    try:
+        await backend.append("warm", [NewEvent("message", "up")])
+        before = _waits(replicated)
+        results = await asyncio.gather(*(backend.append(f"c{i}", [NewEvent("message", "x")]) for i in range(50)))
+        assert all(len(ids) == 1 for ids in results)
+        assert _waits(replicated) - before <= 2
+    finally:
+        await backend.aclose()
+
+
+def _waits(servers: Replicated) -> int:
+    stats = servers.cli(servers.primary.port, "info", "commandstats")
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_wait:")), "cmdstat_wait:calls=0,")
+    return int(line.split("calls=")[1].split(",")[0])
 
 
 async def test_a_retry_on_another_connection_is_answered_only_once_the_first_write_is_replicated(
