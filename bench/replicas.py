@@ -422,16 +422,16 @@ def conclude(figures: Figures, args: argparse.Namespace, report: Report) -> None
         "What it means: N=1 adds a primary-to-replica acknowledgement to every write before it is answered: "
         f"{delta_ms('be_seq_p50')} per append at the store and {delta_ms('seq_p50')} per lone HTTP publish (p50) "
         "here on loopback, plus the network's round trip where the replica is on another machine. Under concurrent "
-        "load it costs more than that: a WAIT holds the connection it was sent on until the replica answers, and a "
-        "hub node sends all its publishes on one connection, so their acknowledgements are waited for one after "
-        f"another ({ratio('be_rate')} the appends/s at the store alone), and the primary and the replica spend "
-        f"{ratio('primary_cpu_pub')} and {ratio('replica_cpu_pub')} the CPU per publish; end to end, "
-        f"{ratio('conc_rate')} the publishes/s on this machine. A worker's tokens hardly notice: one WAIT per "
+        "load a WAIT holds the connection it was sent on until the replica answers; a hub node sends its publishes "
+        "on one connection, with one WAIT at the end of each write for every publish in it, so publishes that "
+        f"arrive together wait together: {ratio('be_rate')} the appends/s at the store alone, the primary and the "
+        f"replica spend {ratio('primary_cpu_pub')} and {ratio('replica_cpu_pub')} the CPU per publish, and end to "
+        f"end {ratio('conc_rate')} the publishes/s on this machine. A worker's tokens hardly notice: one WAIT per "
         f"coalesced round trip of about {1 / m(1, 'trips'):.0f} tokens, {ratio('all_cpu_tok')} the CPU per token. "
         "Live subscribers see an event as soon as the primary stores it either way; N=1 holds only the writer's "
         "answer. Choose N=1 where an answered publish or generation must survive the loss of the primary (a failover "
-        "to a replica) and a hub node's publish rate stays well below one per primary-replica round trip; keep N=0 "
-        "for high publish rates, or where a failover may lose the last moment of events."
+        "to a replica); keep N=0 where a failover may lose the last moment of events and every fraction of a "
+        "millisecond of publish latency counts."
     )
 
 

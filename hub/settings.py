@@ -221,7 +221,10 @@ def check_replicas(
 class HubSettings:
     host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
     port: int = _opt(DEFAULT_PORT, "port", "TCP port to listen on")
-    redis_url: str | None = _opt(None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend")
+    # Secret: a URL may carry the password.
+    redis_url: str | None = _opt(
+        None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend", secret=True
+    )
     redis_cluster: bool = _opt(
         False, "redis-cluster", "--redis-url is a node of a Redis Cluster: spread channels over its slots"
     )

@@ -75,7 +75,7 @@ class ProviderKeys:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProducerSettings:
-    redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue")
+    redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue", secret=True)
     redis_cluster: bool = _opt(False, "redis-cluster", "--redis-url is a node of a Redis Cluster (the hub's setting)")
     redis_sentinels: str | None = _opt(
         None, "redis-sentinels", "Sentinels (host:port,...) that name the Redis primary, instead of --redis-url"

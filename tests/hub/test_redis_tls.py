@@ -20,6 +20,8 @@ import pytest
 from hub.backend import BackendUnavailable, NewEvent
 from hub.backend_redis import RedisBackend
 from hub.redis_client import RedisTarget
+from hub.settings import HubSettings
+from producer.settings import ProducerSettings
 from tests.support import (
     ROOT,
     HubProcess,
@@ -142,6 +144,10 @@ def test_passwords_are_not_shown_in_the_log_line_or_repr_of_where_redis_is() -> 
     assert by_sentinels.describe() == "Sentinel master 'm' at 10.0.0.1:26379 over TLS"
     for shown in (repr(by_url), repr(by_sentinels), str(by_url), str(by_sentinels)):
         assert "secret" not in shown, shown
+    # Nor the settings objects, whose URL may carry one.
+    hub = HubSettings.from_args(["--redis-url", "redis://:url-secret@h:1/0", "--anonymous"], {})
+    worker = ProducerSettings.from_args(["--redis-url", "redis://:url-secret@h:1/0"], {})
+    assert "secret" not in repr(hub) and "secret" not in repr(worker)
 
 
 @pytest.fixture
