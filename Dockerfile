@@ -20,6 +20,7 @@ COPY requirements.lock ./
 RUN pip install --require-virtualenv -r requirements.lock
 
 COPY pyproject.toml README.md ./
+COPY ssecore ./ssecore
 COPY hub ./hub
 COPY producer ./producer
 COPY loadtest ./loadtest

@@ -53,12 +53,13 @@ run: install
 	$(BIN)/python -m hub --port $(PORT) --anonymous
 
 lint: install-dev
-	$(BIN)/ruff check hub producer loadtest tests bench
-	$(BIN)/ruff format --check hub producer loadtest tests bench
+	$(BIN)/ruff check ssecore hub producer loadtest tests bench
+	$(BIN)/ruff format --check ssecore hub producer loadtest tests bench
+	$(BIN)/lint-imports --no-cache
 
 format: install-dev
-	$(BIN)/ruff check --fix hub producer loadtest tests bench
-	$(BIN)/ruff format hub producer loadtest tests bench
+	$(BIN)/ruff check --fix ssecore hub producer loadtest tests bench
+	$(BIN)/ruff format ssecore hub producer loadtest tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy

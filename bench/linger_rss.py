@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import free_port, wait_port  # noqa: E402
-from hub.backend import NewEvent  # noqa: E402
-from hub.backend_redis import RedisBackend  # noqa: E402
+from ssecore.backend import NewEvent  # noqa: E402
+from ssecore.backend_redis import RedisBackend  # noqa: E402
 
 _CHANNEL = "unwatched"
 _SETTLE_S = 3.0  # past the node's --linger of 1 s, and for the node to act on what was appended

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import Report, cpu_seconds, free_port, wait_port  # noqa: E402
 from producer.coalesce import DEFAULT_WINDOW_MS  # noqa: E402
-from producer.jobs import Job, new_generation_id  # noqa: E402
-from producer.queue_redis import RedisJobQueue  # noqa: E402
+from ssecore.jobs import Job, new_generation_id  # noqa: E402
+from ssecore.queue_redis import RedisJobQueue  # noqa: E402
 
 
 def metric(port: int, name: str) -> float:

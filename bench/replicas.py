@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import Report, Service, cpu_seconds, free_port, wait_port  # noqa: E402
 from bench.run import HUB_LOAD_FLAGS  # noqa: E402
-from hub.backend import NewEvent  # noqa: E402
-from hub.backend_redis import RedisBackend  # noqa: E402
-from producer.jobs import Job, new_generation_id  # noqa: E402
-from producer.queue_redis import RedisJobQueue  # noqa: E402
+from ssecore.backend import NewEvent  # noqa: E402
+from ssecore.backend_redis import RedisBackend  # noqa: E402
+from ssecore.jobs import Job, new_generation_id  # noqa: E402
+from ssecore.queue_redis import RedisJobQueue  # noqa: E402
 
 MODES = (0, 1)
 _REPLICA_SYNC_S = 30.0

@@ -1,28 +1,38 @@
 """`python -m hub`: flags and HUB_* environment → HubSettings → logging → uvloop → run_app.
 
-The only module that reads os.environ.
+The composition root: the one module that puts the web layer (hub) and the generation worker (producer) together
+(`create_node`), and the only one that reads os.environ.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import resource
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import uvloop
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
+from prometheus_client import CollectorRegistry
 
-from producer.settings import ProducerSettings, ProviderKeys
+from producer.settings import ProducerSettings, ProviderKeys, providers_for
+from producer.worker import Worker
+from ssecore.backend import Backend
+from ssecore.jobs import JobQueue
+from ssecore.presence import Presence
+from ssecore.queue_memory import MemoryJobQueue
+from ssecore.startup import listen_failure, setting
 
 from .app import begin_drain, create_app
 from .httplog import RedactedAccessLogger, server_logger
+from .keys import BACKEND, JOBS, METRICS, PRESENCE
 from .settings import HubSettings
-from .startup import listen_failure, setting
 
 log = logging.getLogger("hub")
 
@@ -66,6 +76,58 @@ def _raise_fd_limit() -> None:
     log.info("file descriptor limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
+def create_node(
+    settings: HubSettings,
+    *,
+    worker_settings: ProducerSettings | None = None,
+    provider_keys: ProviderKeys | None = None,
+    backend: Backend | None = None,
+    jobs: JobQueue | None = None,
+    presence: Presence | None = None,
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """A hub node: its web application (hub.app.create_app) and, where `embedded_worker` says so ("auto": with the
+    in-memory job queue, where no other process could take the jobs), a generation worker in the same process, with
+    `worker_settings` and `provider_keys`.
+
+    The one place where the hub and the worker meet: the web layer never imports the worker.
+    """
+    app = create_app(settings, backend=backend, jobs=jobs, presence=presence, registry=registry)
+
+    async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+        embedded = settings.embedded_worker == "on" or (
+            settings.embedded_worker == "auto" and isinstance(app[JOBS], MemoryJobQueue)
+        )
+        if not embedded:
+            yield
+            return
+        # The hub's --demo decides for its own worker: it must run every job the hub accepts, and none it refuses.
+        ws = dataclasses.replace(worker_settings or ProducerSettings(metrics_port=0), demo=settings.demo)
+        worker = Worker(
+            ws,
+            backend=app[BACKEND],
+            queue=app[JOBS],
+            providers=providers_for(ws, provider_keys or ProviderKeys()),
+            presence=app[PRESENCE],
+            registry=app[METRICS].registry,
+            liveness=app[METRICS].liveness,  # the hub's /healthz fails too when one of its loops is stuck
+            store_timeout_s=0.0 if isinstance(app[JOBS], MemoryJobQueue) else settings.redis_timeout_s,
+        )
+        if ws.demo:
+            log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)
+        else:
+            log.info("running an embedded generation worker (no demo provider)")
+        task = asyncio.create_task(worker.run_async(), name="embedded-worker")
+        yield
+        worker.stop()
+        await task
+
+    # After the app's own contexts: the worker starts once the store, the queue and presence are there, and stops
+    # before they close.
+    app.cleanup_ctx.append(worker_ctx)
+    return app
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = HubSettings.from_args(argv, os.environ)
@@ -80,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     _raise_fd_limit()
     try:
-        app = create_app(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
+        app = create_node(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
     except (ValueError, OSError) as e:
         # A key file that cannot be read or parsed: say so and stop, before listening.
         print(f"python -m hub: {e}", file=sys.stderr)

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from producer.jobs import JobQueue
-from producer.providers.registry import PROVIDER_NAMES
-from producer.queue_memory import MemoryJobQueue
-from producer.queue_redis import RedisJobQueue
-from producer.settings import DEFAULT_GROUP, ProducerSettings, ProviderKeys, providers_for
-from producer.worker import Worker
+from ssecore.backend import Backend
+from ssecore.backend_memory import MemoryBackend
+from ssecore.backend_redis import RedisBackend
+from ssecore.jobs import PROVIDER_NAMES, JobQueue
+from ssecore.presence import MemoryPresence, Presence, RedisPresence
+from ssecore.queue_memory import MemoryJobQueue
+from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 
 from .auth import Authenticator
-from .backend import Backend
-from .backend_memory import MemoryBackend
-from .backend_redis import RedisBackend
 from .cors import Cors
 from .errors import error_middleware
 from .fanout import Fanout
@@ -32,7 +28,6 @@ from .limits import Limits
 from .metrics import HubMetrics
 from .openapi import routes as openapi_routes
 from .page import routes as page_routes
-from .presence import MemoryPresence, Presence, RedisPresence
 from .settings import HubSettings
 
 __all__ = ["begin_drain", "create_app", "make_backend"]
@@ -82,13 +77,12 @@ def create_app(
     jobs: JobQueue | None = None,
     presence: Presence | None = None,
     registry: CollectorRegistry | None = None,
-    worker_settings: ProducerSettings | None = None,
-    provider_keys: ProviderKeys | None = None,
 ) -> web.Application:
-    """Build a hub node. Injected `backend`, `jobs` and `presence` are shared, not owned: the app does not close them.
+    """Build a hub node's web application. Injected `backend`, `jobs` and `presence` are shared, not owned: the app
+    does not close them.
 
-    The job queue is Redis when `redis_target` is set, else in memory; a generation worker runs in this process when
-    `embedded_worker` says so ("auto": with the in-memory queue), with `worker_settings` and `provider_keys`.
+    The job queue is Redis when `redis_target` is set, else in memory. A generation worker in the same process is not
+    the web layer's business: hub.__main__.create_node adds one where `embedded_worker` says so.
     """
     cors = Cors(settings.cors_origins)
     # The largest body of any route; each route checks its own limit (--max-body, --max-job-bytes).
@@ -162,36 +156,7 @@ def create_app(
         yield
         await fanout.stop()
 
-    async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-        embedded = settings.embedded_worker == "on" or (
-            settings.embedded_worker == "auto" and isinstance(app[JOBS], MemoryJobQueue)
-        )
-        if not embedded:
-            yield
-            return
-        # The hub's --demo decides for its own worker: it must run every job the hub accepts, and none it refuses.
-        ws = dataclasses.replace(worker_settings or ProducerSettings(metrics_port=0), demo=settings.demo)
-        providers = providers_for(ws, provider_keys or ProviderKeys())
-        worker = Worker(
-            ws,
-            backend=app[BACKEND],
-            queue=app[JOBS],
-            providers=providers,
-            presence=app[PRESENCE],
-            registry=metrics_registry,
-            liveness=app[METRICS].liveness,  # the hub's /healthz fails too when one of its loops is stuck
-            store_timeout_s=0.0 if isinstance(app[JOBS], MemoryJobQueue) else settings.redis_timeout_s,
-        )
-        if ws.demo:
-            log.info("running an embedded generation worker (demo provider at %g tokens/s)", ws.demo_tokens_per_s)
-        else:
-            log.info("running an embedded generation worker (no demo provider)")
-        task = asyncio.create_task(worker.run_async(), name="embedded-worker")
-        yield
-        worker.stop()
-        await task
-
-    app.cleanup_ctx.extend([backend_ctx, jobs_ctx, fanout_ctx, worker_ctx])
+    app.cleanup_ctx.extend([backend_ctx, jobs_ctx, fanout_ctx])
     # Normally the drain has already run (see begin_drain) and this finds nothing left to end.
     app.on_shutdown.append(begin_drain)
     app.add_routes(routes)

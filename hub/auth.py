@@ -23,9 +23,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ssecore.startup import setting
+
 from .errors import ApiError
 from .settings import HubSettings
-from .startup import setting
 
 __all__ = ["Action", "ApiKey", "Authenticator", "Principal", "glob_match", "parse_api_keys", "seconds_left"]
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import orjson
 from aiohttp import web
 
-from .backend import (
+from ssecore.backend import (
     BackendUnavailable,
     ChannelClosed,
     ChannelOwned,

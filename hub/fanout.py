@@ -28,11 +28,12 @@ from typing import Protocol
 
 import orjson
 
-from .backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
+from ssecore.backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
+from ssecore.presence import PRESENCE_INTERVAL_S, Presence
+from ssecore.sse import comment, encode_event
+
 from .metrics import HubMetrics
-from .presence import PRESENCE_INTERVAL_S, Presence
 from .settings import TAIL_BACKOFF_MAX_S
-from .sse import comment, encode_event
 
 __all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset"]
 

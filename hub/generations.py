@@ -8,7 +8,8 @@ import dataclasses
 import orjson
 from aiohttp import web
 
-from producer.jobs import (
+from ssecore.backend import BackendError
+from ssecore.jobs import (
     TERMINAL_STATUSES,
     GenerationRecord,
     JobRequestError,
@@ -18,7 +19,6 @@ from producer.jobs import (
 )
 
 from .auth import Action
-from .backend import BackendError
 from .errors import ApiError
 from .handlers import _draining, channel_ok, read_body, stream_channel
 from .jsonbody import parse_json

@@ -15,8 +15,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ssecore.backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
+from ssecore.sse import comment, encode_event, event_id, retry
+
 from .auth import Principal, seconds_left
-from .backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
 from .errors import ApiError
 from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
@@ -25,7 +27,6 @@ from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
 from .ownership import HIDDEN_CHANNEL, channel_reachable, reached_as, stream_access
 from .settings import HubSettings
-from .sse import comment, encode_event, event_id, retry
 
 __all__ = ["channel_ok", "routes", "stream_channel"]
 
@@ -447,7 +448,7 @@ async def channel_delete(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: 503 naming the loop that stopped going round (see hub.liveness); a Redis outage is not one."""
+    """Liveness: 503 naming the loop that stopped going round (see ssecore.liveness); a Redis outage is not one."""
     status, body = request.app[METRICS].liveness.report()
     return web.Response(status=status, body=body, content_type="application/json")
 

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from producer.jobs import JobQueue
+from ssecore.backend import Backend
+from ssecore.jobs import JobQueue
+from ssecore.presence import Presence
 
 from .auth import Authenticator
-from .backend import Backend
 from .fanout import Fanout
 from .limits import Limits
 from .metrics import HubMetrics
-from .presence import Presence
 from .settings import HubSettings
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .liveness import Liveness
+from ssecore.liveness import Liveness
 
 __all__ = ["HubMetrics"]
 

@@ -11,8 +11,9 @@ from typing import Literal
 
 from aiohttp import web
 
+from ssecore.backend import ANY_OWNER, AnyOwner
+
 from .auth import Action, Principal
-from .backend import ANY_OWNER, AnyOwner
 from .keys import BACKEND, LIMITS
 
 __all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "reached_as", "stream_access"]

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from hub.sse import SSEParser
+from ssecore.sse import SSEParser
 
 __all__ = ["ADAPTERS", "Adapter", "HubAdapter", "NchanAdapter", "PublishError", "decode_data", "encode_data"]
 

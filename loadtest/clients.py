@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from hub.sse import SSEEvent, SSEParser
+from ssecore.sse import SSEEvent, SSEParser
 
 from .accounting import Histogram, SequenceTracker, StreamTotals
 from .adapters import ADAPTERS, Adapter, PublishError, decode_data, encode_data
@@ -599,10 +599,10 @@ async def generations_role(ctx: WorkerContext, job: GenerationsJob) -> None:
     # Imported here: only this role needs the producer and Redis code, and the other roles start faster without.
     from prometheus_client import CollectorRegistry
 
-    from hub.backend import Fence, NewEvent
-    from hub.backend_redis import RedisBackend
     from producer.coalesce import Coalescer
     from producer.metrics import ProducerMetrics
+    from ssecore.backend import Fence, NewEvent
+    from ssecore.backend_redis import RedisBackend
 
     backend = RedisBackend(job.redis_url, prefix=job.key_prefix, history=job.history, ttl_s=job.ttl_s, timeout_s=10.0)
     coalescer = Coalescer(backend, ProducerMetrics(CollectorRegistry()), window_s=job.coalesce_ms / 1000)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from hub.settings import DEFAULT_HISTORY, DEFAULT_TTL_S
+from ssecore.settings import DEFAULT_HISTORY, DEFAULT_TTL_S
 
 from .accounting import Histogram, StreamTotals
 from .adapters import ADAPTERS

@@ -16,14 +16,14 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from hub.backend import BackendUnavailable
-from hub.backend_redis import RedisBackend
-from hub.liveness import Liveness
-from hub.presence import RedisPresence
-from hub.startup import StartupError, listen_failure, setting
+from ssecore.backend import BackendUnavailable
+from ssecore.backend_redis import RedisBackend
+from ssecore.liveness import Liveness
+from ssecore.presence import RedisPresence
+from ssecore.queue_redis import RedisJobQueue
+from ssecore.startup import StartupError, listen_failure, setting
 
 from .endpoints import endpoints_app
-from .queue_redis import RedisJobQueue
 from .settings import REDIS_TIMEOUT_S, ProducerSettings, ProviderKeys, providers_for
 from .worker import Worker
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 
-from hub.backend import AppendBatch, Backend, BackendError, ChannelClosed, Fence, NewEvent
+from ssecore.backend import AppendBatch, Backend, BackendError, ChannelClosed, Fence, NewEvent
 
 from .metrics import ProducerMetrics
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from hub.liveness import Liveness
+from ssecore.liveness import Liveness
 
 __all__ = ["endpoints_app"]
 

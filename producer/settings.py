@@ -11,10 +11,10 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from hub.redis_client import RedisTarget
-from hub.settings import (
+from ssecore.queue_redis import DEFAULT_GROUP
+from ssecore.redis_client import RedisTarget
+from ssecore.settings import (
     DEFAULT_HISTORY,
     DEFAULT_KEY_PREFIX,
     DEFAULT_REPLICAS_TIMEOUT_S,
@@ -23,7 +23,8 @@ from hub.settings import (
     redis_target,
     settings_from_args,
 )
-from hub.startup import setting
+from ssecore.settings import opt as _opt
+from ssecore.startup import setting
 
 from .coalesce import DEFAULT_WINDOW_MS
 from .providers.base import Provider
@@ -39,18 +40,12 @@ __all__ = [
 ]
 
 
-DEFAULT_GROUP = "producers"
 # Longer than any Redis call may take (their deadlines are a few seconds) and than a loaded machine may pause a loop,
 # short enough that Kubernetes restarts a worker that stopped taking jobs within a couple of minutes.
 DEFAULT_STALL_AFTER_S = 60.0
 # The deadline of each Redis call of a worker process (a hub's embedded worker has the hub's --redis-timeout). Each
 # loop's liveness bound includes it, so that Redis being down, which makes every round wait this long, is not a stall.
 REDIS_TIMEOUT_S = 5.0
-
-
-def _opt(default: Any, flag: str, help: str, *, secret: bool = False) -> Any:
-    # Secrets stay out of repr(), so a logged settings object never shows them.
-    return field(default=default, repr=not secret, metadata={"flag": flag, "help": help})
 
 
 def _default_consumer() -> str:

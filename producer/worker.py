@@ -22,12 +22,12 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from hub.backend import Backend, BackendError, ChannelClosed, ChannelLost, Fence, Fenced, NewEvent, id_before
-from hub.liveness import Liveness
-from hub.presence import PRESENCE_SLACK_S, Presence
+from ssecore.backend import Backend, BackendError, ChannelClosed, ChannelLost, Fence, Fenced, NewEvent, id_before
+from ssecore.jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Status
+from ssecore.liveness import Liveness
+from ssecore.presence import PRESENCE_SLACK_S, Presence
 
 from .coalesce import Coalescer
-from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Status
 from .metrics import ProducerMetrics
 from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
 from .settings import REDIS_TIMEOUT_S, ProducerSettings

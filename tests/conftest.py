@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.app import create_app
-from hub.backend import Backend
-from hub.backend_memory import MemoryBackend
-from hub.backend_redis import RedisBackend
+from hub.__main__ import create_node
 from hub.settings import HubSettings
+from ssecore.backend import Backend
+from ssecore.backend_memory import MemoryBackend
+from ssecore.backend_redis import RedisBackend
 from tests.support import RedisClusterServers, RedisServer
 
 BackendFactory = Callable[..., Backend]
@@ -98,7 +98,7 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
     async def factory(backend: Backend, **settings: Any) -> TestClient[Any, Any]:
         settings.setdefault("heartbeat_s", 30.0)
         settings.setdefault("anonymous", True)
-        app = create_app(HubSettings(**settings), backend=backend)
+        app = create_node(HubSettings(**settings), backend=backend)
         client: TestClient[Any, Any] = await aiohttp_client(app)
         return client
 

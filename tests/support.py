@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hub.backend import Backend, Entry
-from hub.sse import SSEEvent, SSEParser
-from producer.jobs import GenerationRecord, JobQueue
+from ssecore.backend import Backend, Entry
+from ssecore.jobs import GenerationRecord, JobQueue
+from ssecore.sse import SSEEvent, SSEParser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from hub.sse import SSEEvent, SSEParser
 from producer.providers.base import Finish, GenerationRequest, ProviderConfig, ProviderError, StreamItem
+from ssecore.sse import SSEEvent, SSEParser
 
 __all__ = [
     "ErrorClassifier",

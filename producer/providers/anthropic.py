@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hub.sse import SSEEvent
 from producer.providers._http import (
     SSEProvider,
     clean_message,
@@ -26,6 +25,7 @@ from producer.providers.base import (
     StreamItem,
     TextDelta,
 )
+from ssecore.sse import SSEEvent
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "AnthropicProvider"]
 

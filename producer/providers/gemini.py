@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from hub.sse import SSEEvent
 from producer.providers._http import (
     SSEProvider,
     clean_message,
@@ -28,6 +27,7 @@ from producer.providers.base import (
     StreamItem,
     TextDelta,
 )
+from ssecore.sse import SSEEvent
 
 __all__ = ["DEFAULT_BASE_URL", "GeminiProvider"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from hub.sse import SSEEvent
 from producer.providers._http import (
     SSEProvider,
     clean_message,
@@ -25,6 +24,7 @@ from producer.providers.base import (
     StreamItem,
     TextDelta,
 )
+from ssecore.sse import SSEEvent
 
 __all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ssecore.jobs import PROVIDER_NAMES
+
 from .base import Provider, ProviderConfig
 from .demo import DemoProvider
 
 __all__ = ["PROVIDER_NAMES", "build_providers"]
-
-PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
 
 
 def build_providers(

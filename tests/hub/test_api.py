@@ -10,8 +10,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.backend import Backend
-from hub.sse import SSEParser
+from ssecore.backend import Backend
+from ssecore.sse import SSEParser
 from tests.conftest import BackendFactory, ClientFactory
 from tests.support import collect
 

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.app import create_app
+from hub.__main__ import create_node
 from hub.auth import Principal, glob_match
-from hub.backend import Backend
 from hub.settings import HubSettings
+from ssecore.backend import Backend
 from tests.conftest import ClientFactory
 from tests.support import collect
 
@@ -319,4 +319,4 @@ def test_a_public_key_file_the_hub_cannot_use_stops_the_start(tmp_path: Path, co
     key_file = tmp_path / "jwt.pem"
     key_file.write_bytes(content)
     with pytest.raises(ValueError, match=r"jwt-public-key \(HUB_JWT_PUBLIC_KEY\)"):
-        create_app(HubSettings(anonymous=False, jwt_public_key=str(key_file)))
+        create_node(HubSettings(anonymous=False, jwt_public_key=str(key_file)))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from hub.backend import (
+from ssecore.backend import (
     ANY_OWNER,
     TRIM_SLACK_MAX,
     ZERO_ID,

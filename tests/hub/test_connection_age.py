@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from hub.backend import Backend
-from hub.sse import SSEParser
+from ssecore.backend import Backend
+from ssecore.sse import SSEParser
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 

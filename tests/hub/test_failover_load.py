@@ -26,10 +26,10 @@ import aiohttp
 import orjson
 import pytest
 
-from hub.backend import NewEvent, parse_id
-from hub.backend_redis import RedisBackend
-from hub.redis_client import RedisTarget
-from hub.sse import SSEEvent
+from ssecore.backend import NewEvent, parse_id
+from ssecore.backend_redis import RedisBackend
+from ssecore.redis_client import RedisTarget
+from ssecore.sse import SSEEvent
 from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
 _TOKENS = 200

@@ -6,7 +6,7 @@ import asyncio
 import re
 import socket
 
-from hub.backend import Backend
+from ssecore.backend import Backend
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import read_events

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from hub.backend import Backend
+from ssecore.backend import Backend
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import collect

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.handlers import channel_ok
-from hub.sse import SSEEvent, SSEParser
+from ssecore.sse import SSEEvent, SSEParser
 from tests.support import HubProcess
 
 # Everything JSON can hold, nested a little.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.backend_redis import RedisBackend
+from ssecore.backend_redis import RedisBackend
 from tests.conftest import ClientFactory
 from tests.hub.test_api import subscribe
 from tests.support import RedisServer, collect

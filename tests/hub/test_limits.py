@@ -12,9 +12,9 @@ import jwt
 import orjson
 from aiohttp.test_utils import TestClient
 
-from hub.backend import Backend
 from hub.keys import JOBS
-from producer.queue_memory import MemoryJobQueue
+from ssecore.backend import Backend
+from ssecore.queue_memory import MemoryJobQueue
 from tests.conftest import ClientFactory
 
 Client = TestClient[Any, Any]

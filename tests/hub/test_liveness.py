@@ -14,11 +14,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 
-from hub.backend import ReadResult, TailReader
-from hub.backend_memory import MemoryBackend
-from hub.backend_redis import RedisBackend
-from hub.liveness import Liveness
 from hub.settings import HubSettings
+from ssecore.backend import ReadResult, TailReader
+from ssecore.backend_memory import MemoryBackend
+from ssecore.backend_redis import RedisBackend
+from ssecore.liveness import Liveness
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import RedisServer, collect

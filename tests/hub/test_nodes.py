@@ -11,9 +11,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from hub.backend import NewEvent
-from hub.backend_redis import RedisBackend
 from hub.keys import FANOUT
+from ssecore.backend import NewEvent
+from ssecore.backend_redis import RedisBackend
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import RedisServer, collect, read_events

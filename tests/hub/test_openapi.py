@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from hub.app import create_app
+from hub.__main__ import create_node
 from hub.settings import HubSettings
 from tests.support import ROOT, HubProcess
 
@@ -75,7 +75,7 @@ def test_the_document_has_every_route_the_app_registers_and_no_other() -> None:
     documented = _operations(doc)
     # The CORS middleware answers OPTIONS on every path, with no route of its own: every path documents it.
     assert {(m, p) for m, p in documented if m == "OPTIONS"} == {("OPTIONS", p) for p in doc["paths"]}
-    app = create_app(HubSettings(anonymous=True))
+    app = create_node(HubSettings(anonymous=True))
     # aiohttp adds a HEAD route to every GET route (but the stream's); they are not documented as operations.
     registered = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD" and r.resource}
     # The demo page and its files (hub.page) are for people, not an API: the document leaves them out, and only them.
@@ -85,7 +85,7 @@ def test_the_document_has_every_route_the_app_registers_and_no_other() -> None:
 
 
 async def test_the_hub_serves_the_document(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_app(HubSettings(anonymous=True)))
+    client = await aiohttp_client(create_node(HubSettings(anonymous=True)))
     resp = await client.get("/v1/openapi.json")
     assert resp.status == 200
     assert resp.content_type == "application/json"

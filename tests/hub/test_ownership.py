@@ -16,14 +16,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.app import create_app
-from hub.backend import AppendBatch, Backend, BackendUnavailable, Fence, NewEvent
+from hub.__main__ import create_node
 from hub.keys import FANOUT, JOBS
 from hub.settings import HubSettings
-from hub.sse import SSEEvent
-from producer.jobs import GenerationRecord, Job, TooManyGenerations
-from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
+from ssecore.backend import AppendBatch, Backend, BackendUnavailable, Fence, NewEvent
+from ssecore.jobs import GenerationRecord, Job, TooManyGenerations
+from ssecore.queue_redis import RedisJobQueue
+from ssecore.sse import SSEEvent
 from tests.conftest import ClientFactory
 from tests.support import RedisServer, collect, read_events, settled
 
@@ -390,10 +390,10 @@ async def _two_hubs(aiohttp_client: Any, redis_url: str | None, **settings: Any)
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     common = {**AUTH, "heartbeat_s": 30.0, "redis_url": redis_url, "key_prefix": prefix, **settings}
     first = {"embedded_worker": "on" if redis_url else "auto", **common}
-    a: Client = await aiohttp_client(create_app(HubSettings(**first), worker_settings=worker))
+    a: Client = await aiohttp_client(create_node(HubSettings(**first), worker_settings=worker))
     if redis_url is None:
         return a, a
-    b: Client = await aiohttp_client(create_app(HubSettings(**{**common, "embedded_worker": "off"})))
+    b: Client = await aiohttp_client(create_node(HubSettings(**{**common, "embedded_worker": "off"})))
     return a, b
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from hub.app import create_app
-from hub.backend_memory import MemoryBackend
-from hub.presence import MemoryPresence, Presence, RedisPresence
+from hub.__main__ import create_node
 from hub.settings import HubSettings
+from ssecore.backend_memory import MemoryBackend
+from ssecore.presence import MemoryPresence, Presence, RedisPresence
 from tests.hub.test_api import subscribe
 from tests.support import RedisServer
 
@@ -59,7 +59,7 @@ async def test_a_node_goes_on_reporting_presence_after_an_unexpected_error(aioht
     """Were the presence loop to die, workers would cancel generations that are watched as unwatched, and nothing
     would show it. It outlives the error, and it answers to /healthz like the live tail."""
     presence = _FailsOnce()
-    app = create_app(
+    app = create_node(
         HubSettings(anonymous=True, heartbeat_s=30.0), backend=MemoryBackend(history=100, ttl_s=60), presence=presence
     )
     node = await aiohttp_client(app)

@@ -15,8 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from hub.backend import BackendUnavailable, NewEvent
-from hub.backend_redis import RedisBackend
+from ssecore.backend import BackendUnavailable, NewEvent
+from ssecore.backend_redis import RedisBackend
 from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect, wait_http_ok
 
 pytestmark = pytest.mark.timeout(120)

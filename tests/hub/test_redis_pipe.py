@@ -1,4 +1,4 @@
-"""The publish path's pipelined Redis connection (hub.redis_pipe) and the ring-fed live tail, on real redis-servers:
+"""The publish path's pipelined Redis connection (ssecore.redis_pipe) and the ring-fed live tail, on real redis-servers:
 order under concurrency, a script cache that was flushed, a server that dies or stops answering, AUTH and SELECT
 from the URL, and rings that cannot be trusted."""
 
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from hub.backend import ZERO_ID, AppendBatch, BackendUnavailable, ChannelClosed, NewEvent, TailReader, parse_id
-from hub.backend_redis import RedisBackend
-from hub.redis_pipe import RedisPipe
+from ssecore.backend import ZERO_ID, AppendBatch, BackendUnavailable, ChannelClosed, NewEvent, TailReader, parse_id
+from ssecore.backend_redis import RedisBackend
+from ssecore.redis_pipe import RedisPipe
 from tests.support import RedisServer
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hub.backend import BackendUnavailable, NewEvent
-from hub.backend_redis import RedisBackend
-from hub.redis_client import RedisTarget
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
+from ssecore.backend import BackendUnavailable, NewEvent
+from ssecore.backend_redis import RedisBackend
+from ssecore.redis_client import RedisTarget
 from tests.support import (
     ROOT,
     HubProcess,

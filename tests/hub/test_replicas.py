@@ -18,12 +18,12 @@ from contextlib import contextmanager
 import aiohttp
 import pytest
 
-from hub.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplicated
-from hub.backend_redis import RedisBackend
 from hub.settings import HubSettings
-from producer.jobs import Job
-from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
+from ssecore.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplicated
+from ssecore.backend_redis import RedisBackend
+from ssecore.jobs import Job
+from ssecore.queue_redis import RedisJobQueue
 from tests.support import HubProcess, RedisServer, wait_http_ok
 
 _WAIT_S = 0.3

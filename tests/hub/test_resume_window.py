@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.backend import Backend, ChannelInfo, NewEvent, RangeResult, TailReader
+from ssecore.backend import Backend, ChannelInfo, NewEvent, RangeResult, TailReader
 from tests.conftest import ClientFactory
 from tests.hub.test_api import publish, subscribe
 from tests.support import collect

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from hub.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplicated
-from hub.backend_redis import RedisBackend
-from hub.redis_client import RedisTarget
-from hub.sse import SSEEvent
+from ssecore.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplicated
+from ssecore.backend_redis import RedisBackend
+from ssecore.redis_client import RedisTarget
+from ssecore.sse import SSEEvent
 from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
 

@@ -1,5 +1,5 @@
-"""The SSE codec in hub/sse.py: the encoder's wire format, the parser against the WHATWG "event stream interpretation"
-algorithm, and encode -> parse round trips under arbitrary data and arbitrary chunking."""
+"""The SSE codec (ssecore/sse.py): the encoder's wire format, the parser against the WHATWG "event stream
+interpretation" algorithm, and encode -> parse round trips under arbitrary data and arbitrary chunking."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.sse import SSEEvent, SSEParser, comment, encode_event, retry
+from ssecore.sse import SSEEvent, SSEParser, comment, encode_event, retry
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers

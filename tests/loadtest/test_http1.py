@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from hub.sse import SSEParser, encode_event
 from loadtest.http1 import (
     ChunkedDecoder,
     CloseDelimitedDecoder,
@@ -17,6 +16,7 @@ from loadtest.http1 import (
     build_get,
     parse_head,
 )
+from ssecore.sse import SSEParser, encode_event
 
 BODY = b"hello, world: \r\n\r\n and \x00 more\n"
 # Three chunks (one with extensions, one with whitespace before its extension), the last chunk

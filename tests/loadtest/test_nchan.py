@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from bench.nchan import NchanServer, missing
-from hub.sse import SSEParser
 from loadtest.adapters import NchanAdapter, PublishError
+from ssecore.sse import SSEParser
 from tests.support import ROOT, free_port
 
 _MISSING = missing()

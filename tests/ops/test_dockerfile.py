@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from hub.app import create_app
+from hub.__main__ import create_node
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
 
@@ -166,7 +166,7 @@ async def test_the_healthcheck_passes_on_a_live_hub_and_fails_otherwise(
     cmd = stages[-1].last("HEALTHCHECK").exec_form()
     assert cmd is not None and cmd[0] == "python", "exec form with the image's Python: slim images have no curl"
     assert f"'{default(HubSettings, 'port')}'" in cmd[-1], "without HUB_PORT it checks the hub's default port"
-    client = await aiohttp_client(create_app(HubSettings(anonymous=True, embedded_worker="off")))
+    client = await aiohttp_client(create_node(HubSettings(anonymous=True, embedded_worker="off")))
     assert await _run_healthcheck(cmd, {"HUB_PORT": str(client.port)}) == 0
     assert await _run_healthcheck(cmd, {"HEALTHCHECK_URL": f"http://127.0.0.1:{client.port}/no-such-path"}) != 0
     await client.close()

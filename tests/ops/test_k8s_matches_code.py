@@ -13,13 +13,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from hub.app import create_app
+from hub.__main__ import create_node
 from hub.keys import PROVIDERS
-from hub.liveness import Liveness
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from producer.__main__ import _serve_endpoints
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
+from ssecore.liveness import Liveness
 
 from .manifests import (
     HUB_ENV,
@@ -56,7 +56,7 @@ def producer_settings() -> ProducerSettings:
 
 @pytest.fixture
 async def hub(aiohttp_client: Any) -> TestClient[Any, Any]:
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(HubSettings(anonymous=True, embedded_worker="off")))
+    client: TestClient[Any, Any] = await aiohttp_client(create_node(HubSettings(anonymous=True, embedded_worker="off")))
     return client
 
 
@@ -100,7 +100,7 @@ def test_hub_and_workers_get_valid_settings_and_share_the_store() -> None:
 
 def test_production_runs_no_demo_provider() -> None:
     # The demo streams canned text at no cost: in production it would only hold worker slots for whoever asks.
-    assert "demo" not in create_app(hub_settings())[PROVIDERS], "the hub must refuse provider: demo"
+    assert "demo" not in create_node(hub_settings())[PROVIDERS], "the hub must refuse provider: demo"
     assert "demo" not in providers_for(producer_settings(), ProviderKeys()), "the workers must not run demo jobs"
 
 

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from hub.backend import AppendBatch, BackendError, Fence, NewEvent
-from hub.backend_memory import MemoryBackend
 from producer.coalesce import Coalescer
 from producer.metrics import ProducerMetrics
+from ssecore.backend import AppendBatch, BackendError, Fence, NewEvent
+from ssecore.backend_memory import MemoryBackend
 
 
 class SlowStore(MemoryBackend):

@@ -12,15 +12,15 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.app import create_app
-from hub.backend_memory import MemoryBackend
+from hub.__main__ import create_node
 from hub.keys import JOBS
 from hub.settings import HubSettings
-from producer.jobs import Job
-from producer.providers.demo import TEXT
-from producer.queue_memory import MemoryJobQueue
-from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
+from ssecore.backend_memory import MemoryBackend
+from ssecore.demo import TEXT
+from ssecore.jobs import Job
+from ssecore.queue_memory import MemoryJobQueue
+from ssecore.queue_redis import RedisJobQueue
 from tests.support import RedisServer, collect, settled
 
 Client = TestClient[Any, Any]
@@ -28,7 +28,7 @@ Client = TestClient[Any, Any]
 
 async def embedded_hub(aiohttp_client: Any, *, tokens_per_s: float, poll_s: float, history: int = 10_000) -> Client:
     """A hub on the memory backend with its embedded worker, the demo provider at the given pace."""
-    app = create_app(
+    app = create_node(
         HubSettings(heartbeat_s=30, anonymous=True),
         backend=MemoryBackend(history=history, ttl_s=3600),
         worker_settings=ProducerSettings(demo_tokens_per_s=tokens_per_s, metrics_port=0, poll_s=poll_s),
@@ -172,7 +172,7 @@ async def test_the_largest_demo_model_is_accepted(hub: Client) -> None:
 async def test_a_hub_without_the_demo_provider_refuses_demo_jobs(aiohttp_client: Any) -> None:
     # No worker: nothing here may call a provider.
     settings = HubSettings(anonymous=True, demo=False, embedded_worker="off")
-    app = create_app(settings, backend=MemoryBackend(history=100, ttl_s=3600))
+    app = create_node(settings, backend=MemoryBackend(history=100, ttl_s=3600))
     hub: Client = await aiohttp_client(app)
     refused = await start(hub, DEMO, status=400)
     assert refused["error"] == "unknown_provider" and "demo" not in refused["message"]

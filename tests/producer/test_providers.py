@@ -13,7 +13,6 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from hub.sse import SSEEvent
 from producer.providers._http import clean_message, retry_after_s
 from producer.providers.anthropic import AnthropicProvider
 from producer.providers.anthropic import _Decoder as AnthropicDecoder
@@ -30,6 +29,7 @@ from producer.providers.gemini import GeminiProvider
 from producer.providers.gemini import _Decoder as GeminiDecoder
 from producer.providers.openai import OpenAIProvider
 from producer.providers.openai import _Decoder as OpenAIDecoder
+from ssecore.sse import SSEEvent
 from tests.producer.fake_providers import (
     DEFAULT_TOKENS,
     TEST_API_KEY,

@@ -18,15 +18,16 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from hub.backend import Entry
-from hub.backend_redis import RedisBackend
-from hub.presence import RedisPresence
-from hub.sse import SSEEvent
-from producer.jobs import Job, new_generation_id
 from producer.providers.demo import DemoProvider
-from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
+from ssecore.backend import Entry
+from ssecore.backend_redis import RedisBackend
+from ssecore.demo import TOKENS
+from ssecore.jobs import Job, new_generation_id
+from ssecore.presence import RedisPresence
+from ssecore.queue_redis import RedisJobQueue
+from ssecore.sse import SSEEvent
 from tests.support import (
     ROOT,
     HubProcess,
@@ -236,9 +237,7 @@ async def test_without_coalescing_every_event_is_its_own_round_trip(
 
 
 def _demo_tokens(n: int) -> list[str]:
-    from producer.providers.demo import _TOKENS
-
-    out = [_TOKENS[i % len(_TOKENS)] for i in range(n)]
+    out = [TOKENS[i % len(TOKENS)] for i in range(n)]
     out[0] = out[0].lstrip()
     return out
 

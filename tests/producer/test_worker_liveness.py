@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from hub.backend_memory import MemoryBackend
-from hub.backend_redis import RedisBackend
 from producer.endpoints import endpoints_app
-from producer.jobs import Delivery, Job, new_generation_id
 from producer.providers.demo import DemoProvider
-from producer.queue_memory import MemoryJobQueue
-from producer.queue_redis import RedisJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
+from ssecore.backend_memory import MemoryBackend
+from ssecore.backend_redis import RedisBackend
+from ssecore.jobs import Delivery, Job, new_generation_id
+from ssecore.queue_memory import MemoryJobQueue
+from ssecore.queue_redis import RedisJobQueue
 from tests.support import RedisServer, settled
 
 

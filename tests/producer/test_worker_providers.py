@@ -10,16 +10,16 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from hub.backend import ChannelClosed, Entry, NewEvent
-from hub.backend_memory import MemoryBackend
-from producer.jobs import Job, new_generation_id
 from producer.providers.anthropic import AnthropicProvider
 from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
 from producer.providers.openai import OpenAIProvider
-from producer.queue_memory import MemoryJobQueue
 from producer.settings import ProducerSettings
 from producer.worker import Worker
+from ssecore.backend import ChannelClosed, Entry, NewEvent
+from ssecore.backend_memory import MemoryBackend
+from ssecore.jobs import Job, new_generation_id
+from ssecore.queue_memory import MemoryJobQueue
 from tests.producer.fake_providers import DEFAULT_TOKENS, TEST_API_KEY, Behaviour, FakeProviders, numbered_tokens
 from tests.support import settled
 
@@ -193,8 +193,8 @@ async def test_an_unexpected_failure_ends_the_generation_with_an_internal_error(
 
 
 async def test_events_after_a_close_are_refused_not_stored_after_it(rig: Rig) -> None:
-    from hub.backend import Fence
     from producer.coalesce import Coalescer
+    from ssecore.backend import Fence
 
     c = Coalescer(rig.backend, rig.worker.metrics, window_s=0.01)
     fence = Fence("job", 1, take=True)

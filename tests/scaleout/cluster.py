@@ -19,8 +19,8 @@ from pathlib import Path
 
 import aiohttp
 
-from hub.backend import Entry
-from hub.backend_redis import RedisBackend
+from ssecore.backend import Entry
+from ssecore.backend_redis import RedisBackend
 from tests.support import (
     ROOT,
     HubProcess,

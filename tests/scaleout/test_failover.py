@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from hub.backend import parse_id
+from ssecore.backend import parse_id
 from tests.scaleout.cluster import RETRY_MS, assert_exact, metric, submit, until
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import Attempt, HubProcess, ResumingClient

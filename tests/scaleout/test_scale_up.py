@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from hub.backend import Entry
+from ssecore.backend import Entry
 from tests.scaleout.cluster import RETRY_MS, Load, Publisher, assert_exact, metric
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import HubProcess, ResumingClient

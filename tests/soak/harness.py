@@ -27,10 +27,10 @@ import aiohttp
 import jwt
 import orjson
 
-from hub.backend import Entry
-from hub.backend_redis import RedisBackend
-from hub.sse import SSEEvent
-from producer.providers.demo import TEXT
+from ssecore.backend import Entry
+from ssecore.backend_redis import RedisBackend
+from ssecore.demo import TEXT
+from ssecore.sse import SSEEvent
 from tests.support import (
     Attempt,
     HubProcess,

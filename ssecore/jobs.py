@@ -15,9 +15,10 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from .providers.demo import demo_tokens
+from .demo import demo_tokens
 
 __all__ = [
+    "PROVIDER_NAMES",
     "TERMINAL_STATUSES",
     "Delivery",
     "GenerationRecord",
@@ -32,6 +33,8 @@ __all__ = [
 
 Status = Literal["queued", "running", "done", "error", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
+# The providers a job may name (a worker may have fewer: it ends the others' jobs as unknown_provider).
+PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
 
 _ROLES = frozenset({"system", "user", "assistant"})
 _MAX_MESSAGES = 1000

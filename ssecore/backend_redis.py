@@ -296,7 +296,7 @@ class RedisBackend:
         self._delete = self._redis.register_script(_DELETE_LUA)
         self._reserve = self._redis.register_script(_RESERVE_LUA)
         self._release = self._redis.register_script(_RELEASE_LUA)
-        # Publishes take the pipelined connection (see hub.redis_pipe) where it can serve the URL. It connects to one
+        # Publishes take the pipelined connection (see redis_pipe) where it can serve the URL. It connects to one
         # address for good, so with Sentinels (whose primary moves) redis-py's own client serves them instead.
         pipe = not cluster and bool(target.url) and RedisPipe.supports(target.url)
         self._pipe = RedisPipe(target.url, timeout_s=timeout_s) if pipe else None

@@ -17,12 +17,14 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from hub.backend import BackendUnavailable, NotReplicated
-from hub.redis_client import RedisTarget, connect, redis_call
-
+from .backend import BackendUnavailable, NotReplicated
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
+from .redis_client import RedisTarget, connect, redis_call
 
-__all__ = ["RedisJobQueue"]
+__all__ = ["DEFAULT_GROUP", "RedisJobQueue"]
+
+# The job stream's consumer group, the workers' (`python -m producer --group`); hub nodes only add to the stream.
+DEFAULT_GROUP = "producers"
 
 log = logging.getLogger(__name__)
 
