@@ -18,6 +18,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
+from . import scripts
 from .backend import (
     ANY_OWNER,
     DEFAULT_IDEMPOTENCY_WINDOW_S,
@@ -61,176 +62,21 @@ _READ_COUNT = 200
 # read from the store instead: a burst, or a reader that is not being read, costs a read, not memory without bound.
 _RING_BUFFER_MAX_CHARS = 2 * 1024 * 1024
 
-# Every append rings the stream's own shard channel (see RedisBackend.ring_channel: the stream key, plus the database
-# number unless it is 0, so in the stream's slot on a cluster) with the entries it added:
-# `[prev, close flag, id, event, data, id, event, data, ...]`. Tail readers subscribed to it deliver from the ring
-# alone; see _TailReader. ARGV[9] is the suffix that makes the ring channel's name from the stream key.
-# `pcall`: the entries are stored by then, and a ring refused (an ACL user without the channel) must not turn a stored
-# append into an error that a retry would repeat. Such a user's tail cannot subscribe either, and says so.
-_NOTIFY_LUA = """
-local ring = {first_prev, ARGV[3]}
-for i = 1, n do
-  ring[#ring + 1] = ids[i]
-  ring[#ring + 1] = ARGV[10 + 2 * i]
-  ring[#ring + 1] = ARGV[11 + 2 * i]
-end
-redis.pcall('SPUBLISH', KEYS[1] .. ARGV[9], cjson.encode(ring))
-"""
 
-# Reject appends to a closed channel and add the events in one atomic step, so no node can append after the end marker.
-# Trimming is done here rather than with `XADD MAXLEN ~`, because Redis does not record what trimming removed, and
-# resuming clients must be told exactly when their position fell off the history: after trimming, the id of the newest
-# removed entry is stored with `XSETID ... MAXDELETEDID`. Like `~`, it trims in batches (slack) to stay cheap.
-# Each entry also stores `p`, the id before it, so the live tail can prove it skipped nothing.
-# A generation's channel (its owner key exists; see backend.reserve) takes fenced appends only, its worker's: checked
-# here, in the same step as the append, so no publisher can slip an event in between a submit and the worker's start.
-# With a fence (producers only; see backend.Fence) the writer must hold, or may take, the channel's fence hash. A take
-# that names the channel's owner finds it still there (the name's reservation not undone, deleted or lapsed) or writes
-# nothing: checked on the take alone, the first append of a run, not on every token.
-# With an idempotency key (publishers; see backend.Idempotency), a key seen within its window answers the ids it was
-# given, as `=` then the ids, and appends nothing; it is checked first, so the retry of a closing append is answered.
-# A WAIT after that answer, on any connection, covers the first append: since Redis 7.0 WAIT waits for the replication
-# offset of the connection's last command, a read included, not only of its last write.
-# KEYS[1] stream, KEYS[2] fence, KEYS[3] owner, KEYS[4] idempotency key (the fence and idempotency keys used only
-# when their modes say so); ARGV: maxlen, ttl_ms, close flag ("1"/"0"), fence mode ("", "take", "check"), fence
-# owner, fence attempt, idempotency fingerprint ("": none), idempotency window ms, ring channel suffix, the
-# channel owner a take expects ("": none), the run's last stored id a check expects ("": none; see Fence.after), then
-# event/data pairs.
-_APPEND_LUA = """
-local owned = redis.call('EXISTS', KEYS[3]) == 1
-if owned and ARGV[4] == '' then return redis.error_reply('OWNED the channel belongs to a generation') end
-if ARGV[7] ~= '' then
-  local seen = redis.call('GET', KEYS[4])
-  if seen then
-    local sep = string.find(seen, ' ', 1, true)
-    if string.sub(seen, 1, sep - 1) ~= ARGV[7] then
-      return redis.error_reply('IDEMPOTENCY the key was used for other events')
-    end
-    local out = {'='}
-    for id in string.gmatch(string.sub(seen, sep + 1), '[^ ]+') do out[#out + 1] = id end
-    return out
-  end
-end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  local f = last[1][2]
-  for i = 1, #f, 2 do
-    if f[i] == 'c' then return redis.error_reply('CLOSED channel is closed') end
-  end
-end
-if ARGV[4] ~= '' then
-  local held = redis.call('HMGET', KEYS[2], 'o', 'a')
-  local attempt = tonumber(ARGV[6])
-  if ARGV[4] == 'take' then
-    if ARGV[10] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[10] then
-      return redis.error_reply('LOST the channel lost its owner')
-    end
-    if held[1] and (held[1] ~= ARGV[5] or tonumber(held[2]) > attempt) then
-      return redis.error_reply('FENCED another run holds the channel')
-    end
-    redis.call('HSET', KEYS[2], 'o', ARGV[5], 'a', attempt)
-  elseif held[1] ~= ARGV[5] or tonumber(held[2]) ~= attempt then
-    return redis.error_reply('FENCED another run holds the channel')
-  end
-  if ARGV[11] ~= '' and (#last == 0 or last[1][1] ~= ARGV[11]) then
-    return redis.error_reply('REWOUND the channel lost events of this run')
-  end
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
-local ids = {}
-local prev = '0-0'
-if #last > 0 then prev = last[1][1] end
-local first_prev = prev
-local n = (#ARGV - 11) / 2
-for i = 1, n do
-  local ev, d = ARGV[10 + 2 * i], ARGV[11 + 2 * i]
-  if i == n and ARGV[3] == '1' then
-    prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev, 'c', '1')
-  else
-    prev = redis.call('XADD', KEYS[1], '*', 'e', ev, 'd', d, 'p', prev)
-  end
-  ids[i] = prev
-end
-local maxlen = tonumber(ARGV[1])
-local excess = redis.call('XLEN', KEYS[1]) - maxlen
-if excess >= math.min(TRIM_SLACK, maxlen) then
-  local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
-  redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
-  redis.call('XSETID', KEYS[1], ids[n], 'MAXDELETEDID', gone[#gone][1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if owned then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. table.concat(ids, ' '), 'PX', ARGV[8])
-end
-NOTIFY
-return ids
-""".replace("TRIM_SLACK", str(TRIM_SLACK_MAX)).replace("NOTIFY", _NOTIFY_LUA)
-# History after a position plus the metadata `check_position` needs, read atomically. Flagged read-only, so it runs
-# while writes are paused (CLIENT PAUSE WRITE during a failover) and on replicas.
-# KEYS[1] stream; ARGV[1] exclusive start ("(<id>"), ARGV[2] count (0: metadata only).
-_RANGE_LUA = """#!lua flags=no-writes
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local length, last_id, max_deleted, first, last_entry = 0, '0-0', '0-0', false, false
-for i = 1, #info, 2 do
-  local k = info[i]
-  if k == 'length' then length = info[i + 1]
-  elseif k == 'last-generated-id' then last_id = info[i + 1]
-  elseif k == 'max-deleted-entry-id' then max_deleted = info[i + 1]
-  elseif k == 'first-entry' then first = info[i + 1]
-  elseif k == 'last-entry' then last_entry = info[i + 1] end
-end
-local closed, first_id = 0, ''
-if first then first_id = first[1] end
-if last_entry then
-  local f = last_entry[2]
-  for j = 1, #f, 2 do if f[j] == 'c' then closed = 1 end end
-end
-local entries = {}
-if tonumber(ARGV[2]) > 0 then
-  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-end
-return {1, length, last_id, max_deleted, first_id, closed, entries}
-"""
-
-# Delete a channel, and with it its fence and owner, and ring its shard channel with `d`, in one step; a name that has
-# no stream (a generation's channel reserved, not yet written) keeps its owner: its queued job still writes it, and
-# must not write an unowned channel. With ARGV[2] "1", only if the owner mark is ARGV[3] ("": none), in the same step.
-# KEYS[1] stream, KEYS[2] fence, KEYS[3] owner; ARGV[1] the ring channel suffix, ARGV[2] check flag, ARGV[3] owner.
-_DELETE_LUA = """
-if ARGV[2] == '1' and (redis.call('GET', KEYS[3]) or '') ~= ARGV[3] then return 0 end
-local n = redis.call('DEL', KEYS[1])
-if n == 1 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  redis.pcall('SPUBLISH', KEYS[1] .. ARGV[1], 'd')
-end
-return n
-"""
-
-# Make a channel that does not exist a generation's (see backend.reserve). Nothing is rung: streams opened on the name
-# before are checked against the owner when its first entries reach them (see hub.fanout). KEYS[1] stream, KEYS[2]
-# owner; ARGV[1] owner, ARGV[2] ttl_ms.
-_RESERVE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# Undo a reserve (see backend.release): the owner mark goes only if it is still ARGV[1]'s and nothing was written.
-# KEYS[1] stream, KEYS[2] owner; ARGV[1] owner.
-_RELEASE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-return 1
-"""
+# The scripts (ssecore/scripts/*.lua say what each takes and does): appends with their checks and rings, history reads,
+# deletion, and a generation's channel reserved and released.
+_APPEND_LUA = scripts.load("append", TRIM_SLACK=TRIM_SLACK_MAX)
+_RANGE_LUA = scripts.load("range")
+_DELETE_LUA = scripts.load("delete")
+_RESERVE_LUA = scripts.load("reserve")
+_RELEASE_LUA = scripts.load("release")
 
 
 def _version(info: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(int(x) for x in str(info.get("redis_version", "0")).split(".")[:2] if x.isdigit())
 
 
-# The append script's refusals (see _APPEND_LUA), told apart from the store's own error replies.
+# The append script's refusals (see scripts/append.lua), told apart from the store's own error replies.
 _REFUSALS = ("CLOSED", "FENCED", "OWNED", "LOST", "REWOUND")
 
 
@@ -309,7 +155,7 @@ class RedisBackend:
         return key[len(self._prefix) + 4 : -1]
 
     def ring_channel(self, key: str) -> str:
-        """The shard channel that a stream's appends and deletion ring (see `_NOTIFY_LUA`).
+        """The shard channel that a stream's appends and deletion ring (see scripts/append.lua).
 
         Pub/sub channels are server-wide, not per database: hubs on two databases of one Redis with one key prefix
         would hear each other's rings. So the ring carries the database number, after the stream key (its hash tag,
@@ -562,7 +408,7 @@ class RedisBackend:
 class _TailReader:
     """A node's live tail: rung by each channel's shard channel, which carries the appended entries themselves.
 
-    Every append publishes what it added to the stream's own shard channel (see `_NOTIFY_LUA`) and every deletion
+    Every append publishes what it added to the stream's own shard channel (see scripts/append.lua) and every deletion
     publishes `d`. This reader subscribes each channel it tails, on one connection per Redis node (one in all on a
     single Redis; on a cluster, the node that owns the channel's slot), and delivers entries from the rings: on the hot
     path a node sends Redis nothing per event. A ring's entries are taken only if they continue from the position
@@ -896,7 +742,7 @@ class _TailReader:
 
 
 def _ring_entries(data: str) -> list[Entry] | None:
-    """The entries a ring carries (see `_NOTIFY_LUA`), each with its `prev`; None for a ring that carries none."""
+    """The entries a ring carries (see scripts/append.lua), each with its `prev`; None for a ring that carries none."""
     if not data.startswith("["):
         return None
     try:

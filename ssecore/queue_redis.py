@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from . import scripts
 from .backend import BackendUnavailable, NotReplicated
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 from .redis_client import RedisTarget, connect, redis_call
@@ -32,45 +33,10 @@ log = logging.getLogger(__name__)
 _RELEASED_IDLE_MS = 1_000_000_000
 
 
-# Renew only the entries this consumer still holds: a plain XCLAIM would take a job back from the worker that took it
-# over. KEYS[1] jobs; ARGV: group, consumer, entry ids. Returns the ids no longer held.
-_RENEW_LUA = """
-local lost = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
-end
-return lost
-"""
-
-# Take one of an owner's slots, if one is free: drop the lapsed ones, count, add; one step, so two submits on two nodes
-# cannot both take the last one. Slots lapse after the record's lifetime, so a job that is lost (never ended, never
-# updated) cannot hold one for ever; Redis' clock decides, not the nodes'.
-# KEYS[1] the owner's set; ARGV: limit, lifetime ms, generation id. Returns 1 if taken.
-# A running generation keeps its owner's slot for as long as its record lives, counted, like the slot taken at submit
-# (_TAKE_SLOT_LUA), on Redis' clock: a worker whose clock is off must not shorten or stretch it. Sent with EVAL, as it
-# goes into the same pipeline as the record (on a cluster too, where a pipeline cannot load a script first).
-_KEEP_SLOT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[1], 'GT')
-return 1
-"""
-
-_TAKE_SLOT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
+# ssecore/scripts/*.lua: claims renewed for the jobs still held, and the per-client slots of running generations.
+_RENEW_LUA = scripts.load("renew")
+_KEEP_SLOT_LUA = scripts.load("keep_slot")
+_TAKE_SLOT_LUA = scripts.load("take_slot")
 
 
 def _record(raw: Any, attempts: Any = None, owner: Any = None) -> GenerationRecord | None:
