@@ -49,6 +49,7 @@ from .backend import (
 )
 from .redis_client import RedisTarget, client_kwargs, connect, redis_call
 from .redis_pipe import RedisPipe, ReplyError, SubscribingConnection
+from .rediskeys import RedisKeys
 
 __all__ = ["RedisBackend"]
 
@@ -128,13 +129,11 @@ class RedisBackend:
         self._replicas = replicas
         self._wait = ("WAIT", replicas, max(1, int(replicas_timeout_s * 1000))) if replicas else None
         self.cluster = cluster
-        self._prefix = prefix
         self._history = history
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._idempotency_ms = max(1, int(idempotency_window_s * 1000))
         self._timeout_s = timeout_s
-        db = 0 if cluster else target.db
-        self._ring_suffix = f":{db}" if db else ""
+        self.keys = RedisKeys(prefix, 0 if cluster else target.db)
         self._redis, self._gate = connect(target, cluster=cluster, timeout_s=timeout_s, max_connections=max_connections)
         self._version_checked = False
         self._append = self._redis.register_script(_APPEND_LUA)
@@ -146,31 +145,6 @@ class RedisBackend:
         # address for good, so with Sentinels (whose primary moves) redis-py's own client serves them instead.
         pipe = not cluster and bool(target.url) and RedisPipe.supports(target.url)
         self._pipe = RedisPipe(target.url, timeout_s=timeout_s) if pipe else None
-
-    def stream_key(self, channel: str) -> str:
-        return f"{self._prefix}ch:{{{channel}}}"
-
-    def channel_of(self, key: str) -> str:
-        """The channel of a stream key (the inverse of stream_key)."""
-        return key[len(self._prefix) + 4 : -1]
-
-    def ring_channel(self, key: str) -> str:
-        """The shard channel that a stream's appends and deletion ring (see scripts/append.lua).
-
-        Pub/sub channels are server-wide, not per database: hubs on two databases of one Redis with one key prefix
-        would hear each other's rings. So the ring carries the database number, after the stream key (its hash tag,
-        and so its cluster slot, unchanged). Database 0, the only one on a cluster, keeps the bare stream key, so
-        nodes of different versions on it still hear each other. Stream keys end in `}` and suffixed names in a
-        digit: no ring of one database can be named like one of another.
-        """
-        return key + self._ring_suffix
-
-    def key_of_ring(self, ring: str) -> str | None:
-        """The stream key a ring channel belongs to (the inverse of ring_channel); None if it is not one of ours."""
-        suffix = self._ring_suffix
-        if not suffix:
-            return ring
-        return ring[: -len(suffix)] if ring.endswith(suffix) else None
 
     async def _call(self, coro: Any) -> Any:
         """Run one Redis call with a deadline; map every Redis failure to BackendUnavailable (a 503).
@@ -226,18 +200,9 @@ class RedisBackend:
                 out.append(r if short is None else short)
         return out
 
-    def fence_key(self, channel: str) -> str:
-        return f"{self._prefix}fence:{{{channel}}}"
-
-    def owner_key(self, channel: str) -> str:
-        return f"{self._prefix}owner:{{{channel}}}"
-
-    def idempotency_key(self, channel: str, key: str) -> str:
-        return f"{self._prefix}idem:{{{channel}}}:{key}"
-
     def _append_call(self, b: AppendBatch, idempotency: Idempotency | None = None) -> tuple[list[str], list[Any]]:
         # Declared keys are passed in order (and in one slot), the fence's even if unused.
-        keys = [self.stream_key(b.channel), self.fence_key(b.channel), self.owner_key(b.channel)]
+        keys = [self.keys.stream(b.channel), self.keys.fence(b.channel), self.keys.owner(b.channel)]
         args: list[Any] = [self._history, self._ttl_ms, "1" if b.close else "0"]
         if b.fence is None:
             args += ("", "", 0)
@@ -246,9 +211,9 @@ class RedisBackend:
         if idempotency is None:
             args += ("", 0)
         else:
-            keys.append(self.idempotency_key(b.channel, idempotency.key))
+            keys.append(self.keys.idempotency(b.channel, idempotency.key))
             args += (idempotency.fingerprint, self._idempotency_ms)
-        args.append(self._ring_suffix)
+        args.append(self.keys.ring_suffix)
         expected = b.fence.channel_owner if b.fence is not None and b.fence.take else None
         args.append(expected or "")
         args.append((b.fence.after or "") if b.fence is not None and not b.fence.take else "")
@@ -342,7 +307,7 @@ class RedisBackend:
     async def range(self, channel: str, after: str, *, limit: int) -> RangeResult:
         # Redis cannot express "after the largest id" as an exclusive start; nothing can follow it anyway.
         count = 0 if after == _MAX_ID else limit + 1
-        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=[f"({after}", count]))
+        raw = await self._call(self._range(keys=[self.keys.stream(channel)], args=[f"({after}", count]))
         if raw[0] == 0:
             return RangeResult(False, [], False, None, ZERO_ID, ZERO_ID, False)
         _, _length, last_id, max_deleted, first_id, closed, entries = raw
@@ -358,27 +323,27 @@ class RedisBackend:
         )
 
     async def info(self, channel: str) -> ChannelInfo | None:
-        raw = await self._call(self._range(keys=[self.stream_key(channel)], args=["(0-0", 0]))
+        raw = await self._call(self._range(keys=[self.keys.stream(channel)], args=["(0-0", 0]))
         if raw[0] == 0:
             return None
         _, length, last_id, _max_deleted, first_id, closed, _ = raw
         return ChannelInfo(length=int(length), first_id=first_id or None, last_id=last_id, closed=bool(closed))
 
     async def delete(self, channel: str, *, owner: str | None | AnyOwner = ANY_OWNER) -> bool:
-        keys = [self.stream_key(channel), self.fence_key(channel), self.owner_key(channel)]
+        keys = [self.keys.stream(channel), self.keys.fence(channel), self.keys.owner(channel)]
         check = ("0", "") if owner is ANY_OWNER else ("1", owner or "")
-        return bool(await self._call(self._delete(keys=keys, args=[self._ring_suffix, *check])))
+        return bool(await self._call(self._delete(keys=keys, args=[self.keys.ring_suffix, *check])))
 
     async def reserve(self, channel: str, owner: str) -> bool:
-        keys = [self.stream_key(channel), self.owner_key(channel)]
+        keys = [self.keys.stream(channel), self.keys.owner(channel)]
         return bool(await self._call(self._reserve(keys=keys, args=[owner, self._ttl_ms])))
 
     async def release(self, channel: str, owner: str) -> bool:
-        keys = [self.stream_key(channel), self.owner_key(channel)]
+        keys = [self.keys.stream(channel), self.keys.owner(channel)]
         return bool(await self._call(self._release(keys=keys, args=[owner])))
 
     async def owner(self, channel: str) -> str | None:
-        value: str | None = await self._call(self._redis.get(self.owner_key(channel)))
+        value: str | None = await self._call(self._redis.get(self.keys.owner(channel)))
         return value
 
     async def open_reader(self) -> TailReader:
@@ -490,7 +455,7 @@ class _TailReader:
         for channel in positions:
             key = cache.get(channel)
             if key is None:
-                key = cache[channel] = self._backend.stream_key(channel)
+                key = cache[channel] = self._backend.keys.stream(channel)
             keys[key] = channel
         self._last_positions, self._last_keys = positions, keys
         return keys
@@ -593,7 +558,7 @@ class _TailReader:
             self._pushed_chars.pop(key, None)
             pubsub = self._pubsubs.get(self._subscribed.pop(key))
             if pubsub is not None:
-                await pubsub.sunsubscribe(self._backend.ring_channel(key))
+                await pubsub.sunsubscribe(self._backend.keys.ring(key))
         new: dict[str, list[str]] = {}
         for key in keys:
             if key not in self._subscribed:
@@ -608,7 +573,7 @@ class _TailReader:
             for key in node_keys:
                 self._subscribed[key] = node_name
                 self._rang.add(key)
-            rings = [self._backend.ring_channel(key) for key in node_keys]
+            rings = [self._backend.keys.ring(key) for key in node_keys]
             if cluster:
                 for ring in rings:  # one slot per SSUBSCRIBE
                     await pubsub.ssubscribe(ring)
@@ -649,7 +614,7 @@ class _TailReader:
         return aioredis.Redis(connection_pool=pool).pubsub()
 
     def _on_message(self, kind: str, ring: str, data: Any) -> None:
-        key = self._backend.key_of_ring(ring)
+        key = self._backend.keys.stream_of_ring(ring)
         if key is None:
             return
         if kind == "smessage":
@@ -658,7 +623,7 @@ class _TailReader:
                 # nobody on this node reads it, and kept it would be held until the next read, maybe for ever.
                 return
             if data == "d":
-                self._deleted.append(self._backend.channel_of(key))
+                self._deleted.append(self._backend.keys.channel_of(key))
             elif key in self._rang:
                 pass  # read from the store at the next read anyway, this ring's entries with it
             elif (size := self._pushed_chars.get(key, 0) + len(data)) > _RING_BUFFER_MAX_CHARS:

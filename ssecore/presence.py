@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 from .redis_client import RedisTarget, connect, redis_call
+from .rediskeys import RedisKeys
 
 __all__ = ["PRESENCE_INTERVAL_S", "PRESENCE_SLACK_S", "MemoryPresence", "Presence", "RedisPresence"]
 
@@ -56,7 +57,7 @@ class MemoryPresence:
 
 class RedisPresence:
     def __init__(self, url: str | RedisTarget, *, prefix: str, timeout_s: float = 3.0, cluster: bool = False) -> None:
-        self._key = f"{prefix}watched"
+        self._key = RedisKeys(prefix).watched
         self._timeout_s = timeout_s
         self._redis, self._gate = connect(url, cluster=cluster, timeout_s=timeout_s, max_connections=4)
 

@@ -21,6 +21,7 @@ from . import scripts
 from .backend import BackendUnavailable, NotReplicated
 from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 from .redis_client import RedisTarget, connect, redis_call
+from .rediskeys import RedisKeys
 
 __all__ = ["DEFAULT_GROUP", "RedisJobQueue"]
 
@@ -71,7 +72,7 @@ class RedisJobQueue:
     ) -> None:
         self._replicas = replicas
         self._wait_ms = max(1, int(replicas_timeout_s * 1000))
-        self._prefix = prefix
+        self.keys = RedisKeys(prefix)
         self._group = group
         self._ttl_s = max(1, int(record_ttl_s))
         self._timeout_s = timeout_s
@@ -81,16 +82,6 @@ class RedisJobQueue:
         self._take_slot = self._redis.register_script(_TAKE_SLOT_LUA)
         self._group_ready = False
         self._claim_cursor = "0-0"
-
-    @property
-    def jobs_key(self) -> str:
-        return f"{self._prefix}jobs"
-
-    def record_key(self, generation_id: str) -> str:
-        return f"{self._prefix}gen:{{{generation_id}}}"
-
-    def active_key(self, owner: str) -> str:
-        return f"{self._prefix}active:{{{owner}}}"
 
     async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -106,7 +97,7 @@ class RedisJobQueue:
             return
         try:
             # From 0: jobs submitted before any worker existed are still served.
-            await self._call(self._redis.xgroup_create(self.jobs_key, self._group, id="0", mkstream=True))
+            await self._call(self._redis.xgroup_create(self.keys.jobs, self._group, id="0", mkstream=True))
         except BackendUnavailable as e:
             if not (isinstance(e.__cause__, ResponseError) and "BUSYGROUP" in str(e.__cause__)):
                 raise
@@ -118,7 +109,7 @@ class RedisJobQueue:
         if limited:
             assert job.owner is not None
             args = [max_active, self._ttl_s * 1000, job.id]
-            if not await self._call(self._take_slot(keys=[self.active_key(job.owner)], args=args)):
+            if not await self._call(self._take_slot(keys=[self.keys.active(job.owner)], args=args)):
                 raise TooManyGenerations(max_active)
         try:
             await self._enqueue(job, record)
@@ -131,7 +122,7 @@ class RedisJobQueue:
 
     async def _free_slot(self, record: GenerationRecord) -> None:
         if record.owner is not None:
-            await self._call(self._redis.zrem(self.active_key(record.owner), record.id))
+            await self._call(self._redis.zrem(self.keys.active(record.owner), record.id))
 
     async def _enqueue(self, job: Job, record: GenerationRecord) -> None:
         # On a cluster the record and the job queue are in different slots, and no transaction spans slots: the
@@ -139,15 +130,15 @@ class RedisJobQueue:
         # and the record, never handed out, expires.
         pipe = self._redis.pipeline(transaction=not self._cluster)
         fields = {"r": _record_json(record)} | ({"o": job.owner} if job.owner is not None else {})
-        pipe.hset(self.record_key(job.id), mapping=fields)
-        pipe.expire(self.record_key(job.id), self._ttl_s)
+        pipe.hset(self.keys.record(job.id), mapping=fields)
+        pipe.expire(self.keys.record(job.id), self._ttl_s)
         if self._cluster:
             await self._call(pipe.execute())
             pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.jobs_key, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
+        pipe.xadd(self.keys.jobs, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
         await self._call(pipe.execute())
         if self._replicas:
-            await self._replicated(self.record_key(job.id))
+            await self._replicated(self.keys.record(job.id))
 
     async def _replicated(self, key: str) -> None:
         """Return once the replicas required hold every write made so far, or raise NotReplicated.
@@ -164,16 +155,16 @@ class RedisJobQueue:
             raise NotReplicated(self._replicas, acked)
 
     async def get(self, generation_id: str) -> GenerationRecord | None:
-        raw, attempts, owner = await self._call(self._redis.hmget(self.record_key(generation_id), "r", "n", "o"))
+        raw, attempts, owner = await self._call(self._redis.hmget(self.keys.record(generation_id), "r", "n", "o"))
         return _record(raw, attempts, owner)
 
     async def begin_attempt(self, generation_id: str) -> int:
-        return int(await self._call(self._redis.hincrby(self.record_key(generation_id), "n", 1)))
+        return int(await self._call(self._redis.hincrby(self.keys.record(generation_id), "n", 1)))
 
     async def request_cancel(self, generation_id: str) -> GenerationRecord | None:
         record = await self.get(generation_id)
         if record is not None:
-            await self._call(self._redis.hset(self.record_key(generation_id), "cancel", "1"))
+            await self._call(self._redis.hset(self.keys.record(generation_id), "cancel", "1"))
         return record
 
     async def _deliveries(self, entries: Any, *, restarted: bool) -> list[Delivery]:
@@ -194,7 +185,7 @@ class RedisJobQueue:
         await self._ensure_group()
         raw = await self._call(
             self._redis.xreadgroup(
-                self._group, consumer, {self.jobs_key: ">"}, count=count, block=max(1, int(block_s * 1000))
+                self._group, consumer, {self.keys.jobs: ">"}, count=count, block=max(1, int(block_s * 1000))
             ),
             timeout_s=block_s + self._timeout_s,
         )
@@ -210,43 +201,43 @@ class RedisJobQueue:
         await self._ensure_group()
         raw = await self._call(
             self._redis.xautoclaim(
-                self.jobs_key, self._group, consumer, int(min_idle_s * 1000), start_id=self._claim_cursor, count=count
+                self.keys.jobs, self._group, consumer, int(min_idle_s * 1000), start_id=self._claim_cursor, count=count
             )
         )
         self._claim_cursor = raw[0] if raw and raw[0] else "0-0"
         deleted = raw[2] if len(raw) > 2 else []
         if deleted:
-            await self._call(self._redis.xack(self.jobs_key, self._group, *deleted))
+            await self._call(self._redis.xack(self.keys.jobs, self._group, *deleted))
         return await self._deliveries(raw[1], restarted=True)
 
     async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
         if not entry_ids:
             return []
-        lost = await self._call(self._renew(keys=[self.jobs_key], args=[self._group, consumer, *entry_ids]))
+        lost = await self._call(self._renew(keys=[self.keys.jobs], args=[self._group, consumer, *entry_ids]))
         return list(lost)
 
     async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
         if entry_ids:
             await self._call(
                 self._redis.xclaim(
-                    self.jobs_key, self._group, consumer, 0, list(entry_ids), idle=_RELEASED_IDLE_MS, justid=True
+                    self.keys.jobs, self._group, consumer, 0, list(entry_ids), idle=_RELEASED_IDLE_MS, justid=True
                 )
             )
 
     async def ack(self, entry_id: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(self.jobs_key, self._group, entry_id)
-        pipe.xdel(self.jobs_key, entry_id)
+        pipe.xack(self.keys.jobs, self._group, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)
         await self._call(pipe.execute())
 
     async def update(self, record: GenerationRecord) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(self.record_key(record.id), "r", _record_json(record))
-        pipe.expire(self.record_key(record.id), self._ttl_s)
+        pipe.hset(self.keys.record(record.id), "r", _record_json(record))
+        pipe.expire(self.keys.record(record.id), self._ttl_s)
         if record.owner is not None:
             # The end of a generation, however it came, frees its owner's slot; a running one keeps it for as long
             # as its record lives. (A no-op for a generation that took no slot.)
-            active = self.active_key(record.owner)
+            active = self.keys.active(record.owner)
             if record.status in TERMINAL_STATUSES:
                 pipe.zrem(active, record.id)
             else:
@@ -258,7 +249,7 @@ class RedisJobQueue:
             return set()
         pipe = self._redis.pipeline(transaction=False)
         for g in generation_ids:
-            pipe.hget(self.record_key(g), "cancel")
+            pipe.hget(self.keys.record(g), "cancel")
         flags = await self._call(pipe.execute())
         return {g for g, flag in zip(generation_ids, flags, strict=True) if flag}
 

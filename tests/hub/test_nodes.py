@@ -173,14 +173,14 @@ async def test_live_tail_survives_an_error_reply_and_readiness_tells(
         good = await subscribe(node, "good")
         await asyncio.sleep(0.2)
         # Someone overwrites a channel's key: XREAD now fails with WRONGTYPE for the whole node.
-        await admin.delete(backend.stream_key("bad"))
-        await admin.set(backend.stream_key("bad"), "not a stream")
+        await admin.delete(backend.keys.stream("bad"))
+        await admin.set(backend.keys.stream("bad"), "not a stream")
         await publish(node, "good", {"data": "wake the tail"}, status=201)
         deadline = time.monotonic() + 10
         while (await node.get("/readyz")).status != 503:
             assert time.monotonic() < deadline, "readiness stayed green while the live tail was failing"
             await asyncio.sleep(0.05)
-        await admin.delete(backend.stream_key("bad"))
+        await admin.delete(backend.keys.stream("bad"))
         while (await node.get("/readyz")).status != 200:
             assert time.monotonic() < deadline + 10, "the live tail did not recover"
             await asyncio.sleep(0.05)
@@ -411,7 +411,7 @@ async def test_a_node_lets_go_of_a_channel_nobody_watches_and_keeps_none_of_its_
     worker = _redis_backend(redis_server, "idle:")
     try:
         node = await make_client(backend, linger_s=0.2, tail_block_s=0.5)
-        ring = backend.ring_channel(backend.stream_key("gen"))
+        ring = backend.keys.ring(backend.keys.stream("gen"))
         live = await subscribe(node, "gen")
         await _shard_subscribers(admin, ring, 1)
         live.close()

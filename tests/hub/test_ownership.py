@@ -442,9 +442,9 @@ async def test_owners_are_kept_beside_jobs_and_records_so_workers_that_know_none
             await queue.submit(dataclasses.replace(job, id="gen_2", channel="gen:gen_2"), max_active=1)
         [delivery] = await queue.fetch("c", 10, 1.0)
         assert delivery.job == job
-        raw = await queue._redis.xrange(queue.jobs_key)
+        raw = await queue._redis.xrange(queue.keys.jobs)
         assert "owner" not in orjson.loads(raw[0][1]["j"])
-        assert "owner" not in orjson.loads(await queue._redis.hget(queue.record_key("gen_1"), "r"))
+        assert "owner" not in orjson.loads(await queue._redis.hget(queue.keys.record("gen_1"), "r"))
         record = await queue.get("gen_1")
         assert record is not None and record.owner == "jwt:alice"
         record.status = "done"

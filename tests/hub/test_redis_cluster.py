@@ -70,7 +70,7 @@ async def test_fan_out_resume_generations_and_deletes_across_nodes_on_a_redis_cl
             await _ready(session, b)
             channels = [f"c{i}" for i in range(CHANNELS)]
             await store.ping()
-            owners = {store._redis.get_node_from_key(store.stream_key(c)).port for c in channels}
+            owners = {store._redis.get_node_from_key(store.keys.stream(c)).port for c in channels}
             assert owners == {s.port for s in redis_cluster.servers}  # the channels are spread over every master
 
             # Fan-out: two live subscribers per channel on node B; the events are published on node A.
@@ -154,7 +154,7 @@ async def test_a_channel_whose_slot_moves_to_another_master_keeps_streaming_exac
         async with aiohttp.ClientSession() as session:
             await _ready(session, node)
             await store.ping()
-            key = store.stream_key("moving")
+            key = store.keys.stream("moving")
             slot = int(redis_cluster.cli(redis_cluster.servers[0].port, "cluster", "keyslot", key))
             ports = [s.port for s in redis_cluster.servers]
             source = store._redis.get_node_from_key(key).port
@@ -231,7 +231,7 @@ async def test_a_node_streams_on_after_the_master_of_its_channel_fails_over(
             stream = await session.get(f"{node.url}/v1/channels/x/events?last_event_id=0")
             assert [ev.id for ev in await collect(stream, count=1)] == published
             await store.ping()  # the store's client learns the slot map
-            key = store.stream_key("x")
+            key = store.keys.stream("x")
             master = store._redis.get_node_from_key(key).port
             assert cluster.cli(master, "wait", "1", "2000") == "1"  # the replica has what the master had
             victim = next(s for s in cluster.servers if s.port == master)

@@ -63,7 +63,7 @@ async def test_concurrent_appends_share_the_connection_and_keep_the_order_they_w
     for c in range(3):
         ids = [parse_id(r[0]) for i, r in enumerate(results) if i % 3 == c]
         assert ids == sorted(ids) and len(set(ids)) == 100
-        stored = await admin.xrange(backend.stream_key(f"c{c}"))
+        stored = await admin.xrange(backend.keys.stream(f"c{c}"))
         assert [f["d"] for _, f in stored] == [str(i) for i in range(c, 300, 3)]
     # One connection for all of them, not a pool's worth.
     assert int((await admin.info("clients"))["connected_clients"]) - clients_before == 1
@@ -75,7 +75,7 @@ async def test_a_flushed_script_cache_costs_nothing_and_appends_once(tail: Tail)
     await admin.script_flush()  # as after a restart or a failover to a server that never saw the script
     ids = await asyncio.gather(*(backend.append("c", ev(i)) for i in range(1, 6)))
     assert len({i[0] for i in ids}) == 5
-    assert [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))] == [str(i) for i in range(6)]
+    assert [f["d"] for _, f in await admin.xrange(backend.keys.stream("c"))] == [str(i) for i in range(6)]
 
 
 async def test_a_server_that_dies_fails_calls_at_once_and_the_next_call_reconnects(own_redis: RedisServer) -> None:
@@ -113,7 +113,7 @@ async def test_a_server_that_stops_answering_fails_calls_at_their_deadline_then_
         # The stuck connection was dropped; a fresh one serves the next call. The calls that timed out may or may not
         # have run (their replies were never read): a 503 says so, and an Idempotency-Key makes the retry safe.
         assert await backend.append("c", ev(9))
-        data = [f["d"] for _, f in await admin.xrange(backend.stream_key("c"))]
+        data = [f["d"] for _, f in await admin.xrange(backend.keys.stream("c"))]
         assert data[0] == "0" and data[-1] == "9"
     finally:
         await backend.aclose()
@@ -129,7 +129,7 @@ async def test_auth_and_database_come_from_the_url() -> None:
         admin: Any = aioredis.Redis.from_url(url, decode_responses=True)
         try:
             [entry_id] = await backend.append("c", ev(1))
-            assert [i for i, _ in await admin.xrange(backend.stream_key("c"))] == [entry_id]
+            assert [i for i, _ in await admin.xrange(backend.keys.stream("c"))] == [entry_id]
         finally:
             await backend.aclose()
             await admin.aclose()
@@ -157,7 +157,7 @@ async def test_a_ring_out_of_step_with_the_reader_is_not_delivered_the_stream_is
     assert [e.id for e in result.entries["c"]] == [first]
     # An entry that reached the stream without its ring (as if the ring was lost): the next ring's entries do not
     # follow the reader's position, so they must not be delivered as they are.
-    lost = await admin.xadd(backend.stream_key("c"), {"e": "message", "d": "lost", "p": first})
+    lost = await admin.xadd(backend.keys.stream("c"), {"e": "message", "d": "lost", "p": first})
     await backend.append("c", ev(2))
     got: list[str] = []
     position = first
@@ -250,7 +250,7 @@ async def test_a_producer_flush_is_answered_per_channel_even_after_a_script_cach
     assert isinstance(results[1], ChannelClosed)
     assert isinstance(results[2], list) and len(results[2]) == 2
     for channel, data in (("a", ["1"]), ("closed", ["0"]), ("b", ["3", "4"])):
-        assert [f["d"] for _, f in await admin.xrange(backend.stream_key(channel))] == data
+        assert [f["d"] for _, f in await admin.xrange(backend.keys.stream(channel))] == data
 
 
 async def _longest_stall(stop: asyncio.Event) -> float:
@@ -338,7 +338,7 @@ async def test_a_user_without_the_ring_channels_stores_appends_once_and_its_tail
     try:
         # The ring is refused after the entry is stored: the append still succeeds, so a retry cannot store it twice.
         [entry_id] = await backend.append("c", ev(0))
-        assert [i for i, _ in await admin.xrange(backend.stream_key("c"))] == [entry_id]
+        assert [i for i, _ in await admin.xrange(backend.keys.stream("c"))] == [entry_id]
         # The tail cannot subscribe: it fails, with the reason, rather than wait for rings that never come.
         with pytest.raises(BackendUnavailable, match="NOPERM"):
             await reader.read({"c": ZERO_ID}, block_s=30.0)
@@ -361,11 +361,11 @@ async def test_the_rings_one_channel_may_hold_between_reads_are_bounded(tail: Ta
     # The rings of one subscribing connection arrive in order: once the probe's has come, all of c's have.
     internals: Any = reader
     deadline = time.monotonic() + 20
-    probe_key = backend.stream_key("probe")
+    probe_key = backend.keys.stream("probe")
     while probe_key not in internals._pushed and probe_key not in internals._rang:
         assert time.monotonic() < deadline, "the probe's ring never came"
         await asyncio.sleep(0.02)
-    held = sum(len(e.data) for e in internals._pushed.get(backend.stream_key("c"), []))
+    held = sum(len(e.data) for e in internals._pushed.get(backend.keys.stream("c"), []))
     assert held <= 2 * 1024 * 1024
     got: list[str] = []
     while len(got) < len(ids):
@@ -376,7 +376,7 @@ async def test_the_rings_one_channel_may_hold_between_reads_are_bounded(tail: Ta
 
 async def test_a_read_of_no_channels_lets_go_of_every_subscription(tail: Tail) -> None:
     backend, admin, reader = tail.backend, tail.admin, tail.reader
-    ring = backend.ring_channel(backend.stream_key("c"))
+    ring = backend.keys.ring(backend.keys.stream("c"))
     await reader.read({"c": ZERO_ID}, block_s=0)
     assert (await admin.pubsub_shardnumsub(ring)) == [(ring, 1)]
     await reader.read({}, block_s=0)

@@ -206,7 +206,7 @@ async def test_a_running_generation_keeps_its_owner_s_slot_by_redis_clock_not_th
         monkeypatch.undo()
         secs, micros = await queue._redis.time()
         redis_now_ms = secs * 1000 + micros // 1000
-        score = await queue._redis.zscore(queue.active_key("jwt:alice"), "gen_1")
+        score = await queue._redis.zscore(queue.keys.active("jwt:alice"), "gen_1")
         assert redis_now_ms + 50_000 <= score <= redis_now_ms + 61_000
     finally:
         await queue.aclose()

@@ -389,7 +389,7 @@ async def test_workers_recover_when_the_job_stream_and_group_vanish(
         first = _job(5)
         await queue.submit(first)
         await _wait_closed(backend, first.channel, 10)
-        await admin.delete(queue.jobs_key)  # as after a Redis restart without persistence
+        await admin.delete(queue.keys.jobs)  # as after a Redis restart without persistence
         second = _job(5)
         await queue.submit(second)
         _check_one_run(await _wait_closed(backend, second.channel, 20), 5, restarted=False)
@@ -569,7 +569,7 @@ async def test_a_job_whose_channel_lost_its_owner_ends_with_an_error_and_writes_
     try:
         records = [await settled(queue, job.id, timeout_s=20) for job in (lost, owned, older)]
         deadline = time.monotonic() + 10
-        while (await queue._redis.xpending(queue.jobs_key, "producers"))["pending"]:  # each acknowledged
+        while (await queue._redis.xpending(queue.keys.jobs, "producers"))["pending"]:  # each acknowledged
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
     finally:
