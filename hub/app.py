@@ -16,6 +16,7 @@ from ssecore.presence import MemoryPresence, Presence, RedisPresence
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 
+from .appkeys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .auth import Authenticator
 from .cors import Cors
 from .errors import error_middleware
@@ -23,7 +24,6 @@ from .fanout import Fanout
 from .generations import routes as generation_routes
 from .handlers import routes
 from .headers import security_headers
-from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .limits import Limits
 from .metrics import HubMetrics
 from .openapi import routes as openapi_routes

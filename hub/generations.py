@@ -18,11 +18,11 @@ from ssecore.jobs import (
     parse_job_request,
 )
 
+from .appkeys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 from .auth import Action
 from .errors import ApiError
 from .handlers import _draining, channel_ok, read_body, stream_channel
 from .jsonbody import parse_json
-from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 from .ownership import may_reach
 
 __all__ = ["routes"]

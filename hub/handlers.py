@@ -18,12 +18,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ssecore.backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
 from ssecore.sse import comment, encode_event, event_id, retry
 
+from .appkeys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .auth import Principal, seconds_left
 from .errors import ApiError
 from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
 from .jsonbody import parse_json
-from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
 from .ownership import HIDDEN_CHANNEL, channel_reachable, reached_as, stream_access
 from .settings import HubSettings

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from ssecore.backend import ANY_OWNER, AnyOwner
 
+from .appkeys import BACKEND, LIMITS
 from .auth import Action, Principal
-from .keys import BACKEND, LIMITS
 
 __all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "reached_as", "stream_access"]
 
