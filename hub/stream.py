@@ -209,7 +209,7 @@ async def _history(request: web.Request, channel: str, position: str) -> RangeRe
 async def _catch_up(
     request: web.Request, resp: web.StreamResponse, sub: Subscriber, position: str, r: RangeResult | None
 ) -> bool:
-    """Replay history after `position` until this node's live tail can take over; then attach to it.
+    """Replay history after `position` until this node's live tail can take over; then join the live feed.
 
     Returns False when the stream is already over (the close marker was replayed).
     """
