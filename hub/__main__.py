@@ -30,8 +30,8 @@ from ssecore.queue_memory import MemoryJobQueue
 from ssecore.startup import listen_failure, setting
 
 from .app import begin_drain, create_app
+from .appkeys import BACKEND, JOBS, METRICS, PRESENCE
 from .httplog import RedactedAccessLogger, server_logger
-from .keys import BACKEND, JOBS, METRICS, PRESENCE
 from .settings import HubSettings
 
 log = logging.getLogger("hub")

@@ -16,19 +16,22 @@ from ssecore.presence import MemoryPresence, Presence, RedisPresence
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 
+from .appkeys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .auth import Authenticator
+from .channels import routes as channel_routes
 from .cors import Cors
 from .errors import error_middleware
 from .fanout import Fanout
 from .generations import routes as generation_routes
-from .handlers import routes
 from .headers import security_headers
-from .keys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .limits import Limits
 from .metrics import HubMetrics
 from .openapi import routes as openapi_routes
+from .operations import routes as operations_routes
 from .page import routes as page_routes
+from .publish import routes as publish_routes
 from .settings import HubSettings
+from .stream import routes as stream_routes
 
 __all__ = ["begin_drain", "create_app", "make_backend"]
 
@@ -159,7 +162,12 @@ def create_app(
     app.cleanup_ctx.extend([backend_ctx, jobs_ctx, fanout_ctx])
     # Normally the drain has already run (see begin_drain) and this finds nothing left to end.
     app.on_shutdown.append(begin_drain)
-    app.add_routes(routes)
+    # Publish, then stream at once: routes added in a row for one path share a resource, as the POST and GET of
+    # .../events always have.
+    app.add_routes(publish_routes)
+    app.add_routes(stream_routes)
+    app.add_routes(channel_routes)
+    app.add_routes(operations_routes)
     app.add_routes(generation_routes)
     app.add_routes(openapi_routes)
     app.add_routes(page_routes)

@@ -18,12 +18,14 @@ from ssecore.jobs import (
     parse_job_request,
 )
 
+from .appkeys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 from .auth import Action
+from .channels import channel_ok
 from .errors import ApiError
-from .handlers import _draining, channel_ok, read_body, stream_channel
-from .jsonbody import parse_json
-from .keys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
+from .jsonbody import parse_json, read_body
+from .operations import refuse_when_draining
 from .ownership import may_reach
+from .stream import stream_channel
 
 __all__ = ["routes"]
 
@@ -44,7 +46,7 @@ def _wants_stream(request: web.Request) -> bool:
 
 @routes.post("/v1/generations")
 async def create_generation(request: web.Request) -> web.StreamResponse:
-    _draining(request)
+    refuse_when_draining(request)
     auth = request.app[AUTH]
     auth.authenticate(request)  # 401 before anything is read
     if request.content_type != "application/json":

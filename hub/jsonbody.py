@@ -1,16 +1,20 @@
-"""JSON request bodies: parsed, and accepted only when everything after can carry them exactly."""
+"""JSON request bodies: read within --body-timeout, parsed, and accepted only when everything after can carry them
+exactly."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from .errors import ApiError
+from .settings import HubSettings
 
-__all__ = ["parse_json"]
+__all__ = ["parse_json", "read_body"]
 
 # Integers orjson keeps exact (signed and unsigned 64 bits); beyond them it silently makes a float of the number.
 _INT_MIN, _INT_END = -(2**63), 2**64
@@ -20,6 +24,20 @@ _LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 class _OutOfRange(ValueError):
     pass
+
+
+async def read_body(request: web.Request, settings: HubSettings) -> bytes:
+    """The request body, within --body-timeout: a body that never finishes must not hold a handler for ever."""
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {settings.body_timeout_s:g} s",
+            {"Connection": "close"},
+        ) from None
 
 
 def parse_json(raw: bytes) -> Any:

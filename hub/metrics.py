@@ -38,7 +38,7 @@ class HubMetrics:
         )
         self.delivery_lag_seconds = Histogram(
             "hub_delivery_lag_seconds",
-            "From append (the time in the stream id) to hand-over to subscriber connections",
+            "From append (the time in the stream id) to dispatch to subscriber connections",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )

@@ -13,8 +13,8 @@ from aiohttp import web
 
 from ssecore.backend import ANY_OWNER, AnyOwner
 
+from .appkeys import BACKEND, LIMITS
 from .auth import Action, Principal
-from .keys import BACKEND, LIMITS
 
 __all__ = ["HIDDEN_CHANNEL", "channel_reachable", "may_reach", "reached_as", "stream_access"]
 
@@ -61,7 +61,7 @@ async def stream_access(
     `existed`: the stream was seen in the store before this check. A name with no owner now may still become a
     generation's (`reserve` takes a name that does not exist): a stream admitted to one it did not see exist is
     provisional, for the client returned, and its right is settled against the owner when the first entries reach it
-    (hub.fanout, and the catch-up in hub.handlers). A stream that existed with no owner is an ordinary channel's.
+    (hub.fanout, and the catch-up in hub.stream). A stream that existed with no owner is an ordinary channel's.
     """
     if principal.kind == "anonymous" or principal.names("subscribe", channel):
         return True, None

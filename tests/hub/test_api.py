@@ -111,7 +111,7 @@ async def test_last_event_id_zero_replays_whole_history_then_goes_live(client: C
     resp.close()
 
 
-async def test_handover_from_history_to_live_is_exact_under_concurrent_publishing(
+async def test_joining_the_live_feed_after_history_is_exact_under_concurrent_publishing(
     make_client: ClientFactory, backend: Backend
 ) -> None:
     # A small replay page forces several history round trips while the publisher keeps appending.

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub.handlers import channel_ok
+from hub.channels import channel_ok
 from ssecore.sse import SSEEvent, SSEParser
 from tests.support import HubProcess
 

@@ -12,7 +12,7 @@ import jwt
 import orjson
 from aiohttp.test_utils import TestClient
 
-from hub.keys import JOBS
+from hub.appkeys import JOBS
 from ssecore.backend import Backend
 from ssecore.queue_memory import MemoryJobQueue
 from tests.conftest import ClientFactory

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
-from hub.keys import FANOUT
+from hub.appkeys import FANOUT
 from ssecore.backend import NewEvent
 from ssecore.backend_redis import RedisBackend
 from tests.conftest import ClientFactory

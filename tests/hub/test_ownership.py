@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from hub.__main__ import create_node
-from hub.keys import FANOUT, JOBS
+from hub.appkeys import FANOUT, JOBS
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
 from ssecore.backend import AppendBatch, Backend, BackendUnavailable, Fence, NewEvent

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
 from hub.__main__ import create_node
-from hub.keys import PROVIDERS
+from hub.appkeys import PROVIDERS
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings
 from producer.__main__ import _serve_endpoints

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from hub.__main__ import create_node
-from hub.keys import JOBS
+from hub.appkeys import JOBS
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
 from ssecore.backend_memory import MemoryBackend

@@ -1,51 +1,33 @@
-"""HTTP handlers: validate, call the backend or the fan-out, respond. No Redis command is issued here."""
+"""Subscribing over HTTP (GET /v1/channels/{c}/events): the SSE stream of a channel, from where the client asks,
+through the catch-up from history or this node's window to the live feed, until it ends. Also serves generations'
+streams (`stream_channel`)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-import re
-import time
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ssecore.backend import ZERO_ID, BackendUnavailable, Idempotency, NewEvent, RangeResult, check_position, parse_id
+from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, check_position, parse_id
 from ssecore.sse import comment, encode_event, event_id, retry
 
+from .appkeys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS
 from .auth import Principal, seconds_left
-from .errors import ApiError
+from .channels import channel_name
 from .fanout import Fanout, Replayed, Subscriber, encode_reset
 from .handover import hand_over
-from .jsonbody import parse_json
-from .keys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS, STATE
 from .limits import Limits
-from .ownership import HIDDEN_CHANNEL, channel_reachable, reached_as, stream_access
+from .operations import refuse_when_draining
+from .ownership import HIDDEN_CHANNEL, stream_access
 from .settings import HubSettings
 
-__all__ = ["channel_ok", "routes", "stream_channel"]
+__all__ = ["routes", "stream_channel"]
 
 log = logging.getLogger(__name__)
 
-# No "/", "%", "..." tricks can pass: the characters allowed cannot spell a path or an escape.
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
-_CHANNEL_RULE = 'channel names are 1-{n} characters of A-Z a-z 0-9 _ . : @ - (not ".", no "..")'
-
-
-def channel_ok(name: str, max_len: int = 200) -> bool:
-    # "." and anything with ".." are path segments to every URL normalizer between a client and us: refused.
-    return len(name) <= max_len and CHANNEL_RE.fullmatch(name) is not None and name != "." and ".." not in name
-
-
-EVENT_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_EVENT_FIELDS = frozenset({"event", "data", "close"})
-# Event names the hub itself sends; a publisher must not be able to imitate them.
-RESERVED_EVENTS = frozenset({"reset"})
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -53,143 +35,6 @@ _SSE_HEADERS = {
 }
 
 routes = web.RouteTableDef()
-
-
-def _channel(request: web.Request) -> str:
-    name = request.match_info["channel"]
-    max_len = request.app[SETTINGS].max_channel_len
-    if not channel_ok(name, max_len):
-        raise ApiError(400, "invalid_channel", _CHANNEL_RULE.format(n=max_len))
-    return name
-
-
-async def read_body(request: web.Request, settings: HubSettings) -> bytes:
-    """The request body, within --body-timeout: a body that never finishes must not hold a handler for ever."""
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            return await request.read()
-    except TimeoutError:
-        raise ApiError(
-            408,
-            "body_timeout",
-            f"the body did not arrive within {settings.body_timeout_s:g} s",
-            {"Connection": "close"},
-        ) from None
-
-
-def _draining(request: web.Request) -> None:
-    if request.app[STATE].draining:
-        raise ApiError(503, "draining", "this node is shutting down; retry on another", {"Retry-After": "1"})
-
-
-# -- publish --------------------------------------------------------------------------------------------------------
-
-
-def _parse_events(body: Any, settings: HubSettings) -> tuple[list[NewEvent], bool]:
-    items = body if isinstance(body, list) else [body]
-    if not items:
-        raise ApiError(400, "invalid_body", "the body is an empty array; send at least one event")
-    if len(items) > settings.max_batch:
-        raise ApiError(
-            413, "max_batch", f"at most {settings.max_batch} events per request", extra={"limit": "max_batch"}
-        )
-    events: list[NewEvent] = []
-    close = False
-    last = len(items) - 1
-    for i, item in enumerate(items):
-        where = f"event {i}" if isinstance(body, list) else "the event"
-        if not isinstance(item, dict):
-            raise ApiError(400, "invalid_body", f"{where} is not a JSON object")
-        unknown = item.keys() - _EVENT_FIELDS
-        if unknown:
-            raise ApiError(400, "invalid_body", f"{where} has unknown fields: {', '.join(sorted(unknown))[:200]}")
-        if "data" not in item:
-            raise ApiError(400, "invalid_body", f"{where} has no data")
-        name = item.get("event", "message")
-        if not isinstance(name, str) or not EVENT_RE.fullmatch(name):
-            raise ApiError(400, "invalid_event", f"{where}: event names are 1-64 characters of A-Z a-z 0-9 _ . : -")
-        if name in RESERVED_EVENTS:
-            raise ApiError(400, "reserved_event", f"{where}: the event name {name!r} is reserved for the hub")
-        flag = item.get("close", False)
-        if not isinstance(flag, bool):
-            raise ApiError(400, "invalid_body", f"{where}: close must be true or false")
-        if flag and i != last:
-            raise ApiError(400, "invalid_body", f"{where}: only the last event of a body may close the channel")
-        close = flag
-        data = item["data"]
-        try:
-            text = data if isinstance(data, str) else orjson.dumps(data).decode()
-        except orjson.JSONEncodeError:
-            # orjson reads 1024 levels of nesting but writes only 254.
-            raise ApiError(400, "invalid_body", f"{where}: data nests arrays and objects too deeply") from None
-        if len(text) > settings.max_event_bytes or len(text.encode()) > settings.max_event_bytes:
-            raise ApiError(
-                413,
-                "max_event_bytes",
-                f"{where}: data is over {settings.max_event_bytes} bytes",
-                extra={"limit": "max_event_bytes"},
-            )
-        events.append(NewEvent(name, text))
-    return events, close
-
-
-def _body_too_large(settings: HubSettings) -> ApiError:
-    return ApiError(413, "body_too_large", f"the body is over the limit of {settings.max_body_bytes} bytes")
-
-
-@routes.post("/v1/channels/{channel}/events")
-async def publish(request: web.Request) -> web.Response:
-    channel = _channel(request)
-    principal = request.app[AUTH].require(request, "publish", channel)
-    settings = request.app[SETTINGS]
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise _body_too_large(settings)
-    raw = await read_body(request, settings)
-    if len(raw) > settings.max_body_bytes:  # a body without Content-Length (the app reads up to --max-job-bytes)
-        raise _body_too_large(settings)
-    body = parse_json(raw)
-    events, close = _parse_events(body, settings)
-    idempotency = _idempotency(request, events, close)
-    request.app[LIMITS].publish(request.app[LIMITS].client(request, principal), len(events), len(raw))
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    try:
-        if idempotency is None:
-            ids = await request.app[BACKEND].append(channel, events, close=close)
-        else:
-            appended = await request.app[BACKEND].append_once(channel, events, idempotency, close=close)
-            ids = appended.ids
-            if appended.replayed:
-                # The same answer as the first time, so a retry cannot tell the difference, but said in a header.
-                metrics.publish_replays.inc()
-                body = orjson.dumps({"ids": ids})
-                return web.Response(status=201, body=body, content_type="application/json", headers=_REPLAYED)
-    except BackendUnavailable:
-        metrics.backend_errors.labels("append").inc()
-        raise
-    metrics.publish_seconds.observe(time.perf_counter() - started)
-    metrics.events_published.inc(len(ids))
-    return web.Response(status=201, body=orjson.dumps({"ids": ids}), content_type="application/json")
-
-
-_REPLAYED = {"Idempotent-Replayed": "true"}
-_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
-
-
-def _idempotency(request: web.Request, events: list[NewEvent], close: bool) -> Idempotency | None:
-    """The request's Idempotency-Key, with a digest of what it publishes (a key reused for other events is refused)."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not _IDEMPOTENCY_KEY_RE.fullmatch(key):
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters")
-    digest = hashlib.sha256(orjson.dumps([close, [[e.event, e.data] for e in events]])).hexdigest()
-    return Idempotency(key, digest[:32])
-
-
-# -- subscribe ------------------------------------------------------------------------------------------------------
 
 
 def _requested_position(request: web.Request) -> str | None:
@@ -205,9 +50,9 @@ def _requested_position(request: web.Request) -> str | None:
 # No HEAD: a stream has no end to stop at, and writing events after a HEAD response would corrupt the connection.
 @routes.get("/v1/channels/{channel}/events", allow_head=False)
 async def subscribe(request: web.Request) -> web.StreamResponse:
-    channel = _channel(request)
+    channel = channel_name(request)
     principal = request.app[AUTH].require(request, "subscribe", channel)
-    _draining(request)
+    refuse_when_draining(request)
     position = _requested_position(request)
     return await stream_channel(request, channel, position, principal, check_owner=True)
 
@@ -364,7 +209,7 @@ async def _history(request: web.Request, channel: str, position: str) -> RangeRe
 async def _catch_up(
     request: web.Request, resp: web.StreamResponse, sub: Subscriber, position: str, r: RangeResult | None
 ) -> bool:
-    """Replay history after `position` until this node's live tail can take over; then attach to it.
+    """Replay history after `position` until this node's live tail can take over; then join the live feed.
 
     Returns False when the stream is already over (the close marker was replayed).
     """
@@ -413,67 +258,3 @@ async def _may_follow(request: web.Request, sub: Subscriber) -> bool:
         return False
     sub.provisional = None
     return True
-
-
-# -- channel management ---------------------------------------------------------------------------------------------
-
-
-@routes.get("/v1/channels/{channel}")
-async def channel_info(request: web.Request) -> web.Response:
-    channel = _channel(request)
-    principal = request.app[AUTH].require(request, "subscribe", channel)
-    # Another client's generation's channel is answered as one that does not exist. The owner is asked after the
-    # stream was read: a stream with no owner then was no generation's (a name taken in between has an owner by then).
-    info = await request.app[BACKEND].info(channel)
-    if info is None or not await channel_reachable(request, principal, "subscribe", channel):
-        raise ApiError(404, "channel_not_found", "no such channel")
-    body = {"length": info.length, "first_id": info.first_id, "last_id": info.last_id, "closed": info.closed}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-@routes.delete("/v1/channels/{channel}")
-async def channel_delete(request: web.Request) -> web.Response:
-    channel = _channel(request)
-    principal = request.app[AUTH].require(request, "publish", channel)
-    owner = await reached_as(request, principal, "publish", channel)
-    # Deleted only if the owner is still the one the caller was let in for: a generation that took the name after
-    # the check is not the caller's to delete, and is answered like no channel.
-    if owner is False or not await request.app[BACKEND].delete(channel, owner=owner):
-        raise ApiError(404, "channel_not_found", "no such channel")
-    return web.Response(status=204)
-
-
-# -- operations -----------------------------------------------------------------------------------------------------
-
-
-@routes.get("/healthz")
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: 503 naming the loop that stopped going round (see ssecore.liveness); a Redis outage is not one."""
-    status, body = request.app[METRICS].liveness.report()
-    return web.Response(status=status, body=body, content_type="application/json")
-
-
-@routes.get("/readyz")
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    problem = None
-    if state.draining:
-        problem = "draining"
-    else:
-        try:
-            await request.app[BACKEND].ping()
-        except BackendUnavailable:
-            problem = "backend_unavailable"
-        else:
-            if not request.app[FANOUT].healthy:
-                problem = "live_tail_failing"
-    if problem is not None:
-        body = orjson.dumps({"status": "unavailable", "reason": problem})
-        return web.Response(status=503, body=body, content_type="application/json")
-    return web.Response(body=b'{"status":"ready"}', content_type="application/json")
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,4 +1,4 @@
-"""Typed application keys and the node's small mutable state."""
+"""Typed aiohttp application keys (what a handler finds in `request.app`) and the node's small mutable state."""
 
 from __future__ import annotations
 
