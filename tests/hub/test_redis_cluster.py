@@ -19,7 +19,7 @@ from hub.backend import BackendUnavailable, NewEvent
 from hub.backend_redis import RedisBackend
 from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect, wait_http_ok
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e, pytest.mark.slow]
 
 CHANNELS = 30
 EVENTS = 10
