@@ -153,7 +153,7 @@ class HubSettings:
     demo: bool = _opt(
         True, "demo", "offer the demo provider (no network; for trials): --no-demo refuses it, as production should"
     )
-    # -- limits (see the README's Security section) --
+    # -- limits (see docs/security.md) --
     max_streams: int = _opt(10_000, "max-streams", "open streams this node serves; beyond: 503")
     backlog: int = _opt(4096, "backlog", "connections the kernel may queue before they are accepted (≤ somaxconn)")
     max_streams_per_client: int = _opt(64, "max-streams-per-client", "open streams per client (token or IP); 429")
@@ -192,7 +192,7 @@ class HubSettings:
     trusted_proxies: str = _opt(
         "", "trusted-proxies", "comma-separated proxy addresses/CIDRs whose X-Forwarded-For is believed"
     )
-    # -- authentication (see the README's Security section) --
+    # -- authentication (see docs/security.md) --
     anonymous: bool = _opt(False, "anonymous", "no authentication at all: every request may do everything (dev only)")
     jwt_secret: str | None = _opt(None, "jwt-secret", "HS256 secret of the JWTs this hub accepts", secret=True)
     jwt_public_key: str | None = _opt(None, "jwt-public-key", "PEM file with the RS256/ES256 public key of the JWTs")

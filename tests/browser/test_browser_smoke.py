@@ -14,6 +14,8 @@ from playwright.async_api import Page
 
 from tests.support import HubProcess
 
+pytestmark = pytest.mark.e2e
+
 # Opens an EventSource and resolves once the stream is open, so that what is published next is live for it; every
 # `token` event it receives is kept in window.received.
 OPEN_EVENT_SOURCE = """

@@ -20,6 +20,8 @@ from playwright.async_api import Page, Route
 from tests.scaleout.cluster import Cluster, find_nginx, metric
 from tests.support import HubProcess, RedisServer, collect, free_port
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 # Every change of the page's connection state, in order, kept in window.states (installed again after a reload).
 WATCH_STATES = """
 () => {

@@ -229,6 +229,7 @@ async def test_a_stream_ends_when_its_token_expires(hub: Client) -> None:
     assert 1.0 < time.monotonic() - started < 6
 
 
+@pytest.mark.slow
 async def test_generations_need_publish_rights_on_their_channel(hub: Client) -> None:
     body = {"provider": "demo", "model": "demo", "messages": [{"role": "user", "content": "hi"}]}
     denied = await hub.post("/v1/generations", json=body, headers=bearer(token(publish=["chat:*"])))

@@ -32,6 +32,8 @@ from ssecore.redis_client import RedisTarget
 from ssecore.sse import SSEEvent
 from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 _TOKENS = 200
 # More than the loopback connections of the stopped replicas can buffer (socket buffers grow to tens of MB): the rest
 # waits in the primary's output buffers, and dies with it.

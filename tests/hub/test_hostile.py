@@ -21,6 +21,8 @@ from hub.channels import channel_ok
 from ssecore.sse import SSEEvent, SSEParser
 from tests.support import HubProcess
 
+pytestmark = pytest.mark.e2e
+
 # Everything JSON can hold, nested a little.
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),

@@ -15,6 +15,8 @@ import pytest
 
 from tests.support import HubProcess, collect
 
+pytestmark = pytest.mark.e2e
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -145,6 +145,7 @@ async def test_a_live_tail_that_stops_going_round_fails_healthz_naming_it(make_c
     live.close()
 
 
+@pytest.mark.slow
 async def test_a_redis_that_stops_answering_fails_readiness_not_liveness(
     make_client: ClientFactory, own_redis: RedisServer
 ) -> None:

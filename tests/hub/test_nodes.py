@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from hub.appkeys import FANOUT
@@ -161,6 +162,7 @@ async def test_redis_error_replies_are_503_not_500(make_client: ClientFactory, o
         await admin.aclose()
 
 
+@pytest.mark.slow
 async def test_live_tail_survives_an_error_reply_and_readiness_tells(
     make_client: ClientFactory, own_redis: RedisServer
 ) -> None:
@@ -289,6 +291,7 @@ async def _follow(node: Any, channel: str, received: list[str], resets: list[str
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_redis_down_for_seconds_mid_stream_loses_nothing_it_accepted(make_client: ClientFactory) -> None:
     """Redis (AOF on, fsync always) is killed and started again while a publisher and a subscriber keep going: every
     publish is answered quickly (201, or 503 while Redis is down), readiness tells, and the subscriber ends with

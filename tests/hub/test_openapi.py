@@ -340,6 +340,8 @@ def hub() -> Iterator[HubProcess]:
         hub.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_live_hub_conforms_to_the_document(hub: HubProcess) -> None:
     started = time.monotonic()
     schema = _load(hub)
@@ -351,6 +353,7 @@ def test_a_live_hub_conforms_to_the_document(hub: HubProcess) -> None:
     assert "Traceback" not in hub.log()
 
 
+@pytest.mark.e2e
 def test_a_hub_with_authentication_and_cors_conforms_to_the_document() -> None:
     hub = _hub(
         "--publish-rate",

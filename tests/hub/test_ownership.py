@@ -397,6 +397,7 @@ async def _two_hubs(aiohttp_client: Any, redis_url: str | None, **settings: Any)
     return a, b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_client_has_at_most_so_many_generations_queued_or_running(
     aiohttp_client: Any, redis_server: RedisServer, store: str

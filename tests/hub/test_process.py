@@ -16,6 +16,8 @@ import pytest
 
 from tests.support import ROOT, HubProcess, RedisServer, collect
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def hubs() -> Iterator[list[HubProcess]]:

@@ -19,7 +19,7 @@ from ssecore.backend import BackendUnavailable, NewEvent
 from ssecore.backend_redis import RedisBackend
 from tests.support import HubProcess, ProducerProcess, RedisClusterServers, collect, wait_http_ok
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e, pytest.mark.slow]
 
 CHANNELS = 30
 EVENTS = 10

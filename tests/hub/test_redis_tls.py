@@ -160,6 +160,8 @@ def sentinels(tls: TlsFiles) -> Iterator[TlsRedisSentinels]:
         servers.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 async def test_a_hub_and_a_worker_on_tls_sentinels_with_passwords_serve_and_follow_a_failover(
     tls: TlsFiles, sentinels: TlsRedisSentinels
 ) -> None:
@@ -272,6 +274,7 @@ def _exit_line(module: str, args: list[str]) -> str:
 SENTINELS = ["--redis-sentinels", "127.0.0.1:1", "--redis-sentinel-master", "m"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -324,6 +327,7 @@ def test_wrong_redis_tls_and_sentinel_settings_stop_the_hub_with_one_line(
     assert message.format(**paths) in line
 
 
+@pytest.mark.e2e
 def test_the_worker_checks_the_same_redis_tls_settings(tls: TlsFiles) -> None:
     line = _exit_line("producer", [*SENTINELS, "--redis-tls-key-file", tls.client_key])
     assert "--redis-tls-key-file (PRODUCER_REDIS_TLS_KEY_FILE): needs --redis-tls" in line

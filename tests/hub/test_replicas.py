@@ -176,6 +176,7 @@ async def test_a_submitted_generation_is_refused_until_a_replica_holds_it(replic
         await queue.aclose()
 
 
+@pytest.mark.e2e
 async def test_a_publish_no_replica_confirms_is_a_503_not_replicated_and_its_retry_a_201(
     replicated: Replicated,
 ) -> None:

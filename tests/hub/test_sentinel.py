@@ -19,6 +19,8 @@ from ssecore.redis_client import RedisTarget
 from ssecore.sse import SSEEvent
 from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def sentinels() -> Iterator[RedisSentinels]:

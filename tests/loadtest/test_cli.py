@@ -39,6 +39,8 @@ def hub() -> Iterator[HubProcess]:
     node.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_fanout_run_accounts_for_every_event_exactly(hub: HubProcess, tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     md = tmp_path / "out.md"

@@ -33,6 +33,8 @@ def nchan() -> Iterator[NchanServer]:
         server.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @needs_nchan
 def test_fanout_through_nchan_accounts_for_every_event_exactly(nchan: NchanServer, tmp_path: Path) -> None:
     out = tmp_path / "out.json"

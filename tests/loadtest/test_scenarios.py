@@ -47,6 +47,8 @@ def _exact(d: dict[str, Any], subscribers: int) -> None:
     assert d["published"] > 0 and d["delivered"] == d["expected"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_reconnect_storm_resumes_every_stream_exactly_and_counts_its_cost(
     node: tuple[HubProcess, RedisServer], tmp_path: Path
 ) -> None:
@@ -67,6 +69,8 @@ def test_reconnect_storm_resumes_every_stream_exactly_and_counts_its_cost(
     _exact(r["delivery"], 200)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_generations_append_like_producers_and_every_token_arrives(
     node: tuple[HubProcess, RedisServer], tmp_path: Path
 ) -> None:

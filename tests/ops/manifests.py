@@ -4,7 +4,6 @@ container gets from them, and the settings' environment variable names as the co
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 
+import hub
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings, ProviderKeys
 
@@ -144,5 +144,5 @@ def default(cls: type[HubSettings] | type[ProducerSettings], name: str) -> Any:
 
 
 def project_version() -> str:
-    version: str = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    return version
+    """The project's version: hub.__version__, which pyproject.toml takes too."""
+    return hub.__version__

@@ -11,7 +11,7 @@ import pytest
 
 from .manifests import K8S, Obj, kustomization, load_yaml, manifest_files, objects, of_kind, project_version
 
-# The oldest minor version the manifests are meant for (README), and the newest whose schemas the validator ships.
+# The oldest minor version the manifests are meant for (docs/deployment.md), and the newest the validator ships.
 KUBERNETES_VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 # Kinds from CRDs, absent from the Kubernetes schemas; checked by shape below.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}

@@ -127,6 +127,7 @@ def _check_one_run(entries: list[Entry], tokens: int, *, restarted: bool) -> Non
         assert orjson.loads(entries[names.index("reset")].data) == {"reason": "restarted"}
 
 
+@pytest.mark.e2e
 async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -149,6 +150,7 @@ async def test_a_killed_worker_s_generation_is_finished_by_another_with_a_reset(
     assert record.status == "done" and record.attempts == 2
 
 
+@pytest.mark.e2e
 async def test_sigterm_hands_running_generations_back_for_another_worker(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -248,6 +250,7 @@ def _metric(worker: Worker, name: str) -> float:
     return float(value)
 
 
+@pytest.mark.e2e
 async def test_a_long_generation_keeps_its_claim_so_no_other_worker_steals_it(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -266,6 +269,7 @@ async def test_a_long_generation_keeps_its_claim_so_no_other_worker_steals_it(
     _check_one_run(await stored_entries(backend, job.channel), 200, restarted=False)
 
 
+@pytest.mark.e2e
 async def test_through_a_hub_a_client_sees_the_take_over_as_a_reset_and_gets_the_whole_answer(
     redis_server: RedisServer, prefix: str, workers: list[ProducerProcess]
 ) -> None:
@@ -295,6 +299,7 @@ async def test_through_a_hub_a_client_sees_the_take_over_as_a_reset_and_gets_the
         hub.close()
 
 
+@pytest.mark.e2e
 async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -321,6 +326,7 @@ async def test_a_stalled_worker_that_wakes_after_a_take_over_writes_nothing_more
     assert record is not None and record.status == "done"
 
 
+@pytest.mark.slow
 async def test_a_store_outage_mid_generation_never_finishes_over_a_gap(prefix: str) -> None:
     server = RedisServer()
     server.start()
@@ -354,6 +360,7 @@ async def test_a_store_outage_mid_generation_never_finishes_over_a_gap(prefix: s
         server.close()
 
 
+@pytest.mark.e2e
 async def test_a_run_whose_latest_events_the_store_lost_is_re_run_not_continued_over_the_hole(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -399,6 +406,7 @@ async def test_workers_recover_when_the_job_stream_and_group_vanish(
         await admin.aclose()
 
 
+@pytest.mark.e2e
 async def test_cancel_through_redis_and_the_worker_metrics_endpoint(
     redis_server: RedisServer, prefix: str, stores: tuple[RedisBackend, RedisJobQueue], workers: list[ProducerProcess]
 ) -> None:
@@ -436,6 +444,7 @@ async def test_cancel_through_redis_and_the_worker_metrics_endpoint(
     assert "producer_time_to_first_token_seconds_count" in text and "producer_queue_lag_seconds_count 1.0" in text
 
 
+@pytest.mark.e2e
 async def test_worker_readiness_follows_redis_and_liveness_does_not(workers: list[ProducerProcess]) -> None:
     """/readyz is 503 while the worker cannot reach Redis (a rollout waits for it), and 200 again once it can, without
     a restart; /healthz stays 200 all along (a Redis outage must not make Kubernetes restart every worker)."""
@@ -472,6 +481,7 @@ async def test_worker_readiness_follows_redis_and_liveness_does_not(workers: lis
         server.close()
 
 
+@pytest.mark.e2e
 async def test_a_second_worker_on_the_same_metrics_port_exits_with_one_line_naming_the_setting(
     workers: list[ProducerProcess], redis_server: RedisServer, prefix: str
 ) -> None:
@@ -488,6 +498,7 @@ async def test_a_second_worker_on_the_same_metrics_port_exits_with_one_line_nami
     ]
 
 
+@pytest.mark.e2e
 async def test_an_idle_worker_stays_live_past_its_bounds_and_shows_each_loop_s_progress_age(
     workers: list[ProducerProcess], redis_server: RedisServer, prefix: str
 ) -> None:
@@ -584,6 +595,7 @@ async def test_a_job_whose_channel_lost_its_owner_ends_with_an_error_and_writes_
     _check_one_run(await stored_entries(backend, older.channel), 3, restarted=False)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "message"),
     [

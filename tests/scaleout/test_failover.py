@@ -15,6 +15,8 @@ from tests.scaleout.cluster import RETRY_MS, assert_exact, metric, submit, until
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import Attempt, HubProcess, ResumingClient
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 Event = tuple[str, str, str]  # id, name, data
 
 

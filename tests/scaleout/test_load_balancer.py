@@ -9,8 +9,11 @@ import io
 import time
 
 import aiohttp
+import pytest
 
 from tests.scaleout.conftest import ClusterFactory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 async def test_only_the_api_is_routed_and_a_node_refuses_an_oversized_body_itself(

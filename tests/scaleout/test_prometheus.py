@@ -18,7 +18,11 @@ import pytest
 from tests.support import HubProcess, RedisServer, collect, free_port, stop_process, wait_http_ok
 
 _PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(_PROMETHEUS is None, reason="prometheus is not installed (make test installs it)")
+pytestmark = [
+    pytest.mark.skipif(_PROMETHEUS is None, reason="prometheus is not installed (make test installs it)"),
+    pytest.mark.e2e,
+    pytest.mark.slow,
+]
 
 
 class PrometheusServer:

@@ -17,6 +17,8 @@ from tests.scaleout.cluster import GRACE_S, Load, Publisher, assert_exact, fail_
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import ResumingClient
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 CHANNELS = 10
 CLIENTS = 200
 RATE_PER_S = 40  # publish requests, one event each, round robin over the channels

@@ -18,6 +18,8 @@ from tests.scaleout.cluster import RETRY_MS, Load, Publisher, assert_exact, metr
 from tests.scaleout.conftest import ClusterFactory, Record
 from tests.support import HubProcess, ResumingClient
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 AGE_S = 3.0  # --max-connection-age: a stream lasts 2.4-3 s
 CHANNELS = 10
 CLIENTS = 150

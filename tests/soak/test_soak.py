@@ -8,7 +8,7 @@ import pytest
 
 from tests.soak.harness import Soak, SoakConfig
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.e2e, pytest.mark.slow]
 
 DURATION_S = 30.0
 START_BOUND_S = 2.0
