@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from hub.sse import SSEEvent, SSEParser
+from ssecore.sse import SSEEvent, SSEParser
 from tests.support import ROOT, ServiceProcess, free_port, wait_http_ok
 
 README_ORIGIN = "localhost:8080"
