@@ -108,7 +108,7 @@ def test_every_package_and_file_the_project_build_needs_is_copied(stages: list[S
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     for package, names in pyproject["tool"]["setuptools"]["package-data"].items():
         for name in names:
-            assert list((ROOT / package).glob(name)), f"package data {package}/{name} is missing"
+            assert list((ROOT / package.replace(".", "/")).glob(name)), f"package data {package}/{name} is missing"
 
 
 @pytest.mark.parametrize(
