@@ -56,6 +56,7 @@ lint: install-dev
 	$(BIN)/ruff check ssecore hub producer loadtest tests bench
 	$(BIN)/ruff format --check ssecore hub producer loadtest tests bench
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/vulture ssecore hub producer loadtest vulture_whitelist.py
 
 format: install-dev
 	$(BIN)/ruff check --fix ssecore hub producer loadtest tests bench

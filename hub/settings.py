@@ -9,16 +9,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ssecore.backend import DEFAULT_IDEMPOTENCY_WINDOW_S
-from ssecore.redis_client import RedisTarget
 from ssecore.settings import (
     DEFAULT_HISTORY,
     DEFAULT_KEY_PREFIX,
-    DEFAULT_REPLICAS_TIMEOUT_S,
     DEFAULT_TTL_S,
-    check_replicas,
-    redis_target,
+    RedisSettings,
     settings_from_args,
 )
 from ssecore.settings import opt as _opt
@@ -57,44 +55,11 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HubSettings:
+class HubSettings(RedisSettings):
+    ENV_PREFIX: ClassVar[str] = "HUB_"
+
     host: str = _opt(DEFAULT_HOST, "host", "address to listen on")
     port: int = _opt(DEFAULT_PORT, "port", "TCP port to listen on")
-    # Secret: a URL may carry the password.
-    redis_url: str | None = _opt(
-        None, "redis-url", "Redis URL (redis://host:6379/0); absent: embedded memory backend", secret=True
-    )
-    redis_cluster: bool = _opt(
-        False, "redis-cluster", "--redis-url is a node of a Redis Cluster: spread channels over its slots"
-    )
-    redis_sentinels: str | None = _opt(
-        None,
-        "redis-sentinels",
-        "Sentinels (host:port,host:port,...) naming the Redis primary, instead of --redis-url",
-    )
-    redis_sentinel_master: str | None = _opt(None, "redis-sentinel-master", "name of the master the Sentinels watch")
-    redis_password: str | None = _opt(
-        None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
-    )
-    redis_username: str | None = _opt(
-        None, "redis-username", "ACL user of the primary and replicas named by Sentinels (default: the default user)"
-    )
-    redis_sentinel_username: str | None = _opt(None, "redis-sentinel-username", "ACL user of the Sentinels")
-    redis_sentinel_password: str | None = _opt(
-        None, "redis-sentinel-password", "password of the Sentinels (their requirepass)", secret=True
-    )
-    redis_tls: bool = _opt(
-        False, "redis-tls", "TLS to the Sentinels and to the primary and replicas they name (a URL says rediss://)"
-    )
-    redis_tls_ca_file: str | None = _opt(
-        None,
-        "redis-tls-ca-file",
-        "PEM file of the CAs that Redis's certificates are checked against (default: system's)",
-    )
-    redis_tls_cert_file: str | None = _opt(
-        None, "redis-tls-cert-file", "PEM file of this process's client certificate, for Redis that asks for one"
-    )
-    redis_tls_key_file: str | None = _opt(None, "redis-tls-key-file", "PEM file of that certificate's private key")
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key this hub uses")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (approximately, like MAXLEN ~)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel lives after its last publish")
@@ -104,16 +69,6 @@ class HubSettings:
     log_level: str = _opt("info", "log-level", "debug, info, warning or error")
     grace_s: float = _opt(DEFAULT_GRACE_S, "grace", "seconds a shutdown may take before streams are cut")
     redis_timeout_s: float = _opt(DEFAULT_REDIS_TIMEOUT_S, "redis-timeout", "deadline of one Redis call, seconds")
-    publish_replicas: int = _opt(
-        0,
-        "publish-replicas",
-        "replicas that must hold each publish and submitted generation before it is answered (0: the primary alone)",
-    )
-    publish_replicas_timeout_s: float = _opt(
-        DEFAULT_REPLICAS_TIMEOUT_S,
-        "publish-replicas-timeout",
-        "seconds to wait for them, then answer 503 not_replicated",
-    )
     max_buffer_bytes: int = _opt(
         DEFAULT_MAX_BUFFER_BYTES, "max-buffer", "bytes a subscriber may leave unread before it is cut off"
     )
@@ -217,18 +172,7 @@ class HubSettings:
         need(self.log_level in _LOG_LEVELS, "log-level", f"must be one of {', '.join(_LOG_LEVELS)}")
         need(self.grace_s >= 0, "grace", "must not be negative")
         need(self.redis_timeout_s > 0, "redis-timeout", "must be positive")
-        check_replicas(
-            need,
-            self.publish_replicas,
-            self.publish_replicas_timeout_s,
-            redis_timeout_s=self.redis_timeout_s,
-            redis=self.redis_url is not None or self.redis_sentinels is not None,
-            cluster=self.redis_cluster,
-        )
-        need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
-        need(
-            not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
-        )
+        self.check_redis(need, redis_timeout_s=self.redis_timeout_s)
         need(self.max_buffer_bytes >= 4096, "max-buffer", "must be at least 4096")
         need(self.replay_page >= 1, "replay-page", "must be at least 1")
         need(0 < self.tail_block_s <= 60, "tail-block", "must be in (0, 60]")
@@ -292,25 +236,6 @@ class HubSettings:
             "give --jwt-secret or --jwt-public-key, not both",
         )
         need(self.jwt_secret is None or len(self.jwt_secret) >= 32, "jwt-secret", "must be at least 32 characters")
-        self.redis_target  # validates the Redis settings  # noqa: B018
-
-    @property
-    def redis_target(self) -> RedisTarget | None:
-        """Where Redis is (None: the embedded memory backend)."""
-        return redis_target(
-            "HUB_",
-            url=self.redis_url,
-            sentinels=self.redis_sentinels,
-            master=self.redis_sentinel_master,
-            password=self.redis_password,
-            username=self.redis_username,
-            sentinel_username=self.redis_sentinel_username,
-            sentinel_password=self.redis_sentinel_password,
-            tls=self.redis_tls,
-            tls_ca_file=self.redis_tls_ca_file,
-            tls_cert_file=self.redis_tls_cert_file,
-            tls_key_file=self.redis_tls_key_file,
-        )
 
     @property
     def tail_stuck_bound_s(self) -> float:

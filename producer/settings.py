@@ -11,16 +11,14 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ssecore.queue_redis import DEFAULT_GROUP
-from ssecore.redis_client import RedisTarget
 from ssecore.settings import (
     DEFAULT_HISTORY,
     DEFAULT_KEY_PREFIX,
-    DEFAULT_REPLICAS_TIMEOUT_S,
     DEFAULT_TTL_S,
-    check_replicas,
-    redis_target,
+    RedisSettings,
     settings_from_args,
 )
 from ssecore.settings import opt as _opt
@@ -69,44 +67,12 @@ class ProviderKeys:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ProducerSettings:
-    redis_url: str | None = _opt(None, "redis-url", "Redis URL of the hub's channels and job queue", secret=True)
-    redis_cluster: bool = _opt(False, "redis-cluster", "--redis-url is a node of a Redis Cluster (the hub's setting)")
-    redis_sentinels: str | None = _opt(
-        None, "redis-sentinels", "Sentinels (host:port,...) that name the Redis primary, instead of --redis-url"
-    )
-    redis_sentinel_master: str | None = _opt(None, "redis-sentinel-master", "name of the master the Sentinels watch")
-    redis_password: str | None = _opt(
-        None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
-    )
-    redis_username: str | None = _opt(
-        None, "redis-username", "ACL user of the primary and replicas named by Sentinels (default: the default user)"
-    )
-    redis_sentinel_username: str | None = _opt(None, "redis-sentinel-username", "ACL user of the Sentinels")
-    redis_sentinel_password: str | None = _opt(
-        None, "redis-sentinel-password", "password of the Sentinels (their requirepass)", secret=True
-    )
-    redis_tls: bool = _opt(
-        False, "redis-tls", "TLS to the Sentinels and to the primary and replicas they name (a URL says rediss://)"
-    )
-    redis_tls_ca_file: str | None = _opt(
-        None,
-        "redis-tls-ca-file",
-        "PEM file of the CAs that Redis's certificates are checked against (default: system's)",
-    )
-    redis_tls_cert_file: str | None = _opt(
-        None, "redis-tls-cert-file", "PEM file of this process's client certificate, for Redis that asks for one"
-    )
-    redis_tls_key_file: str | None = _opt(None, "redis-tls-key-file", "PEM file of that certificate's private key")
+class ProducerSettings(RedisSettings):
+    ENV_PREFIX: ClassVar[str] = "PRODUCER_"
+
     key_prefix: str = _opt(DEFAULT_KEY_PREFIX, "key-prefix", "prefix of every Redis key (the hub's)")
     history: int = _opt(DEFAULT_HISTORY, "history", "events kept per channel (the hub's setting)")
     ttl_s: float = _opt(DEFAULT_TTL_S, "ttl", "seconds a channel and a generation record live (the hub's setting)")
-    publish_replicas: int = _opt(
-        0, "publish-replicas", "replicas that must hold each append before it counts (0: the primary alone)"
-    )
-    publish_replicas_timeout_s: float = _opt(
-        DEFAULT_REPLICAS_TIMEOUT_S, "publish-replicas-timeout", "seconds to wait for them, then fail the run over"
-    )
     concurrency: int = _opt(64, "concurrency", "generations at once in this process")
     group: str = _opt(DEFAULT_GROUP, "group", "consumer group of the job stream")
     consumer: str = _opt("", "consumer", "this worker's name in the group (default: host-pid)")
@@ -154,39 +120,9 @@ class ProducerSettings:
         need(bool(self.metrics_host), "metrics-host", "must be an address of this host, such as 0.0.0.0 or 127.0.0.1")
         need(self.stall_after_s > 0, "stall-after", "must be positive")
         need(self.log_level in ("debug", "info", "warning", "error"), "log-level", "debug, info, warning or error")
-        need(
-            not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
-        )
-        need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
-        check_replicas(
-            need,
-            self.publish_replicas,
-            self.publish_replicas_timeout_s,
-            redis_timeout_s=REDIS_TIMEOUT_S,
-            redis=True,
-            cluster=self.redis_cluster,
-        )
-        self.redis_target  # validates the Redis settings  # noqa: B018
+        self.check_redis(need, redis_timeout_s=REDIS_TIMEOUT_S)
         if not self.consumer:
             object.__setattr__(self, "consumer", _default_consumer())
-
-    @property
-    def redis_target(self) -> RedisTarget | None:
-        """Where Redis is (None: none given)."""
-        return redis_target(
-            "PRODUCER_",
-            url=self.redis_url,
-            sentinels=self.redis_sentinels,
-            master=self.redis_sentinel_master,
-            password=self.redis_password,
-            username=self.redis_username,
-            sentinel_username=self.redis_sentinel_username,
-            sentinel_password=self.redis_sentinel_password,
-            tls=self.redis_tls,
-            tls_ca_file=self.redis_tls_ca_file,
-            tls_cert_file=self.redis_tls_cert_file,
-            tls_key_file=self.redis_tls_key_file,
-        )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None, environ: Mapping[str, str]) -> ProducerSettings:

@@ -418,13 +418,3 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
-
-def entries_after(entries: Sequence[Entry], after: StreamKey) -> list[Entry]:
-    """The entries newer than `after` (entries sorted by id)."""
-    if not entries or entries[0].key > after:
-        return list(entries)
-    return [e for e in entries if e.key > after]
-
-
-def positions_key(positions: Mapping[str, str]) -> dict[str, StreamKey]:
-    return {ch: parse_id(pos) for ch, pos in positions.items()}

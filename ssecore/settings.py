@@ -11,8 +11,8 @@ import argparse
 import dataclasses
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from .redis_client import RedisTarget, parse_redis_url, parse_sentinels
 from .startup import setting
@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_KEY_PREFIX",
     "DEFAULT_REPLICAS_TIMEOUT_S",
     "DEFAULT_TTL_S",
+    "RedisSettings",
     "check_replicas",
     "opt",
     "redis_target",
@@ -197,6 +198,92 @@ def check_replicas(
             "publish-replicas-timeout",
             f"must be less than the Redis call deadline ({redis_timeout_s:g} s)",
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisSettings:
+    """Where Redis is and how durable a write must be: settings a hub node and its workers take alike, each process's
+    settings class extending this one (with its own `ENV_PREFIX`)."""
+
+    ENV_PREFIX: ClassVar[str] = ""
+
+    # Secret: a URL may carry the password.
+    redis_url: str | None = opt(
+        None, "redis-url", "Redis URL (redis://host:6379/0); a hub without one runs on its memory backend", secret=True
+    )
+    redis_cluster: bool = opt(
+        False, "redis-cluster", "--redis-url is a node of a Redis Cluster: spread channels over its slots"
+    )
+    redis_sentinels: str | None = opt(
+        None, "redis-sentinels", "Sentinels (host:port,host:port,...) naming the Redis primary, instead of --redis-url"
+    )
+    redis_sentinel_master: str | None = opt(None, "redis-sentinel-master", "name of the master the Sentinels watch")
+    redis_password: str | None = opt(
+        None, "redis-password", "password of the primary and replicas named by Sentinels", secret=True
+    )
+    redis_username: str | None = opt(
+        None, "redis-username", "ACL user of the primary and replicas named by Sentinels (default: the default user)"
+    )
+    redis_sentinel_username: str | None = opt(None, "redis-sentinel-username", "ACL user of the Sentinels")
+    redis_sentinel_password: str | None = opt(
+        None, "redis-sentinel-password", "password of the Sentinels (their requirepass)", secret=True
+    )
+    redis_tls: bool = opt(
+        False, "redis-tls", "TLS to the Sentinels and to the primary and replicas they name (a URL says rediss://)"
+    )
+    redis_tls_ca_file: str | None = opt(
+        None,
+        "redis-tls-ca-file",
+        "PEM file of the CAs that Redis's certificates are checked against (default: system's)",
+    )
+    redis_tls_cert_file: str | None = opt(
+        None, "redis-tls-cert-file", "PEM file of this process's client certificate, for Redis that asks for one"
+    )
+    redis_tls_key_file: str | None = opt(None, "redis-tls-key-file", "PEM file of that certificate's private key")
+    publish_replicas: int = opt(
+        0,
+        "publish-replicas",
+        "replicas that must hold each publish, append and submitted generation before it counts (0: the primary alone)",
+    )
+    publish_replicas_timeout_s: float = opt(
+        DEFAULT_REPLICAS_TIMEOUT_S,
+        "publish-replicas-timeout",
+        "seconds to wait for them, then answer 503 not_replicated (a worker's run fails over)",
+    )
+
+    @property
+    def redis_target(self) -> RedisTarget | None:
+        """Where Redis is (None: none given)."""
+        return redis_target(
+            self.ENV_PREFIX,
+            url=self.redis_url,
+            sentinels=self.redis_sentinels,
+            master=self.redis_sentinel_master,
+            password=self.redis_password,
+            username=self.redis_username,
+            sentinel_username=self.redis_sentinel_username,
+            sentinel_password=self.redis_sentinel_password,
+            tls=self.redis_tls,
+            tls_ca_file=self.redis_tls_ca_file,
+            tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file,
+        )
+
+    def check_redis(self, need: Callable[[bool, str, str], None], *, redis_timeout_s: float) -> None:
+        """The checks of these settings, for the process's own `__post_init__` (`need` raises, naming the setting)."""
+        need(not self.redis_cluster or self.redis_url is not None, "redis-cluster", "needs --redis-url of a node")
+        need(
+            not (self.redis_cluster and self.redis_sentinels), "redis-cluster", "cannot be used with --redis-sentinels"
+        )
+        check_replicas(
+            need,
+            self.publish_replicas,
+            self.publish_replicas_timeout_s,
+            redis_timeout_s=redis_timeout_s,
+            redis=self.redis_url is not None or self.redis_sentinels is not None,
+            cluster=self.redis_cluster,
+        )
+        self.redis_target  # validates where Redis is  # noqa: B018
 
 
 T = TypeVar("T")
