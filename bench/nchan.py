@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import Service, wait_port
+from tests.processes import Service, wait_port
 
 __all__ = ["TEMPLATE", "NchanServer", "find_module", "find_nginx", "missing", "render"]
 
@@ -114,6 +114,7 @@ class NchanServer:
             "nginx",
             [nginx, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(self.dir / "nginx.conf")],
             self.dir / "stdout.log",
+            own_session=True,
         )
         self.worker_pid: int | None = None
 

@@ -21,6 +21,7 @@ import aiohttp
 
 from ssecore.backend import Entry
 from ssecore.backend_redis import RedisBackend
+from tests.processes import stop_process
 from tests.support import (
     ROOT,
     HubProcess,
@@ -28,7 +29,6 @@ from tests.support import (
     RedisServer,
     ResumingClient,
     free_port,
-    stop_process,
     wait_http_ok,
 )
 
