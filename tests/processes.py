@@ -1,6 +1,6 @@
 """Child processes for the tests and the benchmarks: free loopback ports, waiting for a listener, `Service` (a command
-with its output in a log file, stopped by its PID within a deadline) and `RedisServer`. Standard library only, so
-`bench/*.py` import it too."""
+with its output in a log file, stopped by its PID within a deadline), `RedisServer`, and a look at a process's own
+children in /proc. Standard library only, so `bench/*.py` import it too."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from signal import SIGTERM, Signals  # not the module: Service.signal would hide it in the class
 
-__all__ = ["RedisServer", "Service", "free_port", "stop_process", "wait_port"]
+__all__ = ["RedisServer", "Service", "alive", "children", "free_port", "stop_process", "wait_port"]
 
 
 def free_port() -> int:
@@ -48,6 +48,25 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10, si
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of a process's children (nginx's workers, say), from /proc; none once it has gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Whether a process that is not our child (we cannot wait for it) is still running."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # A zombie has exited; only its parent's wait is missing.
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class Service:
