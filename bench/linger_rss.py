@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -25,9 +23,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, wait_port  # noqa: E402
 from ssecore.backend import NewEvent  # noqa: E402
 from ssecore.backend_redis import RedisBackend  # noqa: E402
+from tests.processes import RedisServer, free_port, stop_process, wait_port  # noqa: E402
 
 _CHANNEL = "unwatched"
 _SETTLE_S = 3.0  # past the node's --linger of 1 s, and for the node to act on what was appended
@@ -64,29 +62,21 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1000)
     ap.add_argument("--event-bytes", type=int, default=100_000)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="linger-rss-")
-    rport, hport = free_port(), free_port()
-    exe = shutil.which("redis-server") or "redis-server"
-    redis_proc = subprocess.Popen(
-        [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-        stdout=subprocess.DEVNULL,
-    )
-    redis_url = f"redis://127.0.0.1:{rport}/0"
-    hub_args = ["--redis-url", redis_url, "--port", str(hport), "--anonymous", "--linger", "1"]
-    hub_args += ["--embedded-worker", "off", "--log-level", "warning"]
-    hub = subprocess.Popen([sys.executable, "-m", "hub", *hub_args], cwd=ROOT)
+    redis = RedisServer()
+    hub: subprocess.Popen[bytes] | None = None
     try:
-        wait_port(rport)
+        redis.start()
+        hport = free_port()
+        hub_args = ["--redis-url", redis.url, "--port", str(hport), "--anonymous", "--linger", "1"]
+        hub_args += ["--embedded-worker", "off", "--log-level", "warning"]
+        hub = subprocess.Popen([sys.executable, "-m", "hub", *hub_args], cwd=ROOT)
         wait_port(hport, proc=hub)
-        before, after = asyncio.run(measure(redis_url, hport, hub.pid, args))
+        before, after = asyncio.run(measure(redis.url, hport, hub.pid, args))
         appended = args.events * args.event_bytes / 1e6
         print(f"hub RSS after its last stream left: {before:.1f} MB; after {appended:.0f} MB appended: {after:.1f} MB")
     finally:
-        hub.terminate()
-        hub.wait(15)
-        redis_proc.terminate()
-        redis_proc.wait(15)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_process(hub, 15)
+        redis.close()
 
 
 if __name__ == "__main__":

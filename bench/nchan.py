@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import Service, wait_port
+from tests.processes import Service, alive, children, wait_port
 
 __all__ = ["TEMPLATE", "NchanServer", "find_module", "find_nginx", "missing", "render"]
 
@@ -68,23 +68,6 @@ def render(template: str, values: dict[str, str]) -> str:
     return out
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # A zombie has exited; only its parent's wait is missing.
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 class NchanServer:
     """nginx + Nchan with its files in a temporary directory of its own, listening on 127.0.0.1:`port`."""
 
@@ -114,6 +97,7 @@ class NchanServer:
             "nginx",
             [nginx, "-p", str(self.dir), "-e", str(self.dir / "error.log"), "-c", str(self.dir / "nginx.conf")],
             self.dir / "stdout.log",
+            own_session=True,
         )
         self.worker_pid: int | None = None
 
@@ -127,7 +111,7 @@ class NchanServer:
         try:
             wait_port(self.port, _START_TIMEOUT_S, self.master.proc)
             deadline = time.monotonic() + _START_TIMEOUT_S
-            while not (workers := _children(self.master.pid)):
+            while not (workers := children(self.master.pid)):
                 if time.monotonic() > deadline:
                     raise TimeoutError("nginx started no worker process")
                 time.sleep(0.05)
@@ -161,6 +145,6 @@ class NchanServer:
         open stream to end; then SIGKILL) and make sure the worker went with it: a worker outlives a killed master."""
         self.master.stop(signal.SIGTERM, timeout_s=10.0)
         worker = self.worker_pid
-        if worker is not None and _alive(worker):
+        if worker is not None and alive(worker):
             os.kill(worker, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)

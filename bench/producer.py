@@ -14,10 +14,8 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,10 +25,11 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, cpu_seconds, free_port, wait_port  # noqa: E402
+from bench.common import Report, cpu_seconds  # noqa: E402
 from producer.coalesce import DEFAULT_WINDOW_MS  # noqa: E402
 from ssecore.jobs import Job, new_generation_id  # noqa: E402
 from ssecore.queue_redis import RedisJobQueue  # noqa: E402
+from tests.processes import RedisServer, free_port, stop_process, wait_port  # noqa: E402
 
 
 def metric(port: int, name: str) -> float:
@@ -69,7 +68,7 @@ async def run_mode(redis_url: str, args: argparse.Namespace, coalesce_ms: float,
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     queue = RedisJobQueue(redis_url, prefix=prefix, group="producers", record_ttl_s=3600)
     try:
-        wait_port(mport)
+        wait_port(mport, proc=worker)
         jobs = []
         for _ in range(args.generations):
             gid = new_generation_id()
@@ -108,8 +107,7 @@ async def run_mode(redis_url: str, args: argparse.Namespace, coalesce_ms: float,
         )
         assert events == args.generations * (args.tokens + 2), (events, args.generations * (args.tokens + 2))
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_process(worker, 30)
         await queue.aclose()
         await admin.aclose()
 
@@ -129,15 +127,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report = Report([])
-    tmp = tempfile.mkdtemp(prefix="producer-bench-")
-    rport = free_port()
-    exe = shutil.which("redis-server") or "redis-server"
-    redis_proc = subprocess.Popen(
-        [exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = RedisServer()
     try:
-        wait_port(rport)
+        redis.start()
         report.add(f"# Producer benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         report.add()
         report.add(
@@ -152,11 +144,9 @@ def main() -> None:
             "| worker CPU per token | wall time |"
         )
         report.add("|---|---|---|---|---|---|---|")
-        asyncio.run(measure(f"redis://127.0.0.1:{rport}/0", args, report))
+        asyncio.run(measure(redis.url, args, report))
     finally:
-        redis_proc.terminate()
-        redis_proc.wait(15)
-        shutil.rmtree(tmp, ignore_errors=True)
+        redis.close()
     if args.out:
         args.out.write_text("\n".join(report.lines) + "\n")
 

@@ -36,12 +36,13 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Report, Service, cpu_seconds, free_port, wait_port  # noqa: E402
+from bench.common import Report, cpu_seconds  # noqa: E402
 from bench.run import HUB_LOAD_FLAGS  # noqa: E402
 from ssecore.backend import NewEvent  # noqa: E402
 from ssecore.backend_redis import RedisBackend  # noqa: E402
 from ssecore.jobs import Job, new_generation_id  # noqa: E402
 from ssecore.queue_redis import RedisJobQueue  # noqa: E402
+from tests.processes import RedisServer, Service, free_port  # noqa: E402
 
 MODES = (0, 1)
 _REPLICA_SYNC_S = 30.0
@@ -75,8 +76,8 @@ class Figures:
 
 @dataclass
 class Servers:
-    primary: Service
-    replica: Service
+    primary: RedisServer
+    replica: RedisServer
     primary_url: str
     hubs: dict[int, Service]  # by mode
     hub_urls: dict[int, str]
@@ -100,16 +101,11 @@ def add_cpu(figures: Figures, n: int, what: str, before: dict[str, float], after
     figures.add(n, f"all_cpu_{what}", (sum(after.values()) - sum(before.values())) / per)
 
 
-def _redis(stack: ExitStack, work: Path, name: str, *extra: str) -> tuple[Service, int]:
-    port = free_port()
-    data = work / name
-    data.mkdir()
-    argv = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)]
-    server = Service(name, [shutil.which("redis-server") or "redis-server", *argv, *extra], work / f"{name}.log")
+def _redis(stack: ExitStack, work: Path, name: str, *extra: str) -> RedisServer:
+    server = RedisServer(*extra, directory=work / name, own_session=True)
     stack.callback(server.stop)
     server.start()
-    wait_port(port, proc=server.proc)
-    return server, port
+    return server
 
 
 async def _replica_counted(url: str) -> str:
@@ -146,9 +142,9 @@ async def _ready(session: aiohttp.ClientSession, service: Service, url: str) -> 
 
 
 def start(stack: ExitStack, work: Path, args: argparse.Namespace) -> Servers:
-    primary, pport = _redis(stack, work, "primary", "--repl-diskless-sync-delay", "0")
-    replica, _ = _redis(stack, work, "replica", "--replicaof", "127.0.0.1", str(pport))
-    url = f"redis://127.0.0.1:{pport}/0"
+    primary = _redis(stack, work, "primary", "--repl-diskless-sync-delay", "0")
+    replica = _redis(stack, work, "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    url = primary.url
     version = asyncio.run(_replica_counted(url))
     servers = Servers(primary, replica, url, {}, {}, {}, {}, version)
     for n in MODES:
@@ -159,6 +155,7 @@ def start(stack: ExitStack, work: Path, args: argparse.Namespace) -> Servers:
             + [*HUB_LOAD_FLAGS, "--embedded-worker", "off", "--log-level", "warning"],
             work / f"hub{n}.log",
             cwd=ROOT,
+            own_session=True,
         )
         worker = Service(
             f"worker{n}",
@@ -167,6 +164,7 @@ def start(stack: ExitStack, work: Path, args: argparse.Namespace) -> Servers:
             + ["--concurrency", str(args.generations), "--metrics-port", str(mport), "--log-level", "warning"],
             work / f"worker{n}.log",
             cwd=ROOT,
+            own_session=True,
         )
         for s in (hub, worker):
             stack.callback(s.stop)

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as `python bench/run.py`
 
-from bench.common import Service, free_port, wait_port  # noqa: E402
 from bench.nchan import NchanServer, missing  # noqa: E402
+from tests.processes import RedisServer, Service, free_port  # noqa: E402
 
 __all__ = ["BenchRun", "Figure", "Target", "main", "standard_runs"]
 
@@ -376,29 +376,15 @@ def _wait_ready(service: Service, url: str, timeout_s: float) -> None:
 
 def start_hub(stack: ExitStack, workdir: Path) -> Target:
     """Our own redis-server (never on 6379), and one hub node on it."""
-    redis_exe = shutil.which("redis-server")
-    if redis_exe is None:
-        raise RuntimeError("redis-server is not installed (`make system-deps` installs it)")
-    rport = free_port()
-    assert rport != 6379, "never the default Redis port: another Redis may live there"
-    redis_dir = workdir / "redis"
-    redis_dir.mkdir()
-    redis = Service(
-        "redis-server",
-        [redis_exe, "--port", str(rport), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(redis_dir)],
-        workdir / "redis.log",
-    )
+    redis = RedisServer(directory=workdir / "redis", own_session=True)
     stack.callback(redis.stop)
     redis.start()
-    assert redis.proc is not None
-    wait_port(rport, 20, redis.proc)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    hub_args = ["--host", "127.0.0.1", "--port", str(port), "--redis-url", f"redis://127.0.0.1:{rport}/0"]
+    hub_args = ["--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url]
     hub_args += [*HUB_LOAD_FLAGS, "--log-level", "warning"]
-    hub = Service("hub", [sys.executable, "-m", "hub", *hub_args], workdir / "hub.log", cwd=ROOT)
+    hub = Service("hub", [sys.executable, "-m", "hub", *hub_args], workdir / "hub.log", cwd=ROOT, own_session=True)
     # SIGTERM drains: streams end within --grace (10 s); stop() waits a little longer before SIGKILL.
     stack.callback(hub.stop, signal.SIGTERM, 20.0)
     hub.start()
@@ -409,8 +395,8 @@ def start_hub(stack: ExitStack, workdir: Path) -> Target:
         url=url,
         pid=hub.pid,
         metrics_url=f"{url}/metrics",
-        redis_url=f"redis://127.0.0.1:{rport}/0",
-        command="python -m hub " + " ".join(hub_args).replace(str(rport), "<port>").replace(str(port), "<port>"),
+        redis_url=redis.url,
+        command="python -m hub " + " ".join(hub_args).replace(str(redis.port), "<port>").replace(str(port), "<port>"),
     )
 
 
@@ -473,7 +459,9 @@ def run_loadtest(run: BenchRun, target: Target, extra: Sequence[str], workdir: P
         return Measurement("n/a", note=f"the load tester has no {run.scenario!r} scenario yet")
     json_path = workdir / f"{tag}.json"
     argv = [sys.executable, "-m", "loadtest", run.scenario, *run.args, *extra, *target.loadtest_flags(run)]
-    lt = Service(f"loadtest {tag}", [*argv, "--json", str(json_path)], workdir / f"{tag}.log", cwd=ROOT)
+    lt = Service(
+        f"loadtest {tag}", [*argv, "--json", str(json_path)], workdir / f"{tag}.log", cwd=ROOT, own_session=True
+    )
     lt.start()
     assert lt.proc is not None
     try:

@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
 
 from hub.__main__ import create_node
 from hub.settings import HubSettings
+from producer.settings import ProducerSettings
 from ssecore.backend import Backend
 from ssecore.backend_memory import MemoryBackend
 from ssecore.backend_redis import RedisBackend
+from ssecore.jobs import JobQueue
+from ssecore.presence import Presence
 from tests.support import RedisClusterServers, RedisServer
 
 BackendFactory = Callable[..., Backend]
-ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class ClientFactory(Protocol):
+    """`make_client`: a hub node (hub.__main__.create_node) on a test server. `settings` are HubSettings fields,
+    over the tests' defaults (anonymous, a 30 s heartbeat); what is not given, the node makes as it would alone."""
+
+    def __call__(
+        self,
+        backend: Backend | None = None,
+        *,
+        jobs: JobQueue | None = None,
+        presence: Presence | None = None,
+        worker_settings: ProducerSettings | None = None,
+        registry: CollectorRegistry | None = None,
+        **settings: Any,
+    ) -> Awaitable[TestClient[Any, Any]]: ...
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +112,27 @@ def backend(make_backend: BackendFactory) -> Backend:
 
 @pytest.fixture
 def make_client(aiohttp_client: Any) -> ClientFactory:
-    """Start a hub app on a test server, on a given backend (shared, so two apps can act as two nodes)."""
+    """Start hub nodes on test servers, each closed at teardown. Nodes given the same backend (or the same Redis)
+    act as two nodes of one deployment."""
 
-    async def factory(backend: Backend, **settings: Any) -> TestClient[Any, Any]:
-        settings.setdefault("heartbeat_s", 30.0)
-        settings.setdefault("anonymous", True)
-        app = create_node(HubSettings(**settings), backend=backend)
+    async def factory(
+        backend: Backend | None = None,
+        *,
+        jobs: JobQueue | None = None,
+        presence: Presence | None = None,
+        worker_settings: ProducerSettings | None = None,
+        registry: CollectorRegistry | None = None,
+        **settings: Any,
+    ) -> TestClient[Any, Any]:
+        settings = {"heartbeat_s": 30.0, "anonymous": True, **settings}
+        app = create_node(
+            HubSettings(**settings),
+            backend=backend,
+            jobs=jobs,
+            presence=presence,
+            worker_settings=worker_settings,
+            registry=registry,
+        )
         client: TestClient[Any, Any] = await aiohttp_client(app)
         return client
 

@@ -1,4 +1,5 @@
-"""Test helpers: real redis-server and hub processes on free loopback ports; an SSE reader on the project's parser."""
+"""Test helpers: real hub, worker, Redis Cluster and Sentinel processes on free loopback ports (on tests.processes);
+an SSE reader on the project's parser."""
 
 from __future__ import annotations
 
@@ -27,109 +28,29 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ssecore.backend import Backend, Entry
 from ssecore.jobs import GenerationRecord, JobQueue
 from ssecore.sse import SSEEvent, SSEParser
+from tests.processes import RedisServer as RedisServer  # re-exported, as most tests take their servers from here
+from tests.processes import Service, wait_port
+from tests.processes import free_port as free_port  # re-exported, as most tests take their ports from here
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout_s}s")
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 10) -> None:
-    """SIGTERM a process the test started, and SIGKILL it if it has not exited within `timeout_s`."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class RedisServer:
-    """A redis-server process of the test's own, on a free port; it can be stopped and started again."""
-
-    def __init__(self, *extra: str) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (make test installs it)")
-        self.exe = exe
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="hub-test-redis-")
-        self.extra = extra
-        self.config: str | None = None  # a configuration file, read first (a Sentinel needs one it can rewrite)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = [self.exe, *([self.config] if self.config else [])]
-        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port, 10, self.proc)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class ServiceProcess:
-    """A real `python -m <module>` process (hub or producer) with its output in a log file."""
+class ServiceProcess(Service):
+    """A real `python -m <module>` process (hub or producer) with its output in a temporary log file; `close` kills it
+    and removes the log."""
 
     module = ""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        log_path = Path(tempfile.mkstemp(prefix=f"{self.module}-test-", suffix=".log")[1])
+        super().__init__(self.module, [], log_path, cwd=ROOT, env={**os.environ, **(env or {})})
         self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix=f"{self.module}-test-", suffix=".log")[1])
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module, *self.args]
 
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout_s: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout_s)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.stop(signal.SIGKILL)
         self.log_path.unlink(missing_ok=True)
 
 
@@ -151,7 +72,7 @@ class HubProcess(ServiceProcess):
 
     def start(self) -> None:
         super().start()
-        _wait_port(self.port, 20, self.proc)
+        wait_port(self.port, 20, self.proc)
 
 
 class ProducerProcess(ServiceProcess):

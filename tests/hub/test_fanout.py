@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+from typing import Any
 
 from ssecore.backend import Backend
 from tests.conftest import ClientFactory
@@ -12,7 +13,7 @@ from tests.hub.test_api import publish, subscribe
 from tests.support import read_events
 
 # These tests publish megabytes as fast as the node takes them, to fill a stalled client's buffers.
-_UNLIMITED_BYTES = {"publish_bytes_rate": 1 << 30, "publish_bytes_burst": 1 << 30}
+_UNLIMITED_BYTES: dict[str, Any] = {"publish_bytes_rate": 1 << 30, "publish_bytes_burst": 1 << 30}
 
 
 async def _stalled_subscriber(host: str, port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

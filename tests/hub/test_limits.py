@@ -134,8 +134,16 @@ async def test_publish_bytes_are_rate_limited_per_publisher(make_client: ClientF
 
 
 async def test_a_refused_byte_budget_charges_no_events(make_client: ClientFactory, backend: Backend) -> None:
-    small = {"max_body_bytes": 4096, "max_job_bytes": 4096, "publish_bytes_burst": 4096, "publish_bytes_rate": 1}
-    hub = await make_client(backend, publish_rate=1, publish_burst=3, max_batch=3, **small)
+    hub = await make_client(
+        backend,
+        publish_rate=1,
+        publish_burst=3,
+        max_batch=3,
+        max_body_bytes=4096,
+        max_job_bytes=4096,
+        publish_bytes_burst=4096,
+        publish_bytes_rate=1,
+    )
     assert (await hub.post("/v1/channels/b/events", json={"data": "x" * 3000})).status == 201
     refused = await hub.post("/v1/channels/b/events", json={"data": "y" * 3000})
     assert refused.status == 429 and (await refused.json())["limit"] == "publish_bytes_rate"
@@ -167,8 +175,9 @@ async def test_generation_jobs_are_bounded_in_bytes(make_client: ClientFactory, 
 
 
 async def test_generation_jobs_count_toward_the_byte_rate(make_client: ClientFactory, backend: Backend) -> None:
-    sizes = {"max_body_bytes": 65536, "max_job_bytes": 65536, "publish_bytes_burst": 65536, "publish_bytes_rate": 1}
-    hub = await make_client(backend, **sizes)
+    hub = await make_client(
+        backend, max_body_bytes=65536, max_job_bytes=65536, publish_bytes_burst=65536, publish_bytes_rate=1
+    )
     job = {"provider": "demo", "model": "demo:1", "messages": [{"role": "user", "content": "x" * 40_000}]}
     headers = {"Content-Type": "application/json"}
     assert (await hub.post("/v1/generations", data=orjson.dumps(job), headers=headers)).status == 202

@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 
 from hub.__main__ import create_node
 from hub.settings import HubSettings
+from tests.conftest import ClientFactory
 from tests.support import ROOT, HubProcess
 
 OpCase = Case[APIOperation[Any, Any, Any, Any]]
@@ -84,8 +85,8 @@ def test_the_document_has_every_route_the_app_registers_and_no_other() -> None:
     assert registered - page == {(m, p) for m, p in documented if m != "OPTIONS"}
 
 
-async def test_the_hub_serves_the_document(aiohttp_client: Any) -> None:
-    client = await aiohttp_client(create_node(HubSettings(anonymous=True)))
+async def test_the_hub_serves_the_document(make_client: ClientFactory) -> None:
+    client = await make_client()
     resp = await client.get("/v1/openapi.json")
     assert resp.status == 200
     assert resp.content_type == "application/json"

@@ -16,9 +16,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.__main__ import create_node
 from hub.appkeys import FANOUT, JOBS
-from hub.settings import HubSettings
 from producer.settings import ProducerSettings
 from ssecore.backend import AppendBatch, Backend, BackendUnavailable, Fence, NewEvent
 from ssecore.jobs import GenerationRecord, Job, TooManyGenerations
@@ -41,7 +39,7 @@ def bearer(sub: str, *, subscribe: list[str] | None = None, publish: list[str] |
 
 ALICE = bearer("alice", subscribe=["gen:*"], publish=["gen:*"])
 BOB = bearer("bob", subscribe=["gen:*"], publish=["gen:*"])
-AUTH = {"anonymous": False, "jwt_secret": SECRET, "api_keys": f"svc {API_KEY} gen:*"}
+AUTH: dict[str, Any] = {"anonymous": False, "jwt_secret": SECRET, "api_keys": f"svc {API_KEY} gen:*"}
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -384,25 +382,24 @@ def _rejections(metrics: str) -> float:
     return 0.0
 
 
-async def _two_hubs(aiohttp_client: Any, redis_url: str | None, **settings: Any) -> tuple[Client, Client]:
+async def _two_hubs(make_client: ClientFactory, redis_url: str | None, **settings: Any) -> tuple[Client, Client]:
     """Two nodes: with Redis, sharing it (the first runs the worker); without, the same app twice."""
     worker = ProducerSettings(metrics_port=0, demo_tokens_per_s=10, poll_s=0.05)
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    common = {**AUTH, "heartbeat_s": 30.0, "redis_url": redis_url, "key_prefix": prefix, **settings}
-    first = {"embedded_worker": "on" if redis_url else "auto", **common}
-    a: Client = await aiohttp_client(create_node(HubSettings(**first), worker_settings=worker))
+    common = {**AUTH, "redis_url": redis_url, "key_prefix": prefix, **settings}
+    a = await make_client(worker_settings=worker, **{"embedded_worker": "on" if redis_url else "auto", **common})
     if redis_url is None:
         return a, a
-    b: Client = await aiohttp_client(create_node(HubSettings(**{**common, "embedded_worker": "off"})))
+    b = await make_client(**{**common, "embedded_worker": "off"})
     return a, b
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_client_has_at_most_so_many_generations_queued_or_running(
-    aiohttp_client: Any, redis_server: RedisServer, store: str
+    make_client: ClientFactory, redis_server: RedisServer, store: str
 ) -> None:
-    a, b = await _two_hubs(aiohttp_client, redis_server.url if store == "redis" else None, max_generations_per_client=2)
+    a, b = await _two_hubs(make_client, redis_server.url if store == "redis" else None, max_generations_per_client=2)
     first, second = await start(a, ALICE), await start(b, ALICE)  # counted over every node
     await _refused_generation(a, ALICE)
     await _refused_generation(b, ALICE)
@@ -424,8 +421,8 @@ async def test_a_client_has_at_most_so_many_generations_queued_or_running(
     await _refused_generation(a, ALICE)
 
 
-async def test_zero_means_no_limit(aiohttp_client: Any) -> None:
-    hub, _ = await _two_hubs(aiohttp_client, None, max_generations_per_client=0, embedded_worker="off")
+async def test_zero_means_no_limit(make_client: ClientFactory) -> None:
+    hub, _ = await _two_hubs(make_client, None, max_generations_per_client=0, embedded_worker="off")
     for _ in range(20):
         await start(hub, ALICE)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Collection
-from typing import Any
 
 import pytest
 
-from hub.__main__ import create_node
-from hub.settings import HubSettings
 from ssecore.backend_memory import MemoryBackend
 from ssecore.presence import MemoryPresence, Presence, RedisPresence
+from tests.conftest import ClientFactory
 from tests.hub.test_api import subscribe
 from tests.support import RedisServer
 
@@ -55,14 +53,11 @@ class _FailsOnce(MemoryPresence):
         await super().touch(channels)
 
 
-async def test_a_node_goes_on_reporting_presence_after_an_unexpected_error(aiohttp_client: Any) -> None:
+async def test_a_node_goes_on_reporting_presence_after_an_unexpected_error(make_client: ClientFactory) -> None:
     """Were the presence loop to die, workers would cancel generations that are watched as unwatched, and nothing
     would show it. It outlives the error, and it answers to /healthz like the live tail."""
     presence = _FailsOnce()
-    app = create_node(
-        HubSettings(anonymous=True, heartbeat_s=30.0), backend=MemoryBackend(history=100, ttl_s=60), presence=presence
-    )
-    node = await aiohttp_client(app)
+    node = await make_client(MemoryBackend(history=100, ttl_s=60), presence=presence)
     body = await (await node.get("/healthz")).json()
     assert {"presence", "heartbeat"} <= set(body["loops"])
     live = await subscribe(node, "c")

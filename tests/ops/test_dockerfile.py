@@ -13,14 +13,13 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from hub.__main__ import create_node
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
+from tests.conftest import ClientFactory
 
 from .dockerfile import Stage, context_includes, parse_dockerfile
 from .manifests import ROOT, container, default, find, pod_spec
@@ -161,12 +160,12 @@ async def _run_healthcheck(cmd: list[str], env: dict[str, str]) -> int:
 
 
 async def test_the_healthcheck_passes_on_a_live_hub_and_fails_otherwise(
-    stages: list[Stage], aiohttp_client: Any
+    stages: list[Stage], make_client: ClientFactory
 ) -> None:
     cmd = stages[-1].last("HEALTHCHECK").exec_form()
     assert cmd is not None and cmd[0] == "python", "exec form with the image's Python: slim images have no curl"
     assert f"'{default(HubSettings, 'port')}'" in cmd[-1], "without HUB_PORT it checks the hub's default port"
-    client = await aiohttp_client(create_node(HubSettings(anonymous=True, embedded_worker="off")))
+    client = await make_client(embedded_worker="off")
     assert await _run_healthcheck(cmd, {"HUB_PORT": str(client.port)}) == 0
     assert await _run_healthcheck(cmd, {"HEALTHCHECK_URL": f"http://127.0.0.1:{client.port}/no-such-path"}) != 0
     await client.close()

@@ -20,6 +20,7 @@ from hub.settings import HubSettings
 from producer.__main__ import _serve_endpoints
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from ssecore.liveness import Liveness
+from tests.conftest import ClientFactory
 
 from .manifests import (
     HUB_ENV,
@@ -55,9 +56,8 @@ def producer_settings() -> ProducerSettings:
 
 
 @pytest.fixture
-async def hub(aiohttp_client: Any) -> TestClient[Any, Any]:
-    client: TestClient[Any, Any] = await aiohttp_client(create_node(HubSettings(anonymous=True, embedded_worker="off")))
-    return client
+async def hub(make_client: ClientFactory) -> TestClient[Any, Any]:
+    return await make_client(embedded_worker="off")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from hub.__main__ import create_node
 from hub.appkeys import JOBS
 from hub.settings import HubSettings
 from producer.settings import ProducerSettings
@@ -21,25 +20,25 @@ from ssecore.demo import TEXT
 from ssecore.jobs import Job
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import RedisJobQueue
+from tests.conftest import ClientFactory
 from tests.support import RedisServer, collect, settled
 
 Client = TestClient[Any, Any]
 
 
-async def embedded_hub(aiohttp_client: Any, *, tokens_per_s: float, poll_s: float, history: int = 10_000) -> Client:
+async def embedded_hub(
+    make_client: ClientFactory, *, tokens_per_s: float, poll_s: float, history: int = 10_000
+) -> Client:
     """A hub on the memory backend with its embedded worker, the demo provider at the given pace."""
-    app = create_node(
-        HubSettings(heartbeat_s=30, anonymous=True),
-        backend=MemoryBackend(history=history, ttl_s=3600),
+    return await make_client(
+        MemoryBackend(history=history, ttl_s=3600),
         worker_settings=ProducerSettings(demo_tokens_per_s=tokens_per_s, metrics_port=0, poll_s=poll_s),
     )
-    client: Client = await aiohttp_client(app)
-    return client
 
 
 @pytest.fixture
-async def hub(aiohttp_client: Any) -> Client:
-    return await embedded_hub(aiohttp_client, tokens_per_s=0, poll_s=0.05)
+async def hub(make_client: ClientFactory) -> Client:
+    return await embedded_hub(make_client, tokens_per_s=0, poll_s=0.05)
 
 
 async def start(hub: Client, body: dict[str, Any], status: int = 202) -> dict[str, Any]:
@@ -83,8 +82,8 @@ async def test_accept_event_stream_answers_with_the_generation_itself(hub: Clien
     assert orjson.loads(evs[-1].data)["finish_reason"] == "length"
 
 
-async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) -> None:
-    hub = await embedded_hub(aiohttp_client, tokens_per_s=50, poll_s=0.1)
+async def test_cancel_stops_the_generation_within_a_second(make_client: ClientFactory) -> None:
+    hub = await embedded_hub(make_client, tokens_per_s=50, poll_s=0.1)
     job = await start(hub, {**DEMO, "model": "demo:100000"})
     resp = await hub.get(job["events_url"] + "?last_event_id=0")
     await collect(resp, count=5, timeout_s=10)  # start + a few tokens: it is running
@@ -101,8 +100,8 @@ async def test_cancel_stops_the_generation_within_a_second(aiohttp_client: Any) 
     assert again.status == 409 and (await again.json())["error"] == "generation_finished"
 
 
-async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(aiohttp_client: Any) -> None:
-    hub = await embedded_hub(aiohttp_client, tokens_per_s=20, poll_s=0.1, history=100_000)
+async def test_unwatched_generation_is_cancelled_and_a_watched_one_is_not(make_client: ClientFactory) -> None:
+    hub = await embedded_hub(make_client, tokens_per_s=20, poll_s=0.1, history=100_000)
     abandoned = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
     watched = await start(hub, {**DEMO, "model": "demo:100000", "cancel_if_unwatched_s": 1})
     viewer = await hub.get(watched["events_url"] + "?last_event_id=0")
@@ -169,11 +168,9 @@ async def test_the_largest_demo_model_is_accepted(hub: Client) -> None:
     assert record.status == "done" and record.finish_reason == "length"
 
 
-async def test_a_hub_without_the_demo_provider_refuses_demo_jobs(aiohttp_client: Any) -> None:
+async def test_a_hub_without_the_demo_provider_refuses_demo_jobs(make_client: ClientFactory) -> None:
     # No worker: nothing here may call a provider.
-    settings = HubSettings(anonymous=True, demo=False, embedded_worker="off")
-    app = create_node(settings, backend=MemoryBackend(history=100, ttl_s=3600))
-    hub: Client = await aiohttp_client(app)
+    hub = await make_client(MemoryBackend(history=100, ttl_s=3600), demo=False, embedded_worker="off")
     refused = await start(hub, DEMO, status=400)
     assert refused["error"] == "unknown_provider" and "demo" not in refused["message"]
     jobs = hub.app[JOBS]

@@ -21,6 +21,7 @@ import aiohttp
 
 from ssecore.backend import Entry
 from ssecore.backend_redis import RedisBackend
+from tests.processes import alive, children, stop_process
 from tests.support import (
     ROOT,
     HubProcess,
@@ -28,7 +29,6 @@ from tests.support import (
     RedisServer,
     ResumingClient,
     free_port,
-    stop_process,
     wait_http_ok,
 )
 
@@ -128,14 +128,6 @@ def fail_timeout_s() -> float:
     return float(m.group(1))
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 class LoadBalancer:
     """nginx on a free loopback port in front of `nodes` (host:port), with its files in a directory of its own."""
 
@@ -165,7 +157,7 @@ class LoadBalancer:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not start:\n{self.log_tail()}")
             time.sleep(0.05)
-            self.workers = _children(self.proc.pid)
+            self.workers = children(self.proc.pid)
         # The workers are up, but the port may still be opening.
         while True:
             try:
@@ -185,10 +177,10 @@ class LoadBalancer:
         check = subprocess.run([*self.args, "-t", "-q"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{check.stdout}{check.stderr}")
-        old = set(_children(self.proc.pid))
+        old = set(children(self.proc.pid))
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout_s
-        while len(new := [p for p in _children(self.proc.pid) if p not in old]) < 2:
+        while len(new := [p for p in children(self.proc.pid) if p not in old]) < 2:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nginx did not reload:\n{self.log_tail()}")
             time.sleep(0.05)
@@ -217,12 +209,7 @@ class LoadBalancer:
         sure its workers went too: a worker outlives a master that was killed."""
         stop_process(self.proc)
         for pid in self.workers:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
-            except OSError:
-                alive = False
-            if alive:
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
 

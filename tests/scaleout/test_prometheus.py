@@ -15,7 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.support import HubProcess, RedisServer, collect, free_port, stop_process, wait_http_ok
+from tests.processes import stop_process
+from tests.support import HubProcess, RedisServer, collect, free_port, wait_http_ok
 
 _PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
