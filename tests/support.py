@@ -276,8 +276,19 @@ class RedisSentinels:
     MASTER = "m"
     PASSWORD = "sentinel-secret"
 
-    def __init__(self, replicas: int = 2, extra: tuple[str, ...] = ()) -> None:
-        """`extra`: more options of the primary and the replicas."""
+    def __init__(
+        self,
+        replicas: int = 2,
+        extra: tuple[str, ...] = (),
+        *,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        """`extra`: more options of the primary and the replicas. `down_after_ms`: how long a server may not answer
+        before it is called down; `failover_timeout_ms`: how long a failover may take before the Sentinels try
+        another (each may promote a replica while one promoted before still takes writes)."""
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
         auth = ("--requirepass", self.PASSWORD, "--masterauth", self.PASSWORD, "--repl-diskless-sync-delay", "0")
         self.primary = RedisServer(*auth, *extra)
         self.replicas = [
@@ -308,8 +319,8 @@ class RedisSentinels:
             Path(sentinel.config).write_text(
                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
                 f"sentinel auth-pass {self.MASTER} {self.PASSWORD}\n"
-                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
-                f"sentinel failover-timeout {self.MASTER} 5000\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER} {self.failover_timeout_ms}\n"
             )
             sentinel.start()
         # Ready when every replica has synced and every Sentinel knows the replicas and the other Sentinels: a
@@ -328,6 +339,15 @@ class RedisSentinels:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Sentinel on {sentinel.port} sees {replicas} replicas, {others} Sentinels")
                 time.sleep(0.2)
+
+    def switches(self) -> int:
+        """How many failovers the Sentinels have made: the master's configuration epoch, which each one raises (the
+        highest any Sentinel knows)."""
+        epochs = []
+        for sentinel in self.sentinels:
+            fields = self.cli(sentinel.port, "sentinel", "master", self.MASTER).split("\n")
+            epochs.append(int(fields[fields.index("config-epoch") + 1]))
+        return max(epochs)
 
     def kill_primary(self) -> int:
         """kill -9 the current primary; its port."""
