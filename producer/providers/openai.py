@@ -67,8 +67,12 @@ class _Decoder:
         if not data:
             return []
         chunk = load_object(data)
+        # OpenAI puts an error under "error"; vLLM and other compatible servers send the error object itself, as a
+        # chunk whose "object" is "error". Either way the answer failed: never a `done`.
         if chunk.get("error"):
             raise self._stream_error(chunk)
+        if chunk.get("object") == "error":
+            raise self._stream_error({"error": chunk})
         self._take_usage(chunk.get("usage"))
         # Groq reports usage under its own key.
         x_groq = chunk.get("x_groq")
@@ -87,6 +91,9 @@ class _Decoder:
                 items.append(TextDelta(content))
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
+            if reason.lower() == "error":
+                # vLLM and some gateways end a failed generation this way, after whatever text came: it is not whole.
+                raise ProviderError("provider_error", "the provider ended the answer with finish_reason error")
             self._finish_reason = _FINISH_REASONS.get(reason, reason.lower())
         return items
 

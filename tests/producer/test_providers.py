@@ -569,6 +569,23 @@ def test_openai_quota_error_inside_the_stream_is_not_retryable() -> None:
     assert (info.value.code, info.value.retryable) == ("quota_exhausted", False)
 
 
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        # vLLM: the error object itself, as a chunk.
+        '{"object": "error", "message": "out of memory", "type": "InternalServerError", "code": 500}',
+        # A failed generation's last chunk.
+        '{"choices": [{"delta": {"content": ""}, "finish_reason": "error"}]}',
+    ],
+)
+def test_openai_errors_inside_the_stream_end_the_answer_as_an_error_not_done(chunk: str) -> None:
+    decoder = OpenAIDecoder(None)
+    assert feed_all(decoder, SSEEvent('{"choices": [{"delta": {"content": "Hel"}}]}')) == [TextDelta("Hel")]
+    with pytest.raises(ProviderError) as info:
+        feed_all(decoder, SSEEvent(chunk), SSEEvent("[DONE]"))
+    assert info.value.code == "provider_error" and not info.value.retryable
+
+
 def _json(value: object) -> str:
     return orjson.dumps(value).decode()
 
