@@ -29,7 +29,15 @@ from ssecore.presence import PRESENCE_SLACK_S, Presence
 
 from .coalesce import Coalescer
 from .metrics import ProducerMetrics
-from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
+from .providers.base import (
+    Finish,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    RefusalDelta,
+    TextDelta,
+)
 from .settings import REDIS_TIMEOUT_S, ProducerSettings
 from .slots import Slots
 
@@ -57,6 +65,14 @@ _CHANNEL_LOST = {
 
 def _event(name: str, data: Mapping[str, Any]) -> NewEvent:
     return NewEvent(name, orjson.dumps(data).decode())
+
+
+def _item_event(item: TextDelta | ReasoningDelta | RefusalDelta) -> NewEvent:
+    """The channel event of a provider's stream item: the answer's text as `token`; reasoning and refusals as events
+    of their own, so a client shows them apart from the answer."""
+    if isinstance(item, TextDelta):
+        return _event("token", {"text": item.text})
+    return _event("reasoning" if isinstance(item, ReasoningDelta) else "refusal", {"text": item.text})
 
 
 @dataclass(slots=True)
@@ -501,7 +517,8 @@ class Worker:
         assert self._session is not None and run.fence is not None
         request = GenerationRequest(job.model, job.messages, job.max_tokens, job.temperature, job.top_p, job.stop)
         s = self.settings
-        tokens = 0
+        tokens = 0  # of the answer's text
+        written = 0  # events of any kind: once one is out, a new attempt would repeat it
         for attempt in range(1, s.max_attempts + 1):
             started = time.monotonic()
             first_at: float | None = None
@@ -510,21 +527,22 @@ class Worker:
             try:
                 async with contextlib.aclosing(provider.stream(self._session, request)) as items:
                     async for item in items:
-                        if isinstance(item, TextDelta):
-                            if first_at is None:
-                                first_at = time.monotonic()
-                                self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
-                            tokens += 1
-                            pending = self._add(run, _event("token", {"text": item.text}))
-                            if tokens % _BACKPRESSURE_EVERY == 0:
-                                await pending  # surfaces a store failure, and paces us to the store
-                        else:
+                        if isinstance(item, Finish):
                             finish = item
+                            continue
+                        if isinstance(item, TextDelta) and first_at is None:
+                            first_at = time.monotonic()
+                            self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
+                        tokens += isinstance(item, TextDelta)
+                        pending = self._add(run, _item_event(item))
+                        written += 1
+                        if written % _BACKPRESSURE_EVERY == 0:
+                            await pending  # surfaces a store failure, and paces us to the store
                 if pending is not None:
                     await pending
             except ProviderError as e:
                 self.metrics.provider_errors.labels(provider.name, str(e.status or "none"), e.code).inc()
-                if not e.retryable or tokens > 0 or attempt == s.max_attempts:
+                if not e.retryable or written > 0 or attempt == s.max_attempts:
                     raise
                 delay = e.after_s if e.after_s is not None else s.backoff_s * 2 ** (attempt - 1)
                 if delay > s.backoff_max_s:

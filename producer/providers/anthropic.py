@@ -22,6 +22,7 @@ from producer.providers.base import (
     Finish,
     GenerationRequest,
     ProviderError,
+    ReasoningDelta,
     StreamItem,
     TextDelta,
 )
@@ -92,6 +93,10 @@ class _Decoder:
                 text = delta.get("text")
                 if isinstance(text, str) and text:
                     return [TextDelta(text)]
+            elif isinstance(delta, dict) and delta.get("type") == "thinking_delta":
+                thinking = delta.get("thinking")
+                if isinstance(thinking, str) and thinking:
+                    return [ReasoningDelta(thinking)]
         elif kind == "message_start":
             message = load_object(event.data).get("message")
             if isinstance(message, dict):
@@ -102,7 +107,7 @@ class _Decoder:
             return [self._finish()]
         elif kind == "error":
             raise self._stream_error(load_object(event.data))
-        # ping, content_block_start/stop, thinking and tool-input deltas, and future event types: nothing to say.
+        # ping, content_block_start/stop, signature and tool-input deltas, and future event types: nothing to say.
         return []
 
     def end(self, cut: ProviderError | None) -> Finish:

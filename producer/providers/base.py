@@ -18,6 +18,8 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderError",
+    "ReasoningDelta",
+    "RefusalDelta",
     "StreamItem",
     "TextDelta",
 ]
@@ -55,7 +57,21 @@ class Finish:
     output_tokens: int | None = None
 
 
-StreamItem = TextDelta | Finish
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """The next piece of the reasoning (thinking) text a provider shows (never empty): not part of the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """The next piece of a refusal the model gave instead of an answer (never empty)."""
+
+    text: str
+
+
+StreamItem = TextDelta | ReasoningDelta | RefusalDelta | Finish
 
 
 class ProviderError(Exception):

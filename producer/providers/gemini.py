@@ -24,6 +24,7 @@ from producer.providers.base import (
     Finish,
     GenerationRequest,
     ProviderError,
+    ReasoningDelta,
     StreamItem,
     TextDelta,
 )
@@ -127,11 +128,11 @@ class _Decoder:
         parts = content.get("parts") if isinstance(content, dict) else None
         if not isinstance(parts, list):
             return []
+        # Thought summaries (`"thought": true`) are reasoning, not part of the answer.
         return [
-            TextDelta(part["text"])
+            ReasoningDelta(part["text"]) if part.get("thought") else TextDelta(part["text"])
             for part in parts
-            # Thought summaries (`"thought": true`) are not part of the answer.
-            if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"] and not part.get("thought")
+            if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]
         ]
 
     def _take_usage(self, usage: object) -> bool:

@@ -21,6 +21,8 @@ from producer.providers.base import (
     Finish,
     GenerationRequest,
     ProviderError,
+    ReasoningDelta,
+    RefusalDelta,
     StreamItem,
     TextDelta,
 )
@@ -53,6 +55,23 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _delta_items(delta: Mapping[str, Any]) -> list[StreamItem]:
+    """What one chunk's delta adds: reasoning (`reasoning_content` as DeepSeek and vLLM send it, `reasoning` as
+    OpenRouter does), a refusal, then text. Empty strings are no delta: the first chunk has `"content": ""`."""
+    items: list[StreamItem] = []
+    for key in ("reasoning_content", "reasoning"):
+        reasoning = delta.get(key)
+        if isinstance(reasoning, str) and reasoning:
+            items.append(ReasoningDelta(reasoning))
+    refusal = delta.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        items.append(RefusalDelta(refusal))
+    content = delta.get("content")
+    if isinstance(content, str) and content:
+        items.append(TextDelta(content))
+    return items
+
+
 class _Decoder:
     def __init__(self, api_key: str | None) -> None:
         self._api_key = api_key
@@ -82,13 +101,8 @@ class _Decoder:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return []  # the usage-only chunk, or a server's extra chunk
         choice = choices[0]
-        items: list[StreamItem] = []
         delta = choice.get("delta")
-        if isinstance(delta, dict):
-            content = delta.get("content")
-            # The first chunk usually has `"content": ""` next to the role: not a delta.
-            if isinstance(content, str) and content:
-                items.append(TextDelta(content))
+        items = _delta_items(delta) if isinstance(delta, dict) else []
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             if reason.lower() == "error":

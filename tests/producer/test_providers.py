@@ -22,6 +22,8 @@ from producer.providers.base import (
     Provider,
     ProviderConfig,
     ProviderError,
+    ReasoningDelta,
+    RefusalDelta,
     StreamItem,
     TextDelta,
 )
@@ -526,22 +528,43 @@ def test_anthropic_input_tokens_include_cached_prompt_tokens() -> None:
     assert items == [Finish("content_filter", input_tokens=1105, output_tokens=3)]
 
 
-def test_anthropic_thinking_and_unknown_deltas_are_not_text() -> None:
+def test_anthropic_thinking_is_reasoning_and_unknown_deltas_are_nothing() -> None:
     decoder = AnthropicDecoder(None)
     thinking = '{"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": "hmm"}}'
+    signature = '{"type": "content_block_delta", "delta": {"type": "signature_delta", "signature": "EqQB"}}'
     text = '{"type": "content_block_delta", "delta": {"type": "text_delta", "text": "ok"}}'
-    items = feed_all(decoder, SSEEvent(thinking, "content_block_delta"), SSEEvent(text, "content_block_delta"))
-    assert items == [TextDelta("ok")]
+    events = (SSEEvent(e, "content_block_delta") for e in (thinking, signature, text))
+    assert feed_all(decoder, *events) == [ReasoningDelta("hmm"), TextDelta("ok")]
 
 
-def test_gemini_skips_thought_parts_and_counts_thinking_tokens_as_output() -> None:
+def test_gemini_thought_parts_are_reasoning_and_thinking_tokens_count_as_output() -> None:
     chunk = {
         "candidates": [
             {"content": {"parts": [{"text": "plan", "thought": True}, {"text": "answer"}]}, "finishReason": "STOP"}
         ],
         "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2, "thoughtsTokenCount": 30},
     }
-    assert feed_all(GeminiDecoder(None), SSEEvent(_json(chunk))) == [TextDelta("answer"), Finish("stop", 4, 32)]
+    items = feed_all(GeminiDecoder(None), SSEEvent(_json(chunk)))
+    assert items == [ReasoningDelta("plan"), TextDelta("answer"), Finish("stop", 4, 32)]
+
+
+def test_openai_compatible_reasoning_and_refusal_deltas_are_their_own_items() -> None:
+    decoder = OpenAIDecoder(None)
+    items = feed_all(
+        decoder,
+        SSEEvent('{"choices": [{"delta": {"role": "assistant", "content": "", "reasoning_content": "Let me"}}]}'),
+        SSEEvent('{"choices": [{"delta": {"reasoning": " think."}}]}'),
+        SSEEvent('{"choices": [{"delta": {"refusal": "I can\'t help with that."}}]}'),
+        SSEEvent('{"choices": [{"delta": {"content": "Hi"}, "finish_reason": "stop"}]}'),
+        SSEEvent("[DONE]"),
+    )
+    assert items == [
+        ReasoningDelta("Let me"),
+        ReasoningDelta(" think."),
+        RefusalDelta("I can't help with that."),
+        TextDelta("Hi"),
+        Finish("stop"),
+    ]
 
 
 def test_gemini_blocked_prompt_finishes_as_content_filter() -> None:

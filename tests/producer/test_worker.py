@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from producer.providers.base import Finish, GenerationRequest, ReasoningDelta, RefusalDelta, StreamItem, TextDelta
 from producer.providers.demo import DemoProvider
 from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
@@ -382,6 +383,44 @@ async def test_a_run_whose_latest_events_the_store_lost_is_re_run_not_continued_
         await admin.aclose()
     entries = await _wait_closed(backend, job.channel, 60)
     _check_one_run(entries, 12, restarted=True)
+
+
+class _Reasoner:
+    """A provider that thinks aloud, refuses part of the request, then answers: what reasoning models stream."""
+
+    name = "demo"
+
+    async def stream(
+        self, session: aiohttp.ClientSession, request: GenerationRequest
+    ) -> AsyncGenerator[StreamItem, None]:
+        yield ReasoningDelta("The user greets me.")
+        yield ReasoningDelta(" Greet back.")
+        yield RefusalDelta("No secrets.")
+        yield TextDelta("Hello")
+        yield Finish("stop", 3, 9)
+
+
+async def test_reasoning_and_refusals_reach_the_channel_as_their_own_events(
+    stores: tuple[RedisBackend, RedisJobQueue], redis_server: RedisServer, prefix: str
+) -> None:
+    backend, queue = stores
+    settings = ProducerSettings(redis_url=redis_server.url, key_prefix=prefix, metrics_port=0)
+    worker = Worker(settings, backend=backend, queue=queue, providers={"demo": _Reasoner()})
+    task = asyncio.create_task(worker.run_async())
+    try:
+        job = _job(1)
+        await queue.submit(job)
+        entries = await _wait_closed(backend, job.channel, 20)
+    finally:
+        worker.stop()
+        await task
+    assert [(e.event, orjson.loads(e.data).get("text")) for e in entries[1:-1]] == [
+        ("reasoning", "The user greets me."),
+        ("reasoning", " Greet back."),
+        ("refusal", "No secrets."),
+        ("token", "Hello"),
+    ]
+    assert entries[-1].event == "done" and orjson.loads(entries[-1].data)["finish_reason"] == "stop"
 
 
 async def test_workers_recover_when_the_job_stream_and_group_vanish(
