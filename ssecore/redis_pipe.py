@@ -74,17 +74,10 @@ class _Protocol(asyncio.Protocol):
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         """Queue one packed command; the future gets its reply (an error reply as a ReplyError value)."""
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        if self.failed is not None:
-            fut.set_exception(self.failed)
-            return fut
-        if not self._out:
-            # Everything queued in this turn of the loop leaves in one write.
-            self._loop.call_soon(self._flush)
-        self._out.append(packed)
-        self._waiting.append((fut, self._loop.time() + self._timeout_s))
-        if self._watchdog is None:
-            self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
+        fut = self._future()
+        if not fut.done():
+            self._queue(packed)
+            self._expect(fut)
         return fut
 
     def send_wait(self, packed: bytes) -> asyncio.Future[Any]:
@@ -93,30 +86,44 @@ class _Protocol(asyncio.Protocol):
         it covers all the calls before it; a WAIT per call would hold the connection once per call instead."""
         if self._wait is not None:
             return self._wait[1]
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        if self.failed is not None:
-            fut.set_exception(self.failed)
-            return fut
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._wait = (packed, fut)
+        fut = self._future()
+        if not fut.done():
+            self._queue(None)
+            self._wait = (packed, fut)
         return fut
 
     def post(self, packed: bytes) -> None:
         """Queue a command whose answers come as pushes (SSUBSCRIBE, SUNSUBSCRIBE), not as a reply to wait for."""
         if self.failed is not None:
             raise self.failed
-        if not self._out:
+        self._queue(packed)
+
+    def _future(self) -> asyncio.Future[Any]:
+        """A reply's future: already failed when the connection has."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        if self.failed is not None:
+            fut.set_exception(self.failed)
+        return fut
+
+    def _queue(self, packed: bytes | None) -> None:
+        """Add to this turn's write (None: nothing yet, but make sure the write goes out)."""
+        if not self._out and self._wait is None:
+            # Everything queued in this turn of the loop leaves in one write.
             self._loop.call_soon(self._flush)
-        self._out.append(packed)
+        if packed is not None:
+            self._out.append(packed)
+
+    def _expect(self, fut: asyncio.Future[Any]) -> None:
+        """The next reply is `fut`'s, due within the deadline."""
+        self._waiting.append((fut, self._loop.time() + self._timeout_s))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
 
     def _flush(self) -> None:
         if self._wait is not None and self.failed is None:
             packed, fut = self._wait
             self._out.append(packed)
-            self._waiting.append((fut, self._loop.time() + self._timeout_s))
-            if self._watchdog is None:
-                self._watchdog = self._loop.call_at(self._waiting[0][1], self._check)
+            self._expect(fut)
         self._wait = None
         out, self._out = self._out, []
         if out and self._transport is not None and self.failed is None:

@@ -199,6 +199,18 @@ class ResumingClient:
                     self.retry_s = parser.retry_ms / 1000
 
 
+async def run_demo_generation(session: aiohttp.ClientSession, hub_url: str, tokens: int) -> list[str]:
+    """Start a demo generation of `tokens` tokens on the hub and follow it, resuming, to its end: its event names."""
+    body = {"provider": "demo", "model": f"demo:{tokens}", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(f"{hub_url}/v1/generations", json=body) as resp:
+        job = await resp.json()
+        assert resp.status == 202, job
+    generation = ResumingClient(session, f"{hub_url}{job['events_url']}?last_event_id=0", retry_s=0.2)
+    async with asyncio.timeout(60):
+        await generation.run()
+    return [e.event for e in generation.events]
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (10000 higher) is free too; so at most 55535."""
     for _ in range(200):
@@ -295,6 +307,10 @@ class RedisSentinels:
             RedisServer(*auth, *extra, "--replicaof", "127.0.0.1", str(self.primary.port)) for _ in range(replicas)
         ]
         self.sentinels = [RedisServer("--sentinel") for _ in range(3)]
+
+    def hub_args(self) -> tuple[str, ...]:
+        """The flags that put a hub on these Sentinels (the password goes by environment variable)."""
+        return ("--redis-sentinels", self.addresses, "--redis-sentinel-master", self.MASTER)
 
     @property
     def addresses(self) -> str:

@@ -122,10 +122,7 @@ def _view(events: list[SSEEvent]) -> list[tuple[str, str, str]]:
 
 def _hub(sentinels: RedisSentinels, replicas: int) -> HubProcess:
     return HubProcess(
-        "--redis-sentinels",
-        sentinels.addresses,
-        "--redis-sentinel-master",
-        sentinels.MASTER,
+        *sentinels.hub_args(),
         "--redis-timeout",
         "2",
         "--tail-block",

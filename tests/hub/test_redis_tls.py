@@ -27,13 +27,13 @@ from tests.support import (
     HubProcess,
     ProducerProcess,
     RedisServer,
-    ResumingClient,
     TlsFiles,
     TlsRedisSentinels,
     collect,
     free_port,
     make_tls_files,
     read_events,
+    run_demo_generation,
     stored_entries,
     tls_only,
     wait_http_ok,
@@ -247,14 +247,7 @@ async def test_a_hub_and_a_worker_on_tls_sentinels_with_passwords_serve_and_foll
 
 async def _generate(session: aiohttp.ClientSession, hub: HubProcess, worker: ProducerProcess) -> None:
     """A demo generation, taken from the queue by the worker and run to its one terminal event."""
-    body = {"provider": "demo", "model": "demo:5", "messages": [{"role": "user", "content": "hi"}]}
-    async with session.post(f"{hub.url}/v1/generations", json=body) as resp:
-        job = await resp.json()
-        assert resp.status == 202, job
-    generation = ResumingClient(session, f"{hub.url}{job['events_url']}?last_event_id=0", retry_s=0.2)
-    async with asyncio.timeout(60):
-        await generation.run()
-    names = [e.event for e in generation.events]
+    names = await run_demo_generation(session, hub.url, 5)
     assert names == ["start"] + ["token"] * 5 + ["done"], (names, worker.log()[-3000:])
 
 

@@ -17,7 +17,15 @@ from ssecore.backend import AppendBatch, Fence, Idempotency, NewEvent, NotReplic
 from ssecore.backend_redis import RedisBackend
 from ssecore.redis_client import RedisTarget
 from ssecore.sse import SSEEvent
-from tests.support import HubProcess, ProducerProcess, RedisSentinels, ResumingClient, free_port, wait_http_ok
+from tests.support import (
+    HubProcess,
+    ProducerProcess,
+    RedisSentinels,
+    ResumingClient,
+    free_port,
+    run_demo_generation,
+    wait_http_ok,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +43,7 @@ def sentinels() -> Iterator[RedisSentinels]:
 @pytest.fixture
 def hub(sentinels: RedisSentinels) -> Iterator[HubProcess]:
     node = HubProcess(
-        "--redis-sentinels",
-        sentinels.addresses,
-        "--redis-sentinel-master",
-        sentinels.MASTER,
+        *sentinels.hub_args(),
         "--redis-timeout",
         "2",
         "--tail-block",
@@ -221,14 +226,7 @@ async def test_a_hub_and_a_worker_follow_a_sentinel_failover(
 
             # The worker, never restarted either, takes a generation from the queue on the new primary and runs it
             # to its one terminal event.
-            body = {"provider": "demo", "model": "demo:20", "messages": [{"role": "user", "content": "hi"}]}
-            async with session.post(f"{hub.url}/v1/generations", json=body) as resp:
-                job = await resp.json()
-                assert resp.status == 202, job
-            generation = ResumingClient(session, f"{hub.url}{job['events_url']}?last_event_id=0", retry_s=0.2)
-            async with asyncio.timeout(60):
-                await generation.run()
-            names = [e.event for e in generation.events]
+            names = await run_demo_generation(session, hub.url, 20)
             assert names == ["start"] + ["token"] * 20 + ["done"], (names, producer.log()[-3000:])
             assert producer.proc is not None and producer.proc.poll() is None
         finally:
