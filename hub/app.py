@@ -97,7 +97,8 @@ def create_app(
     app.on_response_prepare.append(cors.on_response_prepare)
     app.on_response_prepare.append(security_headers)
     # Without --demo a demo job is refused like any provider the hub does not know.
-    app[PROVIDERS] = PROVIDER_NAMES if settings.demo else PROVIDER_NAMES - {"demo"}
+    # Each built-in provider speaks its own kind of API.
+    app[PROVIDERS] = {name: name for name in PROVIDER_NAMES if settings.demo or name != "demo"}
     metrics_registry = registry if registry is not None else CollectorRegistry()
     app[METRICS] = HubMetrics(metrics_registry)
     app[LIMITS] = Limits(settings, app[METRICS])

@@ -58,7 +58,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     limits.job_bytes(len(raw))
     body = parse_json(raw)
     settings = request.app[SETTINGS]
-    providers: frozenset[str] = request.app[PROVIDERS]
+    providers = request.app[PROVIDERS]
     try:
         job = parse_job_request(
             body,

@@ -23,21 +23,14 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from ssecore.backend import Backend, BackendError, ChannelClosed, ChannelLost, Fence, Fenced, NewEvent, id_before
-from ssecore.jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, JobQueue, Status
+from ssecore.jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, JobQueue, Status
 from ssecore.liveness import Liveness
 from ssecore.presence import PRESENCE_SLACK_S, Presence
 
+from .answer import Answer, event, usage_of
 from .coalesce import Coalescer
 from .metrics import ProducerMetrics
-from .providers.base import (
-    Finish,
-    GenerationRequest,
-    Provider,
-    ProviderError,
-    ReasoningDelta,
-    RefusalDelta,
-    TextDelta,
-)
+from .providers.base import Finish, GenerationRequest, Provider, ProviderError, TextDelta
 from .settings import REDIS_TIMEOUT_S, ProducerSettings
 from .slots import Slots
 
@@ -63,16 +56,23 @@ _CHANNEL_LOST = {
 }
 
 
-def _event(name: str, data: Mapping[str, Any]) -> NewEvent:
-    return NewEvent(name, orjson.dumps(data).decode())
+_event = event
 
 
-def _item_event(item: TextDelta | ReasoningDelta | RefusalDelta) -> NewEvent:
-    """The channel event of a provider's stream item: the answer's text as `token`; reasoning and refusals as events
-    of their own, so a client shows them apart from the answer."""
-    if isinstance(item, TextDelta):
-        return _event("token", {"text": item.text})
-    return _event("reasoning" if isinstance(item, ReasoningDelta) else "refusal", {"text": item.text})
+def _request(job: Job) -> GenerationRequest:
+    return GenerationRequest(
+        job.model,
+        job.messages,
+        job.max_tokens,
+        job.temperature,
+        job.top_p,
+        job.stop,
+        job.tools,
+        job.tool_choice,
+        job.parallel_tool_calls,
+        job.response_format,
+        job.reasoning_effort,
+    )
 
 
 @dataclass(slots=True)
@@ -84,11 +84,12 @@ class _Run:
     abandon: bool = False  # shutdown, or another worker holds the job now: stop without finishing or acknowledging
     in_provider: bool = False  # inside the provider call: the only place a cancel interrupts
     finishing: bool = False  # the terminal event is being written: too late to cancel
+    answer: Answer | None = None  # what the provider call has streamed so far
     started_at: float = field(default_factory=time.time)
 
 
 class _Outcome:
-    __slots__ = ("error", "event", "finish_reason", "status", "usage")
+    __slots__ = ("error", "event", "finish_reason", "message", "status", "usage")
 
     def __init__(
         self,
@@ -98,12 +99,14 @@ class _Outcome:
         finish_reason: str | None = None,
         usage: dict[str, int | None] | None = None,
         error: dict[str, str] | None = None,
+        message: dict[str, Any] | None = None,
     ) -> None:
         self.status = status
         self.event = event
         self.finish_reason = finish_reason
         self.usage = usage
         self.error = error
+        self.message = message
 
 
 class _Abandoned(Exception):
@@ -439,6 +442,7 @@ class Worker:
         if record is not None:
             record.status, record.finished_at = outcome.status, time.time()
             record.finish_reason, record.usage, record.error = outcome.finish_reason, outcome.usage, outcome.error
+            record.message = outcome.message
             await self._queue.update(record)
         self.metrics.finished.labels(job.provider, outcome.status).inc()
         await self._ack(run)
@@ -456,7 +460,7 @@ class Worker:
             else:
                 reason = data.get("finish_reason")
                 record.status = "cancelled" if reason in ("cancelled", "unwatched") else "done"
-                record.finish_reason, record.usage = reason, data.get("usage")
+                record.finish_reason, record.usage, record.message = reason, data.get("usage"), data.get("message")
         else:
             # The channel was closed by someone else (a publisher sharing it): this generation could not run.
             error = {"code": "channel_closed", "message": "the channel was already closed"}
@@ -483,9 +487,9 @@ class Worker:
         await self._ack(run)
 
     async def _produce(self, run: _Run) -> _Outcome:
-        """Call the provider and stream its tokens; return the terminal event (not yet stored)."""
+        """Call the provider and stream its answer; return the terminal event (not yet stored)."""
         job = run.delivery.job
-        usage: dict[str, int | None] = {"input_tokens": None, "output_tokens": None}
+        finish: Finish | None = None
         try:
             if run.cancel_reason is None:
                 provider = self._providers.get(job.provider)
@@ -496,9 +500,7 @@ class Worker:
                     finish = await self._call_provider(run, provider)
                 finally:
                     run.in_provider = False
-                usage = {"input_tokens": finish.input_tokens, "output_tokens": finish.output_tokens}
-                done = {"finish_reason": finish.finish_reason, "usage": usage}
-                return _Outcome("done", _event("done", done), finish_reason=finish.finish_reason, usage=usage)
+                return self._done(run, finish.finish_reason, finish)
         except ProviderError as e:
             error = {"code": e.code, "message": e.message}
             return _Outcome("error", _event("error", error), error=error, finish_reason="error")
@@ -509,13 +511,20 @@ class Worker:
             task.uncancel()
         reason = run.cancel_reason
         assert reason is not None
-        done = {"finish_reason": reason, "usage": usage}
-        return _Outcome("cancelled", _event("done", done), finish_reason=reason, usage=usage)
+        return self._done(run, reason, finish, status="cancelled")
+
+    @staticmethod
+    def _done(run: _Run, reason: str, finish: Finish | None, *, status: Status = "done") -> _Outcome:
+        """`done` with the whole message (what was streamed, for a cancelled answer)."""
+        usage = usage_of(finish)
+        message = (run.answer or Answer("")).message(finish)
+        done = {"finish_reason": reason, "usage": usage, "message": message}
+        return _Outcome(status, _event("done", done), finish_reason=reason, usage=usage, message=message)
 
     async def _call_provider(self, run: _Run, provider: Provider) -> Finish:
         job = run.delivery.job
         assert self._session is not None and run.fence is not None
-        request = GenerationRequest(job.model, job.messages, job.max_tokens, job.temperature, job.top_p, job.stop)
+        request = _request(job)
         s = self.settings
         tokens = 0  # of the answer's text
         written = 0  # events of any kind: once one is out, a new attempt would repeat it
@@ -524,20 +533,21 @@ class Worker:
             first_at: float | None = None
             finish: Finish | None = None
             pending: asyncio.Future[str] | None = None
+            answer = run.answer = Answer(provider.kind)
             try:
                 async with contextlib.aclosing(provider.stream(self._session, request)) as items:
                     async for item in items:
                         if isinstance(item, Finish):
                             finish = item
-                            continue
-                        if isinstance(item, TextDelta) and first_at is None:
+                        elif first_at is None:
                             first_at = time.monotonic()
                             self.metrics.first_token_seconds.labels(provider.name).observe(first_at - started)
                         tokens += isinstance(item, TextDelta)
-                        pending = self._add(run, _item_event(item))
-                        written += 1
-                        if written % _BACKPRESSURE_EVERY == 0:
-                            await pending  # surfaces a store failure, and paces us to the store
+                        for ev in answer.events(item):
+                            pending = self._add(run, ev)
+                            written += 1
+                            if written % _BACKPRESSURE_EVERY == 0:
+                                await pending  # surfaces a store failure, and paces us to the store
                 if pending is not None:
                     await pending
             except ProviderError as e:
@@ -553,10 +563,13 @@ class Worker:
             finally:
                 if (error := self._coalescer.failure(job.channel, run.fence)) is not None:
                     raise error  # a token was not stored: never finish over a gap
-            self.metrics.tokens.labels(provider.name).inc(tokens)
-            if first_at is not None and tokens > 1:
-                elapsed = time.monotonic() - first_at
-                if elapsed > 0:
-                    self.metrics.tokens_per_second.labels(provider.name).observe((tokens - 1) / elapsed)
+            self._observe_pace(provider.name, tokens, first_at)
             return finish or Finish("stop")
         raise AssertionError("unreachable")  # the loop either returns or raises
+
+    def _observe_pace(self, provider: str, tokens: int, first_at: float | None) -> None:
+        self.metrics.tokens.labels(provider).inc(tokens)
+        if first_at is not None and tokens > 1:
+            elapsed = time.monotonic() - first_at
+            if elapsed > 0:
+                self.metrics.tokens_per_second.labels(provider).observe((tokens - 1) / elapsed)

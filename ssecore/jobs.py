@@ -9,12 +9,22 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import orjson
 
+from .capabilities import Support, check_support
+from .chat import ChatError as JobRequestError
+from .chat import (
+    parse_messages,
+    parse_parallel_tool_calls,
+    parse_reasoning_effort,
+    parse_response_format,
+    parse_tool_choice,
+    parse_tools,
+)
 from .demo import demo_tokens
 
 __all__ = [
@@ -36,12 +46,11 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # The providers a job may name (a worker may have fewer: it ends the others' jobs as unknown_provider).
 PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
 
-_ROLES = frozenset({"system", "user", "assistant"})
-_MAX_MESSAGES = 1000
 _MAX_STOP = 8
 _MAX_STOP_LEN = 200  # characters of one stop string
 _MAX_MODEL_LEN = 200
-_JOB_FIELDS = frozenset({"provider", "model", "messages", "params", "channel", "cancel_if_unwatched_s"})
+_CHAT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort")
+_JOB_FIELDS = frozenset({"provider", "model", "messages", "params", "channel", "cancel_if_unwatched_s", *_CHAT_FIELDS})
 _PARAM_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "stop"})
 
 
@@ -56,7 +65,7 @@ class Job:
     id: str
     provider: str
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # as the request gave them (ssecore.chat)
     channel: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -65,12 +74,35 @@ class Job:
     cancel_if_unwatched_s: float | None = None
     created_at: float = field(default_factory=time.time)
     owner: str | None = None  # the client that started it (see GenerationRecord.owner)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
     def dumps(self) -> bytes:
-        """The job without its owner, which a queue keeps beside it: workers that know no owner still read it."""
+        """The job without its owner, which a queue keeps beside it: workers that know no owner still read it.
+        Chat fields left unset are left out, so a plain text job reads the same to a worker that predates them."""
         body = asdict(self)
         del body["owner"]
+        for name in _CHAT_FIELDS:
+            if body[name] is None:
+                del body[name]
         return orjson.dumps(body)
+
+    def support(self) -> Support:
+        """What a capability check looks at."""
+        return Support(
+            self.messages,
+            self.tools,
+            self.tool_choice,
+            self.parallel_tool_calls,
+            self.response_format,
+            self.reasoning_effort,
+            self.temperature,
+            self.top_p,
+            self.stop,
+        )
 
     @classmethod
     def loads(cls, raw: bytes | str) -> Job:
@@ -93,6 +125,8 @@ class GenerationRecord:
     usage: dict[str, int | None] | None = None
     error: dict[str, str] | None = None
     attempts: int = 0
+    # The whole assistant message once the generation ended (done or cancelled), as `done.message` gave it.
+    message: dict[str, Any] | None = None
     # The client that started it (`kind:subject` of its token, or its address in anonymous mode): only it, or a token
     # naming the channel exactly, may reach it. None for records written before owners were kept. Not shown.
     owner: str | None = None
@@ -101,11 +135,19 @@ class GenerationRecord:
     def queued(cls, job: Job) -> GenerationRecord:
         return cls(job.id, job.provider, job.model, job.channel, created_at=job.created_at, owner=job.owner)
 
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any]) -> GenerationRecord:
+        """A stored record; fields a newer version added are left out, so a node mid-upgrade still reads it."""
+        return cls(**{k: v for k, v in body.items() if k in _RECORD_FIELDS})
+
     def public(self) -> dict[str, Any]:
         body = asdict(self)
         del body["owner"]
         body["events_url"] = f"/v1/channels/{self.channel}/events"
         return body
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(GenerationRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +166,6 @@ class TooManyGenerations(Exception):
         super().__init__(f"at most {limit} generations queued or running at once")
 
 
-class JobRequestError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def _number(params: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
     value = params.get(name)
     if value is None:
@@ -145,37 +180,18 @@ def _number(params: Mapping[str, Any], name: str, lo: float, hi: float) -> float
     return float(value)
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw:
-        raise JobRequestError("invalid_messages", "messages must be a non-empty array")
-    if len(raw) > _MAX_MESSAGES:
-        raise JobRequestError("invalid_messages", f"at most {_MAX_MESSAGES} messages")
-    out: list[dict[str, str]] = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or set(m) - {"role", "content"}:
-            raise JobRequestError("invalid_messages", f'messages[{i}] must be {{"role", "content"}}')
-        role, content = m.get("role"), m.get("content")
-        if role not in _ROLES:
-            raise JobRequestError("invalid_messages", f"messages[{i}].role must be system, user or assistant")
-        if not isinstance(content, str) or not content:
-            raise JobRequestError("invalid_messages", f"messages[{i}].content must be a non-empty string")
-        out.append({"role": role, "content": content})
-    if all(m["role"] == "system" for m in out):
-        raise JobRequestError("invalid_messages", "messages need at least one user or assistant message")
-    return out
-
-
 def parse_job_request(
     body: Any,
     *,
-    providers: Collection[str],
+    providers: Mapping[str, str],
     generation_id: str,
     channel_ok: Any,
     default_unwatched_s: float | None = None,
 ) -> Job:
     """Validate a `POST /v1/generations` body into a Job, or raise JobRequestError (a 400; nothing is queued).
 
-    `channel_ok(name) -> bool` is the hub's channel-name rule.
+    `providers` maps each provider name a job may give to its kind (see ssecore.capabilities): what that kind cannot
+    serve is refused here, naming the field. `channel_ok(name) -> bool` is the hub's channel-name rule.
     """
     if not isinstance(body, dict):
         raise JobRequestError("invalid_body", "the body must be a JSON object")
@@ -186,14 +202,17 @@ def parse_job_request(
     if not isinstance(provider, str) or provider not in providers:
         raise JobRequestError("unknown_provider", f"provider must be one of: {', '.join(sorted(providers))}")
     model = body.get("model", "")
-    if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and provider != "demo"):
+    kind = providers[provider]
+    if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and kind != "demo"):
         raise JobRequestError("invalid_model", f"model must be a non-empty string of at most {_MAX_MODEL_LEN}")
-    if provider == "demo":
+    if kind == "demo":
         try:
             demo_tokens(model)
         except ValueError as e:
             raise JobRequestError("invalid_model", str(e)) from None
-    messages = _messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"))
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
     params = body.get("params", {})
     if not isinstance(params, dict) or set(params) - _PARAM_FIELDS:
         raise JobRequestError("invalid_params", f"params may hold only {', '.join(sorted(_PARAM_FIELDS))}")
@@ -222,7 +241,7 @@ def parse_job_request(
         isinstance(unwatched, bool) or not isinstance(unwatched, int | float) or not 1 <= unwatched <= 86_400
     ):
         raise JobRequestError("invalid_body", "cancel_if_unwatched_s must be a number of seconds from 1 to 86400")
-    return Job(
+    job = Job(
         id=generation_id,
         provider=provider,
         model=model or "demo",
@@ -233,7 +252,14 @@ def parse_job_request(
         top_p=_number(params, "top_p", 0, 1),
         stop=stop,
         cancel_if_unwatched_s=float(unwatched) if unwatched is not None else None,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parse_parallel_tool_calls(body.get("parallel_tool_calls")),
+        response_format=parse_response_format(body.get("response_format")),
+        reasoning_effort=parse_reasoning_effort(body.get("reasoning_effort")),
     )
+    check_support(kind, provider, job.support())
+    return job
 
 
 class JobQueue(Protocol):

@@ -43,7 +43,7 @@ _TAKE_SLOT_LUA = scripts.load("take_slot")
 def _record(raw: Any, attempts: Any = None, owner: Any = None) -> GenerationRecord | None:
     if raw is None:
         return None
-    record = GenerationRecord(**orjson.loads(raw))
+    record = GenerationRecord.from_dict(orjson.loads(raw))
     record.attempts = int(attempts or 0)
     record.owner = owner
     return record

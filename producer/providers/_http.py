@@ -310,6 +310,7 @@ class SSEProvider:
     """
 
     name: str
+    kind: str
     default_base_url: str  # used when ProviderConfig.base_url is None
     path: str = ""  # appended to the base URL, unless the provider overrides _url
     decoder: Callable[[str | None], StreamDecoder]  # built per stream with the API key (to scrub it from errors)

@@ -26,6 +26,7 @@ from producer.providers.base import (
     StreamItem,
     TextDelta,
 )
+from ssecore.chat import content_text
 from ssecore.sse import SSEEvent
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE_URL", "DEFAULT_MAX_TOKENS", "AnthropicProvider"]
@@ -154,6 +155,7 @@ class AnthropicProvider(SSEProvider):
     """`POST {base_url}/v1/messages` with `stream: true`; see the module docstring for the wire format."""
 
     name = "anthropic"
+    kind = "anthropic"
     default_base_url = DEFAULT_BASE_URL
     path = "/v1/messages"
     decoder = _Decoder
@@ -171,8 +173,12 @@ class AnthropicProvider(SSEProvider):
     @staticmethod
     def _body(request: GenerationRequest) -> dict[str, Any]:
         # The API has no system role: system text is one top-level string.
-        system = [m["content"] for m in request.messages if m["role"] == "system"]
-        messages = [{"role": m["role"], "content": m["content"]} for m in request.messages if m["role"] != "system"]
+        system = [content_text(m.get("content")) for m in request.messages if m["role"] == "system"]
+        messages = [
+            {"role": m["role"], "content": content_text(m.get("content"))}
+            for m in request.messages
+            if m["role"] != "system"
+        ]
         body: dict[str, Any] = {
             "model": request.model,
             "messages": messages,

@@ -1,4 +1,5 @@
-"""The provider contract: one streaming call to an AI provider, normalized to text deltas and one finish.
+"""The provider contract: one streaming call to an AI provider, normalized to deltas (text, reasoning, refusal, tool
+calls) and one finish.
 
 A provider is one module with one class implementing `Provider`. Retrying is not the provider's business: it raises
 `ProviderError` saying whether a retry could help and after how long; the worker decides (only before the first token).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -22,19 +23,27 @@ __all__ = [
     "RefusalDelta",
     "StreamItem",
     "TextDelta",
+    "ToolCallDelta",
+    "ToolCallEnd",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What to generate. `params` already validated; None means "the provider's default"."""
+    """What to generate, in the job's own (OpenAI Chat Completions) vocabulary, already validated and checked against
+    what the provider's kind can do (ssecore.chat, ssecore.capabilities). None means "the provider's default"."""
 
     model: str
-    messages: Sequence[Mapping[str, str]]  # [{"role": "system" | "user" | "assistant", "content": "..."}]
+    messages: Sequence[Mapping[str, Any]]  # roles system, developer, user, assistant, tool; content str or parts
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: Sequence[str] | None = None
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: Mapping[str, Any] | None = None
+    reasoning_effort: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +58,17 @@ class Finish:
     """The end of a successful stream, yielded exactly once, last.
 
     `finish_reason` is normalized: "stop", "length", "content_filter", "tool_calls", or the provider's own value
-    lower-cased when it has no equivalent.
+    lower-cased when it has no equivalent. `output_tokens` includes `reasoning_tokens`; `input_tokens` includes
+    `cached_input_tokens`. `provider_state`: what the provider needs to continue from this answer (thinking
+    signatures, say), private to the provider module; it travels in `done.message.provider_state` under its kind.
     """
 
     finish_reason: str
     input_tokens: int | None = None
     output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    provider_state: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +85,29 @@ class RefusalDelta:
     text: str
 
 
-StreamItem = TextDelta | ReasoningDelta | RefusalDelta | Finish
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of a tool call's arguments (a piece of a JSON string, possibly empty).
+
+    `index` is the call's position among this answer's calls, 0, 1, ... in order of appearance, whatever the provider
+    numbers its blocks. `id` and `name` come with the call's first fragment (an `id` the provider does not give is
+    made up by the worker). A provider that sends a call whole sends one delta and a ToolCallEnd.
+    """
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEnd:
+    """The call at `index` is complete. Calls a provider never ends explicitly are complete at the Finish."""
+
+    index: int
+
+
+StreamItem = TextDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | ToolCallEnd | Finish
 
 
 class ProviderError(Exception):
@@ -114,10 +150,11 @@ class ProviderConfig:
 class Provider(Protocol):
     """One AI provider's streaming API."""
 
-    name: str
+    name: str  # what jobs call it
+    kind: str  # the API it speaks (ssecore.capabilities.KINDS)
 
     def stream(self, session: aiohttp.ClientSession, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
-        """Start the call and yield TextDelta items, then exactly one Finish.
+        """Start the call and yield the answer's items (TextDelta, ReasoningDelta, ...), then exactly one Finish.
 
         Raises ProviderError for every failure, before or during the stream, including a stream that ends without
         the provider's end marker ("stream_truncated") and an error reported inside a stream that began with HTTP

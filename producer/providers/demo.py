@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
+from ssecore.chat import content_text
 from ssecore.demo import DEMO_MAX_TOKENS, TOKENS, demo_tokens
 
 from .base import Finish, GenerationRequest, ProviderError, StreamItem, TextDelta
@@ -22,6 +23,7 @@ _YIELD_EVERY = 32
 
 class DemoProvider:
     name = "demo"
+    kind = "demo"
 
     def __init__(self, tokens_per_s: float = 30.0) -> None:
         self._delay_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
@@ -35,7 +37,7 @@ class DemoProvider:
             # The hub refuses such a job; one that reached the queue another way must not hold a slot for ever either.
             raise ProviderError("bad_request", str(e)) from None
         limit = min(count, request.max_tokens) if request.max_tokens is not None else count
-        prompt = sum(len(m["content"].split()) for m in request.messages)
+        prompt = sum(len(content_text(m.get("content")).split()) for m in request.messages)
         for i in range(limit):
             if self._delay_s:
                 await asyncio.sleep(self._delay_s)

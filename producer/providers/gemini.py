@@ -28,6 +28,7 @@ from producer.providers.base import (
     StreamItem,
     TextDelta,
 )
+from ssecore.chat import content_text
 from ssecore.sse import SSEEvent
 
 __all__ = ["DEFAULT_BASE_URL", "GeminiProvider"]
@@ -161,6 +162,7 @@ class GeminiProvider(SSEProvider):
     """`streamGenerateContent?alt=sse`; see the module docstring for the wire format."""
 
     name = "gemini"
+    kind = "gemini"
     default_base_url = DEFAULT_BASE_URL
     decoder = _Decoder
 
@@ -178,10 +180,13 @@ class GeminiProvider(SSEProvider):
 
     @staticmethod
     def _body(request: GenerationRequest) -> dict[str, Any]:
-        system = [m["content"] for m in request.messages if m["role"] == "system"]
+        system = [content_text(m.get("content")) for m in request.messages if m["role"] == "system"]
         body: dict[str, Any] = {
             "contents": [
-                {"role": "model" if m["role"] == "assistant" else "user", "parts": [{"text": m["content"]}]}
+                {
+                    "role": "model" if m["role"] == "assistant" else "user",
+                    "parts": [{"text": content_text(m.get("content"))}],
+                }
                 for m in request.messages
                 if m["role"] != "system"
             ]

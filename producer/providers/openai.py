@@ -25,6 +25,8 @@ from producer.providers.base import (
     RefusalDelta,
     StreamItem,
     TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
 )
 from ssecore.sse import SSEEvent
 
@@ -72,12 +74,63 @@ def _delta_items(delta: Mapping[str, Any]) -> list[StreamItem]:
     return items
 
 
+def _details(usage: Mapping[str, Any], key: str, field: str) -> int | None:
+    details = usage.get(key)
+    return _int_or_none(details.get(field)) if isinstance(details, dict) else None
+
+
+class _Calls:
+    """Tool-call fragments, numbered 0, 1, ... in order of appearance. A call is known by the server's `index`; a
+    server that numbers every call 0 still starts a new one with each new `id`."""
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, tuple[int, str | None]] = {}  # server index -> (our index, id)
+        self._count = 0
+        self._open: list[int] = []
+
+    def items(self, fragments: object) -> list[StreamItem]:
+        items: list[StreamItem] = []
+        for fragment in fragments if isinstance(fragments, list) else ():
+            if not isinstance(fragment, dict):
+                continue
+            function = fragment.get("function")
+            function = function if isinstance(function, dict) else {}
+            call_id = _text(fragment.get("id"))
+            name = _text(function.get("name"))
+            arguments = _text(function.get("arguments")) or ""
+            key = fragment.get("index")
+            key = key if isinstance(key, int) and not isinstance(key, bool) else 0
+            known = self._by_index.get(key)
+            if known is not None and (call_id is None or known[1] in (None, call_id)):
+                items.append(ToolCallDelta(known[0], arguments, None, name))
+                continue
+            # A new call: those before it are complete (a server streams calls one after another).
+            items.extend(self.end())
+            index, self._count = self._count, self._count + 1
+            self._open = [index]
+            self._by_index[key] = (index, call_id)
+            items.append(ToolCallDelta(index, arguments, call_id, name))
+        return items
+
+    def end(self) -> list[StreamItem]:
+        ended: list[StreamItem] = [ToolCallEnd(i) for i in self._open]
+        self._open = []
+        return ended
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 class _Decoder:
     def __init__(self, api_key: str | None) -> None:
         self._api_key = api_key
         self._finish_reason: str | None = None
         self._input_tokens: int | None = None
         self._output_tokens: int | None = None
+        self._reasoning_tokens: int | None = None
+        self._cached_tokens: int | None = None
+        self._calls = _Calls()
 
     def feed(self, event: SSEEvent) -> list[StreamItem]:
         data = event.data.strip()
@@ -103,12 +156,15 @@ class _Decoder:
         choice = choices[0]
         delta = choice.get("delta")
         items = _delta_items(delta) if isinstance(delta, dict) else []
+        if isinstance(delta, dict) and delta.get("tool_calls"):
+            items.extend(self._calls.items(delta["tool_calls"]))
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             if reason.lower() == "error":
                 # vLLM and some gateways end a failed generation this way, after whatever text came: it is not whole.
                 raise ProviderError("provider_error", "the provider ended the answer with finish_reason error")
             self._finish_reason = _FINISH_REASONS.get(reason, reason.lower())
+            items.extend(self._calls.end())
         return items
 
     def end(self, cut: ProviderError | None) -> Finish:
@@ -119,13 +175,21 @@ class _Decoder:
 
     def _finish(self) -> Finish:
         # A server that sends [DONE] without any finish_reason has nonetheless said it is done.
-        return Finish(self._finish_reason or "stop", self._input_tokens, self._output_tokens)
+        return Finish(
+            self._finish_reason or "stop",
+            self._input_tokens,
+            self._output_tokens,
+            reasoning_tokens=self._reasoning_tokens,
+            cached_input_tokens=self._cached_tokens,
+        )
 
     def _take_usage(self, usage: object) -> None:
         # Some servers (vLLM with continuous usage stats) repeat usage in every chunk: the last one wins.
         if isinstance(usage, dict):
             self._input_tokens = _int_or_none(usage.get("prompt_tokens"))
             self._output_tokens = _int_or_none(usage.get("completion_tokens"))
+            self._reasoning_tokens = _details(usage, "completion_tokens_details", "reasoning_tokens")
+            self._cached_tokens = _details(usage, "prompt_tokens_details", "cached_tokens")
 
     def _stream_error(self, chunk: Mapping[str, Any]) -> ProviderError:
         err = error_object(chunk)
@@ -138,10 +202,24 @@ class _Decoder:
         return ProviderError("provider_error", f"{kind}: {message}" if kind else message)
 
 
+# What a message may carry to the API: the rest (`reasoning`, `provider_state`) is ours, and servers refuse it.
+_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "refusal")
+
+
+def _message(m: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: m[k] for k in _MESSAGE_FIELDS if m.get(k) is not None or (k == "content" and "content" in m)}
+    if out["role"] == "developer":
+        # The API reads a system message as a developer message for the models that have them; compatible servers
+        # (vLLM, Ollama, Mistral) know only `system`.
+        out["role"] = "system"
+    return out
+
+
 class OpenAIProvider(SSEProvider):
     """`POST {base_url}/chat/completions` with `stream: true`; see the module docstring for the wire format."""
 
     name = "openai"
+    kind = "openai"
     default_base_url = DEFAULT_BASE_URL
     path = "/chat/completions"
     decoder = _Decoder
@@ -157,15 +235,21 @@ class OpenAIProvider(SSEProvider):
     def _body(request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
+            "messages": [_message(m) for m in request.messages],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         params = {
-            "max_tokens": request.max_tokens,
+            # The name every current model takes; reasoning models refuse the older `max_tokens`.
+            "max_completion_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": list(request.stop) if request.stop is not None else None,
+            "tools": list(request.tools) if request.tools else None,
+            "tool_choice": request.tool_choice,
+            "parallel_tool_calls": request.parallel_tool_calls if request.tools else None,
+            "response_format": request.response_format,
+            "reasoning_effort": request.reasoning_effort,
         }
         body.update({k: v for k, v in params.items() if v is not None})
         return body

@@ -213,7 +213,8 @@ async def test_openai_request_carries_bearer_key_stream_options_and_set_params(
         "messages": MESSAGES,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "max_tokens": 50,
+        # Reasoning models (o-series, GPT-5) refuse `max_tokens`.
+        "max_completion_tokens": 50,
         "temperature": 0.5,
         "top_p": 0.9,
         "stop": ["\n\n"],

@@ -389,6 +389,7 @@ class _Reasoner:
     """A provider that thinks aloud, refuses part of the request, then answers: what reasoning models stream."""
 
     name = "demo"
+    kind = "demo"
 
     async def stream(
         self, session: aiohttp.ClientSession, request: GenerationRequest

@@ -178,6 +178,7 @@ async def test_a_job_whose_channel_is_already_closed_only_records_how_it_ended(r
 async def test_an_unexpected_failure_ends_the_generation_with_an_internal_error(rig: Rig) -> None:
     class Broken:
         name = "broken"
+        kind = "openai"
 
         async def stream(self, session: object, request: object) -> AsyncGenerator[TextDelta, None]:
             yield TextDelta("partial")
