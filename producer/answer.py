@@ -100,10 +100,6 @@ class Answer:
         call.ended = True
         return [event("tool_call", call.whole(index))]
 
-    @property
-    def tool_calls(self) -> int:
-        return len(self._calls)
-
     def message(self, finish: Finish | None = None) -> dict[str, Any]:
         """The assistant message so far, in the request's own shape: sent back verbatim, it continues the
         conversation. Calls never completed (a cancelled answer) are left out."""

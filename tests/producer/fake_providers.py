@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ __all__ = [
     "PRESETS",
     "TEST_API_KEY",
     "Behaviour",
+    "FakeCall",
     "FakeProviders",
     "ProviderName",
     "RecordedRequest",
@@ -52,6 +53,20 @@ def numbered_tokens(n: int) -> tuple[str, ...]:
     return tuple(f"t{i} " for i in range(n))
 
 
+@dataclass(frozen=True, slots=True)
+class FakeCall:
+    """A tool call the fake answers with: `arguments` is sent in these fragments (one whole where the provider
+    sends calls whole); `id` as the provider would give it (Gemini gives none)."""
+
+    name: str
+    arguments: tuple[str, ...]
+    id: str = "call_fake_0"
+
+    @property
+    def whole(self) -> str:
+        return "".join(self.arguments)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Behaviour:
     """What the server does with one request. `*_after=n` acts after n tokens (0: before the first one)."""
@@ -71,6 +86,12 @@ class Behaviour:
     reject: Reject | None = None  # answer with this HTTP error instead of a stream
     reject_times: int | None = None  # reject only the first n attempts for this model (None: every one)
     retry_after: str | None = "1"  # rate_limit and overloaded: Retry-After (Gemini: RetryInfo.retryDelay seconds)
+    reasoning: tuple[str, ...] = ()  # reasoning (thinking) pieces, sent before the tokens
+    signature: str | None = None  # the provider's signature of that reasoning (Anthropic, Gemini)
+    # Tool calls, sent after the tokens; the finish reason becomes the provider's "tool use" one. A request that
+    # already carries a tool result is answered with the tokens alone: an agent loop's second turn.
+    tool_calls: tuple[FakeCall, ...] = ()
+    call_text: tuple[str, ...] = ()  # the tokens of the turn that calls the tools
 
 
 PRESETS: dict[str, Behaviour] = {
@@ -95,6 +116,21 @@ PRESETS: dict[str, Behaviour] = {
     "length": Behaviour(finish_reason="length"),
     "no-usage": Behaviour(usage=False),
     "no-done": Behaviour(done_marker=False),
+    "think": Behaviour(reasoning=("Let me ", "think."), signature="sig-fake-1"),
+    "tool": Behaviour(
+        tokens=("It is ", "sunny."),
+        call_text=("Checking.",),
+        reasoning=("Weather ", "needed."),
+        signature="sig-fake-1",
+        tool_calls=(FakeCall("get_weather", ('{"ci', 'ty": "Par', 'is"}'), "call_fake_0"),),
+    ),
+    "tools": Behaviour(
+        tokens=("Both ", "done."),
+        tool_calls=(
+            FakeCall("get_weather", ('{"city":', ' "Paris"}'), "call_fake_0"),
+            FakeCall("get_time", ('{"zone": "CET"}',), "call_fake_1"),
+        ),
+    ),
 }
 
 
@@ -177,6 +213,31 @@ class _OpenAIWire:
             out.append(b"data: [DONE]\n\n")
         return out
 
+    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
+        # DeepSeek and vLLM's field; OpenRouter's `reasoning` is read the same way.
+        return [self._chunk(model, {"reasoning_content": text}) for text in b.reasoning]
+
+    def calls(self, b: Behaviour, model: str) -> list[bytes]:
+        out: list[bytes] = []
+        for index, call in enumerate(b.tool_calls):
+            first, *rest = call.arguments
+            head = {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": first},
+            }
+            out.append(self._chunk(model, {"tool_calls": [head]}))
+            out.extend(
+                self._chunk(model, {"tool_calls": [{"index": index, "function": {"arguments": a}}]}) for a in rest
+            )
+        return out
+
+    @staticmethod
+    def answered(body: Any) -> bool:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        return isinstance(messages, list) and bool(messages) and messages[-1].get("role") == "tool"
+
     def malformed(self) -> bytes:
         return b'data: {"choices": [{"delta": \n\n'
 
@@ -257,6 +318,16 @@ class _AnthropicWire:
             _sse({"type": "message_stop"}, event="message_stop"),
         ]
 
+    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
+        return []  # to do: this provider's reasoning events
+
+    def calls(self, b: Behaviour, model: str) -> list[bytes]:
+        return []  # to do: this provider's tool-call events
+
+    @staticmethod
+    def answered(body: Any) -> bool:
+        return False  # to do: whether the request carries a tool result
+
     def malformed(self) -> bytes:
         return b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": \n\n'
 
@@ -321,6 +392,16 @@ class _GeminiWire:
 
     def tail(self, b: Behaviour, model: str) -> list[bytes]:
         return [_sse(self.chunks(b)[-1], eol=self.eol)]
+
+    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
+        return []  # to do: this provider's reasoning events
+
+    def calls(self, b: Behaviour, model: str) -> list[bytes]:
+        return []  # to do: this provider's tool-call events
+
+    @staticmethod
+    def answered(body: Any) -> bool:
+        return False  # to do: whether the request carries a tool result
 
     def malformed(self) -> bytes:
         return b'data: {"candidates": [\r\n\r\n'
@@ -390,6 +471,7 @@ def _script(wire: _Wire, b: Behaviour, model: str) -> list[_Step]:
     steps = [_Step("write", chunk) for chunk in wire.head(b, model)]
     if b.first_token_delay_s > 0:
         steps.append(_Step("sleep", seconds=b.first_token_delay_s))
+    steps.extend(_Step("write", chunk) for chunk in wire.reasoning(b, model))
     for sent, token in enumerate(b.tokens):
         if (stop := _interruption(wire, b, sent)) is not None:
             return [*steps, stop]
@@ -398,6 +480,7 @@ def _script(wire: _Wire, b: Behaviour, model: str) -> list[_Step]:
         steps.append(_Step("split" if b.split_utf8 else "write", wire.token(b, token, model)))
     if (stop := _interruption(wire, b, len(b.tokens))) is not None:
         return [*steps, stop]
+    steps.extend(_Step("write", chunk) for chunk in wire.calls(b, model))
     return steps + [_Step("write", chunk) for chunk in wire.tail(b, model)]
 
 
@@ -477,6 +560,10 @@ class FakeProviders:
 
     async def _serve(self, request: web.Request, wire: _Wire, model: str, body: Any) -> web.StreamResponse:
         b = self.behaviours.get(model, self.default)
+        if b.tool_calls and wire.answered(body):
+            b = replace(b, tool_calls=(), reasoning=())  # the turn that brings the results gets the final answer
+        elif b.tool_calls:
+            b = replace(b, tokens=b.call_text, finish_reason="tool_calls")
         self._attempts[(wire.provider, model)] += 1
         rec = RecordedRequest(
             provider=wire.provider,

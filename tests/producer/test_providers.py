@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -55,18 +55,6 @@ MESSAGES = [
     {"role": "assistant", "content": "Hello!"},
     {"role": "user", "content": "Say hello again"},
 ]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviders]:
-    async with FakeProviders() as server:
-        yield server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def make(fake: FakeProviders, name: ProviderName, **config: Any) -> OpenAIProvider | AnthropicProvider | GeminiProvider:
