@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from producer.answer import Answer, usage_of
 from producer.providers.base import Finish, ReasoningDelta, StreamItem, TextDelta, ToolCallDelta, ToolCallEnd
 
 
-def run(answer: Answer, items: list[StreamItem]) -> list[tuple[str, object]]:
+def run(answer: Answer, items: list[StreamItem]) -> list[tuple[str, Any]]:
     return [(e.event, orjson.loads(e.data)) for item in items for e in answer.events(item)]
 
 

@@ -58,7 +58,7 @@ def refused(provider: str = "openai", **fields: Any) -> JobRequestError:
 
 
 def test_a_whole_agent_turn_is_accepted_and_kept_as_given() -> None:
-    fields = {
+    fields: dict[str, Any] = {
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "parallel_tool_calls": False,
         "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
