@@ -102,7 +102,12 @@ def create_node(
             yield
             return
         # The hub's --demo decides for its own worker: it must run every job the hub accepts, and none it refuses.
-        ws = dataclasses.replace(worker_settings or ProducerSettings(metrics_port=0), demo=settings.demo)
+        # So does its --providers-file: the worker has every provider the hub accepts jobs for.
+        ws = dataclasses.replace(
+            worker_settings or ProducerSettings(metrics_port=0),
+            demo=settings.demo,
+            providers_file=settings.providers_file,
+        )
         worker = Worker(
             ws,
             backend=app[BACKEND],

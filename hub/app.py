@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 from ssecore.backend import Backend
 from ssecore.backend_memory import MemoryBackend
 from ssecore.backend_redis import RedisBackend
-from ssecore.jobs import PROVIDER_NAMES, JobQueue
+from ssecore.jobs import JobQueue
 from ssecore.presence import MemoryPresence, Presence, RedisPresence
+from ssecore.provider_file import catalog, load_provider_file
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 
@@ -97,8 +98,8 @@ def create_app(
     app.on_response_prepare.append(cors.on_response_prepare)
     app.on_response_prepare.append(security_headers)
     # Without --demo a demo job is refused like any provider the hub does not know.
-    # Each built-in provider speaks its own kind of API.
-    app[PROVIDERS] = {name: name for name in PROVIDER_NAMES if settings.demo or name != "demo"}
+    entries = load_provider_file(settings.providers_file) if settings.providers_file else {}
+    app[PROVIDERS] = catalog(entries, demo=settings.demo)
     metrics_registry = registry if registry is not None else CollectorRegistry()
     app[METRICS] = HubMetrics(metrics_registry)
     app[LIMITS] = Limits(settings, app[METRICS])

@@ -9,6 +9,7 @@ from aiohttp import web
 from ssecore.backend import Backend
 from ssecore.jobs import JobQueue
 from ssecore.presence import Presence
+from ssecore.provider_file import Catalog
 
 from .auth import Authenticator
 from .fanout import Fanout
@@ -45,4 +46,4 @@ AUTH = web.AppKey("auth", Authenticator)
 LIMITS = web.AppKey("limits", Limits)
 JOBS = web.AppKey("jobs", JobQueue)
 PRESENCE = web.AppKey("presence", Presence)
-PROVIDERS = web.AppKey("providers", dict[str, str])  # name -> kind (ssecore.capabilities.KINDS)
+PROVIDERS = web.AppKey("providers", Catalog)  # the provider names jobs may give, their kinds and models

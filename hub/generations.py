@@ -62,7 +62,8 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     try:
         job = parse_job_request(
             body,
-            providers=providers,
+            providers=providers.kinds,
+            models=providers.models,
             generation_id=new_generation_id(),
             channel_ok=lambda name: channel_ok(name, settings.max_channel_len),
             default_unwatched_s=settings.cancel_if_unwatched_s or None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ssecore.backend import DEFAULT_IDEMPOTENCY_WINDOW_S
+from ssecore.provider_file import load_provider_file
 from ssecore.settings import (
     DEFAULT_HISTORY,
     DEFAULT_KEY_PREFIX,
@@ -105,6 +106,11 @@ class HubSettings(RedisSettings):
     cancel_if_unwatched_s: float = _opt(
         0.0, "cancel-if-unwatched", "default seconds a generation may go unwatched before it is cancelled (0: off)"
     )
+    providers_file: str | None = _opt(
+        None,
+        "providers-file",
+        "named provider endpoints, JSON or YAML (docs/workers.md); the workers' file or all of them",
+    )
     demo: bool = _opt(
         True, "demo", "offer the demo provider (no network; for trials): --no-demo refuses it, as production should"
     )
@@ -164,6 +170,8 @@ class HubSettings(RedisSettings):
                 raise ValueError(f"invalid setting {setting('HUB_', name)}: {what}")
 
         need(1 <= self.port <= 65535, "port", "must be 1-65535")
+        if self.providers_file:
+            load_provider_file(self.providers_file)  # every mistake in it, in one line, now
         need(self.history >= 1, "history", "must be at least 1")
         need(self.ttl_s >= 1, "ttl", "must be at least 1 second")
         need(self.heartbeat_s > 0, "heartbeat", "must be positive")

@@ -74,15 +74,23 @@ async def _main(settings: ProducerSettings, keys: ProviderKeys) -> None:
         replicas=settings.publish_replicas,
         replicas_timeout_s=settings.publish_replicas_timeout_s,
     )
+    providers = providers_for(settings, keys)
+    # It takes the jobs of the providers it has, and only those: workers with other files may share the Redis.
     queue = RedisJobQueue(
-        url, prefix=prefix, group=settings.group, record_ttl_s=settings.ttl_s, timeout_s=t, cluster=cluster
+        url,
+        prefix=prefix,
+        group=settings.group,
+        record_ttl_s=settings.ttl_s,
+        timeout_s=t,
+        cluster=cluster,
+        providers=providers,
     )
     presence = RedisPresence(url, prefix=prefix, timeout_s=t, cluster=cluster)
     worker = Worker(
         settings,
         backend=backend,
         queue=queue,
-        providers=providers_for(settings, keys),
+        providers=providers,
         presence=presence,
         registry=registry,
         store_timeout_s=t,

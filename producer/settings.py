@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ssecore.provider_file import load_provider_file
 from ssecore.queue_redis import DEFAULT_GROUP
 from ssecore.settings import (
     DEFAULT_HISTORY,
@@ -60,10 +61,13 @@ class ProviderKeys:
     anthropic_base_url: str | None = None
     gemini_api_key: str | None = field(default=None, repr=False)
     gemini_base_url: str | None = None
+    # The environment, for the keys a providers file names by variable (`api_key_env`).
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ProviderKeys:
-        return cls(**{f.name: environ.get(f.name.upper()) or None for f in dataclasses.fields(cls)})
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "environ"]
+        return cls(**{name: environ.get(name.upper()) or None for name in names}, environ=dict(environ))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +94,14 @@ class ProducerSettings(RedisSettings):
     openai_timeout_s: float = _opt(60.0, "openai-timeout", "longest silence in an OpenAI stream, seconds")
     anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
     gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
+    providers_file: str | None = _opt(
+        None, "providers-file", "named provider endpoints, JSON or YAML (docs/workers.md): their jobs come here"
+    )
+    first_byte_timeout_s: float = _opt(
+        300.0,
+        "first-byte-timeout",
+        "longest wait for a provider's first byte, seconds (a reasoning model thinks first)",
+    )
     demo: bool = _opt(True, "demo", "run demo jobs (no network; for trials); --no-demo ends them as unknown_provider")
     demo_tokens_per_s: float = _opt(30.0, "demo-tokens-per-s", "pace of the demo provider (0: as fast as possible)")
     metrics_port: int = _opt(9101, "metrics-port", "port of this worker's /metrics, /healthz and /readyz (0: none)")
@@ -109,6 +121,9 @@ class ProducerSettings(RedisSettings):
                 raise ValueError(f"invalid setting {setting('PRODUCER_', name)}: {what}")
 
         need(self.concurrency >= 1, "concurrency", "must be at least 1")
+        need(self.first_byte_timeout_s > 0, "first-byte-timeout", "must be positive")
+        if self.providers_file:
+            load_provider_file(self.providers_file)  # every mistake in it, in one line, now
         # A renewal may be late by a poll or a slow round trip; three renewals per claim-idle leave room for that.
         need(self.renew_s > 0 and self.claim_idle_s >= 3 * self.renew_s, "claim-idle", "must be at least 3 x --renew")
         need(self.poll_s > 0, "poll", "must be positive")
@@ -131,12 +146,16 @@ class ProducerSettings(RedisSettings):
 
 
 def providers_for(settings: ProducerSettings, keys: ProviderKeys) -> dict[str, Provider]:
-    """The providers of a worker with these settings and credentials."""
+    """The providers of a worker with these settings and credentials: the built-ins, and its providers file's."""
+    entries = load_provider_file(settings.providers_file) if settings.providers_file else {}
     return build_providers(
         demo=settings.demo,
         demo_tokens_per_s=settings.demo_tokens_per_s,
         connect_timeout_s=settings.connect_timeout_s,
+        first_byte_timeout_s=settings.first_byte_timeout_s,
         openai=(keys.openai_api_key, keys.openai_base_url, settings.openai_timeout_s),
         anthropic=(keys.anthropic_api_key, keys.anthropic_base_url, settings.anthropic_timeout_s),
         gemini=(keys.gemini_api_key, keys.gemini_base_url, settings.gemini_timeout_s),
+        entries=entries,
+        environ=keys.environ,
     )

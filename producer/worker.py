@@ -552,7 +552,8 @@ class Worker:
                     await pending
             except ProviderError as e:
                 self.metrics.provider_errors.labels(provider.name, str(e.status or "none"), e.code).inc()
-                if not e.retryable or written > 0 or attempt == s.max_attempts:
+                # Once the provider accepted the request it may be generating (and billing): never ask twice.
+                if not e.retryable or e.accepted or written > 0 or attempt == s.max_attempts:
                     raise
                 delay = e.after_s if e.after_s is not None else s.backoff_s * 2 ** (attempt - 1)
                 if delay > s.backoff_max_s:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
@@ -28,6 +28,7 @@ from .chat import (
 from .demo import demo_tokens
 
 __all__ = [
+    "BUILTIN_QUEUE",
     "PROVIDER_NAMES",
     "TERMINAL_STATUSES",
     "Delivery",
@@ -45,6 +46,9 @@ Status = Literal["queued", "running", "done", "error", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # The providers a job may name (a worker may have fewer: it ends the others' jobs as unknown_provider).
 PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
+# The providers whose jobs share one queue, which every worker reads: each worker has all of them. A provider named in
+# a providers file has a queue of its own, read only by the workers whose file names it.
+BUILTIN_QUEUE = PROVIDER_NAMES
 
 _MAX_STOP = 8
 _MAX_STOP_LEN = 200  # characters of one stop string
@@ -180,10 +184,24 @@ def _number(params: Mapping[str, Any], name: str, lo: float, hi: float) -> float
     return float(value)
 
 
+def _model(model: Any, provider: str, kind: str, allowed: Collection[str] | None) -> str:
+    if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and kind != "demo"):
+        raise JobRequestError("invalid_model", f"model must be a non-empty string of at most {_MAX_MODEL_LEN}")
+    if allowed and model not in allowed:
+        raise JobRequestError("invalid_model", f"provider {provider} serves the models {', '.join(allowed)[:300]}")
+    if kind == "demo":
+        try:
+            demo_tokens(model)
+        except ValueError as e:
+            raise JobRequestError("invalid_model", str(e)) from None
+    return model
+
+
 def parse_job_request(
     body: Any,
     *,
     providers: Mapping[str, str],
+    models: Mapping[str, Collection[str]] | None = None,
     generation_id: str,
     channel_ok: Any,
     default_unwatched_s: float | None = None,
@@ -191,7 +209,8 @@ def parse_job_request(
     """Validate a `POST /v1/generations` body into a Job, or raise JobRequestError (a 400; nothing is queued).
 
     `providers` maps each provider name a job may give to its kind (see ssecore.capabilities): what that kind cannot
-    serve is refused here, naming the field. `channel_ok(name) -> bool` is the hub's channel-name rule.
+    serve is refused here, naming the field; `models` lists the only models some providers allow. `channel_ok(name) ->
+    bool` is the hub's channel-name rule.
     """
     if not isinstance(body, dict):
         raise JobRequestError("invalid_body", "the body must be a JSON object")
@@ -201,15 +220,8 @@ def parse_job_request(
     provider = body.get("provider")
     if not isinstance(provider, str) or provider not in providers:
         raise JobRequestError("unknown_provider", f"provider must be one of: {', '.join(sorted(providers))}")
-    model = body.get("model", "")
     kind = providers[provider]
-    if not isinstance(model, str) or len(model) > _MAX_MODEL_LEN or (not model and kind != "demo"):
-        raise JobRequestError("invalid_model", f"model must be a non-empty string of at most {_MAX_MODEL_LEN}")
-    if kind == "demo":
-        try:
-            demo_tokens(model)
-        except ValueError as e:
-            raise JobRequestError("invalid_model", str(e)) from None
+    model = _model(body.get("model", ""), provider, kind, (models or {}).get(provider))
     messages = parse_messages(body.get("messages"))
     tools = parse_tools(body.get("tools"))
     tool_choice = parse_tool_choice(body.get("tool_choice"), tools)

@@ -1,7 +1,8 @@
 """RedisJobQueue: jobs on a Redis Stream read through a consumer group; each generation's record in a hash.
 
-Keys (built only here): `<prefix>jobs` (the stream; `j` the job, `o` its owner), `<prefix>gen:{<id>}` (hash: `r` the
-record as JSON, `n` its attempts, `o` its owner, `cancel`),
+Keys (built only here): `<prefix>jobs` (the built-in providers' stream; `j` the job, `o` its owner),
+`{<prefix>jobs}:<name>` (the stream of a provider named in a providers file: only workers that have it read it),
+`<prefix>gen:{<id>}` (hash: `r` the record as JSON, `n` its attempts, `o` its owner, `cancel`),
 `<prefix>active:{<owner>}` (sorted set: the owner's generations queued or running, scored by when the slot lapses).
 Claims are kept fresh with `XCLAIM … JUSTID`; a dead worker's jobs are taken over with `XAUTOCLAIM`.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from . import scripts
 from .backend import BackendUnavailable, NotReplicated
-from .jobs import TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
+from .jobs import BUILTIN_QUEUE, TERMINAL_STATUSES, Delivery, GenerationRecord, Job, TooManyGenerations
 from .redis_client import RedisTarget, connect, redis_call
 from .rediskeys import RedisKeys
 
@@ -69,7 +70,9 @@ class RedisJobQueue:
         cluster: bool = False,
         replicas: int = 0,
         replicas_timeout_s: float = 1.0,
+        providers: Collection[str] = (),
     ) -> None:
+        """`providers`: the named (providers-file) providers whose jobs this worker takes, beside the built-ins'."""
         self._replicas = replicas
         self._wait_ms = max(1, int(replicas_timeout_s * 1000))
         self.keys = RedisKeys(prefix)
@@ -81,7 +84,30 @@ class RedisJobQueue:
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._take_slot = self._redis.register_script(_TAKE_SLOT_LUA)
         self._group_ready = False
-        self._claim_cursor = "0-0"
+        # Stream key -> its queue's name in entry ids ("" for the built-in one); then each stream's XAUTOCLAIM cursor.
+        self._streams = {self.keys.jobs: ""} | {
+            self.keys.provider_jobs(p): p for p in sorted(set(providers) - BUILTIN_QUEUE)
+        }
+        self._claim_cursors = dict.fromkeys(self._streams, "0-0")
+
+    def _stream_of(self, provider: str) -> str:
+        return self.keys.jobs if provider in BUILTIN_QUEUE else self.keys.provider_jobs(provider)
+
+    def _split(self, entry_id: str) -> tuple[str, str]:
+        """The stream and the stream id of an entry id: a named provider's entries are `<name>/<id>`."""
+        name, _, stream_id = entry_id.rpartition("/")
+        return (self.keys.provider_jobs(name) if name else self.keys.jobs), stream_id
+
+    def _by_stream(self, entry_ids: Sequence[str]) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for entry_id in entry_ids:
+            stream, stream_id = self._split(entry_id)
+            grouped.setdefault(stream, []).append(stream_id)
+        return grouped
+
+    def _entry_id(self, stream: str, stream_id: str) -> str:
+        name = self._streams.get(stream, "")
+        return f"{name}/{stream_id}" if name else stream_id
 
     async def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -95,12 +121,13 @@ class RedisJobQueue:
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            # From 0: jobs submitted before any worker existed are still served.
-            await self._call(self._redis.xgroup_create(self.keys.jobs, self._group, id="0", mkstream=True))
-        except BackendUnavailable as e:
-            if not (isinstance(e.__cause__, ResponseError) and "BUSYGROUP" in str(e.__cause__)):
-                raise
+        for stream in self._streams:
+            try:
+                # From 0: jobs submitted before any worker existed are still served.
+                await self._call(self._redis.xgroup_create(stream, self._group, id="0", mkstream=True))
+            except BackendUnavailable as e:
+                if not (isinstance(e.__cause__, ResponseError) and "BUSYGROUP" in str(e.__cause__)):
+                    raise
         self._group_ready = True
 
     async def submit(self, job: Job, *, max_active: int = 0) -> GenerationRecord:
@@ -135,7 +162,8 @@ class RedisJobQueue:
         if self._cluster:
             await self._call(pipe.execute())
             pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.keys.jobs, {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {}))
+        job_fields = {"j": job.dumps()} | ({"o": job.owner} if job.owner is not None else {})
+        pipe.xadd(self._stream_of(job.provider), job_fields)
         await self._call(pipe.execute())
         if self._replicas:
             await self._replicated(self.keys.record(job.id))
@@ -167,9 +195,10 @@ class RedisJobQueue:
             await self._call(self._redis.hset(self.keys.record(generation_id), "cancel", "1"))
         return record
 
-    async def _deliveries(self, entries: Any, *, restarted: bool) -> list[Delivery]:
+    async def _deliveries(self, stream: str, entries: Any, *, restarted: bool) -> list[Delivery]:
         out: list[Delivery] = []
-        for entry_id, fields in entries or []:
+        for stream_id, fields in entries or []:
+            entry_id = self._entry_id(stream, stream_id)
             if not fields or "j" not in fields:
                 continue  # deleted while pending
             try:
@@ -185,7 +214,11 @@ class RedisJobQueue:
         await self._ensure_group()
         raw = await self._call(
             self._redis.xreadgroup(
-                self._group, consumer, {self.keys.jobs: ">"}, count=count, block=max(1, int(block_s * 1000))
+                self._group,
+                consumer,
+                dict.fromkeys(self._streams, ">"),
+                count=count,
+                block=max(1, int(block_s * 1000)),
             ),
             timeout_s=block_s + self._timeout_s,
         )
@@ -193,41 +226,51 @@ class RedisJobQueue:
             return []
         items = raw.items() if isinstance(raw, dict) else raw
         out: list[Delivery] = []
-        for _key, entries in items:
-            out += await self._deliveries(entries, restarted=False)
+        for key, entries in items:
+            out += await self._deliveries(key, entries, restarted=False)
         return out
 
     async def claim_stale(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
         await self._ensure_group()
-        raw = await self._call(
-            self._redis.xautoclaim(
-                self.keys.jobs, self._group, consumer, int(min_idle_s * 1000), start_id=self._claim_cursor, count=count
+        out: list[Delivery] = []
+        for stream in self._streams:
+            if len(out) >= count:
+                break
+            raw = await self._call(
+                self._redis.xautoclaim(
+                    stream,
+                    self._group,
+                    consumer,
+                    int(min_idle_s * 1000),
+                    start_id=self._claim_cursors[stream],
+                    count=count - len(out),
+                )
             )
-        )
-        self._claim_cursor = raw[0] if raw and raw[0] else "0-0"
-        deleted = raw[2] if len(raw) > 2 else []
-        if deleted:
-            await self._call(self._redis.xack(self.keys.jobs, self._group, *deleted))
-        return await self._deliveries(raw[1], restarted=True)
+            self._claim_cursors[stream] = raw[0] if raw and raw[0] else "0-0"
+            deleted = raw[2] if len(raw) > 2 else []
+            if deleted:
+                await self._call(self._redis.xack(stream, self._group, *deleted))
+            out += await self._deliveries(stream, raw[1], restarted=True)
+        return out
 
     async def renew(self, consumer: str, entry_ids: Sequence[str]) -> list[str]:
-        if not entry_ids:
-            return []
-        lost = await self._call(self._renew(keys=[self.keys.jobs], args=[self._group, consumer, *entry_ids]))
-        return list(lost)
+        lost: list[str] = []
+        for stream, ids in self._by_stream(entry_ids).items():
+            gone = await self._call(self._renew(keys=[stream], args=[self._group, consumer, *ids]))
+            lost += [self._entry_id(stream, i) for i in gone]
+        return lost
 
     async def release(self, consumer: str, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
+        for stream, ids in self._by_stream(entry_ids).items():
             await self._call(
-                self._redis.xclaim(
-                    self.keys.jobs, self._group, consumer, 0, list(entry_ids), idle=_RELEASED_IDLE_MS, justid=True
-                )
+                self._redis.xclaim(stream, self._group, consumer, 0, ids, idle=_RELEASED_IDLE_MS, justid=True)
             )
 
     async def ack(self, entry_id: str) -> None:
+        stream, stream_id = self._split(entry_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(self.keys.jobs, self._group, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
+        pipe.xack(stream, self._group, stream_id)
+        pipe.xdel(stream, stream_id)
         await self._call(pipe.execute())
 
     async def update(self, record: GenerationRecord) -> None:

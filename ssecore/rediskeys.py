@@ -65,8 +65,13 @@ class RedisKeys:
 
     @property
     def jobs(self) -> str:
-        """The job stream, read by the workers' consumer group."""
+        """The job stream of the built-in providers, read by every worker's consumer group."""
         return f"{self.prefix}jobs"
+
+    def provider_jobs(self, provider: str) -> str:
+        """The job stream of a provider named in a providers file, read only by the workers that have it. Tagged with
+        the shared stream's name, so that on a cluster one blocking read covers them all (one slot)."""
+        return f"{{{self.prefix}jobs}}:{provider}"
 
     def record(self, generation_id: str) -> str:
         """A generation's record (a hash: its status, attempts, owner, cancel flag)."""

@@ -6,6 +6,7 @@ Every failure of the transport leaves here as a `ProviderError`; the provider mo
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
 import re
@@ -85,8 +86,16 @@ class StreamDecoder(Protocol):
 
 
 def client_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
-    # No total: a long generation is legitimate. sock_read bounds each silence, the first token included.
-    return aiohttp.ClientTimeout(sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s)
+    # No total: a long generation is legitimate. Silences are bounded by stream_sse: the first byte may take
+    # first_byte_timeout_s, each later one read_timeout_s; aiohttp's own read bound is the longer of the two.
+    return aiohttp.ClientTimeout(
+        sock_connect=config.connect_timeout_s, sock_read=max(config.read_timeout_s, config.first_byte_timeout_s)
+    )
+
+
+def _first_byte_timeout(config: ProviderConfig) -> ProviderError:
+    # The request was sent: the provider may be working on it. Not retried (see ProviderError.accepted).
+    return ProviderError("timeout", f"no answer within the first-byte timeout ({config.first_byte_timeout_s:g}s)")
 
 
 def clean_message(message: str, api_key: str | None) -> str:
@@ -232,17 +241,22 @@ async def _open(
     body: bytes,
     config: ProviderConfig,
     classify: ErrorClassifier,
+    by: float,
 ) -> aiohttp.ClientResponse:
     try:
-        resp = await session.post(
-            url,
-            data=body,
-            headers={**headers, **config.extra_headers},
-            timeout=client_timeout(config),
-            # The caller's session may raise on status; we need the body, so decide here.
-            raise_for_status=False,
-        )
+        async with asyncio.timeout_at(by):
+            resp = await session.post(
+                url,
+                params=config.query or None,
+                data=body,
+                headers={**headers, **config.extra_headers},
+                timeout=client_timeout(config),
+                # The caller's session may raise on status; we need the body, so decide here.
+                raise_for_status=False,
+            )
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if type(exc) is TimeoutError:
+            raise _first_byte_timeout(config) from exc
         raise transport_error(exc, "sending the request") from exc
     if 200 <= resp.status < 300 and resp.content_type != "application/json":
         return resp
@@ -274,32 +288,55 @@ async def stream_sse(
 
     The response is closed on every exit, including `aclose()` and cancellation: that is what aborts the request.
     """
-    resp = await _open(session, url, headers=headers, body=orjson.dumps(body), config=config, classify=classify)
+    # One budget for the answer's head and its first byte.
+    first_byte_by = asyncio.get_running_loop().time() + config.first_byte_timeout_s
+    raw = orjson.dumps(body)
+    resp = await _open(session, url, headers=headers, body=raw, config=config, classify=classify, by=first_byte_by)
+    try:
+        async with resp, aclosing(_read(resp, decoder, config, first_byte_by)) as items:
+            async for item in items:
+                yield item
+    except ProviderError as e:
+        e.accepted = True
+        raise
+
+
+async def _read(
+    resp: aiohttp.ClientResponse, decoder: StreamDecoder, config: ProviderConfig, first_byte_by: float
+) -> AsyncGenerator[StreamItem, None]:
     finish: Finish | None = None
     cut: ProviderError | None = None
-    async with resp:
-        # Raw bytes into the project's parser: it keeps a UTF-8 sequence or a CRLF split across reads intact.
-        parser = SSEParser()
-        chunks = resp.content.iter_any()
-        while finish is None:
-            try:
+    # Raw bytes into the project's parser: it keeps a UTF-8 sequence or a CRLF split across reads intact.
+    parser = SSEParser()
+    chunks = resp.content.iter_any()
+    loop = asyncio.get_running_loop()
+    deadline: float | None = first_byte_by  # until the first byte, then None
+    while finish is None:
+        try:
+            async with asyncio.timeout_at(deadline if deadline is not None else loop.time() + config.read_timeout_s):
                 chunk = await anext(chunks)
-            except StopAsyncIteration:
+        except StopAsyncIteration:
+            break
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if type(exc) is TimeoutError and deadline is not None:
+                raise _first_byte_timeout(config) from exc
+            cut = transport_error(exc, "reading the stream")
+            if cut.code == "connection":
+                cut = truncated(f"the connection was lost mid-stream ({type(exc).__name__})")
+            break
+        deadline = None
+        # Text is passed on as soon as it is decoded, so what precedes an in-stream error is not lost.
+        for item in _decode(parser, decoder, chunk):
+            if isinstance(item, Finish):
+                finish = item
                 break
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                cut = transport_error(exc, "reading the stream")
-                if cut.code == "connection":
-                    cut = truncated(f"the connection was lost mid-stream ({type(exc).__name__})")
-                break
-            # Text is passed on as soon as it is decoded, so what precedes an in-stream error is not lost.
-            for item in _decode(parser, decoder, chunk):
-                if isinstance(item, Finish):
-                    finish = item
-                    break
-                yield item
-    # The Finish goes out only after the response is released: a consumer that stops at the Finish, without
-    # exhausting or closing this generator, must not hold the connection.
-    yield finish if finish is not None else decoder.end(cut)
+            yield item
+    # The Finish goes out only after the response is released (by the caller's `async with`): a consumer that stops
+    # at the Finish, without exhausting or closing this generator, must not hold the connection.
+    if finish is None:
+        finish = decoder.end(cut)
+    resp.release()
+    yield finish
 
 
 class SSEProvider:
@@ -315,9 +352,12 @@ class SSEProvider:
     path: str = ""  # appended to the base URL, unless the provider overrides _url
     decoder: Callable[[str | None], StreamDecoder]  # built per stream with the API key (to scrub it from errors)
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, *, name: str | None = None) -> None:
+        """`name`: what jobs call this endpoint, for one named in a providers file (default: the kind's own name)."""
         self._config = config
         self._root = (config.base_url or self.default_base_url).rstrip("/")
+        if name is not None:
+            self.name = name
 
     def _url(self, request: GenerationRequest) -> str:
         return self._root + self.path

@@ -133,6 +133,9 @@ class ProviderError(Exception):
         self.status = status
         self.retryable = retryable
         self.after_s = after_s
+        # The provider had accepted the request (answered 2xx) when this happened: it may be generating, and billing,
+        # so the worker does not try again, whatever `retryable` says of the error's nature.
+        self.accepted = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +145,16 @@ class ProviderConfig:
     api_key: str | None = None
     base_url: str | None = None  # None: the provider's public default
     connect_timeout_s: float = 10.0
-    # Longest silence allowed between two reads of the response (the first token included).
+    # Longest silence allowed between two reads of the response, once its first byte came.
     read_timeout_s: float = 60.0
+    # Longest wait for the answer's head and first byte: a reasoning model may think for minutes first.
+    first_byte_timeout_s: float = 300.0
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)  # added to the URL (Azure's api-version)
+    # OpenAI wire only: ask for the usage chunk (`stream_options`; some servers refuse it), and the name of the
+    # output cap (older servers and Mistral know only `max_tokens`).
+    stream_usage: bool = True
+    max_tokens_param: str = "max_completion_tokens"
 
 
 class Provider(Protocol):

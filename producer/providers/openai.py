@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from producer.providers._http import (
     SSEProvider,
@@ -30,7 +31,7 @@ from producer.providers.base import (
 )
 from ssecore.sse import SSEEvent
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAIProvider"]
+__all__ = ["DEFAULT_BASE_URL", "AzureOpenAIProvider", "OpenAIProvider"]
 
 # Like the official SDK, the base URL includes the version path; compatible servers are configured the same way
 # (e.g. "http://localhost:8000/v1" for vLLM, "http://localhost:11434/v1" for Ollama).
@@ -231,17 +232,14 @@ class OpenAIProvider(SSEProvider):
             headers["Authorization"] = f"Bearer {self._config.api_key}"
         return headers
 
-    @staticmethod
-    def _body(request: GenerationRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "messages": [_message(m) for m in request.messages],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": request.model, "messages": [_message(m) for m in request.messages]}
+        body["stream"] = True
+        if self._config.stream_usage:
+            body["stream_options"] = {"include_usage": True}
         params = {
-            # The name every current model takes; reasoning models refuse the older `max_tokens`.
-            "max_completion_tokens": request.max_tokens,
+            # By default the name every current model takes (reasoning models refuse the older `max_tokens`).
+            self._config.max_tokens_param: request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": list(request.stop) if request.stop is not None else None,
@@ -260,3 +258,21 @@ class OpenAIProvider(SSEProvider):
         if err.get("code") in _QUOTA_CODES or err.get("type") in _QUOTA_CODES:
             return status_error(status, message, headers, code="quota_exhausted", retryable=False)
         return status_error(status, message, headers)
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """Azure OpenAI: the same stream, at `{resource root}/openai/deployments/{model}/chat/completions` with the entry's
+    `query` (its `api-version`), the key in an `api-key` header; `model` names the deployment."""
+
+    name = "azure-openai"
+    kind = "azure-openai"
+    default_base_url = ""  # a providers-file entry always has one
+
+    def _url(self, request: GenerationRequest) -> str:
+        return f"{self._root}/openai/deployments/{quote(request.model, safe='')}/chat/completions"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self._config.api_key:
+            headers["api-key"] = self._config.api_key
+        return headers

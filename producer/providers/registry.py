@@ -1,8 +1,12 @@
-"""The providers a worker can call, built from its settings and the providers' environment variables."""
+"""The providers a worker can call, built from its settings, the providers' environment variables and its providers
+file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ssecore.jobs import PROVIDER_NAMES
+from ssecore.provider_file import ProviderEntry
 
 from .base import Provider, ProviderConfig
 from .demo import DemoProvider
@@ -10,17 +14,47 @@ from .demo import DemoProvider
 __all__ = ["PROVIDER_NAMES", "build_providers"]
 
 
+def _named(
+    entry: ProviderEntry, environ: Mapping[str, str], *, connect_timeout_s: float, first_byte_timeout_s: float
+) -> Provider:
+    from .anthropic import AnthropicProvider
+    from .gemini import GeminiProvider
+    from .openai import AzureOpenAIProvider, OpenAIProvider
+
+    kinds = {
+        "openai": OpenAIProvider,
+        "azure-openai": AzureOpenAIProvider,
+        "anthropic": AnthropicProvider,
+        "gemini": GeminiProvider,
+    }
+    config = ProviderConfig(
+        api_key=environ.get(entry.api_key_env) or None if entry.api_key_env else None,
+        base_url=entry.base_url,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=entry.timeout_s or 60.0,
+        first_byte_timeout_s=first_byte_timeout_s,
+        extra_headers=dict(entry.headers),
+        query=dict(entry.query),
+        stream_usage=entry.stream_usage,
+        max_tokens_param=entry.max_tokens_param,
+    )
+    return kinds[entry.kind](config, name=entry.name)
+
+
 def build_providers(
     *,
     demo: bool = True,
     demo_tokens_per_s: float,
     connect_timeout_s: float,
+    first_byte_timeout_s: float = 300.0,
     openai: tuple[str | None, str | None, float] = (None, None, 60.0),
     anthropic: tuple[str | None, str | None, float] = (None, None, 60.0),
     gemini: tuple[str | None, str | None, float] = (None, None, 60.0),
+    entries: Mapping[str, ProviderEntry] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, Provider]:
     """One instance per provider (the demo one only with `demo`). Each tuple is (api key, base URL or None for the
-    public one, read timeout)."""
+    public one, read timeout). `entries`: a providers file's, their keys read from `environ`."""
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import OpenAIProvider
@@ -28,7 +62,11 @@ def build_providers(
     def config(spec: tuple[str | None, str | None, float]) -> ProviderConfig:
         key, base_url, read_timeout_s = spec
         return ProviderConfig(
-            api_key=key, base_url=base_url, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s
+            api_key=key,
+            base_url=base_url,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            first_byte_timeout_s=first_byte_timeout_s,
         )
 
     providers: dict[str, Provider] = {
@@ -38,4 +76,8 @@ def build_providers(
     }
     if demo:
         providers["demo"] = DemoProvider(demo_tokens_per_s)
+    for name, entry in (entries or {}).items():
+        providers[name] = _named(
+            entry, environ or {}, connect_timeout_s=connect_timeout_s, first_byte_timeout_s=first_byte_timeout_s
+        )
     return providers

@@ -72,6 +72,7 @@ class Behaviour:
     """What the server does with one request. `*_after=n` acts after n tokens (0: before the first one)."""
 
     tokens: tuple[str, ...] = DEFAULT_TOKENS
+    head_delay_s: float = 0.0  # before the response head (a model thinking before anything is sent)
     first_token_delay_s: float = 0.0  # after the response head, before the first token
     pace_s: float = 0.0  # between two tokens
     split_utf8: bool = False  # write each token's event in two writes, cutting through a multi-byte character
@@ -582,6 +583,12 @@ class FakeProviders:
         if isinstance(wire, _GeminiWire) and request.query.get("alt") != "sse":
             rec.completed = True
             return _json_response(200, wire.chunks(b))
+        if b.head_delay_s > 0:
+            try:
+                await self._sleep(request, b.head_delay_s)
+            except ConnectionResetError:
+                rec.disconnected.set()
+                raise
         return await self._stream(request, rec, _script(wire, b, model))
 
     async def _stream(self, request: web.Request, rec: RecordedRequest, steps: list[_Step]) -> web.StreamResponse:

@@ -427,13 +427,31 @@ async def test_error_inside_a_200_stream_is_raised_after_the_text_so_far(
     assert (error.code, error.retryable) == (code, True)
 
 
-@pytest.mark.parametrize("name", ALL)
-async def test_silence_longer_than_the_read_timeout_is_a_retryable_timeout(
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_silence_longer_than_the_read_timeout_after_the_first_byte_is_a_timeout(
     fake: FakeProviders, session: aiohttp.ClientSession, name: ProviderName
 ) -> None:
+    # These two send their head at once, then wait before the first token.
     texts, error = await failure(make(fake, name, read_timeout_s=0.1), session, ask("slow-first"))
     assert texts == []
-    assert (error.code, error.retryable) == ("timeout", True)
+    assert (error.code, error.retryable, error.accepted) == ("timeout", True, True)
+
+
+@pytest.mark.parametrize("name", ALL)
+async def test_a_model_that_thinks_before_its_first_byte_has_the_first_byte_timeout(
+    fake: FakeProviders, session: aiohttp.ClientSession, name: ProviderName
+) -> None:
+    """A reasoning model may be silent for minutes before anything: that wait has its own, longer, bound."""
+    fake.behaviours["thinker"] = Behaviour(head_delay_s=0.5)
+    fake.behaviours["mute"] = Behaviour(head_delay_s=3)
+    patient = make(fake, name, read_timeout_s=0.1, first_byte_timeout_s=5)
+    text, _ = await collect(patient, session, ask("thinker"))
+    assert text == HELLO
+    # Past the first-byte timeout it ends, and is not tried again: the provider may be working on it, and billing.
+    started = asyncio.get_running_loop().time()
+    texts, error = await failure(make(fake, name, read_timeout_s=30, first_byte_timeout_s=0.3), session, ask("mute"))
+    assert texts == [] and (error.code, error.retryable) == ("timeout", False) and "first-byte" in error.message
+    assert asyncio.get_running_loop().time() - started < 2.5
 
 
 @pytest.mark.parametrize("name", ALL)
