@@ -12,13 +12,16 @@ from typing import Any
 
 from .chat import ChatError, data_url_mime
 
-__all__ = ["KINDS", "Support", "check_support"]
+__all__ = ["ANTHROPIC_THINKING_BUDGETS", "KINDS", "Support", "check_support"]
 
 # The wire formats a provider entry can speak.
 KINDS = ("openai", "openai-responses", "azure-openai", "anthropic", "gemini", "demo")
 
 # Anthropic reads images of these types, and PDF documents.
 _ANTHROPIC_IMAGES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+# reasoning_effort -> Anthropic's thinking budget_tokens (1024 is the least the API takes). The answer's max_tokens
+# counts the thinking too and must exceed it; the provider module reads the same table.
+ANTHROPIC_THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class Support:
     temperature: float | None = None
     top_p: float | None = None
     stop: Sequence[str] | None = None
+    max_tokens: int | None = None
 
 
 def _refuse(field: str, provider: str, why: str) -> ChatError:
@@ -65,6 +69,10 @@ def _anthropic(name: str, req: Support) -> None:
         for field, value in (("params.temperature", req.temperature), ("params.top_p", req.top_p)):
             if value is not None:
                 raise _refuse(field, name, "takes no sampling parameters while thinking (reasoning_effort)")
+        budget = ANTHROPIC_THINKING_BUDGETS[req.reasoning_effort]
+        if req.max_tokens is not None and req.max_tokens <= budget:
+            why = f"needs max_tokens above the thinking budget of reasoning_effort {req.reasoning_effort} ({budget})"
+            raise _refuse("params.max_tokens", name, why)
 
 
 def _gemini(name: str, req: Support) -> None:

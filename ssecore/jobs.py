@@ -106,6 +106,7 @@ class Job:
             self.temperature,
             self.top_p,
             self.stop,
+            self.max_tokens,
         )
 
     @classmethod

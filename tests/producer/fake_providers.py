@@ -274,7 +274,21 @@ _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter":
 
 
 class _AnthropicWire:
+    """Content blocks in the API's one sequence: thinking (when the behaviour reasons), text (when it has tokens),
+    then one tool_use block per call."""
+
     provider: ProviderName = "anthropic"
+
+    @staticmethod
+    def _text_index(b: Behaviour) -> int:
+        return 1 if b.reasoning else 0
+
+    @staticmethod
+    def _block(kind: str, index: int, **data: Any) -> bytes:
+        return _sse({"type": kind, "index": index, **data}, event=kind)
+
+    def _delta(self, index: int, kind: str, **data: Any) -> bytes:
+        return self._block("content_block_delta", index, delta={"type": kind, **data})
 
     def head(self, b: Behaviour, model: str) -> list[bytes]:
         message: dict[str, Any] = {
@@ -295,39 +309,55 @@ class _AnthropicWire:
             }
         return [
             _sse({"type": "message_start", "message": message}, event="message_start"),
-            _sse(
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                event="content_block_start",
-            ),
             _sse({"type": "ping"}, event="ping"),
             # New event types may appear at any time; clients must ignore them.
             _sse({"type": "some_future_event", "detail": 1}, event="some_future_event"),
         ]
 
+    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
+        """The thinking block, if any, then the start of the text block the tokens go into."""
+        out: list[bytes] = []
+        if b.reasoning:
+            out.append(self._block("content_block_start", 0, content_block={"type": "thinking", "thinking": ""}))
+            out.extend(self._delta(0, "thinking_delta", thinking=t) for t in b.reasoning)
+            if b.signature is not None:
+                out.append(self._delta(0, "signature_delta", signature=b.signature))
+            out.append(self._block("content_block_stop", 0))
+        if b.tokens:
+            text = {"type": "text", "text": ""}
+            out.append(self._block("content_block_start", self._text_index(b), content_block=text))
+        return out
+
     def token(self, b: Behaviour, text: str, model: str) -> bytes:
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
-        return _sse(delta, event="content_block_delta")
+        return self._delta(self._text_index(b), "text_delta", text=text)
+
+    def calls(self, b: Behaviour, model: str) -> list[bytes]:
+        """The end of the text block, then each call: its id and name, then its arguments in fragments."""
+        out = [self._block("content_block_stop", self._text_index(b))] if b.tokens else []
+        first = self._text_index(b) + (1 if b.tokens else 0)
+        for index, call in enumerate(b.tool_calls, start=first):
+            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+            out.append(self._block("content_block_start", index, content_block=block))
+            out.extend(self._delta(index, "input_json_delta", partial_json=a) for a in call.arguments)
+            out.append(self._block("content_block_stop", index))
+        return out
 
     def tail(self, b: Behaviour, model: str) -> list[bytes]:
         reason = _ANTHROPIC_STOP.get(b.finish_reason, b.finish_reason)
         delta: dict[str, Any] = {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None}}
         if b.usage:
             delta["usage"] = {"output_tokens": len(b.tokens)}
-        return [
-            _sse({"type": "content_block_stop", "index": 0}, event="content_block_stop"),
-            _sse(delta, event="message_delta"),
-            _sse({"type": "message_stop"}, event="message_stop"),
-        ]
-
-    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
-        return []  # to do: this provider's reasoning events
-
-    def calls(self, b: Behaviour, model: str) -> list[bytes]:
-        return []  # to do: this provider's tool-call events
+        return [_sse(delta, event="message_delta"), _sse({"type": "message_stop"}, event="message_stop")]
 
     @staticmethod
     def answered(body: Any) -> bool:
-        return False  # to do: whether the request carries a tool result
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
+            return False
+        content = messages[-1].get("content")
+        return isinstance(content, list) and any(
+            isinstance(block, dict) and block.get("type") == "tool_result" for block in content
+        )
 
     def malformed(self) -> bytes:
         return b'event: content_block_delta\ndata: {"type": "content_block_delta", "delta": \n\n'
