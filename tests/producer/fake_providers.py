@@ -396,8 +396,8 @@ class _GeminiWire:
     provider: ProviderName = "gemini"
     eol = "\r\n"  # Google's SSE lines end in CRLF
 
-    def _chunk(self, b: Behaviour, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+    def _chunk(self, b: Behaviour, parts: list[dict[str, Any]], finish_reason: str | None = None) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
         if finish_reason is not None:
             candidate["finishReason"] = finish_reason
         chunk: dict[str, Any] = {"candidates": [candidate], "modelVersion": "gemini-fake", "responseId": "r-fake"}
@@ -406,33 +406,56 @@ class _GeminiWire:
             if finish_reason is not None:
                 usage["candidatesTokenCount"] = len(b.tokens)
                 usage["totalTokenCount"] += len(b.tokens)
+                if b.reasoning:
+                    usage["thoughtsTokenCount"] = len(b.reasoning)
+                    usage["totalTokenCount"] += len(b.reasoning)
             chunk["usageMetadata"] = usage
         return chunk
 
+    def _last(self, b: Behaviour) -> dict[str, Any]:
+        # Gemini ends an answer that calls functions with STOP, like any other. Without calls, the signature comes
+        # on the last part: in a stream, an empty text part of its own.
+        reason = "STOP" if b.finish_reason == "tool_calls" else _GEMINI_FINISH.get(b.finish_reason)
+        part: dict[str, Any] = {"text": ""}
+        if b.signature is not None and not b.tool_calls:
+            part["thoughtSignature"] = b.signature
+        return self._chunk(b, [part], reason or b.finish_reason.upper())
+
     def chunks(self, b: Behaviour) -> list[dict[str, Any]]:
         """The whole answer as objects: what the endpoint returns as one JSON array without `alt=sse`."""
-        reason = _GEMINI_FINISH.get(b.finish_reason, b.finish_reason.upper())
-        return [self._chunk(b, t) for t in b.tokens] + [self._chunk(b, "", reason)]
+        return [self._chunk(b, [{"text": t}]) for t in b.tokens] + [self._last(b)]
 
     def head(self, b: Behaviour, model: str) -> list[bytes]:
         return []
 
     def token(self, b: Behaviour, text: str, model: str) -> bytes:
         # Usage in intermediate chunks carries only the prompt count, as the real API's does.
-        return _sse(self._chunk(b, text), eol=self.eol)
+        return _sse(self._chunk(b, [{"text": text}]), eol=self.eol)
 
     def tail(self, b: Behaviour, model: str) -> list[bytes]:
-        return [_sse(self.chunks(b)[-1], eol=self.eol)]
+        return [_sse(self._last(b), eol=self.eol)]
 
     def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
-        return []  # to do: this provider's reasoning events
+        # Thought summaries, as `includeThoughts` asks for them; the signature comes on a later part.
+        return [_sse(self._chunk(b, [{"text": t, "thought": True}]), eol=self.eol) for t in b.reasoning]
 
     def calls(self, b: Behaviour, model: str) -> list[bytes]:
-        return []  # to do: this provider's tool-call events
+        # Each call whole, in a chunk of its own, without an id; the first carries the answer's signature.
+        out: list[bytes] = []
+        for index, call in enumerate(b.tool_calls):
+            part: dict[str, Any] = {"functionCall": {"name": call.name, "args": orjson.loads(call.whole)}}
+            if index == 0 and b.signature is not None:
+                part["thoughtSignature"] = b.signature
+            out.append(_sse(self._chunk(b, [part]), eol=self.eol))
+        return out
 
     @staticmethod
     def answered(body: Any) -> bool:
-        return False  # to do: whether the request carries a tool result
+        contents = body.get("contents") if isinstance(body, dict) else None
+        if not isinstance(contents, list) or not contents or not isinstance(contents[-1], dict):
+            return False
+        parts = contents[-1].get("parts")
+        return isinstance(parts, list) and any(isinstance(p, dict) and "functionResponse" in p for p in parts)
 
     def malformed(self) -> bytes:
         return b'data: {"candidates": [\r\n\r\n'
