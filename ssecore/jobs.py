@@ -44,7 +44,7 @@ __all__ = [
 Status = Literal["queued", "running", "done", "error", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # The providers a job may name (a worker may have fewer: it ends the others' jobs as unknown_provider).
-PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
+PROVIDER_NAMES = frozenset({"openai", "openai-responses", "anthropic", "gemini", "demo"})
 
 _MAX_STOP = 8
 _MAX_STOP_LEN = 200  # characters of one stop string

@@ -20,10 +20,11 @@ def build_providers(
     gemini: tuple[str | None, str | None, float] = (None, None, 60.0),
 ) -> dict[str, Provider]:
     """One instance per provider (the demo one only with `demo`). Each tuple is (api key, base URL or None for the
-    public one, read timeout)."""
+    public one, read timeout). `openai-responses` is OpenAI's other API: it takes `openai`'s key, URL and timeout."""
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import OpenAIProvider
+    from .openai_responses import OpenAIResponsesProvider
 
     def config(spec: tuple[str | None, str | None, float]) -> ProviderConfig:
         key, base_url, read_timeout_s = spec
@@ -33,6 +34,7 @@ def build_providers(
 
     providers: dict[str, Provider] = {
         "openai": OpenAIProvider(config(openai)),
+        "openai-responses": OpenAIResponsesProvider(config(openai)),
         "anthropic": AnthropicProvider(config(anthropic)),
         "gemini": GeminiProvider(config(gemini)),
     }
