@@ -45,7 +45,7 @@ __all__ = [
 Status = Literal["queued", "running", "done", "error", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "cancelled"})
 # The providers a job may name (a worker may have fewer: it ends the others' jobs as unknown_provider).
-PROVIDER_NAMES = frozenset({"openai", "anthropic", "gemini", "demo"})
+PROVIDER_NAMES = frozenset({"openai", "openai-responses", "anthropic", "gemini", "demo"})
 # The providers whose jobs share one queue, which every worker reads: each worker has all of them. A provider named in
 # a providers file has a queue of its own, read only by the workers whose file names it.
 BUILTIN_QUEUE = PROVIDER_NAMES

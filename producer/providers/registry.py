@@ -20,9 +20,11 @@ def _named(
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import AzureOpenAIProvider, OpenAIProvider
+    from .openai_responses import OpenAIResponsesProvider
 
     kinds = {
         "openai": OpenAIProvider,
+        "openai-responses": OpenAIResponsesProvider,
         "azure-openai": AzureOpenAIProvider,
         "anthropic": AnthropicProvider,
         "gemini": GeminiProvider,
@@ -54,10 +56,12 @@ def build_providers(
     environ: Mapping[str, str] | None = None,
 ) -> dict[str, Provider]:
     """One instance per provider (the demo one only with `demo`). Each tuple is (api key, base URL or None for the
-    public one, read timeout). `entries`: a providers file's, their keys read from `environ`."""
+    public one, read timeout); `openai-responses` is OpenAI's other API, with `openai`'s key, URL and timeout.
+    `entries`: a providers file's, their keys read from `environ`."""
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import OpenAIProvider
+    from .openai_responses import OpenAIResponsesProvider
 
     def config(spec: tuple[str | None, str | None, float]) -> ProviderConfig:
         key, base_url, read_timeout_s = spec
@@ -71,6 +75,7 @@ def build_providers(
 
     providers: dict[str, Provider] = {
         "openai": OpenAIProvider(config(openai)),
+        "openai-responses": OpenAIResponsesProvider(config(openai)),
         "anthropic": AnthropicProvider(config(anthropic)),
         "gemini": GeminiProvider(config(gemini)),
     }

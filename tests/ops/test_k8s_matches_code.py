@@ -100,7 +100,7 @@ def test_hub_and_workers_get_valid_settings_and_share_the_store() -> None:
 
 def test_production_runs_no_demo_provider() -> None:
     # The demo streams canned text at no cost: in production it would only hold worker slots for whoever asks.
-    assert "demo" not in create_node(hub_settings())[PROVIDERS], "the hub must refuse provider: demo"
+    assert "demo" not in create_node(hub_settings())[PROVIDERS].kinds, "the hub must refuse provider: demo"
     assert "demo" not in providers_for(producer_settings(), ProviderKeys()), "the workers must not run demo jobs"
 
 

@@ -37,7 +37,7 @@ __all__ = [
     "numbered_tokens",
 ]
 
-ProviderName = Literal["openai", "anthropic", "gemini"]
+ProviderName = Literal["openai", "openai-responses", "anthropic", "gemini"]
 Reject = Literal["rate_limit", "quota", "auth", "bad_request", "not_found", "overloaded", "server_error", "html"]
 
 TEST_API_KEY = "sk-test-0123456789abcdef"
@@ -270,6 +270,148 @@ class _OpenAIWire:
         return _html_response()
 
 
+_RESPONSES_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+class _ResponsesWire:
+    """OpenAI's Responses API: named events, each numbered, about output items (reasoning, message, function_call)
+    opened and closed around their deltas. One instance per response: it numbers the events and the items."""
+
+    provider: ProviderName = "openai-responses"
+
+    def __init__(self) -> None:
+        self._sequence = 0
+        self._output: list[dict[str, Any]] = []  # finished items, for the final response object
+        self._message: dict[str, Any] | None = None  # the message item being written
+        self._model = ""
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return _sse(data, event=kind)
+
+    def _response(self, status: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "id": "resp_fake",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "model": self._model,
+            "output": list(self._output),
+            "error": None,
+            "incomplete_details": None,
+            "usage": None,
+            **fields,
+        }
+
+    def _added(self, item: dict[str, Any]) -> tuple[int, bytes]:
+        index = len(self._output) + (self._message is not None)
+        return index, self._event("response.output_item.added", output_index=index, item=item)
+
+    def _done(self, index: int, item: dict[str, Any]) -> bytes:
+        self._output.append(item)
+        return self._event("response.output_item.done", output_index=index, item=item)
+
+    def head(self, b: Behaviour, model: str) -> list[bytes]:
+        self._model = model
+        return [
+            self._event("response.created", response=self._response("in_progress")),
+            self._event("response.in_progress", response=self._response("in_progress")),
+        ]
+
+    def reasoning(self, b: Behaviour, model: str) -> list[bytes]:
+        if not b.reasoning:
+            return []
+        item: dict[str, Any] = {"id": "rs_fake_0", "type": "reasoning", "summary": []}
+        index, added = self._added(item)
+        at = {"item_id": item["id"], "output_index": index, "summary_index": 0}
+        text = "".join(b.reasoning)
+        part = {"type": "summary_text", "text": text}
+        out = [added, self._event("response.reasoning_summary_part.added", **at, part={**part, "text": ""})]
+        out += [self._event("response.reasoning_summary_text.delta", **at, delta=d) for d in b.reasoning]
+        out.append(self._event("response.reasoning_summary_text.done", **at, text=text))
+        out.append(self._event("response.reasoning_summary_part.done", **at, part=part))
+        done = {**item, "summary": [part]}
+        if b.signature is not None:
+            done["encrypted_content"] = b.signature
+        return [*out, self._done(index, done)]
+
+    def token(self, b: Behaviour, text: str, model: str) -> bytes:
+        opening = b""
+        if self._message is None:
+            item = {"id": "msg_fake", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            index, opening = self._added(item)
+            self._message = {**item, "output_index": index, "text": ""}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            at = {"item_id": "msg_fake", "output_index": index, "content_index": 0}
+            opening += self._event("response.content_part.added", **at, part=part)
+        self._message["text"] += text
+        at = {"item_id": "msg_fake", "output_index": self._message["output_index"], "content_index": 0}
+        return opening + self._event("response.output_text.delta", **at, delta=text, logprobs=[])
+
+    def _close_message(self) -> list[bytes]:
+        if self._message is None:
+            return []
+        message, self._message = self._message, None
+        index, text = message.pop("output_index"), message.pop("text")
+        part = {"type": "output_text", "text": text, "annotations": []}
+        at = {"item_id": "msg_fake", "output_index": index, "content_index": 0}
+        return [
+            self._event("response.output_text.done", **at, text=text, logprobs=[]),
+            self._event("response.content_part.done", **at, part=part),
+            self._done(index, {**message, "status": "completed", "content": [part]}),
+        ]
+
+    def calls(self, b: Behaviour, model: str) -> list[bytes]:
+        out = self._close_message()
+        for n, call in enumerate(b.tool_calls):
+            item = {"id": f"fc_fake_{n}", "type": "function_call", "status": "in_progress", "arguments": ""}
+            item.update(call_id=call.id, name=call.name)
+            index, added = self._added(item)
+            at = {"item_id": item["id"], "output_index": index}
+            out.append(added)
+            out += [self._event("response.function_call_arguments.delta", **at, delta=a) for a in call.arguments]
+            out.append(self._event("response.function_call_arguments.done", **at, arguments=call.whole))
+            out.append(self._done(index, {**item, "status": "completed", "arguments": call.whole}))
+        return out
+
+    def tail(self, b: Behaviour, model: str) -> list[bytes]:
+        out = self._close_message()
+        usage = None
+        if b.usage:
+            reasoning, output = len(b.reasoning), len(b.tokens) + len(b.reasoning)
+            usage = {
+                "input_tokens": b.input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output,
+                "output_tokens_details": {"reasoning_tokens": reasoning},
+                "total_tokens": b.input_tokens + output,
+            }
+        reason = _RESPONSES_INCOMPLETE.get(b.finish_reason)
+        if reason is None:
+            response = self._response("completed", usage=usage)
+            return [*out, self._event("response.completed", response=response)]
+        response = self._response("incomplete", usage=usage, incomplete_details={"reason": reason})
+        return [*out, self._event("response.incomplete", response=response)]
+
+    @staticmethod
+    def answered(body: Any) -> bool:
+        items = body.get("input") if isinstance(body, dict) else None
+        return isinstance(items, list) and any(
+            isinstance(i, dict) and i.get("type") == "function_call_output" for i in items
+        )
+
+    def malformed(self) -> bytes:
+        return b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", "delta": \n\n'
+
+    def stream_error(self) -> bytes:
+        error = {"code": "server_error", "message": "The server had an error while processing your request."}
+        return self._event("response.failed", response=self._response("failed", error=error))
+
+    def reject(self, kind: Reject, b: Behaviour, rec: RecordedRequest) -> web.Response:
+        return _OpenAIWire().reject(kind, b, rec)  # the same API's error bodies
+
+
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal", "tool_calls": "tool_use"}
 
 
@@ -497,7 +639,7 @@ class _GeminiWire:
         return _html_response()
 
 
-_Wire = _OpenAIWire | _AnthropicWire | _GeminiWire
+_Wire = _OpenAIWire | _ResponsesWire | _AnthropicWire | _GeminiWire
 
 
 def _split_point(data: bytes) -> int:
@@ -551,6 +693,7 @@ class FakeProviders:
         self._server: TestServer | None = None
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self._openai)
+        self.app.router.add_post("/v1/responses", self._responses)
         self.app.router.add_post("/v1/messages", self._anthropic)
         self.app.router.add_post("/v1beta/models/{target}", self._gemini)
         self.app.on_shutdown.append(self._on_shutdown)
@@ -578,7 +721,7 @@ class FakeProviders:
 
     def base_url(self, provider: ProviderName) -> str:
         """What to put in ProviderConfig.base_url: OpenAI's includes /v1, the others are the server root."""
-        return f"{self.root}/v1" if provider == "openai" else self.root
+        return f"{self.root}/v1" if provider in ("openai", "openai-responses") else self.root
 
     def config(self, provider: ProviderName, **overrides: Any) -> ProviderConfig:
         settings: dict[str, Any] = {"api_key": TEST_API_KEY, "base_url": self.base_url(provider)}
@@ -591,6 +734,10 @@ class FakeProviders:
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         return await self._serve(request, _OpenAIWire(), str(body.get("model", "")), body)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        return await self._serve(request, _ResponsesWire(), str(body.get("model", "")), body)
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
