@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from hub.__main__ import create_node
 from hub.settings import HubSettings
-from producer.settings import ProducerSettings
+from producer.settings import ProducerSettings, ProviderKeys
 from ssecore.backend import Backend
 from ssecore.backend_memory import MemoryBackend
 from ssecore.backend_redis import RedisBackend
@@ -34,6 +34,7 @@ class ClientFactory(Protocol):
         jobs: JobQueue | None = None,
         presence: Presence | None = None,
         worker_settings: ProducerSettings | None = None,
+        provider_keys: ProviderKeys | None = None,
         registry: CollectorRegistry | None = None,
         **settings: Any,
     ) -> Awaitable[TestClient[Any, Any]]: ...
@@ -121,6 +122,7 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
         jobs: JobQueue | None = None,
         presence: Presence | None = None,
         worker_settings: ProducerSettings | None = None,
+        provider_keys: ProviderKeys | None = None,
         registry: CollectorRegistry | None = None,
         **settings: Any,
     ) -> TestClient[Any, Any]:
@@ -131,6 +133,7 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
             jobs=jobs,
             presence=presence,
             worker_settings=worker_settings,
+            provider_keys=provider_keys,
             registry=registry,
         )
         client: TestClient[Any, Any] = await aiohttp_client(app)
