@@ -1,6 +1,7 @@
 """The demo page (hub/static) in a real Chromium: a generation streams in token by token and ends with exactly the text
 the worker wrote, through a node killed under it behind nginx, a page reload, and a channel deleted or trimmed under
-it. Screenshots of the finished pages are saved in each test's artifacts folder."""
+it; with the weather tool, the page runs an agent loop. Screenshots of the finished pages are saved in each test's
+artifacts folder."""
 
 from __future__ import annotations
 
@@ -359,3 +360,128 @@ async def test_stop_cancels_the_generation_and_the_page_says_so(hub: HubProcess,
     expected = await stored_text(hub.url, job["channel"])
     assert await answer(page) == expected and 0 < len(expected)
     assert await page.is_disabled("#stop") and not await page.is_disabled("#send")
+
+
+# What the page's transcript holds: each block's class and text, and each tool call's arguments as they filled in.
+TRANSCRIPT = """
+() => [...document.getElementById("answer").children].map((node) => ({
+    kind: node.className,
+    text: node.textContent,
+    name: node.querySelector(".name")?.textContent ?? null,
+    args: node.querySelector(".args")?.textContent ?? null,
+    complete: node.dataset.complete ?? null,
+    color: getComputedStyle(node).color,
+}))
+"""
+WATCH_CALLS = """
+() => {
+    window.callArgs = [];
+    new MutationObserver(() => {
+        const args = document.querySelector("#answer .tool-call .args");
+        const seen = window.callArgs;
+        if (args && seen[seen.length - 1] !== args.textContent) seen.push(args.textContent);
+    }).observe(document.getElementById("answer"), {childList: true, subtree: true, characterData: true});
+}
+"""
+
+
+# The page's POST /v1/generations requests, in order: each body as sent, and the job the hub answered with.
+RECORD_POSTS = """
+() => {
+    window.posts = [];
+    const send = window.fetch;
+    window.fetch = (url, init) => {
+        const answer = send(url, init);
+        if (String(url).endsWith("v1/generations") && init && init.method === "POST") {
+            const post = {body: JSON.parse(init.body), job: null};
+            window.posts.push(post);
+            answer.then((resp) => resp.clone().json()).then((job) => { post.job = job; });
+        }
+        return answer;
+    };
+}
+"""
+
+
+async def record(base_url: str, job_id: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base_url}/v1/generations/{job_id}") as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
+
+
+async def test_the_weather_tool_runs_an_agent_loop_in_the_page(hub: HubProcess, page: Page, artifacts: Path) -> None:
+    await page.goto(f"{hub.url}/")
+    await page.evaluate(WATCH_STATES)
+    await page.evaluate(WATCH_CALLS)
+    await page.evaluate(RECORD_POSTS)
+    await page.check("#weather")
+    await page.select_option("#effort", "low")
+    assert await page.input_value("#prompt") == "What is the weather in Paris?"
+    await page.click("#send")
+    # The second answer quotes the tool's result, and the loop ends there.
+    await page.wait_for_function(
+        """() => document.getElementById("state").dataset.state === "finished" &&
+            [...document.querySelectorAll("#answer .text")].some((n) => n.textContent.includes("tool said"))""",
+        timeout=30_000,
+    )
+    shown = await page.evaluate(TRANSCRIPT)
+    assert [item["kind"] for item in shown] == ["reasoning", "text", "tool-call", "tool-result", "reasoning", "text"]
+    thinking, said, call, result, _, final = shown
+    # The call, marked as one, complete, with arguments made from the tool's schema; seen filling in before that.
+    assert call["name"] == "get_weather" and call["complete"] == "true" and call["text"].startswith("tool call")
+    assert json.loads(call["args"]) == {"city": "Paris"}
+    filling = await page.evaluate("() => window.callArgs")
+    assert filling[-1] == call["args"] and any(0 < len(a) < len(call["args"]) for a in filling), filling
+    # The page ran the tool, sent its result back, and the model's answer quotes it.
+    weather = {"city": "Paris", "temp_c": 21, "sky": "sunny"}
+    assert result["name"] == "get_weather" and json.loads(result["args"]) == weather
+    assert final["text"] == f"The get_weather tool said: {result['args']}."
+    # Reasoning is shown apart from the answer, greyed.
+    assert "get_weather" in thinking["text"] and thinking["color"] != said["color"]
+
+    # Two requests: the second is the first's messages, the first answer (done.message) verbatim, the tool's result.
+    posts: list[dict[str, Any]] = await page.evaluate("() => window.posts")
+    [(first, first_job), (second, second_job)] = [(post["body"], post["job"]) for post in posts]
+    assert first["tools"][0]["function"]["name"] == "get_weather" and first["reasoning_effort"] == "low"
+    first_answer = (await record(hub.url, first_job["id"]))["message"]
+    assert first_answer["content"] == said["text"] and first_answer["reasoning"] == thinking["text"]
+    [call_id] = [c["id"] for c in first_answer["tool_calls"]]
+    tool_result = {"role": "tool", "tool_call_id": call_id, "content": result["args"]}
+    assert second["messages"] == [*first["messages"], first_answer, tool_result]
+    assert second["tools"] == first["tools"]
+    assert (await record(hub.url, second_job["id"]))["message"]["content"] == final["text"]
+    assert await answer(page) == "".join(item["text"] for item in shown)
+    assert (await states(page))[-1] == "finished" and not await page.is_disabled("#send")
+    await page.screenshot(path=artifacts / "agent-loop.png", full_page=True)
+
+
+async def test_a_page_reloaded_during_the_tool_call_carries_the_agent_loop_on(
+    hub: HubProcess, page: Page, artifacts: Path
+) -> None:
+    await page.goto(f"{hub.url}/")
+    await page.check("#weather")
+    await page.select_option("#effort", "high")
+    await page.click("#send")
+    await page.wait_for_selector("#answer .reasoning", timeout=15_000)
+    first = await saved(page)
+    assert first["status"] == "streaming" and first["agent"]["tools"]
+    await page.reload()
+    # The first answer resumes where it was; the page still runs the tool and asks for the second.
+    await page.wait_for_function(
+        """() => document.getElementById("state").dataset.state === "finished" &&
+            document.querySelectorAll("#answer .text").length === 2""",
+        timeout=30_000,
+    )
+    shown = await page.evaluate(TRANSCRIPT)
+    assert [item["kind"] for item in shown] == ["reasoning", "text", "tool-call", "tool-result", "reasoning", "text"]
+    # Nothing lost or doubled across the reload: the first answer is what its generation recorded.
+    message = (await record(hub.url, first["id"]))["message"]
+    assert [shown[0]["text"], shown[1]["text"]] == [message["reasoning"], message["content"]]
+    assert json.loads(shown[2]["args"]) == json.loads(message["tool_calls"][0]["function"]["arguments"])
+    second = await saved(page)
+    assert second["id"] != first["id"]
+    assert shown[-1]["text"] == (await record(hub.url, second["id"]))["message"]["content"]
+    assert shown[-1]["text"].startswith("The get_weather tool said:")
+    await page.screenshot(path=artifacts / "agent-loop-reloaded.png", full_page=True)

@@ -21,6 +21,7 @@ from ssecore.jobs import Job
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import RedisJobQueue
 from tests.conftest import ClientFactory
+from tests.producer.agent_turns import WEATHER
 from tests.support import RedisServer, collect, settled
 
 Client = TestClient[Any, Any]
@@ -68,6 +69,145 @@ async def test_demo_generation_streams_start_tokens_and_one_closing_done(hub: Cl
     record = await (await hub.get(f"/v1/generations/{job['id']}")).json()
     assert record["status"] == "done" and record["finish_reason"] == "stop"
     assert record["usage"] == done["usage"] and record["started_at"] <= record["finished_at"]
+
+
+# A tool whose required properties cover every kind of sample the demo model makes; `note` is optional.
+FORECAST: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_forecast",
+        "description": "The forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "hourly": {"type": "boolean"},
+                "where": {
+                    "type": "object",
+                    "properties": {"country": {"type": "string"}, "region": {"type": "string"}},
+                    "required": ["country"],
+                },
+                "note": {"type": "string"},
+            },
+            "required": ["city", "days", "unit", "hourly", "where"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What will the weather be in Paris?"}]
+
+
+async def events_of(hub: Client, job: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A generation's whole channel, (event, data) in order, read to its end."""
+    evs = await collect(await hub.get(job["events_url"] + "?last_event_id=0"), timeout_s=20)
+    return [(e.event, orjson.loads(e.data)) for e in evs]
+
+
+async def record_of(hub: Client, job: dict[str, Any]) -> dict[str, Any]:
+    """What `GET /v1/generations/{id}` shows once the generation is settled."""
+    await settled(hub.app[JOBS], job["id"], timeout_s=10)
+    record: dict[str, Any] = await (await hub.get(f"/v1/generations/{job['id']}")).json()
+    return record
+
+
+def text_of(events: list[tuple[str, Any]], name: str = "token") -> str:
+    return "".join(data["text"] for event, data in events if event == name)
+
+
+async def test_an_agent_loop_runs_through_the_http_api_with_the_demo_provider(hub: Client) -> None:
+    first = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER, FORECAST], "tool_choice": "auto"})
+    events = await events_of(hub, first)
+    names = [name for name, _ in events]
+    deltas = [data for name, data in events if name == "tool_call_delta"]
+    [call] = [data for name, data in events if name == "tool_call"]
+    # Some text, the call's argument fragments, the whole call, and the end; the first tool is called.
+    tokens = names.count("token")
+    assert names == ["start", *["token"] * tokens, *["tool_call_delta"] * len(deltas), "tool_call", "done"]
+    assert text_of(events) and len(deltas) >= 2
+    assert deltas[0]["name"] == call["name"] == "get_weather" and deltas[0]["id"] == call["id"]
+    assert "".join(d["arguments"] for d in deltas) == call["arguments"]
+    assert orjson.loads(call["arguments"]) == {"city": "Paris"}
+    done = events[-1][1]
+    assert done["finish_reason"] == "tool_calls"
+    assert done["message"] == {
+        "role": "assistant",
+        "content": text_of(events),
+        "tool_calls": [
+            {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}
+        ],
+    }
+    record = await record_of(hub, first)
+    assert record["message"] == done["message"] and record["finish_reason"] == "tool_calls"
+
+    # The page's own agent loop: the tool runs here, and the conversation goes back verbatim with its result.
+    result = {"role": "tool", "tool_call_id": call["id"], "content": '{"temp_c": 21, "sky": "clear"}'}
+    messages = [*ASK_WEATHER, done["message"], result]
+    second = await start(hub, {**DEMO, "messages": messages, "tools": [WEATHER, FORECAST]})
+    events = await events_of(hub, second)
+    assert [name for name, _ in events if name not in ("start", "token")] == ["done"]
+    assert text_of(events) == 'The get_weather tool said: {"temp_c": 21, "sky": "clear"}.'
+    done = events[-1][1]
+    assert done["finish_reason"] == "stop"
+    assert done["message"] == {"role": "assistant", "content": text_of(events)}
+    assert done["usage"]["output_tokens"] == len(text_of(events).split())
+    record = await record_of(hub, second)
+    assert record["message"] == done["message"]
+
+
+async def test_the_demo_model_calls_the_chosen_tool_with_arguments_from_its_schema(hub: Client) -> None:
+    chosen = {"type": "function", "function": {"name": "get_forecast"}}
+    job = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER, FORECAST], "tool_choice": chosen})
+    events = await events_of(hub, job)
+    [call] = [data for name, data in events if name == "tool_call"]
+    assert call["name"] == "get_forecast"
+    # Every required property, and nothing else: strings fit their names, enums take their first value.
+    assert orjson.loads(call["arguments"]) == {
+        "city": "Paris",
+        "days": 1,
+        "unit": "celsius",
+        "hourly": True,
+        "where": {"country": "France"},
+    }
+    assert events[-1][1]["message"]["tool_calls"][0]["function"]["name"] == "get_forecast"
+    # Told to call none, it answers in text.
+    job = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER], "tool_choice": "none"})
+    events = await events_of(hub, job)
+    assert text_of(events) == TEXT and not any(name.startswith("tool_call") for name, _ in events)
+    assert events[-1][1]["finish_reason"] == "stop"
+
+
+async def test_max_tokens_holds_a_tool_call_whole_or_not_at_all(hub: Client) -> None:
+    # "Let me check." is three words, the call's arguments {"city": "Paris"} two.
+    job = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER], "params": {"max_tokens": 5}})
+    done = (await events_of(hub, job))[-1][1]
+    assert done["finish_reason"] == "tool_calls" and done["usage"]["output_tokens"] == 5
+    job = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER], "params": {"max_tokens": 4}})
+    events = await events_of(hub, job)
+    done = events[-1][1]
+    assert done["finish_reason"] == "length" and "tool_calls" not in done["message"]
+    assert not any(name.startswith("tool_call") for name, _ in events)
+    assert done["usage"]["output_tokens"] == len(text_of(events).split()) == 3
+
+
+async def test_reasoning_effort_streams_the_demo_model_s_reasoning_first(hub: Client) -> None:
+    job = await start(hub, {**DEMO, "messages": ASK_WEATHER, "tools": [WEATHER], "reasoning_effort": "low"})
+    events = await events_of(hub, job)
+    names = [name for name, _ in events]
+    reasoning = text_of(events, "reasoning")
+    # Apart from the answer, before it, saying what the model will do.
+    assert names[1] == "reasoning" and names.index("token") > max(i for i, n in enumerate(names) if n == "reasoning")
+    assert "get_weather" in reasoning and reasoning not in text_of(events)
+    done = events[-1][1]
+    assert done["message"]["reasoning"] == reasoning and done["message"]["content"] == text_of(events)
+    assert done["usage"]["reasoning_tokens"] == len(reasoning.split()) < done["usage"]["output_tokens"]
+    record = await record_of(hub, job)
+    assert record["message"] == done["message"]
+    # Sent back verbatim, the reasoning is taken; the answer to the tool result reasons too.
+    result = {"role": "tool", "tool_call_id": done["message"]["tool_calls"][0]["id"], "content": "sunny"}
+    body = {**DEMO, "messages": [*ASK_WEATHER, done["message"], result], "reasoning_effort": "high"}
+    events = await events_of(hub, await start(hub, body))
+    assert text_of(events, "reasoning") and text_of(events) == "The get_weather tool said: sunny."
 
 
 async def test_accept_event_stream_answers_with_the_generation_itself(hub: Client) -> None:
