@@ -93,6 +93,9 @@ class ProducerSettings(RedisSettings):
     connect_timeout_s: float = _opt(10.0, "connect-timeout", "provider connect timeout, seconds")
     openai_timeout_s: float = _opt(60.0, "openai-timeout", "longest silence in an OpenAI stream, seconds")
     anthropic_timeout_s: float = _opt(60.0, "anthropic-timeout", "longest silence in an Anthropic stream, seconds")
+    anthropic_max_tokens: int = _opt(
+        1024, "anthropic-max-tokens", "output cap of an Anthropic request that sets none (the API requires one)"
+    )
     gemini_timeout_s: float = _opt(60.0, "gemini-timeout", "longest silence in a Gemini stream, seconds")
     providers_file: str | None = _opt(
         None, "providers-file", "named provider endpoints, JSON or YAML (docs/workers.md): their jobs come here"
@@ -122,6 +125,7 @@ class ProducerSettings(RedisSettings):
 
         need(self.concurrency >= 1, "concurrency", "must be at least 1")
         need(self.first_byte_timeout_s > 0, "first-byte-timeout", "must be positive")
+        need(1 <= self.anthropic_max_tokens <= 1_000_000, "anthropic-max-tokens", "must be 1-1000000")
         if self.providers_file:
             load_provider_file(self.providers_file)  # every mistake in it, in one line, now
         # A renewal may be late by a poll or a slow round trip; three renewals per claim-idle leave room for that.
@@ -155,6 +159,7 @@ def providers_for(settings: ProducerSettings, keys: ProviderKeys) -> dict[str, P
         first_byte_timeout_s=settings.first_byte_timeout_s,
         openai=(keys.openai_api_key, keys.openai_base_url, settings.openai_timeout_s),
         anthropic=(keys.anthropic_api_key, keys.anthropic_base_url, settings.anthropic_timeout_s),
+        anthropic_max_tokens=settings.anthropic_max_tokens,
         gemini=(keys.gemini_api_key, keys.gemini_base_url, settings.gemini_timeout_s),
         entries=entries,
         environ=keys.environ,

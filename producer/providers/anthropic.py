@@ -379,12 +379,12 @@ def _thinking(effort: str | None) -> dict[str, Any] | None:
     return None if effort is None else {"type": "enabled", "budget_tokens": ANTHROPIC_THINKING_BUDGETS[effort]}
 
 
-def _max_tokens(request: GenerationRequest) -> int:
+def _max_tokens(request: GenerationRequest, default: int) -> int:
     if request.max_tokens is not None:
         return request.max_tokens  # above any thinking budget: the hub refuses less
     # The thinking counts toward max_tokens: the default answer comes on top of its budget.
     budget = ANTHROPIC_THINKING_BUDGETS[request.reasoning_effort] if request.reasoning_effort is not None else 0
-    return budget + DEFAULT_MAX_TOKENS
+    return budget + default
 
 
 class AnthropicProvider(SSEProvider):
@@ -406,14 +406,13 @@ class AnthropicProvider(SSEProvider):
             headers["x-api-key"] = self._config.api_key
         return headers
 
-    @staticmethod
-    def _body(request: GenerationRequest) -> dict[str, Any]:
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
         # The API has no system role: system and developer text is one top-level string.
         system = [content_text(m.get("content")) for m in request.messages if m["role"] in _SYSTEM_ROLES]
         body: dict[str, Any] = {
             "model": request.model,
             "messages": _messages(request.messages),
-            "max_tokens": _max_tokens(request),
+            "max_tokens": _max_tokens(request, self._config.default_max_tokens or DEFAULT_MAX_TOKENS),
             "stream": True,
         }
         if system:

@@ -155,6 +155,8 @@ class ProviderConfig:
     # output cap (older servers and Mistral know only `max_tokens`).
     stream_usage: bool = True
     max_tokens_param: str = "max_completion_tokens"
+    # The output cap of a request that gives none, for a provider that requires one (Anthropic): None for its default.
+    default_max_tokens: int | None = None
 
 
 class Provider(Protocol):

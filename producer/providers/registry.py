@@ -4,6 +4,7 @@ file."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ssecore.jobs import PROVIDER_NAMES
 from ssecore.provider_file import ProviderEntry
@@ -14,9 +15,8 @@ from .demo import DemoProvider
 __all__ = ["PROVIDER_NAMES", "build_providers"]
 
 
-def _named(
-    entry: ProviderEntry, environ: Mapping[str, str], *, connect_timeout_s: float, first_byte_timeout_s: float
-) -> Provider:
+def _named(entry: ProviderEntry, environ: Mapping[str, str], base: ProviderConfig) -> Provider:
+    """The provider of a providers-file entry; `base` holds the worker's settings for every provider."""
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
     from .openai import AzureOpenAIProvider, OpenAIProvider
@@ -29,12 +29,11 @@ def _named(
         "anthropic": AnthropicProvider,
         "gemini": GeminiProvider,
     }
-    config = ProviderConfig(
+    config = replace(
+        base,
         api_key=environ.get(entry.api_key_env) or None if entry.api_key_env else None,
         base_url=entry.base_url,
-        connect_timeout_s=connect_timeout_s,
-        read_timeout_s=entry.timeout_s or 60.0,
-        first_byte_timeout_s=first_byte_timeout_s,
+        read_timeout_s=entry.timeout_s or base.read_timeout_s,
         extra_headers=dict(entry.headers),
         query=dict(entry.query),
         stream_usage=entry.stream_usage,
@@ -52,6 +51,7 @@ def build_providers(
     openai: tuple[str | None, str | None, float] = (None, None, 60.0),
     anthropic: tuple[str | None, str | None, float] = (None, None, 60.0),
     gemini: tuple[str | None, str | None, float] = (None, None, 60.0),
+    anthropic_max_tokens: int | None = None,
     entries: Mapping[str, ProviderEntry] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> dict[str, Provider]:
@@ -76,13 +76,16 @@ def build_providers(
     providers: dict[str, Provider] = {
         "openai": OpenAIProvider(config(openai)),
         "openai-responses": OpenAIResponsesProvider(config(openai)),
-        "anthropic": AnthropicProvider(config(anthropic)),
+        "anthropic": AnthropicProvider(replace(config(anthropic), default_max_tokens=anthropic_max_tokens)),
         "gemini": GeminiProvider(config(gemini)),
     }
     if demo:
         providers["demo"] = DemoProvider(demo_tokens_per_s)
     for name, entry in (entries or {}).items():
-        providers[name] = _named(
-            entry, environ or {}, connect_timeout_s=connect_timeout_s, first_byte_timeout_s=first_byte_timeout_s
+        config_named = ProviderConfig(
+            connect_timeout_s=connect_timeout_s,
+            first_byte_timeout_s=first_byte_timeout_s,
+            default_max_tokens=anthropic_max_tokens,
         )
+        providers[name] = _named(entry, environ or {}, config_named)
     return providers

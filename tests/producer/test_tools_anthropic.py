@@ -305,3 +305,17 @@ def test_the_hub_refuses_max_tokens_not_above_the_thinking_budget() -> None:
     assert info.value.message.startswith("params.max_tokens: provider claude "), info.value.message
     job(reasoning_effort="medium", params={"max_tokens": 4097})
     job(params={"max_tokens": 10})  # without thinking, any max_tokens
+
+
+async def test_the_default_output_cap_is_a_setting_and_thinking_comes_on_top(
+    fake: FakeProviders, session: aiohttp.ClientSession
+) -> None:
+    """The API requires max_tokens: a request that sets none gets --anthropic-max-tokens (plus the thinking budget)."""
+    from producer.settings import ProducerSettings, ProviderKeys, providers_for
+
+    settings = ProducerSettings.from_args(["--anthropic-max-tokens", "2048"], {})
+    keys = ProviderKeys(anthropic_api_key="k", anthropic_base_url=fake.base_url("anthropic"))
+    capped = providers_for(settings, keys)["anthropic"]
+    await answer(capped, session, request("normal", FIRST_TURN))
+    await answer(capped, session, request("normal", FIRST_TURN, reasoning_effort="low"))
+    assert [r.body["max_tokens"] for r in fake.requests] == [2048, 2048 + 1024]
