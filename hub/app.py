@@ -125,6 +125,8 @@ def create_app(
                 cluster=settings.redis_cluster,
                 replicas=settings.publish_replicas,
                 replicas_timeout_s=settings.publish_replicas_timeout_s,
+                # An embedded worker on Redis takes the file's providers' jobs too.
+                providers=app[PROVIDERS].kinds,
             )
             owned.append(app[JOBS])
         else:

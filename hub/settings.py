@@ -170,6 +170,9 @@ class HubSettings(RedisSettings):
                 raise ValueError(f"invalid setting {setting('HUB_', name)}: {what}")
 
         need(1 <= self.port <= 65535, "port", "must be 1-65535")
+        # Braces would make a hash tag of the prefix: on a cluster every key would share one slot, or keys meant to
+        # share one would not.
+        need(not {"{", "}"} & set(self.key_prefix), "key-prefix", "must not contain { or }")
         if self.providers_file:
             load_provider_file(self.providers_file)  # every mistake in it, in one line, now
         need(self.history >= 1, "history", "must be at least 1")

@@ -48,6 +48,13 @@ class _Call:
     arguments: list[str] = field(default_factory=list)
     ended: bool = False
 
+    def parses(self) -> bool:
+        try:
+            orjson.loads("".join(self.arguments) or "{}")
+        except orjson.JSONDecodeError:
+            return False
+        return True
+
     def whole(self, index: int) -> dict[str, Any]:
         # A call without arguments is an empty object, as OpenAI sends it: a client can always parse it.
         return {"index": index, "id": self.id, "name": self.name, "arguments": "".join(self.arguments) or "{}"}
@@ -79,7 +86,10 @@ class Answer:
             return [self._delta(item)]
         if isinstance(item, ToolCallEnd):
             return self._end(item.index)
-        return [e for index in sorted(self._calls) for e in self._end(index)]
+        # The Finish completes the calls still open, except one the output cap cut off mid-arguments: it is no call
+        # (its JSON is unfinished, and the next turn could not send it back); it stays out of the message.
+        cut = item.finish_reason == "length"
+        return [e for i, c in sorted(self._calls.items()) if not (cut and not c.parses()) for e in self._end(i)]
 
     def _delta(self, item: ToolCallDelta) -> NewEvent:
         call = self._calls.get(item.index)

@@ -124,6 +124,9 @@ class ProducerSettings(RedisSettings):
                 raise ValueError(f"invalid setting {setting('PRODUCER_', name)}: {what}")
 
         need(self.concurrency >= 1, "concurrency", "must be at least 1")
+        # Braces would make a hash tag of the prefix: on a cluster every key would share one slot, or keys meant to
+        # share one would not.
+        need(not {"{", "}"} & set(self.key_prefix), "key-prefix", "must not contain { or }")
         need(self.first_byte_timeout_s > 0, "first-byte-timeout", "must be positive")
         need(1 <= self.anthropic_max_tokens <= 1_000_000, "anthropic-max-tokens", "must be 1-1000000")
         if self.providers_file:

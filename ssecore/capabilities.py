@@ -63,6 +63,8 @@ def _anthropic(name: str, req: Support) -> None:
             raise _refuse(f"{path}.file.file_data", name, "reads PDF files only")
     if req.response_format is not None and req.response_format["type"] == "json_object":
         raise _refuse("response_format", name, 'needs a schema: use {"type": "json_schema"}')
+    if req.temperature is not None and req.temperature > 1:
+        raise _refuse("params.temperature", name, "takes a temperature from 0 to 1")
     if req.reasoning_effort is not None:
         if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
             raise _refuse("tool_choice", name, "cannot force a tool call while thinking (reasoning_effort)")

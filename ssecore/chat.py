@@ -16,6 +16,7 @@ __all__ = [
     "ROLES",
     "ChatError",
     "assistant_state",
+    "check_depth",
     "content_text",
     "data_url_mime",
     "parse_messages",
@@ -33,6 +34,7 @@ MAX_MESSAGES = 1000
 MAX_PARTS = 100  # content parts of one message
 MAX_TOOLS = 128  # as OpenAI allows
 MAX_TOOL_CALLS = 128  # calls in one assistant message
+MAX_DEPTH = 64  # levels of nesting in a request (a JSON Schema rarely needs a dozen)
 _MAX_ID = 256
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # data:<mime>;base64,<payload>: the only inline form every provider takes.
@@ -185,9 +187,20 @@ def _assistant(m: dict[str, Any], path: str) -> set[str]:
     state = m.get("provider_state")
     if state is not None and not isinstance(state, dict):
         raise _fail(f"{path}.provider_state", "must be an object (as done.message gave it)")
-    if not calls and not content_text(m.get("content")) and not m.get("refusal"):
-        raise _fail(path, "needs content or tool_calls")
+    # An empty answer (cancelled before anything, or all its output spent on reasoning) is what done.message gives:
+    # it is taken back as it came, and each provider leaves it out.
     return set(calls)
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Refuse JSON nested deeper than `limit`: it is stored and sent on re-encoded, and encoders stop far sooner than
+    parsers (orjson: 255 levels against 1024)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
+        if not level:
+            return
+    raise ChatError("invalid_body", f"the body is nested deeper than {limit} levels")
 
 
 def parse_messages(raw: Any) -> list[dict[str, Any]]:
@@ -197,6 +210,7 @@ def parse_messages(raw: Any) -> list[dict[str, Any]]:
     if len(raw) > MAX_MESSAGES:
         raise ChatError("invalid_messages", f"messages has more than {MAX_MESSAGES} entries")
     open_calls: set[str] = set()  # ids of the latest assistant message's calls not yet answered
+    asked_at = 0  # the index of that message
     for i, m in enumerate(raw):
         path = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
@@ -212,11 +226,15 @@ def parse_messages(raw: Any) -> list[dict[str, Any]]:
             open_calls.discard(call_id)
             _content(m.get("content"), f"{path}.content", _TEXT_ONLY)
             continue
-        open_calls = set()
+        if open_calls:
+            # Every provider wants each call answered before the conversation goes on.
+            raise _fail(path, f"comes before every tool call of messages[{asked_at}] has its tool result")
         if role == "assistant":
-            open_calls = _assistant(m, path)
+            open_calls, asked_at = _assistant(m, path), i
         else:
             _content(m.get("content"), f"{path}.content", _USER_PARTS if role == "user" else _TEXT_ONLY)
+    if open_calls:
+        raise _fail(f"messages[{asked_at}].tool_calls", "need their tool results (role tool) after them")
     if all(m["role"] in ("system", "developer") for m in raw):
         raise ChatError("invalid_messages", "messages need at least one user or assistant message")
     return raw
@@ -271,7 +289,7 @@ def parse_tool_choice(raw: Any, tools: list[dict[str, Any]] | None) -> str | dic
         _keys(raw, "tool_choice", frozenset({"type", "function"}), ("type", "function"), code="invalid_tools")
         function = raw["function"]
         if raw["type"] == "function" and isinstance(function, dict) and set(function) == {"name"}:
-            if function["name"] not in tool_names(tools):
+            if not isinstance(function["name"], str) or function["name"] not in tool_names(tools):
                 raise ChatError("invalid_tools", "tool_choice.function.name names no tool in tools")
             return raw
     raise ChatError(

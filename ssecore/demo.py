@@ -102,8 +102,8 @@ def _sample(name: str, schema: Any, depth: int) -> Any:
         return sample_arguments(schema, depth)
     if kind == "array":
         return [_sample(name, schema.get("items"), depth + 1)]
-    samples: dict[Any, Any] = {"integer": 1, "number": 1, "boolean": True, "null": None}
-    return samples[kind] if kind in samples else _STRINGS.get(name.lower(), "demo")
+    samples: dict[str, Any] = {"integer": 1, "number": 1, "boolean": True, "null": None}
+    return samples[kind] if isinstance(kind, str) and kind in samples else _STRINGS.get(name.lower(), "demo")
 
 
 def _call_names(messages: Sequence[Mapping[str, Any]]) -> dict[str, str]:

@@ -18,6 +18,7 @@ import orjson
 from .capabilities import Support, check_support
 from .chat import ChatError as JobRequestError
 from .chat import (
+    check_depth,
     parse_messages,
     parse_parallel_tool_calls,
     parse_reasoning_effort,
@@ -215,6 +216,7 @@ def parse_job_request(
     """
     if not isinstance(body, dict):
         raise JobRequestError("invalid_body", "the body must be a JSON object")
+    check_depth(body)
     unknown = set(body) - _JOB_FIELDS
     if unknown:
         raise JobRequestError("invalid_body", f"unknown fields: {', '.join(sorted(unknown))[:200]}")

@@ -55,6 +55,8 @@ def _record_json(record: GenerationRecord) -> bytes:
     # writes the other, and a record without them reads as before owners were kept.
     body = asdict(record)
     del body["owner"]
+    if body["message"] is None:
+        del body["message"]  # a record without one reads the same to a node that predates messages
     return orjson.dumps({**body, "attempts": 0})
 
 
@@ -89,6 +91,7 @@ class RedisJobQueue:
             self.keys.provider_jobs(p): p for p in sorted(set(providers) - BUILTIN_QUEUE)
         }
         self._claim_cursors = dict.fromkeys(self._streams, "0-0")
+        self._claim_turn = 0
 
     def _stream_of(self, provider: str) -> str:
         return self.keys.jobs if provider in BUILTIN_QUEUE else self.keys.provider_jobs(provider)
@@ -213,11 +216,13 @@ class RedisJobQueue:
     async def fetch(self, consumer: str, count: int, block_s: float) -> list[Delivery]:
         await self._ensure_group()
         raw = await self._call(
+            # COUNT is per stream: shared out, so that all of them together hand out no more than `count` (or, when
+            # fewer than one each is free, one more per stream).
             self._redis.xreadgroup(
                 self._group,
                 consumer,
                 dict.fromkeys(self._streams, ">"),
-                count=count,
+                count=max(1, count // len(self._streams)),
                 block=max(1, int(block_s * 1000)),
             ),
             timeout_s=block_s + self._timeout_s,
@@ -233,7 +238,10 @@ class RedisJobQueue:
     async def claim_stale(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
         await self._ensure_group()
         out: list[Delivery] = []
-        for stream in self._streams:
+        # A different stream first each round, so a busy one does not keep the others' stale jobs waiting.
+        streams = list(self._streams)
+        self._claim_turn = (self._claim_turn + 1) % len(streams)
+        for stream in streams[self._claim_turn :] + streams[: self._claim_turn]:
             if len(out) >= count:
                 break
             raw = await self._call(

@@ -95,7 +95,7 @@ def client_timeout(config: ProviderConfig) -> aiohttp.ClientTimeout:
 
 def _first_byte_timeout(config: ProviderConfig) -> ProviderError:
     # The request was sent: the provider may be working on it. Not retried (see ProviderError.accepted).
-    return ProviderError("timeout", f"no answer within the first-byte timeout ({config.first_byte_timeout_s:g}s)")
+    return ProviderError("timeout", f"no output within the first-byte timeout ({config.first_byte_timeout_s:g}s)")
 
 
 def clean_message(message: str, api_key: str | None) -> str:
@@ -310,7 +310,9 @@ async def _read(
     parser = SSEParser()
     chunks = resp.content.iter_any()
     loop = asyncio.get_running_loop()
-    deadline: float | None = first_byte_by  # until the first byte, then None
+    # Until the answer's first item, then None: a server's early bytes that say nothing (a role chunk, Azure's prompt
+    # filter results, pings) do not end the wait of a model that is still thinking.
+    deadline: float | None = first_byte_by
     while finish is None:
         try:
             async with asyncio.timeout_at(deadline if deadline is not None else loop.time() + config.read_timeout_s):
@@ -324,9 +326,9 @@ async def _read(
             if cut.code == "connection":
                 cut = truncated(f"the connection was lost mid-stream ({type(exc).__name__})")
             break
-        deadline = None
         # Text is passed on as soon as it is decoded, so what precedes an in-stream error is not lost.
         for item in _decode(parser, decoder, chunk):
+            deadline = None
             if isinstance(item, Finish):
                 finish = item
                 break

@@ -238,7 +238,6 @@ class _Decoder:
 # --- the request, from the job's (OpenAI) vocabulary ------------------------------------------------------------------
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
-_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 
 
 def _source(url: str) -> dict[str, Any]:
@@ -284,10 +283,21 @@ def _arguments(raw: str, where: str) -> dict[str, Any]:
     return value
 
 
+def _thinking_block(block: Any) -> dict[str, Any] | None:
+    """A thinking block from provider_state as the API takes it, its fields and no others; None if it is not one. The
+    state comes back from the client: what it holds is checked, not trusted."""
+    if not isinstance(block, dict):
+        return None
+    fields = {"thinking": ("thinking", "signature"), "redacted_thinking": ("data",)}.get(str(block.get("type")))
+    if fields is None or not all(isinstance(block.get(f), str) for f in fields):
+        return None
+    return {"type": block["type"], **{f: block[f] for f in fields}}
+
+
 def _assistant_blocks(message: Mapping[str, Any], i: int) -> list[dict[str, Any]]:
     """Thinking first (as the answer gave it, signatures and all: the API checks them), then text, then calls."""
     thinking = assistant_state(message, "anthropic").get("thinking")
-    blocks = [dict(b) for b in thinking or () if isinstance(b, dict) and b.get("type") in _THINKING_BLOCKS]
+    blocks = [b for b in map(_thinking_block, thinking if isinstance(thinking, list) else ()) if b is not None]
     text = content_text(message.get("content")) or message.get("refusal") or ""
     if text:
         blocks.append({"type": "text", "text": text})

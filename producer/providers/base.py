@@ -147,7 +147,8 @@ class ProviderConfig:
     connect_timeout_s: float = 10.0
     # Longest silence allowed between two reads of the response, once its first byte came.
     read_timeout_s: float = 60.0
-    # Longest wait for the answer's head and first byte: a reasoning model may think for minutes first.
+    # Longest wait for the answer's first output (its head, then its first token, reasoning or call): a reasoning
+    # model may think for minutes first. Bytes that say nothing (pings, a role chunk) do not end the wait.
     first_byte_timeout_s: float = 300.0
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     query: Mapping[str, str] = field(default_factory=dict)  # added to the URL (Azure's api-version)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from producer.providers._http import (
     SSEProvider,
     clean_message,
@@ -29,6 +31,7 @@ from producer.providers.base import (
     ToolCallDelta,
     ToolCallEnd,
 )
+from ssecore.chat import data_url_mime
 from ssecore.sse import SSEEvent
 
 __all__ = ["DEFAULT_BASE_URL", "AzureOpenAIProvider", "OpenAIProvider"]
@@ -52,6 +55,11 @@ _RETRYABLE_STREAM_ERRORS = {
     "overloaded": "overloaded",
     "overloaded_error": "overloaded",
 }
+
+
+def _quota(err: Mapping[str, Any]) -> bool:
+    # A code may be anything a server sends (a list, an object): only a string can name a quota.
+    return any(isinstance(err.get(k), str) and err[k] in _QUOTA_CODES for k in ("code", "type"))
 
 
 def _int_or_none(value: object) -> int | None:
@@ -98,7 +106,7 @@ class _Calls:
             function = function if isinstance(function, dict) else {}
             call_id = _text(fragment.get("id"))
             name = _text(function.get("name"))
-            arguments = _text(function.get("arguments")) or ""
+            arguments = _arguments(function.get("arguments"))
             key = fragment.get("index")
             key = key if isinstance(key, int) and not isinstance(key, bool) else 0
             known = self._by_index.get(key)
@@ -117,6 +125,13 @@ class _Calls:
         ended: list[StreamItem] = [ToolCallEnd(i) for i in self._open]
         self._open = []
         return ended
+
+
+def _arguments(value: object) -> str:
+    # Some compatible servers send the arguments as a JSON object rather than as its text.
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return value if isinstance(value, str) else ""
 
 
 def _text(value: object) -> str | None:
@@ -196,7 +211,7 @@ class _Decoder:
         err = error_object(chunk)
         kind = str(err.get("type") or err.get("code") or "")
         message = clean_message(str(err.get("message") or "error in stream"), self._api_key)
-        if kind in _QUOTA_CODES or err.get("code") in _QUOTA_CODES:
+        if kind in _QUOTA_CODES or _quota(err):
             return ProviderError("quota_exhausted", message)
         if kind in _RETRYABLE_STREAM_ERRORS:
             return ProviderError(_RETRYABLE_STREAM_ERRORS[kind], message, retryable=True)
@@ -213,7 +228,20 @@ def _message(m: Mapping[str, Any]) -> dict[str, Any]:
         # The API reads a system message as a developer message for the models that have them; compatible servers
         # (vLLM, Ollama, Mistral) know only `system`.
         out["role"] = "system"
+    if isinstance(out.get("content"), list):
+        out["content"] = [_part(p) for p in out["content"]]
+    if "tool_calls" in out:
+        out["tool_calls"] = [{**c, "type": "function"} for c in out["tool_calls"]]
     return out
+
+
+def _part(part: Mapping[str, Any]) -> Mapping[str, Any]:
+    # The API wants a file's name with its data; the request may leave it out.
+    file = part.get("file")
+    if part.get("type") == "file" and isinstance(file, dict) and not file.get("filename"):
+        mime = data_url_mime(file["file_data"]) or "application/octet-stream"
+        return {"type": "file", "file": {**file, "filename": "file." + mime.rpartition("/")[2]}}
+    return part
 
 
 class OpenAIProvider(SSEProvider):
@@ -244,7 +272,7 @@ class OpenAIProvider(SSEProvider):
             "top_p": request.top_p,
             "stop": list(request.stop) if request.stop is not None else None,
             "tools": list(request.tools) if request.tools else None,
-            "tool_choice": request.tool_choice,
+            "tool_choice": request.tool_choice if request.tools else None,  # refused without tools
             "parallel_tool_calls": request.parallel_tool_calls if request.tools else None,
             "response_format": request.response_format,
             "reasoning_effort": request.reasoning_effort,
@@ -255,7 +283,7 @@ class OpenAIProvider(SSEProvider):
     def _classify(self, status: int, body: object, headers: Mapping[str, str]) -> ProviderError:
         err = error_object(body)
         message = clean_message(str(err.get("message") or ""), self._config.api_key)
-        if err.get("code") in _QUOTA_CODES or err.get("type") in _QUOTA_CODES:
+        if _quota(err):
             return status_error(status, message, headers, code="quota_exhausted", retryable=False)
         return status_error(status, message, headers)
 

@@ -73,9 +73,15 @@ def _kept_reasoning(item: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     summary = item.get("summary")
     kept: dict[str, Any] = {"type": "reasoning", "encrypted_content": encrypted}
-    if isinstance(item.get("id"), str):
+    if isinstance(item.get("id"), str) and item["id"]:
         kept["id"] = item["id"]
-    kept["summary"] = summary if isinstance(summary, list) else []
+    # Only the summary's text parts: the state comes back from the client and is checked, not trusted.
+    parts = summary if isinstance(summary, list) else []
+    kept["summary"] = [
+        {"type": "summary_text", "text": p["text"]}
+        for p in parts
+        if isinstance(p, dict) and p.get("type") == "summary_text" and isinstance(p.get("text"), str)
+    ]
     return kept
 
 

@@ -429,14 +429,27 @@ async def test_error_inside_a_200_stream_is_raised_after_the_text_so_far(
     assert (error.code, error.retryable) == (code, True)
 
 
-@pytest.mark.parametrize("name", ["openai", "anthropic"])
-async def test_silence_longer_than_the_read_timeout_after_the_first_byte_is_a_timeout(
+@pytest.mark.parametrize("name", ALL)
+async def test_silence_longer_than_the_read_timeout_after_the_first_output_is_a_timeout(
     fake: FakeProviders, session: aiohttp.ClientSession, name: ProviderName
 ) -> None:
-    # These two send their head at once, then wait before the first token.
-    texts, error = await failure(make(fake, name, read_timeout_s=0.1), session, ask("slow-first"))
-    assert texts == []
+    fake.behaviours["stalls"] = Behaviour(tokens=("first ", "second"), pace_s=0.5)
+    texts, error = await failure(make(fake, name, read_timeout_s=0.1), session, ask("stalls"))
+    assert texts == ["first "]
     assert (error.code, error.retryable, error.accepted) == ("timeout", True, True)
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+async def test_a_head_without_output_waits_for_the_first_byte_timeout_not_the_read_timeout(
+    fake: FakeProviders, session: aiohttp.ClientSession, name: ProviderName
+) -> None:
+    """These two send bytes that say nothing at once (a role chunk; message_start and pings), then think."""
+    text, _ = await collect(make(fake, name, read_timeout_s=0.1, first_byte_timeout_s=5), session, ask("slow-first"))
+    assert text == HELLO
+    texts, error = await failure(
+        make(fake, name, read_timeout_s=30, first_byte_timeout_s=0.2), session, ask("slow-first")
+    )
+    assert texts == [] and (error.code, error.retryable, error.accepted) == ("timeout", False, True)
 
 
 @pytest.mark.parametrize("name", ALL)

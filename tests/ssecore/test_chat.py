@@ -72,6 +72,23 @@ def test_a_whole_agent_turn_is_accepted_and_kept_as_given() -> None:
     assert Job.loads(j.dumps()) == j
 
 
+def test_an_empty_answer_goes_back_as_it_came() -> None:
+    """What done.message holds for an answer cancelled before anything, or spent on reasoning."""
+    empty = {"role": "assistant", "content": "", "reasoning": "Hmm."}
+    turn = [{"role": "user", "content": "hi"}, empty, {"role": "user", "content": "again?"}]
+    assert job(messages=turn).messages[1] == empty
+
+
+def test_json_nested_past_what_is_stored_is_refused() -> None:
+    deep: Any = {}
+    for _ in range(100):
+        deep = {"a": deep}
+    e = refused(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "provider_state": deep}]
+    )
+    assert e.code == "invalid_body" and "nested deeper than 64" in e.message
+
+
 def test_a_plain_job_is_stored_without_the_chat_fields() -> None:
     """So a worker that predates them still reads a text job."""
     j = parse_job_request(
@@ -111,11 +128,13 @@ def test_a_plain_job_is_stored_without_the_chat_fields() -> None:
             "invalid_messages",
             "messages[0].content[0].type",
         ),
+        # Each call answered before the conversation goes on, and by the end.
         (
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+            {"messages": [*LOOP[:4], {"role": "user", "content": "and?"}]},
             "invalid_messages",
-            "messages[1] needs content or tool_calls",
+            "messages[4] comes before",
         ),
+        ({"messages": LOOP[:4]}, "invalid_messages", "messages[3].tool_calls need their tool results"),
         (
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [CALL, CALL]}]},
             "invalid_messages",
@@ -163,6 +182,7 @@ def test_a_plain_job_is_stored_without_the_chat_fields() -> None:
             "detail",
         ),
         ({"tool_choice": {"a": 1}}, "invalid_tools", "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": [1]}}}, "invalid_tools", "tool_choice"),
         ({"reasoning_effort": ["low"]}, "invalid_params", "reasoning_effort"),
     ],
 )
@@ -204,6 +224,7 @@ def test_invalid_requests_are_refused_naming_the_field(change: dict[str, Any], c
             "messages[0].content[0].file.file_data",
         ),
         ("anthropic", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("anthropic", {"params": {"temperature": 1.5}}, "params.temperature"),
         ("anthropic", {"reasoning_effort": "low", "tool_choice": "required"}, "tool_choice"),
         ("anthropic", {"reasoning_effort": "low", "params": {"temperature": 0.2}}, "params.temperature"),
         ("resp", {"params": {"stop": ["END"]}}, "params.stop"),
