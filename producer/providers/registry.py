@@ -15,7 +15,12 @@ __all__ = ["PROVIDER_NAMES", "build_providers"]
 
 
 def _named(
-    entry: ProviderEntry, environ: Mapping[str, str], *, connect_timeout_s: float, first_byte_timeout_s: float
+    entry: ProviderEntry,
+    environ: Mapping[str, str],
+    *,
+    connect_timeout_s: float,
+    first_byte_timeout_s: float,
+    read_timeout_s: float,
 ) -> Provider:
     from .anthropic import AnthropicProvider
     from .gemini import GeminiProvider
@@ -33,7 +38,7 @@ def _named(
         api_key=environ.get(entry.api_key_env) or None if entry.api_key_env else None,
         base_url=entry.base_url,
         connect_timeout_s=connect_timeout_s,
-        read_timeout_s=entry.timeout_s or 60.0,
+        read_timeout_s=entry.timeout_s or read_timeout_s,
         first_byte_timeout_s=first_byte_timeout_s,
         extra_headers=dict(entry.headers),
         query=dict(entry.query),
@@ -81,8 +86,20 @@ def build_providers(
     }
     if demo:
         providers["demo"] = DemoProvider(demo_tokens_per_s)
+    # An entry without timeout_s takes the worker's idle timeout of the built-in provider on the same wire.
+    read_timeouts = {
+        "openai": openai[2],
+        "openai-responses": openai[2],
+        "azure-openai": openai[2],
+        "anthropic": anthropic[2],
+        "gemini": gemini[2],
+    }
     for name, entry in (entries or {}).items():
         providers[name] = _named(
-            entry, environ or {}, connect_timeout_s=connect_timeout_s, first_byte_timeout_s=first_byte_timeout_s
+            entry,
+            environ or {},
+            connect_timeout_s=connect_timeout_s,
+            first_byte_timeout_s=first_byte_timeout_s,
+            read_timeout_s=read_timeouts[entry.kind],
         )
     return providers

@@ -24,7 +24,7 @@ from ssecore.jobs import Job, new_generation_id
 from ssecore.provider_file import ProviderEntry, ProviderFileError, catalog, load_provider_file
 from ssecore.queue_memory import MemoryJobQueue
 from tests.conftest import ClientFactory
-from tests.producer.fake_providers import DEFAULT_TOKENS, FakeProviders
+from tests.producer.fake_providers import DEFAULT_TOKENS, Behaviour, FakeProviders
 from tests.support import ROOT, collect
 
 AZURE_KEY = "azure-key-0123456789abcdef"
@@ -312,9 +312,10 @@ async def test_an_entry_without_models_takes_any_model(tmp_path: Path, make_clie
 
 @contextlib.asynccontextmanager
 async def _worker_from_file(
-    tmp_path: Path, entries: Mapping[str, Any], environ: Mapping[str, str]
+    tmp_path: Path, entries: Mapping[str, Any], environ: Mapping[str, str], **settings_: Any
 ) -> AsyncIterator[tuple[MemoryBackend, MemoryJobQueue]]:
-    settings = ProducerSettings(metrics_port=0, poll_s=0.05, providers_file=_write(tmp_path, "p.json", entries))
+    path = _write(tmp_path, "p.json", entries)
+    settings = ProducerSettings(metrics_port=0, poll_s=0.05, providers_file=path, **settings_)
     backend, queue = MemoryBackend(history=1000, ttl_s=3600), MemoryJobQueue()
     providers = providers_for(settings, ProviderKeys.from_env(environ))
     worker = Worker(settings, backend=backend, queue=queue, providers=providers)
@@ -401,3 +402,19 @@ async def test_an_entry_with_the_defaults_asks_for_usage_and_sends_max_completio
     assert request.body["stream_options"] == {"include_usage": True}
     assert request.body["max_completion_tokens"] == 50 and "max_tokens" not in request.body
     assert "authorization" not in request.headers and "x-team" not in request.headers
+
+
+async def test_an_entrys_timeout_s_bounds_the_silence_between_chunks_else_the_workers_for_its_kind_does(
+    tmp_path: Path, fake: FakeProviders
+) -> None:
+    fake.behaviours["pause"] = Behaviour(first_token_delay_s=0.6)  # the head at once, then a silence
+    entries = {
+        "quick": {"kind": "openai", "base_url": fake.base_url("openai")},
+        "patient": {"kind": "openai", "base_url": fake.base_url("openai"), "timeout_s": 3},
+    }
+    async with _worker_from_file(tmp_path, entries, {}, openai_timeout_s=0.2) as rig:
+        _done(await _run(*rig, "patient", "pause"))
+        entries_ = await _run(*rig, "quick", "pause")
+    assert [e.event for e in entries_] == ["start", "error"]
+    assert orjson.loads(entries_[-1].data)["code"] == "timeout"
+    assert len(fake.requests_for("pause")) == 2  # one each: the one that timed out was accepted, so not sent again
