@@ -6,6 +6,7 @@ different providers files, each serving its own provider alone."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -198,9 +199,15 @@ def _file(directory: Path, name: str, entries: dict[str, Any]) -> str:
     return str(path)
 
 
-async def _metrics(session: aiohttp.ClientSession, port: int) -> str:
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        return await resp.text()
+async def _metrics(session: aiohttp.ClientSession, port: int, *, until: str, timeout_s: float = 10) -> str:
+    """A worker's /metrics, once they show `until`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+        if until in text or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.05)
 
 
 async def _generate(session: aiohttp.ClientSession, hub: HubProcess, provider: str, model: str) -> list[str]:
@@ -246,7 +253,9 @@ async def test_two_workers_with_different_files_each_serve_only_their_own_provid
                 _generate(session, hub, "alpha", "alpha-model"), _generate(session, hub, "beta", "beta-model")
             )
             assert list(runs) == [expected, expected]
-        metrics = {w: await _metrics(session, port) for w, port in ports.items()}
+        # A worker counts a generation just after its channel closes: wait for the last ones.
+        done = {"a": 'finished_total{outcome="done",provider="alpha"} 3.0', "b": 'provider="beta"} 3.0'}
+        metrics = {w: await _metrics(session, port, until=done[w]) for w, port in ports.items()}
 
     # The provider server saw each worker's requests only for its own provider.
     served = {(r.model, r.headers["x-worker"], r.headers["authorization"]) for r in fake.requests}
