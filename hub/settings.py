@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ssecore.backend import DEFAULT_IDEMPOTENCY_WINDOW_S
-from ssecore.provider_file import load_provider_file
+from ssecore.provider_file import ProviderFileError, load_provider_file
 from ssecore.settings import (
     DEFAULT_HISTORY,
     DEFAULT_KEY_PREFIX,
@@ -174,7 +174,10 @@ class HubSettings(RedisSettings):
         # share one would not.
         need(not {"{", "}"} & set(self.key_prefix), "key-prefix", "must not contain { or }")
         if self.providers_file:
-            load_provider_file(self.providers_file)  # every mistake in it, in one line, now
+            try:
+                load_provider_file(self.providers_file)  # every mistake in it, in one line, now
+            except ProviderFileError as e:
+                need(False, "providers-file", str(e))
         need(self.history >= 1, "history", "must be at least 1")
         need(self.ttl_s >= 1, "ttl", "must be at least 1 second")
         need(self.heartbeat_s > 0, "heartbeat", "must be positive")

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ssecore.provider_file import load_provider_file
+from ssecore.provider_file import ProviderFileError, load_provider_file
 from ssecore.queue_redis import DEFAULT_GROUP
 from ssecore.settings import (
     DEFAULT_HISTORY,
@@ -130,7 +130,10 @@ class ProducerSettings(RedisSettings):
         need(self.first_byte_timeout_s > 0, "first-byte-timeout", "must be positive")
         need(1 <= self.anthropic_max_tokens <= 1_000_000, "anthropic-max-tokens", "must be 1-1000000")
         if self.providers_file:
-            load_provider_file(self.providers_file)  # every mistake in it, in one line, now
+            try:
+                load_provider_file(self.providers_file)  # every mistake in it, in one line, now
+            except ProviderFileError as e:
+                need(False, "providers-file", str(e))
         # A renewal may be late by a poll or a slow round trip; three renewals per claim-idle leave room for that.
         need(self.renew_s > 0 and self.claim_idle_s >= 3 * self.renew_s, "claim-idle", "must be at least 3 x --renew")
         need(self.poll_s > 0, "poll", "must be positive")

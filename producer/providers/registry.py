@@ -81,11 +81,20 @@ def build_providers(
     }
     if demo:
         providers["demo"] = DemoProvider(demo_tokens_per_s)
+    # An entry without timeout_s takes the worker's idle timeout of the built-in provider on the same wire.
+    read_timeouts = {
+        "openai": openai[2],
+        "openai-responses": openai[2],
+        "azure-openai": openai[2],
+        "anthropic": anthropic[2],
+        "gemini": gemini[2],
+    }
     for name, entry in (entries or {}).items():
         config_named = ProviderConfig(
             connect_timeout_s=connect_timeout_s,
             first_byte_timeout_s=first_byte_timeout_s,
             default_max_tokens=anthropic_max_tokens,
+            read_timeout_s=read_timeouts[entry.kind],
         )
         providers[name] = _named(entry, environ or {}, config_named)
     return providers

@@ -1,4 +1,5 @@
-"""A fake AI provider server for tests: the OpenAI, Anthropic and Gemini streaming wire formats on one aiohttp app.
+"""A fake AI provider server for tests: the OpenAI (also as Azure OpenAI serves it), Anthropic and Gemini streaming wire
+formats on one aiohttp app.
 
 The model name of a request picks its `Behaviour` (see `PRESETS`; add your own to `FakeProviders.behaviours`).
 Every request is recorded (headers, JSON body, attempt number), with whether the client went away mid-stream.
@@ -37,7 +38,7 @@ __all__ = [
     "numbered_tokens",
 ]
 
-ProviderName = Literal["openai", "openai-responses", "anthropic", "gemini"]
+ProviderName = Literal["openai", "openai-responses", "azure-openai", "anthropic", "gemini"]
 Reject = Literal["rate_limit", "quota", "auth", "bad_request", "not_found", "overloaded", "server_error", "html"]
 
 TEST_API_KEY = "sk-test-0123456789abcdef"
@@ -271,6 +272,12 @@ class _OpenAIWire:
 
 
 _RESPONSES_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+class _AzureWire(_OpenAIWire):
+    """Azure OpenAI's stream is OpenAI's; only the URL (the deployment in the path) and the key's header differ."""
+
+    provider: ProviderName = "azure-openai"
 
 
 class _ResponsesWire:
@@ -694,6 +701,7 @@ class FakeProviders:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self._openai)
         self.app.router.add_post("/v1/responses", self._responses)
+        self.app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure)
         self.app.router.add_post("/v1/messages", self._anthropic)
         self.app.router.add_post("/v1beta/models/{target}", self._gemini)
         self.app.on_shutdown.append(self._on_shutdown)
@@ -720,7 +728,8 @@ class FakeProviders:
         await self.close()
 
     def base_url(self, provider: ProviderName) -> str:
-        """What to put in ProviderConfig.base_url: OpenAI's includes /v1, the others are the server root."""
+        """What to put in ProviderConfig.base_url: OpenAI's includes /v1, the others (Azure's resource root too) are
+        the server root."""
         return f"{self.root}/v1" if provider in ("openai", "openai-responses") else self.root
 
     def config(self, provider: ProviderName, **overrides: Any) -> ProviderConfig:
@@ -734,6 +743,11 @@ class FakeProviders:
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         return await self._serve(request, _OpenAIWire(), str(body.get("model", "")), body)
+
+    async def _azure(self, request: web.Request) -> web.StreamResponse:
+        # The deployment in the path is the model: Azure goes by it, whatever the body says.
+        body = await self._body(request)
+        return await self._serve(request, _AzureWire(), request.match_info["deployment"], body)
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)

@@ -14,7 +14,7 @@ from producer.providers.anthropic import AnthropicProvider
 from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
 from producer.providers.openai import OpenAIProvider
-from producer.settings import ProducerSettings
+from producer.settings import ProducerSettings, ProviderKeys, providers_for
 from producer.worker import Worker
 from ssecore.backend import ChannelClosed, Entry, NewEvent
 from ssecore.backend_memory import MemoryBackend
@@ -207,3 +207,72 @@ async def test_events_after_a_close_are_refused_not_stored_after_it(rig: Rig) ->
     await end
     entries = (await rig.backend.range("closing", "0", limit=10)).entries
     assert [(e.event, e.close) for e in entries] == [("token", False), ("done", True)]
+
+
+# -- No second request once the provider accepted the first (a 429 before any byte is retried: see above) ------------
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_an_error_after_the_provider_accepted_is_not_retried_even_before_any_token(
+    rig: Rig, provider: str
+) -> None:
+    # A 200, then the provider's own retryable in-stream error before anything of the answer: it may have begun the
+    # work (and the bill), so asking again could run it twice.
+    rig.fake.behaviours["accepted-then-error"] = Behaviour(error_after=0)
+    job, entries = await rig.run(provider, "accepted-then-error")
+    assert [e.event for e in entries] == ["start", "error"]
+    assert len(rig.fake.requests_for("accepted-then-error")) == 1
+    record = await settled(rig.queue, job.id)
+    assert record.status == "error" and record.error == orjson.loads(entries[-1].data)
+
+
+@pytest.fixture
+async def patient_rig() -> AsyncIterator[Rig]:
+    """A worker built from its settings, as `python -m producer` builds it: a first-byte timeout of a second, and an
+    idle timeout (between chunks) far shorter."""
+    async with FakeProviders() as fake:
+        backend = MemoryBackend(history=10_000, ttl_s=3600)
+        queue = MemoryJobQueue()
+        settings = ProducerSettings(
+            metrics_port=0,
+            poll_s=0.05,
+            backoff_s=0.05,
+            first_byte_timeout_s=1,
+            openai_timeout_s=0.2,
+            anthropic_timeout_s=0.2,
+            gemini_timeout_s=0.2,
+        )
+        keys = ProviderKeys(
+            openai_api_key=TEST_API_KEY,
+            openai_base_url=fake.base_url("openai"),
+            anthropic_api_key=TEST_API_KEY,
+            anthropic_base_url=fake.base_url("anthropic"),
+            gemini_api_key=TEST_API_KEY,
+            gemini_base_url=fake.base_url("gemini"),
+        )
+        worker = Worker(settings, backend=backend, queue=queue, providers=providers_for(settings, keys))
+        task = asyncio.create_task(worker.run_async())
+        yield Rig(fake, backend, queue, worker)
+        worker.stop()
+        await task
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+async def test_the_first_byte_has_its_own_timeout_and_past_it_the_generation_ends_after_one_call(
+    patient_rig: Rig, provider: str
+) -> None:
+    rig = patient_rig
+    # A model that thinks longer than the idle timeout before answering is waited for...
+    rig.fake.behaviours["thinker"] = Behaviour(head_delay_s=0.5)
+    _, entries = await rig.run(provider, "thinker")
+    assert entries[-1].event == "done" and _text(entries) == "".join(DEFAULT_TOKENS)
+    # ...up to the first-byte timeout; then the generation ends, and the request is not sent again.
+    rig.fake.behaviours["mute"] = Behaviour(head_delay_s=30)
+    started = time.monotonic()
+    job, entries = await rig.run(provider, "mute")
+    assert 1 <= time.monotonic() - started < 3
+    assert [e.event for e in entries] == ["start", "error"]
+    error = orjson.loads(entries[-1].data)
+    assert error["code"] == "timeout" and "first-byte" in error["message"]
+    assert len(rig.fake.requests_for("mute")) == 1
+    assert (await settled(rig.queue, job.id)).status == "error"
