@@ -69,3 +69,18 @@ def test_a_cut_answer_keeps_only_complete_calls_and_a_call_only_answer_has_null_
     }
     assert Answer("openai").message() == {"role": "assistant", "content": ""}
     assert usage_of(None) == {"input_tokens": None, "output_tokens": None}
+
+
+def test_a_call_the_output_cap_cut_off_is_no_call() -> None:
+    """Its JSON is unfinished: sent back, the next turn would fail at the provider. A complete one stays."""
+    answer = Answer("anthropic")
+    events = run(
+        answer,
+        [
+            ToolCallDelta(0, '{"city": "Paris"}', id="a", name="get_weather"),
+            ToolCallDelta(1, '{"city": "Os', id="b", name="get_weather"),
+            Finish("length"),
+        ],
+    )
+    assert [data["id"] for name, data in events if name == "tool_call"] == ["a"]
+    assert [c["id"] for c in answer.message(Finish("length"))["tool_calls"]] == ["a"]

@@ -347,3 +347,15 @@ async def test_a_running_generation_keeps_its_owner_s_slot_by_redis_clock_not_th
         assert redis_now_ms + 50_000 <= score <= redis_now_ms + 61_000
     finally:
         await queue.aclose()
+
+
+def test_demo_arguments_come_from_any_schema_a_request_may_carry() -> None:
+    """A tool schema is the caller's: odd types (objects, lists of anything) give a sample, not a worker crash."""
+    from ssecore.demo import sample_arguments
+
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": {"x": 1}}, "b": {"type": ["x", {}]}, "city": {"type": "string"}},
+        "required": ["a", "b", "city"],
+    }
+    assert sample_arguments(schema) == {"a": "demo", "b": "demo", "city": "Paris"}

@@ -407,14 +407,15 @@ async def test_an_entry_with_the_defaults_asks_for_usage_and_sends_max_completio
 async def test_an_entrys_timeout_s_bounds_the_silence_between_chunks_else_the_workers_for_its_kind_does(
     tmp_path: Path, fake: FakeProviders
 ) -> None:
-    fake.behaviours["pause"] = Behaviour(first_token_delay_s=0.6)  # the head at once, then a silence
+    fake.behaviours["pause"] = Behaviour(tokens=("a ", "b"), pace_s=0.6)  # a silence after the first token
     entries = {
         "quick": {"kind": "openai", "base_url": fake.base_url("openai")},
         "patient": {"kind": "openai", "base_url": fake.base_url("openai"), "timeout_s": 3},
     }
     async with _worker_from_file(tmp_path, entries, {}, openai_timeout_s=0.2) as rig:
-        _done(await _run(*rig, "patient", "pause"))
+        patient = await _run(*rig, "patient", "pause")
+        assert [e.event for e in patient] == ["start", "token", "token", "done"]
         entries_ = await _run(*rig, "quick", "pause")
-    assert [e.event for e in entries_] == ["start", "error"]
+    assert [e.event for e in entries_] == ["start", "token", "error"]
     assert orjson.loads(entries_[-1].data)["code"] == "timeout"
     assert len(fake.requests_for("pause")) == 2  # one each: the one that timed out was accepted, so not sent again

@@ -269,3 +269,51 @@ async def test_two_workers_with_different_files_each_serve_only_their_own_provid
         has = started.rpartition("providers ")[2].split(", ")
         assert mine in has and theirs not in has, started
     assert hub.running() and all(p.running() for p in workers.values())
+
+
+async def test_one_fetch_hands_out_no_more_jobs_than_asked_over_all_the_streams(queues: Queues) -> None:
+    """XREADGROUP's COUNT is per stream: shared out, the streams together stay within the worker's free slots."""
+    for _ in range(3):
+        await queues.hub.submit(_job("alpha"))
+        await queues.hub.submit(_job("openai"))
+    worker = queues.worker("alpha")
+    got = await worker.fetch("w1", 4, 0.1)
+    assert len(got) == 4 and {d.job.provider for d in got} == {"alpha", "openai"}
+
+
+async def test_a_record_without_a_message_is_stored_without_one(queues: Queues) -> None:
+    """Nodes that predate messages build records from every stored field: a queued or running one must hold none."""
+    record = await queues.hub.submit(_job("openai"))
+    raw = await queues.hub._redis.hget(queues.hub.keys.record(record.id), "r")
+    assert "message" not in orjson.loads(raw)
+
+
+def test_a_key_prefix_with_braces_is_refused() -> None:
+    """Braces make a hash tag of the prefix: on a cluster the job streams would not share the slot they need."""
+    from hub.settings import HubSettings
+    from producer.settings import ProducerSettings
+
+    with pytest.raises(ValueError, match="--key-prefix .* must not contain"):
+        HubSettings.from_args(["--anonymous", "--key-prefix", "{app}:"], {})
+    with pytest.raises(ValueError, match="--key-prefix .* must not contain"):
+        ProducerSettings.from_args(["--key-prefix", "app}"], {})
+
+
+async def test_a_hubs_embedded_worker_on_redis_runs_its_files_providers(
+    make_client: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with FakeProviders() as fake:
+        path = tmp_path / "providers.json"
+        path.write_bytes(orjson.dumps({"local": {"kind": "openai", "base_url": fake.base_url("openai")}}))
+        hub = await make_client(
+            None,
+            redis_url=redis_server.url,
+            key_prefix=f"ew{uuid.uuid4().hex[:8]}:",
+            embedded_worker="on",
+            providers_file=str(path),
+        )
+        body = {"provider": "local", "model": "normal", "messages": [{"role": "user", "content": "hi"}]}
+        job = await (await hub.post("/v1/generations", json=body)).json()
+        events = await collect(await hub.get(job["events_url"] + "?last_event_id=0"), timeout_s=20)
+        assert [e.event for e in events] == ["start", *["token"] * len(DEFAULT_TOKENS), "done"]
+        assert len(fake.requests_for("normal")) == 1

@@ -319,3 +319,19 @@ async def test_the_default_output_cap_is_a_setting_and_thinking_comes_on_top(
     await answer(capped, session, request("normal", FIRST_TURN))
     await answer(capped, session, request("normal", FIRST_TURN, reasoning_effort="low"))
     assert [r.body["max_tokens"] for r in fake.requests] == [2048, 2048 + 1024]
+
+
+async def test_thinking_state_from_the_client_is_checked_not_trusted(
+    fake: FakeProviders, session: aiohttp.ClientSession
+) -> None:
+    """provider_state comes back from the client: a mangled one is left out, not a crash, and it cannot carry fields
+    of its own into the request."""
+    signed = {"type": "thinking", "thinking": "t", "signature": "s", "cache_control": {"type": "ephemeral"}, "x": 1}
+    for state in (5, True, "text", [signed, 7, {"type": "tool_use", "id": "i"}, {"type": "thinking"}]):
+        said = {"role": "assistant", "content": "Hi.", "provider_state": {"anthropic": {"thinking": state}}}
+        await answer(
+            provider(fake), session, request("normal", [FIRST_TURN[2], said, {"role": "user", "content": "?"}])
+        )
+    blocks = [r.body["messages"][1]["content"] for r in fake.requests]
+    assert blocks[:3] == ["Hi."] * 3
+    assert blocks[3] == [{"type": "thinking", "thinking": "t", "signature": "s"}, {"type": "text", "text": "Hi."}]

@@ -3,9 +3,12 @@ the fake server speaking the real wire format, checking what it is sent."""
 
 from __future__ import annotations
 
-import aiohttp
+from typing import Any
 
-from producer.providers.base import ToolCallDelta, ToolCallEnd
+import aiohttp
+import pytest
+
+from producer.providers.base import ProviderError, ToolCallDelta, ToolCallEnd
 from producer.providers.openai import OpenAIProvider
 from producer.providers.openai import _Decoder as OpenAIDecoder
 from ssecore.sse import SSEEvent
@@ -126,3 +129,32 @@ async def test_usage_reports_reasoning_and_cached_tokens() -> None:
     (finish,) = decoder.feed(SSEEvent(data="[DONE]"))
     assert (finish.input_tokens, finish.output_tokens) == (50, 30)  # type: ignore[union-attr]
     assert (finish.reasoning_tokens, finish.cached_input_tokens) == (20, 40)  # type: ignore[union-attr]
+
+
+async def test_what_the_api_requires_is_filled_in_and_what_it_refuses_left_out(
+    fake: FakeProviders, session: aiohttp.ClientSession
+) -> None:
+    file_part = {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQK"}}
+    call = {"id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}  # no "type"
+    turn: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "text", "text": "Read this."}, file_part]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    await answer(provider(fake), session, request("normal", turn, tool_choice="auto"))
+    body = fake.requests[-1].body
+    assert body["messages"][0]["content"][1]["file"]["filename"] == "file.pdf"
+    assert body["messages"][1]["tool_calls"][0]["type"] == "function"
+    assert "tool_choice" not in body  # the API refuses it without tools
+
+
+def test_odd_error_codes_and_arguments_sent_as_objects_are_read_not_a_crash() -> None:
+    with pytest.raises(ProviderError) as info:
+        OpenAIDecoder(None).feed(SSEEvent(data='{"error": {"message": "x", "code": ["a"], "type": {"b": 1}}}'))
+    assert info.value.code == "provider_error"
+    items = OpenAIDecoder(None).feed(
+        SSEEvent(
+            data='{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":{"x":1}}}]}}]}'
+        )
+    )
+    assert items == [ToolCallDelta(0, '{"x":1}', "a", "f")]

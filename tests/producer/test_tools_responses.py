@@ -370,3 +370,22 @@ def test_jobs_may_name_the_provider_and_what_it_cannot_do_is_refused() -> None:
         parse_job_request(
             {**body, "params": {"stop": ["\n"]}}, providers=providers, generation_id="gen_2", channel_ok=lambda _: True
         )
+
+
+def test_kept_reasoning_keeps_only_its_summary_text() -> None:
+    """The state comes back from the client: only what a reasoning item holds goes on to the API."""
+    from producer.providers.openai_responses import _kept_reasoning
+
+    item = {
+        "type": "reasoning",
+        "id": "rs_1",
+        "encrypted_content": "enc",
+        "summary": [{"type": "summary_text", "text": "Plan.", "extra": 1}, {"type": "other"}, "x", {"text": 5}],
+        "status": "completed",
+    }
+    assert _kept_reasoning(item) == {
+        "type": "reasoning",
+        "encrypted_content": "enc",
+        "id": "rs_1",
+        "summary": [{"type": "summary_text", "text": "Plan."}],
+    }
