@@ -34,7 +34,7 @@ from .providers.base import Finish, GenerationRequest, Provider, ProviderError, 
 from .settings import REDIS_TIMEOUT_S, ProducerSettings
 from .slots import Slots
 
-__all__ = ["LOOP_AGE_METRIC", "Worker"]
+__all__ = ["FINISH_REASONS", "LOOP_AGE_METRIC", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ _CHANNEL_LOST = {
 
 
 _event = event
+# What done.finish_reason may say.
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "cancelled", "unwatched"})
 
 
 def _request(job: Job) -> GenerationRequest:
@@ -518,7 +520,12 @@ class Worker:
         """`done` with the whole message (what was streamed, for a cancelled answer)."""
         usage = usage_of(finish)
         message = (run.answer or Answer("")).message(finish)
-        done = {"finish_reason": reason, "usage": usage, "message": message}
+        done: dict[str, Any] = {"finish_reason": reason, "usage": usage, "message": message}
+        if reason not in FINISH_REASONS:
+            # One vocabulary for every provider: a reason of a provider's own (Gemini's MALFORMED_FUNCTION_CALL,
+            # Anthropic's pause_turn) ends a stop, and is told beside it.
+            done["finish_reason"], done["provider_finish_reason"] = "stop", reason
+            reason = "stop"
         return _Outcome(status, _event("done", done), finish_reason=reason, usage=usage, message=message)
 
     async def _call_provider(self, run: _Run, provider: Provider) -> Finish:

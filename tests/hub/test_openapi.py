@@ -331,8 +331,9 @@ def _hub(*args: str, env: dict[str, str] | None = None) -> HubProcess:
 
 @pytest.fixture
 def hub() -> Iterator[HubProcess]:
-    # A slow demo pace keeps the cancelled generation of the scenario short enough to be read whole.
-    hub = _hub(env={"PRODUCER_DEMO_TOKENS_PER_S": "5"})
+    # A slow demo pace keeps the cancelled generation of the scenario short enough to be read whole. The fuzzing
+    # starts many generations that are still running when the scenario begins: no per-client cap on them here.
+    hub = _hub("--max-generations-per-client", "0", env={"PRODUCER_DEMO_TOKENS_PER_S": "5"})
     hub.start()
     try:
         yield hub

@@ -98,3 +98,14 @@ async def test_an_agent_loop_runs_on_each_provider(
     signature = PROVIDERS[provider]
     if signature is not None:
         assert signature.encode() in orjson.dumps(sent.body)
+
+
+async def test_a_finish_reason_of_a_providers_own_ends_a_stop_and_is_told_beside_it(
+    make_client: ClientFactory, fake: FakeProviders
+) -> None:
+    from tests.producer.fake_providers import Behaviour
+
+    fake.behaviours["pausing"] = Behaviour(finish_reason="pause_turn")  # Anthropic's, for a long server-side turn
+    hub = await hub_on(make_client, fake)
+    _, done = await generate(hub, {"provider": "anthropic", "model": "pausing", "messages": FIRST_TURN})
+    assert (done["finish_reason"], done["provider_finish_reason"]) == ("stop", "pause_turn")
