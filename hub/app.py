@@ -20,6 +20,7 @@ from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 from .appkeys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .auth import Authenticator
 from .channels import routes as channel_routes
+from .chat_completions import routes as chat_completions_routes
 from .cors import Cors
 from .errors import error_middleware
 from .fanout import Fanout
@@ -173,6 +174,7 @@ def create_app(
     app.add_routes(channel_routes)
     app.add_routes(operations_routes)
     app.add_routes(generation_routes)
+    app.add_routes(chat_completions_routes)
     app.add_routes(openapi_routes)
     app.add_routes(page_routes)
     return app

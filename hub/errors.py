@@ -17,7 +17,7 @@ from ssecore.backend import (
     NotReplicated,
 )
 
-__all__ = ["ApiError", "error_middleware", "json_error"]
+__all__ = ["OPENAI_ERRORS", "ApiError", "error_middleware", "json_error"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,30 @@ _HTTP_CODES = {
 }
 
 
+# Set by a handler of an OpenAI-compatible route: its errors take OpenAI's shape, which the SDKs read.
+OPENAI_ERRORS = web.RequestKey("openai_errors", bool)
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def _openai_shaped(resp: web.Response) -> web.Response:
+    """`{"error": code, "message"}` as OpenAI writes it: `{"error": {"message", "type", "param", "code"}}`."""
+    assert isinstance(resp.body, bytes)
+    body = orjson.loads(resp.body)
+    kind = _OPENAI_TYPES.get(resp.status, "server_error" if resp.status >= 500 else "invalid_request_error")
+    error = {"message": body.get("message", ""), "type": kind, "param": None, "code": body.get("error")}
+    resp.body = orjson.dumps({"error": error})
+    return resp
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resp = await _errors(request, handler)
+    if request.get(OPENAI_ERRORS) and isinstance(resp, web.Response) and resp.status >= 400:
+        return _openai_shaped(resp)
+    return resp
+
+
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:

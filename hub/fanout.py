@@ -83,6 +83,7 @@ class Subscriber:
         "chunked",
         "cut",
         "direct",
+        "native",
         "ended",
         "handed_over",
         "last_key",
@@ -98,6 +99,8 @@ class Subscriber:
         # The response body uses HTTP/1.1 chunked coding; the handler sets it from the prepared response.
         self.chunked = True
         self.direct = False  # the handler is parked with nothing unwritten: push may write to the transport
+        # The handler writes the fan-out's bytes as they are: else (another API's format) it must see every push.
+        self.native = True
         self.handed_over = False  # no handler any more (hub.handover): this object writes and ends the stream
         self.last_key: StreamKey = (0, 0)
         self.ended = False  # no more data will come; the handler finishes after writing what is pending
@@ -182,7 +185,7 @@ class Subscriber:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             # Everything handed to this handler is written: from now on pushes go straight to the transport.
-            self.direct = True
+            self.direct = self.native
             try:
                 await self._waiter
             finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -12,6 +14,7 @@ from ssecore.backend import BackendError
 from ssecore.jobs import (
     TERMINAL_STATUSES,
     GenerationRecord,
+    Job,
     JobRequestError,
     TooManyGenerations,
     new_generation_id,
@@ -19,7 +22,7 @@ from ssecore.jobs import (
 )
 
 from .appkeys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
-from .auth import Action
+from .auth import Action, Principal
 from .channels import channel_ok
 from .errors import ApiError
 from .jsonbody import parse_json, read_body
@@ -27,7 +30,7 @@ from .operations import refuse_when_draining
 from .ownership import may_reach
 from .stream import stream_channel
 
-__all__ = ["routes"]
+__all__ = ["routes", "start_generation"]
 
 routes = web.RouteTableDef()
 
@@ -44,8 +47,11 @@ def _wants_stream(request: web.Request) -> bool:
     return False
 
 
-@routes.post("/v1/generations")
-async def create_generation(request: web.Request) -> web.StreamResponse:
+async def start_generation(
+    request: web.Request, translate: Callable[[Any], Any] | None = None
+) -> tuple[Job, Principal]:
+    """Validate the request's JSON body (translated first, for another API's shape) into a job and submit it: the
+    generation's channel taken for its owner, its slot counted. Raises ApiError (nothing queued) when it cannot."""
     refuse_when_draining(request)
     auth = request.app[AUTH]
     auth.authenticate(request)  # 401 before anything is read
@@ -61,7 +67,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     providers = request.app[PROVIDERS]
     try:
         job = parse_job_request(
-            body,
+            translate(body) if translate is not None else body,
             providers=providers.kinds,
             models=providers.models,
             generation_id=new_generation_id(),
@@ -92,6 +98,12 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         if isinstance(e, TooManyGenerations):
             raise limits.too_many_generations() from None
         raise
+    return job, principal
+
+
+@routes.post("/v1/generations")
+async def create_generation(request: web.Request) -> web.StreamResponse:
+    job, principal = await start_generation(request)
     if _wants_stream(request):
         # Like the providers' own APIs: the events in this response; still resumable through events_url.
         return await stream_channel(request, job.channel, "0", principal)

@@ -111,6 +111,11 @@ class HubSettings(RedisSettings):
         "providers-file",
         "named provider endpoints, JSON or YAML (docs/workers.md); the workers' file or all of them",
     )
+    default_provider: str = _opt(
+        "openai",
+        "default-provider",
+        "provider of a /v1/chat/completions model without one (`gpt-4o` rather than `openai/gpt-4o`)",
+    )
     demo: bool = _opt(
         True, "demo", "offer the demo provider (no network; for trials): --no-demo refuses it, as production should"
     )

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
 from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, check_position, parse_id
-from ssecore.sse import comment, encode_event, event_id, retry
+from ssecore.sse import SSEEvent, SSEParser, comment, encode_event, event_id, retry
 
 from .appkeys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS
 from .auth import Principal, seconds_left
@@ -24,7 +26,7 @@ from .operations import refuse_when_draining
 from .ownership import HIDDEN_CHANNEL, stream_access
 from .settings import HubSettings
 
-__all__ = ["routes", "stream_channel"]
+__all__ = ["Transcoder", "Writer", "routes", "stream_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,52 @@ async def _start(
     return position, first, preamble, first.exists
 
 
+class Writer(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+
+class Transcoder(Protocol):
+    """Another API's stream format: each event of the channel as that API writes it (b"" for nothing)."""
+
+    def encode(self, event: SSEEvent) -> bytes: ...
+
+
+class _Transcoding:
+    """Where a stream's native SSE goes when another format is wanted: each event re-encoded by the transcoder;
+    heartbeats passed on as comments, which every SSE reader skips, so proxies still see the connection alive."""
+
+    __slots__ = ("_out", "_parser", "_transcoder")
+
+    def __init__(self, out: Writer, transcoder: Transcoder) -> None:
+        self._out, self._transcoder, self._parser = out, transcoder, SSEParser()
+
+    async def write(self, data: bytes) -> None:
+        encoded = b"".join(self._transcoder.encode(e) for e in self._parser.feed(data))
+        if encoded:
+            await self._out.write(encoded)
+        elif data.startswith(b":"):
+            await self._out.write(b": keep-alive\n\n")
+
+
 async def stream_channel(
-    request: web.Request, channel: str, position: str | None, principal: Principal, *, check_owner: bool = False
+    request: web.Request,
+    channel: str,
+    position: str | None,
+    principal: Principal,
+    *,
+    check_owner: bool = False,
+    transcoder: Transcoder | None = None,
+    into: Writer | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Answer with the channel's SSE stream from `position` (None: live). Validation and authorization by pattern are
     the caller's; with `check_owner`, so is nothing else: another client's generation is streamed as a channel that
     does not exist (see hub.ownership). The stream ends when the principal's token expires (the client reconnects with
-    a fresh one)."""
+    a fresh one).
+
+    `transcoder`: write the events in another API's format instead. `into`: write them there, not as this request's
+    response (which is then left for the caller to make: a whole answer built from the events).
+    """
     start = await _start(request, channel, position)
     provisional = None
     if check_owner:
@@ -119,32 +160,38 @@ async def stream_channel(
     metrics = request.app[METRICS]
     # One frame for the whole life of the stream: a node holds thousands of these, and each nested coroutine
     # would stay alive (and in memory) as long as the connection does.
-    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    resp = web.StreamResponse(headers={**_SSE_HEADERS, **(headers or {})})
     # The connection ends with the stream (a handed-over stream closes it): `Connection: close` tells the client
     # not to send its next request (the reconnect) on it.
     resp.force_close()
+    out: Writer = into if into is not None else resp
+    if transcoder is not None:
+        out = _Transcoding(out, transcoder)
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     sub.provisional = provisional
+    sub.native = out is resp
     release = _Release(fanout, sub, _schedule_end(sub, seconds_left(principal), settings), limits, client)
     handed_over = False
     try:
         fanout.register(sub)
         metrics.connections_total.inc()
-        await resp.prepare(request)
+        if into is None:
+            await resp.prepare(request)
         # Events may be written by the fan-out straight to the transport (see Subscriber): they must be framed the
         # way this response's body is (chunked for HTTP/1.1, raw for HTTP/1.0; never compressed).
         sub.chunked = resp.headers.get("Transfer-Encoding") == "chunked"
-        await resp.write(preamble)
-        if await _catch_up(request, resp, sub, position, first):
+        await out.write(preamble)
+        if await _catch_up(request, out, sub, position, first):
             # Write what the catch-up queued, then hand the live stream over to a minimal protocol (hub.handover):
-            # checked and done synchronously, so nothing can be pushed in between.
+            # checked and done synchronously, so nothing can be pushed in between. Only a native stream: the
+            # hand-over writes the fan-out's own bytes.
             while (chunk := sub.take_pending()) is not None:
-                await resp.write(chunk)
-            if not sub.ended and hand_over(request, sub, release):
+                await out.write(chunk)
+            if out is resp and not sub.ended and hand_over(request, sub, release):
                 handed_over = True
                 return resp
             while (chunk := await sub.next_chunk()) is not None:
-                await resp.write(chunk)
+                await out.write(chunk)
     except ConnectionError:
         # The client went away (as early as before the headers were written: a reconnect storm does that), or
         # was cut off as a slow consumer; it resumes from its last id.
@@ -206,9 +253,7 @@ async def _history(request: web.Request, channel: str, position: str) -> RangeRe
     return await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
 
 
-async def _catch_up(
-    request: web.Request, resp: web.StreamResponse, sub: Subscriber, position: str, r: RangeResult | None
-) -> bool:
+async def _catch_up(request: web.Request, resp: Writer, sub: Subscriber, position: str, r: RangeResult | None) -> bool:
     """Replay history after `position` until this node's live tail can take over; then join the live feed.
 
     Returns False when the stream is already over (the close marker was replayed).

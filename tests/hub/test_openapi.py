@@ -33,6 +33,9 @@ OpCase = Case[APIOperation[Any, Any, Any, Any]]
 DOC_PATH = ROOT / "hub" / "openapi.json"
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 SUBSCRIBE = ("GET", "/v1/channels/{channel}/events")
+# Not fuzzed: each valid request follows a generation to its end (a provider's retries, a demo answer at the fixture's
+# slow pace) before it answers, far past a fuzzing budget. The scenario below calls it instead.
+UNFUZZED = frozenset({("POST", "/v1/chat/completions")})
 
 CHECKS = [
     not_a_server_error,
@@ -116,6 +119,8 @@ def _fuzz(schema: OpenApiSchema) -> tuple[list[str], int]:
     for result in schema.get_all_operations():
         assert isinstance(result, Ok), result.err()
         operation = result.ok()
+        if (operation.method.upper(), operation.path) in UNFUZZED:
+            continue
         timeout = STREAM_TIMEOUT_S if (operation.method.upper(), operation.path) == SUBSCRIBE else REQUEST_TIMEOUT_S
         strategies = [(mode, operation.as_strategy(generation_mode=mode)) for mode in GenerationMode]
         examples = operation.get_strategies_from_examples()
@@ -227,6 +232,15 @@ def _scenario(api: Api) -> None:
     api("POST", events, 409, path_parameters=channel, body={"data": 1}, media_type="application/json")
     api("DELETE", "/v1/channels/{channel}", 204, path_parameters=channel)
     api("DELETE", "/v1/channels/{channel}", 404, path_parameters=channel)
+
+    # OpenAI Chat Completions: a whole answer, the chunks, and errors in OpenAI's shape.
+    chat = {"model": "demo/demo:3", "messages": [{"role": "user", "content": "Hi"}]}
+    completion = _json(api("POST", "/v1/chat/completions", 200, body=chat, media_type="application/json"))
+    assert completion["choices"][0]["message"]["content"] and completion["usage"]["completion_tokens"] == 3
+    chunks = api("POST", "/v1/chat/completions", 200, body={**chat, "stream": True}, media_type="application/json")
+    assert chunks.content.rstrip().endswith(b"data: [DONE]")
+    refused = api("POST", "/v1/chat/completions", 400, body={**chat, "n": 3}, media_type="application/json")
+    assert _json(refused)["error"]["code"] == "unsupported"
 
     # A position the channel never had: a `reset` first, then the live stream.
     reset = api(

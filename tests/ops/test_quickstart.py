@@ -9,12 +9,14 @@ import os
 import re
 import shlex
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
+from ssecore.demo import TEXT
 from ssecore.sse import SSEEvent, SSEParser
 from tests.support import ROOT, ServiceProcess, free_port, wait_http_ok
 
@@ -206,6 +208,12 @@ async def test_the_quick_start_commands_print_what_the_readme_says(
     (extra,) = re.findall(r"add\s+`([^`]+)`\s+to the `POST`", section)
     stream = await run([*generate.argv, *shlex.split(extra)])
     check_generation(stream, json.loads(events(stream)[0].data))
+
+    # The OpenAI SDK pointed at the hub: the README's lines, run as written (on this test's port).
+    (snippet,) = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    assert len(snippet.strip().splitlines()) == 3
+    printed = await run([sys.executable, "-c", snippet.replace("localhost:8080", f"127.0.0.1:{port}")])
+    assert printed.strip() == TEXT.strip(), printed
 
 
 @pytest.mark.e2e

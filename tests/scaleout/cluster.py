@@ -245,15 +245,29 @@ class Cluster:
     killed, stopped and started again on the same port; `close` ends every process this started."""
 
     def __init__(
-        self, redis: RedisServer, *, nodes: int = 3, tokens_per_s: float = 20.0, node_flags: Sequence[str] = ()
+        self,
+        redis: RedisServer,
+        *,
+        nodes: int = 3,
+        tokens_per_s: float = 20.0,
+        node_flags: Sequence[str] = (),
+        worker_env: dict[str, str] | None = None,
     ) -> None:
+        """`worker_env`: the worker's environment beside the test's (the providers' keys and URLs)."""
         self.redis = redis
         self.prefix = f"so{uuid.uuid4().hex[:8]}:"
         common = ("--redis-url", redis.url, "--key-prefix", self.prefix)
         self._node_args = (*common, *NODE_FLAGS, *node_flags)
         self.nodes = [HubProcess(*self._node_args) for _ in range(nodes)]
         self.worker = ProducerProcess(
-            *common, "--metrics-port", "0", "--demo-tokens-per-s", str(tokens_per_s), "--log-level", "warning"
+            *common,
+            "--metrics-port",
+            "0",
+            "--demo-tokens-per-s",
+            str(tokens_per_s),
+            "--log-level",
+            "warning",
+            env=worker_env,
         )
         self.lb = LoadBalancer([f"127.0.0.1:{n.port}" for n in self.nodes])
         self.backend = RedisBackend(redis.url, prefix=self.prefix, history=10_000, ttl_s=3600, timeout_s=5)

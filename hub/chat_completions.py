@@ -1,0 +1,223 @@
+"""OpenAI Chat Completions on the hub (`POST /v1/chat/completions`), so the official OpenAI SDKs reach any provider
+through it unchanged. Each request is a generation: the same job, worker, channel and cancel as `POST
+/v1/generations`; its id is in the `X-Generation-Id` header.
+
+`model` is `<provider>/<model>` (`anthropic/claude-...`); a name without a known provider before its first `/` is a
+model of `--default-provider`. `stream: true` answers in `chat.completion.chunk`s ending with `data: [DONE]`;
+otherwise the whole `chat.completion`, once the generation has ended. Errors take OpenAI's shape (hub.errors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ssecore.sse import SSEEvent
+
+from .appkeys import PROVIDERS, SETTINGS
+from .errors import OPENAI_ERRORS, ApiError
+from .generations import start_generation
+from .stream import stream_channel
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+# Request fields, as the SDK sends them: those a generation takes, and those that change nothing here.
+_TAKEN = frozenset({"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+_PARAMS = frozenset({"max_completion_tokens", "max_tokens", "temperature", "top_p", "stop"})
+_IGNORED = frozenset({"user", "metadata", "store", "stream", "stream_options", "n", "reasoning_effort"})
+# Fields the SDK puts on an assistant message it returned (sent back as it is, in the next request), beside ours.
+_ASSISTANT_EXTRAS = frozenset({"annotations", "audio", "function_call"})
+# The hub's reasons the API has no word for.
+_FINISH = {"cancelled": "stop", "unwatched": "stop"}
+
+
+def _provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[str, str]:
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "invalid_model", "model must be <provider>/<model>, or a model of the default provider")
+    provider, slash, rest = model.partition("/")
+    if slash and provider in kinds:
+        return provider, rest
+    return default, model
+
+
+def _message(m: Any) -> Any:
+    """A message as the SDK sends it back: the fields it adds with null values go, `reasoning_content` (DeepSeek's
+    name, which this endpoint streams) is the request's `reasoning`."""
+    if not isinstance(m, dict) or m.get("role") != "assistant":
+        return m
+    out = {k: v for k, v in m.items() if not (v is None and k != "content") and k not in _ASSISTANT_EXTRAS}
+    if "reasoning_content" in out:
+        out.setdefault("reasoning", out.pop("reasoning_content"))
+    return out
+
+
+def _check_n(body: Mapping[str, Any]) -> None:
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "unsupported", "n: one choice per request")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise ApiError(400, "unsupported", "stream_options: only include_usage")
+
+
+def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, Any]:
+    """The generation of a Chat Completions request, in `POST /v1/generations` terms (checked there)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    unknown = set(body) - _TAKEN - _PARAMS - _IGNORED
+    if unknown:
+        raise ApiError(400, "unsupported", f"unrecognized request argument: {', '.join(sorted(unknown))[:200]}")
+    _check_n(body)
+    provider, model = _provider_model(body.get("model"), kinds, default)
+    job: dict[str, Any] = {"provider": provider, "model": model}
+    messages = body.get("messages")
+    job["messages"] = [_message(m) for m in messages] if isinstance(messages, list) else messages
+    for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort"):
+        if body.get(name) is not None:
+            job[name] = body[name]
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    params = {"max_tokens": cap, "temperature": body.get("temperature"), "top_p": body.get("top_p")}
+    params["stop"] = body.get("stop")
+    job["params"] = {k: v for k, v in params.items() if v is not None}
+    return job
+
+
+def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    usage = usage or {}
+    prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if usage.get("reasoning_tokens") is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
+    if usage.get("cached_input_tokens") is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": usage["cached_input_tokens"]}
+    return out
+
+
+def _error(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {"error": {"message": data.get("message", "the generation failed"), "type": "server_error",
+                      "param": None, "code": data.get("code")}}  # fmt: skip
+
+
+_RESTARTED = {"code": "restarted", "message": "the generation was restarted after a worker failed; ask again"}
+
+
+class _Chunks:
+    """A generation's channel as `chat.completion.chunk`s (stream: true)."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        self._include_usage = include_usage
+        self._over = False
+
+    def _chunk(self, delta: Mapping[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
+
+    def encode(self, event: SSEEvent) -> bytes:
+        if self._over:
+            return b""
+        kind = event.event
+        data = orjson.loads(event.data) if event.data.startswith("{") else {}
+        if kind == "start":
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "token":
+            return self._chunk({"content": data.get("text", "")})
+        if kind == "reasoning":
+            return self._chunk({"reasoning_content": data.get("text", "")})
+        if kind == "refusal":
+            return self._chunk({"refusal": data.get("text", "")})
+        if kind == "tool_call_delta":
+            return self._chunk({"tool_calls": [_tool_call_delta(data)]})
+        if kind == "done":
+            return self._done(data)
+        if kind in ("error", "reset"):
+            # A restarted generation begins its answer again: a client that has half of it cannot be told to drop it.
+            self._over = True
+            return b"data: " + orjson.dumps(_error(data if kind == "error" else _RESTARTED)) + b"\n\n"
+        return b""  # tool_call (its deltas said it all), and events of the channel's own
+
+    def _done(self, data: Mapping[str, Any]) -> bytes:
+        self._over = True
+        reason = str(data.get("finish_reason") or "stop")
+        out = self._chunk({}, _FINISH.get(reason, reason))
+        if self._include_usage:
+            out += b"data: " + orjson.dumps({**self._head, "choices": [], "usage": _usage(data.get("usage"))}) + b"\n\n"
+        return out + b"data: [DONE]\n\n"
+
+
+def _tool_call_delta(data: Mapping[str, Any]) -> dict[str, Any]:
+    function: dict[str, Any] = {"arguments": data.get("arguments", "")}
+    call: dict[str, Any] = {"index": data.get("index", 0)}
+    if "id" in data:
+        call["id"], call["type"] = data["id"], "function"
+    if "name" in data:
+        function["name"] = data["name"]
+    call["function"] = function
+    return call
+
+
+class _Collected:
+    """The channel's events, for the whole answer of `stream: false`."""
+
+    def __init__(self) -> None:
+        self.terminal: SSEEvent | None = None
+
+    def encode(self, event: SSEEvent) -> bytes:
+        if event.event in ("done", "error"):
+            self.terminal = event
+        elif event.event == "reset":
+            self.terminal = None  # a restarted generation: its answer is the one that follows
+        return b""
+
+
+class _Nowhere:
+    async def write(self, data: bytes) -> None:
+        pass
+
+
+def _completion(head: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, Any]:
+    message = dict(done.get("message") or {"role": "assistant", "content": ""})
+    if "reasoning" in message:
+        message["reasoning_content"] = message.pop("reasoning")
+    message.setdefault("refusal", None)
+    reason = str(done.get("finish_reason") or "stop")
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _FINISH.get(reason, reason)}
+    return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(done.get("usage"))}
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    request[OPENAI_ERRORS] = True
+    settings = request.app[SETTINGS]
+    body_seen: dict[str, Any] = {}
+
+    def translate(body: Any) -> Any:
+        body_seen.update(body if isinstance(body, dict) else {})
+        return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
+
+    job, principal = await start_generation(request, translate)
+    completion_id, created, model = f"chatcmpl-{job.id}", int(job.created_at), str(body_seen.get("model"))
+    headers = {"X-Generation-Id": job.id}
+    if body_seen.get("stream"):
+        include_usage = bool((body_seen.get("stream_options") or {}).get("include_usage"))
+        chunks = _Chunks(completion_id, created, model, include_usage)
+        resp = await stream_channel(request, job.channel, "0", principal, transcoder=chunks, headers=headers)
+        return resp
+    collected = _Collected()
+    await stream_channel(request, job.channel, "0", principal, transcoder=collected, into=_Nowhere())
+    head = {"id": completion_id, "created": created, "model": model}
+    terminal = collected.terminal
+    if terminal is None:
+        raise ApiError(503, "unavailable", "the generation could not be followed to its end; read it by its id")
+    data = orjson.loads(terminal.data)
+    if terminal.event == "error":
+        raise ApiError(502, str(data.get("code") or "provider_error"), str(data.get("message") or "failed"))
+    return web.json_response(_completion(head, data), headers=headers, dumps=lambda o: orjson.dumps(o).decode())
