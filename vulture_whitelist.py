@@ -10,6 +10,7 @@ channel_delete
 create_generation
 get_generation
 cancel_generation
+chat_completions
 openapi
 index
 
