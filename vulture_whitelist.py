@@ -11,6 +11,9 @@ create_generation
 get_generation
 cancel_generation
 chat_completions
+create_response
+get_response
+cancel_response
 openapi
 index
 

@@ -32,6 +32,7 @@ from .openapi import routes as openapi_routes
 from .operations import routes as operations_routes
 from .page import routes as page_routes
 from .publish import routes as publish_routes
+from .responses_api import routes as responses_routes
 from .settings import HubSettings
 from .stream import routes as stream_routes
 
@@ -175,6 +176,7 @@ def create_app(
     app.add_routes(operations_routes)
     app.add_routes(generation_routes)
     app.add_routes(chat_completions_routes)
+    app.add_routes(responses_routes)
     app.add_routes(openapi_routes)
     app.add_routes(page_routes)
     return app

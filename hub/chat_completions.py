@@ -22,7 +22,7 @@ from .errors import OPENAI_ERRORS, ApiError
 from .generations import start_generation
 from .stream import stream_channel
 
-__all__ = ["routes"]
+__all__ = ["provider_model", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -36,7 +36,7 @@ _ASSISTANT_EXTRAS = frozenset({"annotations", "audio", "function_call"})
 _FINISH = {"cancelled": "stop", "unwatched": "stop"}
 
 
-def _provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[str, str]:
+def provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[str, str]:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "invalid_model", "model must be <provider>/<model>, or a model of the default provider")
     provider, slash, rest = model.partition("/")
@@ -72,7 +72,7 @@ def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, 
     if unknown:
         raise ApiError(400, "unsupported", f"unrecognized request argument: {', '.join(sorted(unknown))[:200]}")
     _check_n(body)
-    provider, model = _provider_model(body.get("model"), kinds, default)
+    provider, model = provider_model(body.get("model"), kinds, default)
     job: dict[str, Any] = {"provider": provider, "model": model}
     messages = body.get("messages")
     job["messages"] = [_message(m) for m in messages] if isinstance(messages, list) else messages

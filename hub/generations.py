@@ -30,7 +30,7 @@ from .operations import refuse_when_draining
 from .ownership import may_reach
 from .stream import stream_channel
 
-__all__ = ["routes", "start_generation"]
+__all__ = ["reachable_record", "routes", "start_generation"]
 
 routes = web.RouteTableDef()
 
@@ -111,12 +111,12 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
     return _json({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
 
 
-async def _reachable_record(request: web.Request, *actions: Action) -> GenerationRecord:
+async def reachable_record(request: web.Request, generation_id: str, *actions: Action) -> GenerationRecord:
     """The generation named in the path, if the caller may reach it by one of `actions`; else the 404 of an unknown
     one, the same status and body: another client's generation is not told apart from none."""
     principal = request.app[AUTH].authenticate(request)
     client = request.app[LIMITS].client(request, principal)
-    record = await request.app[JOBS].get(request.match_info["id"])
+    record = await request.app[JOBS].get(generation_id)
     if record is None or not any(may_reach(principal, client, a, record.channel, record.owner) for a in actions):
         raise ApiError(404, "generation_not_found", "no such generation (or it expired)")
     return record
@@ -124,14 +124,14 @@ async def _reachable_record(request: web.Request, *actions: Action) -> Generatio
 
 @routes.get("/v1/generations/{id}")
 async def get_generation(request: web.Request) -> web.Response:
-    record = await _reachable_record(request, "subscribe", "publish")
+    record = await reachable_record(request, request.match_info["id"], "subscribe", "publish")
     return _json(record.public())
 
 
 @routes.delete("/v1/generations/{id}")
 async def cancel_generation(request: web.Request) -> web.Response:
     jobs = request.app[JOBS]
-    record = await _reachable_record(request, "publish")
+    record = await reachable_record(request, request.match_info["id"], "publish")
     if record.status in TERMINAL_STATUSES:
         raise ApiError(409, "generation_finished", f"the generation is already {record.status}")
     await jobs.request_cancel(record.id)

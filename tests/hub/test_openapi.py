@@ -35,7 +35,7 @@ HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "pa
 SUBSCRIBE = ("GET", "/v1/channels/{channel}/events")
 # Not fuzzed: each valid request follows a generation to its end (a provider's retries, a demo answer at the fixture's
 # slow pace) before it answers, far past a fuzzing budget. The scenario below calls it instead.
-UNFUZZED = frozenset({("POST", "/v1/chat/completions")})
+UNFUZZED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/responses")})
 
 CHECKS = [
     not_a_server_error,
@@ -241,6 +241,18 @@ def _scenario(api: Api) -> None:
     assert chunks.content.rstrip().endswith(b"data: [DONE]")
     refused = api("POST", "/v1/chat/completions", 400, body={**chat, "n": 3}, media_type="application/json")
     assert _json(refused)["error"]["code"] == "unsupported"
+
+    # The Responses API: in the background, then its events from a sequence number, whole, and cancelled.
+    ask = {"model": "demo/demo:3", "input": "Hi", "background": True}
+    queued = _json(api("POST", "/v1/responses", 200, body=ask, media_type="application/json"))
+    response = {"id": queued["id"]}
+    replay = api(
+        "GET", "/v1/responses/{id}", 200, path_parameters=response, query={"stream": "true", "starting_after": 1}
+    )
+    assert _events(replay)[0] == "response.output_item.added" and _events(replay)[-1] == "response.completed"
+    assert _json(api("GET", "/v1/responses/{id}", 200, path_parameters=response))["status"] == "completed"
+    api("POST", "/v1/responses/{id}/cancel", 200, path_parameters=response)
+    api("GET", "/v1/responses/{id}", 404, path_parameters={"id": "resp_" + "0" * 24})
 
     # A position the channel never had: a `reset` first, then the live stream.
     reset = api(

@@ -4,6 +4,7 @@ back as the SDK's users do, a whole answer without streaming, and errors the SDK
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +16,7 @@ from openai import AsyncOpenAI
 
 from tests.producer.agent_turns import WEATHER
 from tests.producer.fake_providers import TEST_API_KEY, FakeProviders
-from tests.scaleout.cluster import Cluster
+from tests.scaleout.cluster import Cluster, metric
 from tests.scaleout.conftest import ClusterFactory
 
 PROVIDERS = ["openai", "openai-responses", "anthropic", "gemini"]
@@ -115,3 +116,46 @@ async def test_the_sdk_raises_its_own_errors_for_what_the_hub_refuses(sdk: Any) 
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+
+
+@pytest.mark.e2e
+async def test_a_background_response_resumes_exactly_on_another_node_when_its_node_is_killed(
+    cluster: Cluster, sdk: Any, session: aiohttp.ClientSession
+) -> None:
+    """OpenAI's background mode, but on any node and for as long as the channel is kept: the SDK's own retrieve
+    with starting_after, after the node that served the stream died mid-answer."""
+    stream = await sdk.responses.create(model="demo/demo:120", input="hi", stream=True, background=True)
+    events: list[Any] = []
+    async for event in stream:
+        events.append(event)
+        if len(events) == 12:
+            break  # the connection stays open: it marks the node that serves it
+    rid = events[0].response.id
+    serving = [n for n in cluster.nodes if await metric(session, n, "hub_connections_open") == 1]
+    assert len(serving) == 1
+    cluster.kill(serving[0])
+    resumed = await sdk.responses.retrieve(rid, stream=True, starting_after=events[-1].sequence_number)
+    async for event in resumed:
+        events.append(event)
+    # Each event once, numbered without a gap, the text whole, ending as the response ended.
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == text
+    assert sum(e.type == "response.output_text.delta" for e in events) == 120  # every token once
+    whole = await sdk.responses.retrieve(rid)
+    assert whole.status == "completed" and whole.output_text == text
+    # The SDK's high-level helper replays from 0 and keeps what it has not seen: the same answer.
+    async with sdk.responses.stream(response_id=rid) as helper:
+        final = await helper.get_final_response()
+    assert final.output_text == text
+
+
+@pytest.mark.e2e
+async def test_a_background_response_is_cancelled_by_the_sdk(cluster: Cluster, sdk: Any) -> None:
+    queued = await sdk.responses.create(model="demo/demo:2000", input="hi", background=True)
+    assert queued.status == "queued" and queued.id.startswith("resp_")
+    await sdk.responses.cancel(queued.id)
+    deadline = asyncio.get_running_loop().time() + 20
+    while (status := (await sdk.responses.retrieve(queued.id)).status) != "cancelled":
+        assert asyncio.get_running_loop().time() < deadline, status
+        await asyncio.sleep(0.1)

@@ -1,0 +1,483 @@
+"""OpenAI's Responses API on the hub, with background mode and resume on any node: `POST /v1/responses`,
+`GET /v1/responses/{id}` (`?stream=true&starting_after=N`), `POST /v1/responses/{id}/cancel`.
+
+A response is a generation (`resp_<x>` is `gen_<x>`): the same job, worker, channel and cancel. Its events are a
+function of the channel alone: `_Events` reads the channel from its start and numbers what it writes 0, 1, ..., so
+every node derives the same `sequence_number`s, and `starting_after=N` is exact wherever it is asked, for as long as
+the channel is kept. The channel's own events map as: `start` to `response.created` and `response.in_progress`;
+`reasoning` to a reasoning item's summary; `token` to a message item's `output_text`; `refusal` to a message's
+refusal part; `tool_call_delta`/`tool_call` to a `function_call` item's arguments; `done` to `response.completed`
+(`response.incomplete` for a cut or filtered answer, or a cancelled one), `error` to `response.failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ssecore.jobs import TERMINAL_STATUSES, GenerationRecord
+from ssecore.sse import SSEEvent
+
+from .appkeys import AUTH, JOBS, PROVIDERS, SETTINGS
+from .chat_completions import provider_model
+from .errors import OPENAI_ERRORS, ApiError
+from .generations import reachable_record, start_generation
+from .stream import stream_channel
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+_FIELDS = frozenset(
+    {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning"}
+    | {"max_output_tokens", "temperature", "top_p", "stream", "background"}
+)
+_IGNORED = frozenset({"store", "metadata", "user", "include", "truncation", "service_tier", "stream_options"})
+_STATUS = {"queued": "queued", "running": "in_progress", "done": "completed", "error": "failed"}
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def response_id(generation_id: str) -> str:
+    return "resp_" + generation_id.removeprefix("gen_")
+
+
+def _generation_id(rid: str) -> str:
+    return "gen_" + rid.removeprefix("resp_")
+
+
+# -- the request ------------------------------------------------------------------------------------------------------
+
+
+def _part(part: Any) -> Any:
+    """An input content part as a generation's message part."""
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind in ("input_text", "output_text"):
+        return {"type": "text", "text": part.get("text")}
+    if kind == "input_image":
+        return {"type": "image_url", "image_url": {"url": part.get("image_url")}}
+    if kind == "input_file":
+        file = {"file_data": part.get("file_data")} | ({"filename": part["filename"]} if "filename" in part else {})
+        return {"type": "file", "file": file}
+    return part  # refused by the generation's checks, naming it
+
+
+def _messages(items: Any, instructions: Any) -> Any:
+    """The input items as a generation's messages: calls join the assistant message before them, outputs become
+    tool messages."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise ApiError(400, "invalid_messages", "input must be a string or an array of items")
+    out: list[Any] = [{"role": "system", "content": instructions}] if instructions else []
+    for item in items:
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            content = item.get("content")
+            parts = [_part(p) for p in content] if isinstance(content, list) else content
+            out.append({"role": item.get("role"), "content": parts})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function", "function": {
+                "name": item.get("name"), "arguments": item.get("arguments")}}  # fmt: skip
+            if (
+                not out
+                or out[-1].get("role") != "assistant"
+                or out[-1].get("tool_calls") is None
+                and out[-1]["content"]
+            ):
+                out.append({"role": "assistant", "content": None, "tool_calls": []})
+            out[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+        elif kind != "reasoning":  # a reasoning item from an earlier answer: nothing a generation takes
+            raise ApiError(400, "unsupported", f"input items of type {kind!r}")
+    return out
+
+
+def _tools(tools: Any) -> Any:
+    if not isinstance(tools, list):
+        return tools
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise ApiError(400, "unsupported", "tools: function tools only")
+        fields = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+        out.append({"type": "function", "function": fields})
+    return out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _format(text: Any) -> Any:
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    return fmt
+
+
+def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    unknown = set(body) - _FIELDS - _IGNORED
+    if unknown:
+        raise ApiError(400, "unsupported", f"unrecognized request argument: {', '.join(sorted(unknown))[:200]}")
+    provider, model = provider_model(body.get("model"), kinds, default)
+    job: dict[str, Any] = {"provider": provider, "model": model}
+    job["messages"] = _messages(body.get("input"), body.get("instructions"))
+    chat = {
+        "tools": _tools(body.get("tools")),
+        "tool_choice": _tool_choice(body.get("tool_choice")),
+        "parallel_tool_calls": body.get("parallel_tool_calls"),
+        "response_format": _format(body.get("text")),
+        "reasoning_effort": (body.get("reasoning") or {}).get("effort")
+        if isinstance(body.get("reasoning"), dict)
+        else None,
+    }
+    job.update({k: v for k, v in chat.items() if v is not None})
+    params = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature")}
+    params["top_p"] = body.get("top_p")
+    job["params"] = {k: v for k, v in params.items() if v is not None}
+    return job
+
+
+# -- the response object ----------------------------------------------------------------------------------------------
+
+
+def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not usage:
+        return None
+    i, o = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+    return {
+        "input_tokens": i,
+        "input_tokens_details": {"cached_tokens": usage.get("cached_input_tokens") or 0},
+        "output_tokens": o,
+        "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens") or 0},
+        "total_tokens": i + o,
+    }
+
+
+def _response(
+    rid: str,
+    created: float,
+    model: str,
+    status: str,
+    output: list[dict[str, Any]],
+    *,
+    usage: Mapping[str, Any] | None = None,
+    error: Mapping[str, Any] | None = None,
+    incomplete: str | None = None,
+    background: bool = False,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(created),
+        "status": status,
+        "background": background,
+        "model": model,
+        "output": output,
+        "usage": _usage(usage),
+        "error": dict(error) if error else None,
+        "incomplete_details": {"reason": incomplete} if incomplete else None,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+
+
+def _items_of(rid: str, message: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """A finished generation's message as output items (for a read of the whole response)."""
+    if not message:
+        return []
+    base = rid.removeprefix("resp_")
+    items: list[dict[str, Any]] = []
+    if message.get("reasoning"):
+        summary = [{"type": "summary_text", "text": message["reasoning"]}]
+        items.append({"type": "reasoning", "id": f"rs_{base}_{len(items)}", "summary": summary})
+    content: list[dict[str, Any]] = []
+    if message.get("content"):
+        content.append({"type": "output_text", "text": message["content"], "annotations": []})
+    if message.get("refusal"):
+        content.append({"type": "refusal", "refusal": message["refusal"]})
+    if content:
+        items.append({"type": "message", "id": f"msg_{base}_{len(items)}", "status": "completed",
+                      "role": "assistant", "content": content})  # fmt: skip
+    for call in message.get("tool_calls") or ():
+        items.append({"type": "function_call", "id": f"fc_{base}_{len(items)}", "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})  # fmt: skip
+    return items
+
+
+def _from_record(record: GenerationRecord, *, background: bool = False) -> dict[str, Any]:
+    rid = response_id(record.id)
+    status = "cancelled" if record.status == "cancelled" else _STATUS[record.status]
+    incomplete = _INCOMPLETE.get(record.finish_reason or "") if record.status == "done" else None
+    if incomplete:
+        status = "incomplete"
+    model, items = f"{record.provider}/{record.model}", _items_of(rid, record.message)
+    return _response(
+        rid, record.created_at, model, status, items, usage=record.usage, error=record.error, incomplete=incomplete,
+        background=background,
+    )  # fmt: skip
+
+
+# -- the events -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    kind: str  # "reasoning", "message", "refusal" (a message of a refusal part), "function_call"
+    index: int
+    id: str
+    text: list[str] = field(default_factory=list)
+    call_id: str = ""
+    name: str = ""
+
+
+class _Events:
+    """A generation's channel as Responses API events, numbered from 0 at `response.created`; only those after
+    `starting_after` are written."""
+
+    def __init__(
+        self, rid: str, created: float, model: str, starting_after: int = -1, background: bool = False
+    ) -> None:
+        self._rid, self._created, self._model, self._background = rid, created, model, background
+        self._after = starting_after
+        self._seq = 0
+        self._items: list[_Item] = []
+        self._open: _Item | None = None
+        self._calls: dict[int, _Item] = {}  # by the channel's call index
+        self._closed: set[str] = set()  # the ids of the items ended
+        self._over = False
+        self.final: dict[str, Any] | None = None  # the response, once it ended
+
+    def encode(self, event: SSEEvent) -> bytes:
+        if self._over:
+            return b""
+        data = orjson.loads(event.data) if event.data.startswith("{") else {}
+        out: list[bytes] = []
+        for kind, body in self._map(event.event, data):
+            seq, self._seq = self._seq, self._seq + 1
+            if seq > self._after:
+                payload = orjson.dumps({"type": kind, "sequence_number": seq, **body})
+                out.append(b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n")
+        return b"".join(out)
+
+    def _response(self, status: str, **kw: Any) -> dict[str, Any]:
+        output = [self._whole(i) for i in self._items]
+        return _response(self._rid, self._created, self._model, status, output, background=self._background, **kw)
+
+    def _map(self, kind: str, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        if kind == "start":
+            return [("response.created", {"response": self._response("in_progress")}),
+                    ("response.in_progress", {"response": self._response("in_progress")})]  # fmt: skip
+        if kind in ("reasoning", "token", "refusal"):
+            item_kind = {"reasoning": "reasoning", "token": "message", "refusal": "refusal"}[kind]
+            out = self._switch(item_kind)
+            assert self._open is not None
+            self._open.text.append(data.get("text", ""))
+            return out + [self._delta(self._open, data.get("text", ""))]
+        if kind == "tool_call_delta":
+            return self._call_delta(data)
+        if kind == "tool_call":
+            call = self._calls.get(data.get("index", -1))
+            return self._close(call) if call is not None else []
+        if kind == "done":
+            out = self._close(self._open)
+            out += [e for c in list(self._calls.values()) for e in self._close(c)]
+            self._over = True
+            reason = data.get("finish_reason")
+            usage = data.get("usage")
+            if reason in ("cancelled", "unwatched") or reason in _INCOMPLETE:
+                status = "cancelled" if reason in ("cancelled", "unwatched") else "incomplete"
+                why = _INCOMPLETE.get(reason, reason)
+                self.final = self._response(status, usage=usage, incomplete=why)
+                return out + [("response.incomplete", {"response": self.final})]
+            self.final = self._response("completed", usage=usage)
+            return out + [("response.completed", {"response": self.final})]
+        if kind in ("error", "reset"):
+            self._over = True
+            error = data if kind == "error" else {"code": "restarted", "message": "the generation was restarted"}
+            self.final = self._response("failed", error={"code": error.get("code"), "message": error.get("message")})
+            return [("response.failed", {"response": self.final})]
+        return []
+
+    def _switch(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        if self._open is not None and self._open.kind == kind:
+            return []
+        out = self._close(self._open)
+        item = self._add(kind)
+        self._open = item
+        return out + self._opening(item)
+
+    def _add(self, kind: str, call_id: str = "", name: str = "") -> _Item:
+        prefix = {"reasoning": "rs", "message": "msg", "refusal": "msg", "function_call": "fc"}[kind]
+        index = len(self._items)
+        item = _Item(kind, index, f"{prefix}_{self._rid.removeprefix('resp_')}_{index}", call_id=call_id, name=name)
+        self._items.append(item)
+        return item
+
+    def _opening(self, item: _Item) -> list[tuple[str, dict[str, Any]]]:
+        added = ("response.output_item.added", {"output_index": item.index, "item": self._whole(item, "in_progress")})
+        where = {"item_id": item.id, "output_index": item.index}
+        part: dict[str, Any]
+        if item.kind == "reasoning":
+            part = {"type": "summary_text", "text": ""}
+            return [added, ("response.reasoning_summary_part.added", {**where, "summary_index": 0, "part": part})]
+        if item.kind in ("message", "refusal"):
+            part = {"type": "output_text", "text": "", "annotations": []} if item.kind == "message" else {
+                "type": "refusal", "refusal": ""}  # fmt: skip
+            return [added, ("response.content_part.added", {**where, "content_index": 0, "part": part})]
+        return [added]
+
+    def _delta(self, item: _Item, text: str) -> tuple[str, dict[str, Any]]:
+        where = {"item_id": item.id, "output_index": item.index}
+        if item.kind == "reasoning":
+            return "response.reasoning_summary_text.delta", {**where, "summary_index": 0, "delta": text}
+        if item.kind == "message":
+            return "response.output_text.delta", {**where, "content_index": 0, "delta": text, "logprobs": []}
+        if item.kind == "refusal":
+            return "response.refusal.delta", {**where, "content_index": 0, "delta": text}
+        return "response.function_call_arguments.delta", {**where, "delta": text}
+
+    def _call_delta(self, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        index = data.get("index", 0)
+        out: list[tuple[str, dict[str, Any]]] = []
+        call = self._calls.get(index)
+        if call is None:
+            out = self._close(self._open)
+            call = self._calls[index] = self._add("function_call", str(data.get("id", "")), str(data.get("name", "")))
+            self._open = call
+            out += self._opening(call)
+        fragment = str(data.get("arguments", ""))
+        call.text.append(fragment)
+        return out + ([self._delta(call, fragment)] if fragment else [])
+
+    def _close(self, item: _Item | None) -> list[tuple[str, dict[str, Any]]]:
+        if item is None or item.id in self._closed:
+            return []
+        if self._open is item:
+            self._open = None
+        where = {"item_id": item.id, "output_index": item.index}
+        text = "".join(item.text)
+        whole = self._whole(item)
+        part: dict[str, Any]
+        if item.kind == "function_call":
+            self._calls = {k: c for k, c in self._calls.items() if c is not item}
+            out = [("response.function_call_arguments.done", {**where, "arguments": text or "{}"})]
+        elif item.kind == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out = [("response.reasoning_summary_text.done", {**where, "summary_index": 0, "text": text}),
+                   ("response.reasoning_summary_part.done", {**where, "summary_index": 0, "part": part})]  # fmt: skip
+        elif item.kind == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out = [("response.output_text.done", {**where, "content_index": 0, "text": text, "logprobs": []}),
+                   ("response.content_part.done", {**where, "content_index": 0, "part": part})]  # fmt: skip
+        else:
+            part = {"type": "refusal", "refusal": text}
+            out = [("response.refusal.done", {**where, "content_index": 0, "refusal": text}),
+                   ("response.content_part.done", {**where, "content_index": 0, "part": part})]  # fmt: skip
+        self._closed.add(item.id)
+        return [*out, ("response.output_item.done", {"output_index": item.index, "item": whole})]
+
+    def _whole(self, item: _Item, status: str = "completed") -> dict[str, Any]:
+        text = "".join(item.text) if status == "completed" else ""
+        if item.kind == "reasoning":
+            return {
+                "type": "reasoning",
+                "id": item.id,
+                "summary": [{"type": "summary_text", "text": text}] if text else [],
+            }
+        if item.kind == "function_call":
+            return {"type": "function_call", "id": item.id, "call_id": item.call_id, "name": item.name,
+                    "arguments": text or ("{}" if status == "completed" else ""), "status": status}  # fmt: skip
+        part = {"type": "output_text", "text": text, "annotations": []} if item.kind == "message" else {
+            "type": "refusal", "refusal": text}  # fmt: skip
+        return {"type": "message", "id": item.id, "status": status, "role": "assistant",
+                "content": [part] if status == "completed" else []}  # fmt: skip
+
+
+# -- the routes -------------------------------------------------------------------------------------------------------
+
+
+class _Nowhere:
+    async def write(self, data: bytes) -> None:
+        pass
+
+
+_STREAM_HEADERS = {"Content-Type": "text/event-stream"}
+
+
+@routes.post("/v1/responses")
+async def create_response(request: web.Request) -> web.StreamResponse:
+    request[OPENAI_ERRORS] = True
+    settings = request.app[SETTINGS]
+    seen: dict[str, Any] = {}
+
+    def translate(body: Any) -> Any:
+        seen.update(body if isinstance(body, dict) else {})
+        return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
+
+    job, principal = await start_generation(request, translate)
+    # The model as every node names it: from what the generation keeps.
+    rid, model, background = response_id(job.id), f"{job.provider}/{job.model}", bool(seen.get("background"))
+    headers = {"X-Generation-Id": job.id}
+    if seen.get("stream"):
+        events = _Events(rid, job.created_at, model, background=background)
+        return await stream_channel(request, job.channel, "0", principal, transcoder=events, headers=headers)
+    if background:
+        queued = _response(rid, job.created_at, model, "queued", [], background=True)
+        return web.json_response(queued, headers=headers, dumps=_dumps)
+    events = _Events(rid, job.created_at, model)
+    await stream_channel(request, job.channel, "0", principal, transcoder=events, into=_Nowhere())
+    if events.final is None:
+        raise ApiError(503, "unavailable", "the response could not be followed to its end; read it by its id")
+    return web.json_response(events.final, headers=headers, dumps=_dumps)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _starting_after(request: web.Request) -> int:
+    raw = request.query.get("starting_after", "-1")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_params", "starting_after must be an integer (a sequence_number)") from None
+    return max(-1, value)
+
+
+@routes.get("/v1/responses/{id}")
+async def get_response(request: web.Request) -> web.StreamResponse:
+    request[OPENAI_ERRORS] = True
+    record = await reachable_record(request, _generation_id(request.match_info["id"]), "subscribe", "publish")
+    if request.query.get("stream") == "true":
+        principal = request.app[AUTH].authenticate(request)
+        rid = response_id(record.id)
+        events = _Events(rid, record.created_at, f"{record.provider}/{record.model}", _starting_after(request))
+        # From the channel's start, whatever N: every node numbers the events the same way.
+        return await stream_channel(request, record.channel, "0", principal, transcoder=events, check_owner=True)
+    return web.json_response(_from_record(record), dumps=_dumps)
+
+
+@routes.post("/v1/responses/{id}/cancel")
+async def cancel_response(request: web.Request) -> web.Response:
+    request[OPENAI_ERRORS] = True
+    record = await reachable_record(request, _generation_id(request.match_info["id"]), "publish")
+    if record.status not in TERMINAL_STATUSES:
+        await request.app[JOBS].request_cancel(record.id)
+    return web.json_response(_from_record(record), dumps=_dumps)

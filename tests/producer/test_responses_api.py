@@ -1,0 +1,98 @@
+"""`POST /v1/responses` and `GET /v1/responses/{id}` on a hub with its embedded worker: the Responses API's request in,
+its events out, numbered from the channel alone. The official SDK, three nodes and a killed one:
+tests/scaleout/test_openai_sdk.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from producer.settings import ProducerSettings, ProviderKeys
+from ssecore.backend_memory import MemoryBackend
+from tests.conftest import ClientFactory
+from tests.producer.agent_turns import WEATHER
+from tests.producer.fake_providers import TEST_API_KEY, FakeProviders
+
+Client = TestClient[Any, Any]
+TOOL: dict[str, Any] = {"type": "function", **WEATHER["function"]}  # type: ignore[dict-item]  # the flat form
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeProviders]:
+    async with FakeProviders() as server:
+        yield server
+
+
+@pytest.fixture
+async def hub(make_client: ClientFactory, fake: FakeProviders) -> Client:
+    keys = ProviderKeys(openai_api_key=TEST_API_KEY, openai_base_url=fake.base_url("openai"))
+    return await make_client(
+        MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=0),
+        provider_keys=keys,
+    )
+
+
+async def events(hub: Client, body: dict[str, Any]) -> list[dict[str, Any]]:
+    resp = await hub.post("/v1/responses", json={**body, "stream": True})
+    raw = (await resp.read()).decode()
+    assert resp.status == 200, raw
+    return [orjson.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+
+
+async def test_a_tool_call_with_reasoning_is_items_in_order_then_the_result_goes_back_as_items(
+    hub: Client, fake: FakeProviders
+) -> None:
+    evs = await events(hub, {"model": "openai/tool", "input": "Weather in Paris?", "tools": [TOOL]})
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    kinds = [e["type"] for e in evs]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    added = [e["item"]["type"] for e in evs if e["type"] == "response.output_item.added"]
+    assert added == ["reasoning", "message", "function_call"]
+    (done,) = [e for e in evs if e["type"] == "response.function_call_arguments.done"]
+    assert orjson.loads(done["arguments"]) == {"city": "Paris"} and done["output_index"] == 2
+    output = evs[-1]["response"]["output"]
+    call = output[2]
+    assert (call["type"], call["call_id"], call["name"]) == ("function_call", "call_fake_0", "get_weather")
+    assert output[0]["summary"][0]["text"] == "Weather needed." and output[1]["content"][0]["text"] == "Checking."
+    # The next turn, in the Responses API's own items: the call, then its output.
+    turn = ["Weather in Paris?", call, {"type": "function_call_output", "call_id": call["call_id"], "output": "21C"}]
+    body = {"model": "openai/tool", "input": [{"role": "user", "content": turn[0]}, *turn[1:]], "tools": [TOOL]}
+    evs = await events(hub, body)
+    assert evs[-1]["response"]["output"][0]["content"][0]["text"] == "It is sunny."
+    sent = fake.requests[-1].body["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == "call_fake_0" and sent[2] == {
+        "role": "tool", "tool_call_id": "call_fake_0", "content": "21C"}  # fmt: skip
+
+
+async def test_a_stream_from_any_sequence_number_is_exactly_what_follows_it(hub: Client) -> None:
+    whole = await events(hub, {"model": "demo/demo:6", "input": "hi"})
+    rid = whole[0]["response"]["id"]
+    for n in (-1, 0, 3, len(whole) - 2):
+        resp = await hub.get(f"/v1/responses/{rid}", params={"stream": "true", "starting_after": str(n)})
+        raw = (await resp.read()).decode()
+        got = [orjson.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+        assert got == whole[n + 1 :]
+    record = await (await hub.get(f"/v1/responses/{rid}")).json()
+    assert record["status"] == "completed" and record["output"][0]["content"][0]["text"]
+
+
+async def test_a_failed_generation_is_a_failed_response_and_errors_take_openais_shape(hub: Client) -> None:
+    evs = await events(hub, {"model": "openai/stream-error", "input": "hi"})
+    assert evs[-1]["type"] == "response.failed" and evs[-1]["response"]["error"]["code"] == "server_error"
+    resp = await hub.post("/v1/responses", json={"model": "demo/demo", "input": "hi", "previous_response_id": "r"})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["code"] == "unsupported" and "previous_response_id" in error["message"]
+    resp = await hub.get("/v1/responses/resp_nope")
+    assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found_error"
+
+
+async def test_a_cut_answer_is_an_incomplete_response(hub: Client) -> None:
+    evs = await events(hub, {"model": "demo/demo:50", "input": "hi", "max_output_tokens": 3})
+    final = evs[-1]
+    assert final["type"] == "response.incomplete" and final["response"]["status"] == "incomplete"
+    assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
