@@ -9,20 +9,24 @@ otherwise the whole `chat.completion`, once the generation has ended. Errors tak
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from ssecore.backend import BackendError
+from ssecore.jobs import Job
 from ssecore.sse import SSEEvent
 
-from .appkeys import PROVIDERS, SETTINGS
+from .appkeys import JOBS, PROVIDERS, SETTINGS
+from .auth import Principal
 from .errors import OPENAI_ERRORS, ApiError
 from .generations import start_generation
 from .stream import stream_channel
 
-__all__ = ["provider_model", "routes"]
+__all__ = ["count", "event_data", "provider_model", "routes", "text_of"]
 
 routes = web.RouteTableDef()
 
@@ -47,17 +51,44 @@ def provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[
 
 def _message(m: Any) -> Any:
     """A message as the SDK sends it back: the fields it adds with null values go, `reasoning_content` (DeepSeek's
-    name, which this endpoint streams) is the request's `reasoning`."""
+    name, which this endpoint streams) is the request's `reasoning`, and the stream helper's own fields on its calls
+    (`index`, `parsed_arguments`) go."""
     if not isinstance(m, dict) or m.get("role") != "assistant":
         return m
     out = {k: v for k, v in m.items() if not (v is None and k != "content") and k not in _ASSISTANT_EXTRAS}
     if "reasoning_content" in out:
         out.setdefault("reasoning", out.pop("reasoning_content"))
+    if isinstance(out.get("tool_calls"), list):
+        out["tool_calls"] = [_call(c) for c in out["tool_calls"]]
     return out
 
 
+def _call(call: Any) -> Any:
+    if not isinstance(call, dict):
+        return call
+    call = {k: v for k, v in call.items() if k != "index"}
+    function = call.get("function")
+    if isinstance(function, dict) and "parsed_arguments" in function:
+        call["function"] = {k: v for k, v in function.items() if k != "parsed_arguments"}
+    return call
+
+
+def event_data(event: SSEEvent) -> dict[str, Any]:
+    """An event's JSON object; {} for anything else (a channel may hold what someone published after deleting it)."""
+    try:
+        data = orjson.loads(event.data)
+    except orjson.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def text_of(data: Mapping[str, Any], key: str = "text") -> str:
+    value = data.get(key, "")
+    return value if isinstance(value, str) else ""
+
+
 def _check_n(body: Mapping[str, Any]) -> None:
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "unsupported", "n: one choice per request")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -86,27 +117,36 @@ def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, 
     return job
 
 
-def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
-    usage = usage or {}
-    prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+def count(usage: Mapping[str, Any], key: str) -> int:
+    value = usage.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _usage(usage: Any) -> dict[str, Any]:
+    usage = usage if isinstance(usage, dict) else {}
+    prompt, completion = count(usage, "input_tokens"), count(usage, "output_tokens")
     out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
     if usage.get("reasoning_tokens") is not None:
-        out["completion_tokens_details"] = {"reasoning_tokens": usage["reasoning_tokens"]}
+        out["completion_tokens_details"] = {"reasoning_tokens": count(usage, "reasoning_tokens")}
     if usage.get("cached_input_tokens") is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": usage["cached_input_tokens"]}
+        out["prompt_tokens_details"] = {"cached_tokens": count(usage, "cached_input_tokens")}
     return out
 
 
 def _error(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {"error": {"message": data.get("message", "the generation failed"), "type": "server_error",
-                      "param": None, "code": data.get("code")}}  # fmt: skip
+    message, code = text_of(data, "message") or "the generation failed", text_of(data, "code") or None
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
 
 _RESTARTED = {"code": "restarted", "message": "the generation was restarted after a worker failed; ask again"}
+_CUT = {
+    "code": "interrupted",
+    "message": "the stream ended before the generation did; follow it by its X-Generation-Id",
+}
 
 
 class _Chunks:
@@ -125,15 +165,15 @@ class _Chunks:
         if self._over:
             return b""
         kind = event.event
-        data = orjson.loads(event.data) if event.data.startswith("{") else {}
+        data = event_data(event)
         if kind == "start":
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "token":
-            return self._chunk({"content": data.get("text", "")})
+            return self._chunk({"content": text_of(data)})
         if kind == "reasoning":
-            return self._chunk({"reasoning_content": data.get("text", "")})
+            return self._chunk({"reasoning_content": text_of(data)})
         if kind == "refusal":
-            return self._chunk({"refusal": data.get("text", "")})
+            return self._chunk({"refusal": text_of(data)})
         if kind == "tool_call_delta":
             return self._chunk({"tool_calls": [_tool_call_delta(data)]})
         if kind == "done":
@@ -144,9 +184,15 @@ class _Chunks:
             return b"data: " + orjson.dumps(_error(data if kind == "error" else _RESTARTED)) + b"\n\n"
         return b""  # tool_call (its deltas said it all), and events of the channel's own
 
+    def cut(self) -> bytes:
+        if self._over:
+            return b""
+        self._over = True
+        return b"data: " + orjson.dumps(_error(_CUT)) + b"\n\n"
+
     def _done(self, data: Mapping[str, Any]) -> bytes:
         self._over = True
-        reason = str(data.get("finish_reason") or "stop")
+        reason = text_of(data, "finish_reason") or "stop"
         out = self._chunk({}, _FINISH.get(reason, reason))
         if self._include_usage:
             out += b"data: " + orjson.dumps({**self._head, "choices": [], "usage": _usage(data.get("usage"))}) + b"\n\n"
@@ -154,12 +200,12 @@ class _Chunks:
 
 
 def _tool_call_delta(data: Mapping[str, Any]) -> dict[str, Any]:
-    function: dict[str, Any] = {"arguments": data.get("arguments", "")}
-    call: dict[str, Any] = {"index": data.get("index", 0)}
+    function: dict[str, Any] = {"arguments": text_of(data, "arguments")}
+    call: dict[str, Any] = {"index": count(data, "index")}
     if "id" in data:
-        call["id"], call["type"] = data["id"], "function"
+        call["id"], call["type"] = text_of(data, "id"), "function"
     if "name" in data:
-        function["name"] = data["name"]
+        function["name"] = text_of(data, "name")
     call["function"] = function
     return call
 
@@ -177,6 +223,9 @@ class _Collected:
             self.terminal = None  # a restarted generation: its answer is the one that follows
         return b""
 
+    def cut(self) -> bytes:
+        return b""
+
 
 class _Nowhere:
     async def write(self, data: bytes) -> None:
@@ -188,7 +237,7 @@ def _completion(head: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, A
     if "reasoning" in message:
         message["reasoning_content"] = message.pop("reasoning")
     message.setdefault("refusal", None)
-    reason = str(done.get("finish_reason") or "stop")
+    reason = text_of(done, "finish_reason") or "stop"
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _FINISH.get(reason, reason)}
     return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(done.get("usage"))}
 
@@ -204,20 +253,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
 
     job, principal = await start_generation(request, translate)
-    completion_id, created, model = f"chatcmpl-{job.id}", int(job.created_at), str(body_seen.get("model"))
+    try:
+        return await _answer(request, job, principal, body_seen)
+    except BaseException:
+        # Nothing reached the caller (a limit, the store, a failed generation): an SDK retries such answers, and each
+        # retry would be a generation of its own. This one is not left running for nobody.
+        with contextlib.suppress(BackendError):
+            await request.app[JOBS].request_cancel(job.id)
+        raise
+
+
+async def _answer(request: web.Request, job: Job, principal: Principal, body: Mapping[str, Any]) -> web.StreamResponse:
+    completion_id, created, model = f"chatcmpl-{job.id}", int(job.created_at), str(body.get("model"))
     headers = {"X-Generation-Id": job.id}
-    if body_seen.get("stream"):
-        include_usage = bool((body_seen.get("stream_options") or {}).get("include_usage"))
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         chunks = _Chunks(completion_id, created, model, include_usage)
-        resp = await stream_channel(request, job.channel, "0", principal, transcoder=chunks, headers=headers)
-        return resp
+        return await stream_channel(request, job.channel, "0", principal, transcoder=chunks, headers=headers)
     collected = _Collected()
     await stream_channel(request, job.channel, "0", principal, transcoder=collected, into=_Nowhere())
     head = {"id": completion_id, "created": created, "model": model}
     terminal = collected.terminal
     if terminal is None:
         raise ApiError(503, "unavailable", "the generation could not be followed to its end; read it by its id")
-    data = orjson.loads(terminal.data)
+    data = event_data(terminal)
     if terminal.event == "error":
-        raise ApiError(502, str(data.get("code") or "provider_error"), str(data.get("message") or "failed"))
+        code = text_of(data, "code") or "provider_error"
+        # The provider's refusal of the request is the caller's to fix (400); a failure of its own, a 502.
+        status = 400 if code == "bad_request" else 502
+        raise ApiError(status, code, text_of(data, "message") or "the generation failed")
     return web.json_response(_completion(head, data), headers=headers, dumps=lambda o: orjson.dumps(o).decode())

@@ -12,6 +12,7 @@ refusal part; `tool_call_delta`/`tool_call` to a `function_call` item's argument
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +20,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ssecore.jobs import TERMINAL_STATUSES, GenerationRecord
+from ssecore.backend import BackendError
+from ssecore.jobs import TERMINAL_STATUSES, GenerationRecord, Job
 from ssecore.sse import SSEEvent
 
 from .appkeys import AUTH, JOBS, PROVIDERS, SETTINGS
-from .chat_completions import provider_model
+from .auth import Principal
+from .chat_completions import count, event_data, provider_model, text_of
 from .errors import OPENAI_ERRORS, ApiError
 from .generations import reachable_record, start_generation
+from .operations import refuse_when_draining
 from .stream import stream_channel
 
 __all__ = ["routes"]
@@ -149,21 +153,24 @@ def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, 
     params = {"max_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature")}
     params["top_p"] = body.get("top_p")
     job["params"] = {k: v for k, v in params.items() if v is not None}
+    if body.get("background") is True:
+        job["cancel_if_unwatched_s"] = None  # nobody watches a background response: that is the point of it
     return job
 
 
 # -- the response object ----------------------------------------------------------------------------------------------
 
 
-def _usage(usage: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not usage:
+def _usage(usage: Any) -> dict[str, Any] | None:
+    if usage is None:
         return None
-    i, o = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+    usage = usage if isinstance(usage, dict) else {}
+    i, o = count(usage, "input_tokens"), count(usage, "output_tokens")
     return {
         "input_tokens": i,
-        "input_tokens_details": {"cached_tokens": usage.get("cached_input_tokens") or 0},
+        "input_tokens_details": {"cached_tokens": count(usage, "cached_input_tokens")},
         "output_tokens": o,
-        "output_tokens_details": {"reasoning_tokens": usage.get("reasoning_tokens") or 0},
+        "output_tokens_details": {"reasoning_tokens": count(usage, "reasoning_tokens")},
         "total_tokens": i + o,
     }
 
@@ -267,7 +274,7 @@ class _Events:
     def encode(self, event: SSEEvent) -> bytes:
         if self._over:
             return b""
-        data = orjson.loads(event.data) if event.data.startswith("{") else {}
+        data = event_data(event)
         out: list[bytes] = []
         for kind, body in self._map(event.event, data):
             seq, self._seq = self._seq, self._seq + 1
@@ -288,32 +295,56 @@ class _Events:
             item_kind = {"reasoning": "reasoning", "token": "message", "refusal": "refusal"}[kind]
             out = self._switch(item_kind)
             assert self._open is not None
-            self._open.text.append(data.get("text", ""))
-            return out + [self._delta(self._open, data.get("text", ""))]
+            self._open.text.append(text_of(data))
+            return out + [self._delta(self._open, text_of(data))]
         if kind == "tool_call_delta":
             return self._call_delta(data)
         if kind == "tool_call":
-            call = self._calls.get(data.get("index", -1))
-            return self._close(call) if call is not None else []
+            call = self._calls.get(count(data, "index"))
+            if call is None:
+                return []
+            call.call_id, call.name = text_of(data, "id") or call.call_id, text_of(data, "name") or call.name
+            call.text = [text_of(data, "arguments")] if "arguments" in data else call.text
+            return self._close(call)
         if kind == "done":
-            out = self._close(self._open)
-            out += [e for c in list(self._calls.values()) for e in self._close(c)]
-            self._over = True
-            reason = data.get("finish_reason")
-            usage = data.get("usage")
-            if reason in ("cancelled", "unwatched") or reason in _INCOMPLETE:
-                status = "cancelled" if reason in ("cancelled", "unwatched") else "incomplete"
-                why = _INCOMPLETE.get(reason, reason)
-                self.final = self._response(status, usage=usage, incomplete=why)
-                return out + [("response.incomplete", {"response": self.final})]
-            self.final = self._response("completed", usage=usage)
-            return out + [("response.completed", {"response": self.final})]
-        if kind in ("error", "reset"):
-            self._over = True
-            error = data if kind == "error" else {"code": "restarted", "message": "the generation was restarted"}
-            self.final = self._response("failed", error={"code": error.get("code"), "message": error.get("message")})
-            return [("response.failed", {"response": self.final})]
+            return self._end(data)
+        if kind == "error":
+            return self._failed(text_of(data, "code") or "provider_error", text_of(data, "message"))
+        if kind == "reset":
+            reason = text_of(data, "reason")
+            if reason == "restarted":
+                return self._failed("restarted", "the generation was restarted after its worker failed")
+            # The hub's own: the channel no longer holds the response whole (trimmed, expired, deleted).
+            return self._failed(reason or "reset", "the response's events are no longer kept whole; read it whole")
         return []
+
+    def cut(self) -> bytes:
+        """The stream ends before the response did (the node drains, the token expired): say so, as a failure."""
+        if self._over:
+            return b""
+        message = "the stream ended before the response did; read it again from its last sequence_number"
+        return self.encode(
+            SSEEvent(data=orjson.dumps({"code": "interrupted", "message": message}).decode(), event="error")
+        )
+
+    def _end(self, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        out = self._close(self._open)
+        out += [e for c in list(self._calls.values()) for e in self._close(c)]
+        self._over = True
+        reason, usage = text_of(data, "finish_reason"), data.get("usage")
+        if reason in ("cancelled", "unwatched"):
+            self.final = self._response("cancelled", usage=usage)
+            return out + [("response.incomplete", {"response": self.final})]
+        if reason in _INCOMPLETE:
+            self.final = self._response("incomplete", usage=usage, incomplete=_INCOMPLETE[reason])
+            return out + [("response.incomplete", {"response": self.final})]
+        self.final = self._response("completed", usage=usage)
+        return out + [("response.completed", {"response": self.final})]
+
+    def _failed(self, code: str, message: str) -> list[tuple[str, dict[str, Any]]]:
+        self._over = True
+        self.final = self._response("failed", error={"code": code, "message": message or "the generation failed"})
+        return [("response.failed", {"response": self.final})]
 
     def _switch(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         if self._open is not None and self._open.kind == kind:
@@ -354,15 +385,18 @@ class _Events:
         return "response.function_call_arguments.delta", {**where, "delta": text}
 
     def _call_delta(self, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        index = data.get("index", 0)
+        index = count(data, "index")
         out: list[tuple[str, dict[str, Any]]] = []
         call = self._calls.get(index)
         if call is None:
+            # Text or reasoning before it is complete; other calls stay open until their own tool_call (a provider
+            # may send several at once).
             out = self._close(self._open)
-            call = self._calls[index] = self._add("function_call", str(data.get("id", "")), str(data.get("name", "")))
-            self._open = call
+            call = self._calls[index] = self._add("function_call", text_of(data, "id"), text_of(data, "name"))
             out += self._opening(call)
-        fragment = str(data.get("arguments", ""))
+        elif not call.name:
+            call.name = text_of(data, "name")  # a server that names a call after its first fragment
+        fragment = text_of(data, "arguments")
         call.text.append(fragment)
         return out + ([self._delta(call, fragment)] if fragment else [])
 
@@ -376,7 +410,6 @@ class _Events:
         whole = self._whole(item)
         part: dict[str, Any]
         if item.kind == "function_call":
-            self._calls = {k: c for k, c in self._calls.items() if c is not item}
             out = [("response.function_call_arguments.done", {**where, "arguments": text or "{}"})]
         elif item.kind == "reasoning":
             part = {"type": "summary_text", "text": text}
@@ -432,10 +465,20 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
 
     job, principal = await start_generation(request, translate)
+    try:
+        return await _answer(request, job, principal, seen)
+    except BaseException:
+        # Nothing reached the caller: an SDK retries such answers, and each retry would be a response of its own.
+        with contextlib.suppress(BackendError):
+            await request.app[JOBS].request_cancel(job.id)
+        raise
+
+
+async def _answer(request: web.Request, job: Job, principal: Principal, seen: Mapping[str, Any]) -> web.StreamResponse:
     # The model as every node names it: from what the generation keeps.
-    rid, model, background = response_id(job.id), f"{job.provider}/{job.model}", bool(seen.get("background"))
+    rid, model, background = response_id(job.id), f"{job.provider}/{job.model}", seen.get("background") is True
     headers = {"X-Generation-Id": job.id}
-    if seen.get("stream"):
+    if seen.get("stream") is True:
         events = _Events(rid, job.created_at, model, background=background)
         return await stream_channel(request, job.channel, "0", principal, transcoder=events, headers=headers)
     if background:
@@ -464,6 +507,7 @@ def _starting_after(request: web.Request) -> int:
 @routes.get("/v1/responses/{id}")
 async def get_response(request: web.Request) -> web.StreamResponse:
     request[OPENAI_ERRORS] = True
+    refuse_when_draining(request)
     record = await reachable_record(request, _generation_id(request.match_info["id"]), "subscribe", "publish")
     if request.query.get("stream") == "true":
         principal = request.app[AUTH].authenticate(request)

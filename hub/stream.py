@@ -5,6 +5,7 @@ streams (`stream_channel`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Mapping
@@ -102,6 +103,11 @@ class Transcoder(Protocol):
 
     def encode(self, event: SSEEvent) -> bytes: ...
 
+    def cut(self) -> bytes:
+        """What ends the stream in that format when it ends before the channel did (the token expired, the node is
+        draining): those clients do not reconnect, so it must say so rather than stop; b"" once the channel ended."""
+        ...
+
 
 class _Transcoding:
     """Where a stream's native SSE goes when another format is wanted: each event re-encoded by the transcoder;
@@ -113,7 +119,14 @@ class _Transcoding:
         self._out, self._transcoder, self._parser = out, transcoder, SSEParser()
 
     async def write(self, data: bytes) -> None:
-        encoded = b"".join(self._transcoder.encode(e) for e in self._parser.feed(data))
+        try:
+            encoded = b"".join(self._transcoder.encode(e) for e in self._parser.feed(data))
+        except (ValueError, TypeError, KeyError) as e:
+            # A channel event the format cannot read (someone published on a generation's deleted channel): end
+            # the stream as cut, not with a traceback.
+            log.warning("cannot re-encode an event: %s", e)
+            await self._out.write(self._transcoder.cut())
+            raise ConnectionResetError("unreadable event") from None
         if encoded:
             await self._out.write(encoded)
         elif data.startswith(b":"):
@@ -170,7 +183,9 @@ async def stream_channel(
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     sub.provisional = provisional
     sub.native = out is resp
-    release = _Release(fanout, sub, _schedule_end(sub, seconds_left(principal), settings), limits, client)
+    # Another API's clients do not reconnect: no age-out ends their streams.
+    end = _schedule_end(sub, seconds_left(principal), settings, age_out=transcoder is None)
+    release = _Release(fanout, sub, end, limits, client)
     handed_over = False
     try:
         fanout.register(sub)
@@ -181,17 +196,11 @@ async def stream_channel(
         # way this response's body is (chunked for HTTP/1.1, raw for HTTP/1.0; never compressed).
         sub.chunked = resp.headers.get("Transfer-Encoding") == "chunked"
         await out.write(preamble)
-        if await _catch_up(request, out, sub, position, first):
-            # Write what the catch-up queued, then hand the live stream over to a minimal protocol (hub.handover):
-            # checked and done synchronously, so nothing can be pushed in between. Only a native stream: the
-            # hand-over writes the fan-out's own bytes.
-            while (chunk := sub.take_pending()) is not None:
-                await out.write(chunk)
-            if out is resp and not sub.ended and hand_over(request, sub, release):
-                handed_over = True
-                return resp
-            while (chunk := await sub.next_chunk()) is not None:
-                await out.write(chunk)
+        handed_over = await _follow(request, out, resp, sub, release, position, first)
+        if handed_over:
+            return resp
+        if transcoder is not None and not sub.cut and (ending := transcoder.cut()):
+            await out.write(ending)
     except ConnectionError:
         # The client went away (as early as before the headers were written: a reconnect storm does that), or
         # was cut off as a slow consumer; it resumes from its last id.
@@ -199,10 +208,37 @@ async def stream_channel(
     except BackendUnavailable as e:
         metrics.backend_errors.labels("history").inc()
         log.info("ending stream on %s: %s", channel, e)
+        if transcoder is not None:
+            with contextlib.suppress(ConnectionError):
+                await out.write(transcoder.cut())
     finally:
         if not handed_over:
             release()
     return resp
+
+
+async def _follow(
+    request: web.Request,
+    out: Writer,
+    resp: web.StreamResponse,
+    sub: Subscriber,
+    release: _Release,
+    position: str,
+    first: RangeResult | None,
+) -> bool:
+    """Catch up, then follow the live feed until the stream ends. True if it was handed over (then it lives on)."""
+    if not await _catch_up(request, out, sub, position, first):
+        return False
+    # Write what the catch-up queued, then hand the live stream over to a minimal protocol (hub.handover): checked and
+    # done synchronously, so nothing can be pushed in between. Only a native stream: the hand-over writes the fan-out's
+    # own bytes.
+    while (chunk := sub.take_pending()) is not None:
+        await out.write(chunk)
+    if out is resp and not sub.ended and hand_over(request, sub, release):
+        return True
+    while (chunk := await sub.next_chunk()) is not None:
+        await out.write(chunk)
+    return False
 
 
 @dataclass(slots=True, eq=False)
@@ -224,7 +260,9 @@ class _Release:
         self.limits.close_stream(self.client)
 
 
-def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSettings) -> asyncio.TimerHandle | None:
+def _schedule_end(
+    sub: Subscriber, token_left_s: float | None, settings: HubSettings, *, age_out: bool = True
+) -> asyncio.TimerHandle | None:
     """End the stream when its token expires (the client reconnects with a fresh one) or when it reaches the maximum
     connection age, whichever comes first.
 
@@ -233,7 +271,7 @@ def _schedule_end(sub: Subscriber, token_left_s: float | None, settings: HubSett
     load balancer lands where connections are fewest: that is how a node added by a scale-up gets its share.
     """
     loop = asyncio.get_running_loop()
-    age = settings.max_connection_age_s
+    age = settings.max_connection_age_s if age_out else 0
     if age > 0:
         age_s = age * random.uniform(0.8, 1.0)
         if token_left_s is None or age_s < token_left_s:

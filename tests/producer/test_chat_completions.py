@@ -4,6 +4,7 @@ against three nodes behind nginx in tests/scaleout/test_openai_sdk.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from hub.appkeys import JOBS
 from producer.settings import ProducerSettings, ProviderKeys
 from ssecore.backend_memory import MemoryBackend
 from tests.conftest import ClientFactory
@@ -119,3 +121,38 @@ async def test_a_failure_inside_the_stream_is_an_error_chunk_not_a_quiet_end(hub
     chunks, _ = await post(hub, {"model": "openai/stream-error", "messages": HI, "stream": True})
     assert "[DONE]" not in chunks and chunks[-1]["error"]["code"] == "server_error"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c.get("choices")) == "Hello,"
+
+
+async def test_the_stream_helpers_message_goes_back_too(hub: Client) -> None:
+    """The SDK's `chat.completions.stream()` helper adds `index` and `parsed_arguments` to the calls it returns."""
+    first, _ = await post(hub, {"model": "openai/tool", "messages": HI, "tools": [WEATHER]})
+    said = first["choices"][0]["message"]
+    helper = {**said, "tool_calls": [{**c, "index": 0, "function": {**c["function"], "parsed_arguments": None}}
+                                     for c in said["tool_calls"]]}  # fmt: skip
+    result = {"role": "tool", "tool_call_id": said["tool_calls"][0]["id"], "content": "sunny"}
+    second, _ = await post(hub, {"model": "openai/tool", "messages": [*HI, helper, result], "tools": [WEATHER]})
+    assert second["choices"][0]["message"]["content"] == "It is sunny."
+
+
+async def test_a_request_refused_after_its_generation_was_queued_leaves_none_running(
+    make_client: ClientFactory,
+) -> None:
+    """An SDK retries a 429: each retry must not leave a generation behind for nobody."""
+    hub = await make_client(
+        MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=20),
+        max_streams_per_client=1,
+    )
+    held = await hub.get("/v1/channels/busy/events")  # the client's one stream
+    try:
+        answer, _ = await post(hub, {"model": "demo/demo:200", "messages": HI}, 429)
+    finally:
+        held.close()
+    assert answer["error"]["type"] == "rate_limit_error"
+    jobs = hub.app[JOBS]
+    for _ in range(100):
+        records = [await jobs.get(g) for g in list(jobs._records)]
+        if all(r is not None and r.status == "cancelled" for r in records):
+            break
+        await asyncio.sleep(0.05)
+    assert [r.status for r in records if r is not None] == ["cancelled"]

@@ -4,6 +4,7 @@ tests/scaleout/test_openai_sdk.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,3 +97,75 @@ async def test_a_cut_answer_is_an_incomplete_response(hub: Client) -> None:
     final = evs[-1]
     assert final["type"] == "response.incomplete" and final["response"]["status"] == "incomplete"
     assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def _feed(events: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    from hub.responses_api import _Events
+    from ssecore.sse import SSEEvent
+
+    encoder = _Events("resp_" + "0" * 24, 0, "openai/m")
+    raw = b"".join(
+        encoder.encode(SSEEvent(d if isinstance(d, str) else orjson.dumps(d).decode(), e)) for e, d in events
+    )
+    return [orjson.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+
+
+def test_calls_streamed_at_once_stay_whole_items() -> None:
+    """Several calls may be open at once (the channel's contract): each stays one item until its own tool_call."""
+    out = _feed(
+        [
+            ("start", {}),
+            ("tool_call_delta", {"index": 0, "id": "a", "name": "f", "arguments": '{"x"'}),
+            ("tool_call_delta", {"index": 1, "id": "b", "arguments": '{"y"'}),
+            ("tool_call_delta", {"index": 1, "name": "g", "arguments": ":2}"}),  # named after its first fragment
+            ("tool_call_delta", {"index": 0, "arguments": ":1}"}),
+            ("tool_call", {"index": 0, "id": "a", "name": "f", "arguments": '{"x":1}'}),
+            ("tool_call", {"index": 1, "id": "b", "name": "g", "arguments": '{"y":2}'}),
+            ("done", {"finish_reason": "tool_calls", "usage": {"input_tokens": 1, "output_tokens": 2}}),
+        ]
+    )
+    calls = [(i["call_id"], i["name"], i["arguments"]) for i in out[-1]["response"]["output"]]
+    assert calls == [("a", "f", '{"x":1}'), ("b", "g", '{"y":2}')]
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+
+
+def test_events_that_are_not_what_a_generation_writes_do_not_break_the_stream() -> None:
+    out = _feed(
+        [("start", {}), ("token", "{not json"), ("token", {"text": 5}), ("token", [1]), ("done", {"usage": "x"})]
+    )
+    assert out[-1]["type"] == "response.completed" and out[-1]["response"]["usage"]["input_tokens"] == 0
+
+
+def test_a_trimmed_channel_is_told_as_such_not_as_a_restart() -> None:
+    out = _feed([("reset", {"reason": "trimmed"})])
+    assert out[-1]["type"] == "response.failed" and out[-1]["response"]["error"]["code"] == "trimmed"
+
+
+async def test_a_background_response_is_not_cancelled_for_going_unwatched(
+    make_client: ClientFactory, fake: FakeProviders
+) -> None:
+    hub = await make_client(
+        MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=20),
+        cancel_if_unwatched_s=1,
+    )
+    queued = await (
+        await hub.post("/v1/responses", json={"model": "demo/demo:50", "input": "hi", "background": True})
+    ).json()
+    for _ in range(100):
+        record = await (await hub.get(f"/v1/responses/{queued['id']}")).json()
+        if record["status"] not in ("queued", "in_progress"):
+            break
+        await asyncio.sleep(0.1)
+    assert record["status"] == "completed", record
+
+
+async def test_a_stream_that_ends_before_the_response_says_so(make_client: ClientFactory) -> None:
+    """Its clients do not reconnect: no age-out for them, and a cut they are told of."""
+    hub = await make_client(
+        MemoryBackend(history=10_000, ttl_s=3600),
+        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=40),
+        max_connection_age_s=1,
+    )
+    evs = await events(hub, {"model": "demo/demo:100", "input": "hi"})  # 2.5 s: past the age
+    assert evs[-1]["type"] == "response.completed"
