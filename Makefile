@@ -65,7 +65,12 @@ format: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
-test-only: install-dev system-deps
+# The JavaScript clients the tests run (the Vercel AI SDK), as tests/js/package-lock.json pins them.
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund --ignore-scripts
+	touch $@
+
+test-only: install-dev system-deps tests/js/node_modules/.installed
 	$(BIN)/pytest
 
 test: lint typecheck test-only

@@ -14,6 +14,9 @@ chat_completions
 create_response
 get_response
 cancel_response
+chat
+resume
+stop
 openapi
 index
 

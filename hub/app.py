@@ -17,6 +17,7 @@ from ssecore.provider_file import catalog, load_provider_file
 from ssecore.queue_memory import MemoryJobQueue
 from ssecore.queue_redis import DEFAULT_GROUP, RedisJobQueue
 
+from .ai_sdk import routes as ai_sdk_routes
 from .appkeys import AUTH, BACKEND, FANOUT, JOBS, LIMITS, METRICS, PRESENCE, PROVIDERS, SETTINGS, STATE, NodeState
 from .auth import Authenticator
 from .channels import routes as channel_routes
@@ -177,6 +178,7 @@ def create_app(
     app.add_routes(generation_routes)
     app.add_routes(chat_completions_routes)
     app.add_routes(responses_routes)
+    app.add_routes(ai_sdk_routes)
     app.add_routes(openapi_routes)
     app.add_routes(page_routes)
     return app

@@ -255,9 +255,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     job, principal = await start_generation(request, translate)
     try:
         return await _answer(request, job, principal, body_seen)
-    except BaseException:
-        # Nothing reached the caller (a limit, the store, a failed generation): an SDK retries such answers, and each
-        # retry would be a generation of its own. This one is not left running for nobody.
+    except (ApiError, BackendError):
+        # Refused after it was queued (a limit, the store, a failed generation): an SDK retries such answers, and each
+        # retry would be a generation of its own. This one is not left running for nobody. A client that goes away
+        # does not cancel: the generation goes on, and is read by its id.
         with contextlib.suppress(BackendError):
             await request.app[JOBS].request_cancel(job.id)
         raise

@@ -467,7 +467,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     job, principal = await start_generation(request, translate)
     try:
         return await _answer(request, job, principal, seen)
-    except BaseException:
+    except (ApiError, BackendError):
         # Nothing reached the caller: an SDK retries such answers, and each retry would be a response of its own.
         with contextlib.suppress(BackendError):
             await request.app[JOBS].request_cancel(job.id)

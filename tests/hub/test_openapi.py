@@ -35,7 +35,7 @@ HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "pa
 SUBSCRIBE = ("GET", "/v1/channels/{channel}/events")
 # Not fuzzed: each valid request follows a generation to its end (a provider's retries, a demo answer at the fixture's
 # slow pace) before it answers, far past a fuzzing budget. The scenario below calls it instead.
-UNFUZZED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/responses")})
+UNFUZZED = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("POST", "/v1/ai-sdk/chat")})
 
 CHECKS = [
     not_a_server_error,
@@ -253,6 +253,14 @@ def _scenario(api: Api) -> None:
     assert _json(api("GET", "/v1/responses/{id}", 200, path_parameters=response))["status"] == "completed"
     api("POST", "/v1/responses/{id}/cancel", 200, path_parameters=response)
     api("GET", "/v1/responses/{id}", 404, path_parameters={"id": "resp_" + "0" * 24})
+
+    # The Vercel AI SDK's chat: the UI message stream, then nothing left to resume, nothing to stop.
+    ui = [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}]
+    chat_stream = api("POST", "/v1/ai-sdk/chat", 200, body={"id": "c1", "messages": ui, "provider": "demo",
+                      "model": "demo:3"}, media_type="application/json")  # fmt: skip
+    assert chat_stream.content.rstrip().endswith(b"data: [DONE]")
+    api("GET", "/v1/ai-sdk/chat/{chatId}/stream", 204, path_parameters={"chatId": "c1"})
+    api("POST", "/v1/ai-sdk/chat/{chatId}/stop", 404, path_parameters={"chatId": "c1"})
 
     # A position the channel never had: a `reset` first, then the live stream.
     reset = api(
