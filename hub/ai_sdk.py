@@ -11,21 +11,20 @@ the connection never cancels; `stop` does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ssecore.backend import BackendError
 from ssecore.sse import SSEEvent
 
-from .appkeys import AUTH, BACKEND, JOBS, PROVIDERS, SETTINGS
+from .appkeys import AUTH, BACKEND, JOBS, SETTINGS
 from .channels import channel_ok
 from .chat_completions import count, event_data, provider_model, text_of
 from .errors import ApiError
-from .generations import reachable_record, start_generation
+from .generations import cancelled_if_refused, reachable_record, start_translated
 from .operations import refuse_when_draining
 from .ownership import reached_as
 from .stream import stream_channel
@@ -137,7 +136,7 @@ def _messages(ui: Any) -> Any:
     return out
 
 
-def _generation(body: Any, channel: str, kinds: Mapping[str, str], default: str) -> dict[str, Any]:
+def _generation(body: Any, kinds: Mapping[str, str], default: str, *, channel: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     unknown = set(body) - _FIELDS
@@ -281,22 +280,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     channel = _channel(peek.get("id") if isinstance(peek, dict) else None, settings.max_channel_len)
     await _clear_ended(request, channel)
 
-    def translate(body: Any) -> Any:
-        return _generation(body, channel, request.app[PROVIDERS].kinds, settings.default_provider)
-
     try:
-        job, principal = await start_generation(request, translate)
+        job, principal, _ = await start_translated(request, functools.partial(_generation, channel=channel))
     except ApiError as e:
         if e.code == "channel_exists":
             raise ApiError(409, "chat_busy", "an answer is still running in this chat: stop it, or wait") from None
         raise
     headers = {**HEADERS, "X-Generation-Id": job.id}
-    try:
+    async with cancelled_if_refused(request, job):
         return await stream_channel(request, job.channel, "0", principal, transcoder=_Chunks(), headers=headers)
-    except (ApiError, BackendError):
-        with contextlib.suppress(BackendError):
-            await request.app[JOBS].request_cancel(job.id)
-        raise
 
 
 @routes.get("/v1/ai-sdk/chat/{chatId}/stream")

@@ -9,21 +9,18 @@ otherwise the whole `chat.completion`, once the generation has ended. Errors tak
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ssecore.backend import BackendError
 from ssecore.jobs import Job
 from ssecore.sse import SSEEvent
 
-from .appkeys import JOBS, PROVIDERS, SETTINGS
 from .auth import Principal
 from .errors import OPENAI_ERRORS, ApiError
-from .generations import start_generation
+from .generations import cancelled_if_refused, start_translated
 from .stream import stream_channel
 
 __all__ = ["count", "event_data", "provider_model", "routes", "text_of"]
@@ -245,23 +242,9 @@ def _completion(head: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, A
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     request[OPENAI_ERRORS] = True
-    settings = request.app[SETTINGS]
-    body_seen: dict[str, Any] = {}
-
-    def translate(body: Any) -> Any:
-        body_seen.update(body if isinstance(body, dict) else {})
-        return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
-
-    job, principal = await start_generation(request, translate)
-    try:
-        return await _answer(request, job, principal, body_seen)
-    except (ApiError, BackendError):
-        # Refused after it was queued (a limit, the store, a failed generation): an SDK retries such answers, and each
-        # retry would be a generation of its own. This one is not left running for nobody. A client that goes away
-        # does not cancel: the generation goes on, and is read by its id.
-        with contextlib.suppress(BackendError):
-            await request.app[JOBS].request_cancel(job.id)
-        raise
+    job, principal, body = await start_translated(request, _generation)
+    async with cancelled_if_refused(request, job):
+        return await _answer(request, job, principal, body)
 
 
 async def _answer(request: web.Request, job: Job, principal: Principal, body: Mapping[str, Any]) -> web.StreamResponse:

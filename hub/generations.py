@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -30,7 +30,7 @@ from .operations import refuse_when_draining
 from .ownership import may_reach
 from .stream import stream_channel
 
-__all__ = ["reachable_record", "routes", "start_generation"]
+__all__ = ["cancelled_if_refused", "reachable_record", "routes", "start_generation", "start_translated"]
 
 routes = web.RouteTableDef()
 
@@ -99,6 +99,36 @@ async def start_generation(
             raise limits.too_many_generations() from None
         raise
     return job, principal
+
+
+# A translation of another API's request into a generation's: (body, provider kinds, --default-provider) -> body.
+Translation = Callable[[Any, Mapping[str, str], str], Any]
+
+
+async def start_translated(request: web.Request, translation: Translation) -> tuple[Job, Principal, dict[str, Any]]:
+    """`start_generation` for another API's request: the job, its principal, and the request's own body."""
+    seen: dict[str, Any] = {}
+    settings = request.app[SETTINGS]
+
+    def translate(body: Any) -> Any:
+        seen.update(body if isinstance(body, dict) else {})
+        return translation(body, request.app[PROVIDERS].kinds, settings.default_provider)
+
+    job, principal = await start_generation(request, translate)
+    return job, principal, seen
+
+
+@contextlib.asynccontextmanager
+async def cancelled_if_refused(request: web.Request, job: Job) -> AsyncIterator[None]:
+    """A generation refused after it was queued (a limit, the store, a failed generation) is cancelled: the SDKs
+    retry such answers, and each retry would leave one running for nobody. A client that goes away cancels nothing:
+    the generation goes on, and is read by its id."""
+    try:
+        yield
+    except (ApiError, BackendError):
+        with contextlib.suppress(BackendError):
+            await request.app[JOBS].request_cancel(job.id)
+        raise
 
 
 @routes.post("/v1/generations")

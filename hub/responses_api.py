@@ -12,7 +12,6 @@ refusal part; `tool_call_delta`/`tool_call` to a `function_call` item's argument
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,15 +19,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ssecore.backend import BackendError
 from ssecore.jobs import TERMINAL_STATUSES, GenerationRecord, Job
 from ssecore.sse import SSEEvent
 
-from .appkeys import AUTH, JOBS, PROVIDERS, SETTINGS
+from .appkeys import AUTH, JOBS
 from .auth import Principal
 from .chat_completions import count, event_data, provider_model, text_of
 from .errors import OPENAI_ERRORS, ApiError
-from .generations import reachable_record, start_generation
+from .generations import cancelled_if_refused, reachable_record, start_translated
 from .operations import refuse_when_draining
 from .stream import stream_channel
 
@@ -451,27 +449,12 @@ class _Nowhere:
         pass
 
 
-_STREAM_HEADERS = {"Content-Type": "text/event-stream"}
-
-
 @routes.post("/v1/responses")
 async def create_response(request: web.Request) -> web.StreamResponse:
     request[OPENAI_ERRORS] = True
-    settings = request.app[SETTINGS]
-    seen: dict[str, Any] = {}
-
-    def translate(body: Any) -> Any:
-        seen.update(body if isinstance(body, dict) else {})
-        return _generation(body, request.app[PROVIDERS].kinds, settings.default_provider)
-
-    job, principal = await start_generation(request, translate)
-    try:
-        return await _answer(request, job, principal, seen)
-    except (ApiError, BackendError):
-        # Nothing reached the caller: an SDK retries such answers, and each retry would be a response of its own.
-        with contextlib.suppress(BackendError):
-            await request.app[JOBS].request_cancel(job.id)
-        raise
+    job, principal, body = await start_translated(request, _generation)
+    async with cancelled_if_refused(request, job):
+        return await _answer(request, job, principal, body)
 
 
 async def _answer(request: web.Request, job: Job, principal: Principal, seen: Mapping[str, Any]) -> web.StreamResponse:

@@ -4,45 +4,19 @@ worker calls the fake provider server, which speaks each provider's real wire fo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from producer.settings import ProducerSettings, ProviderKeys
-from ssecore.backend_memory import MemoryBackend
-from tests.conftest import ClientFactory
 from tests.producer.agent_turns import FIRST_TURN, WEATHER
-from tests.producer.fake_providers import TEST_API_KEY, FakeProviders
+from tests.producer.fake_providers import FakeProviders
 from tests.support import collect
 
 Client = TestClient[Any, Any]
 # Each provider, and the signature its thinking carries (it must come back in the second request).
 PROVIDERS = {"openai": None, "openai-responses": "sig-fake-1", "anthropic": "sig-fake-1", "gemini": "sig-fake-1"}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeProviders]:
-    async with FakeProviders() as server:
-        yield server
-
-
-async def hub_on(make_client: ClientFactory, fake: FakeProviders) -> Client:
-    keys = ProviderKeys(
-        openai_api_key=TEST_API_KEY,
-        openai_base_url=fake.base_url("openai"),
-        anthropic_api_key=TEST_API_KEY,
-        anthropic_base_url=fake.base_url("anthropic"),
-        gemini_api_key=TEST_API_KEY,
-        gemini_base_url=fake.base_url("gemini"),
-    )
-    return await make_client(
-        MemoryBackend(history=10_000, ttl_s=3600),
-        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=0),
-        provider_keys=keys,
-    )
 
 
 async def generate(hub: Client, body: dict[str, Any]) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
@@ -63,10 +37,8 @@ async def generate(hub: Client, body: dict[str, Any]) -> tuple[list[tuple[str, A
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-async def test_an_agent_loop_runs_on_each_provider(
-    make_client: ClientFactory, fake: FakeProviders, provider: str
-) -> None:
-    hub = await hub_on(make_client, fake)
+async def test_an_agent_loop_runs_on_each_provider(fake_hub: Client, fake: FakeProviders, provider: str) -> None:
+    hub = fake_hub
     first = {
         "provider": provider,
         "model": "tool",
@@ -101,11 +73,10 @@ async def test_an_agent_loop_runs_on_each_provider(
 
 
 async def test_a_finish_reason_of_a_providers_own_ends_a_stop_and_is_told_beside_it(
-    make_client: ClientFactory, fake: FakeProviders
+    fake_hub: Client, fake: FakeProviders
 ) -> None:
     from tests.producer.fake_providers import Behaviour
 
     fake.behaviours["pausing"] = Behaviour(finish_reason="pause_turn")  # Anthropic's, for a long server-side turn
-    hub = await hub_on(make_client, fake)
-    _, done = await generate(hub, {"provider": "anthropic", "model": "pausing", "messages": FIRST_TURN})
+    _, done = await generate(fake_hub, {"provider": "anthropic", "model": "pausing", "messages": FIRST_TURN})
     assert (done["finish_reason"], done["provider_finish_reason"]) == ("stop", "pause_turn")

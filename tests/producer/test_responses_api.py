@@ -5,37 +5,25 @@ tests/scaleout/test_openai_sdk.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from producer.settings import ProducerSettings, ProviderKeys
+from producer.settings import ProducerSettings
 from ssecore.backend_memory import MemoryBackend
 from tests.conftest import ClientFactory
 from tests.producer.agent_turns import WEATHER
-from tests.producer.fake_providers import TEST_API_KEY, FakeProviders
+from tests.producer.fake_providers import FakeProviders
 
 Client = TestClient[Any, Any]
 TOOL: dict[str, Any] = {"type": "function", **WEATHER["function"]}  # type: ignore[dict-item]  # the flat form
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeProviders]:
-    async with FakeProviders() as server:
-        yield server
-
-
-@pytest.fixture
-async def hub(make_client: ClientFactory, fake: FakeProviders) -> Client:
-    keys = ProviderKeys(openai_api_key=TEST_API_KEY, openai_base_url=fake.base_url("openai"))
-    return await make_client(
-        MemoryBackend(history=10_000, ttl_s=3600),
-        worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=0),
-        provider_keys=keys,
-    )
+def hub(fake_hub: Client) -> Client:
+    return fake_hub
 
 
 async def events(hub: Client, body: dict[str, Any]) -> list[dict[str, Any]]:
