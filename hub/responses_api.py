@@ -226,7 +226,7 @@ def _items_of(rid: str, message: Mapping[str, Any] | None) -> list[dict[str, Any
     return items
 
 
-def _from_record(record: GenerationRecord, *, background: bool = False) -> dict[str, Any]:
+def _from_record(record: GenerationRecord) -> dict[str, Any]:
     rid = response_id(record.id)
     status = "cancelled" if record.status == "cancelled" else _STATUS[record.status]
     incomplete = _INCOMPLETE.get(record.finish_reason or "") if record.status == "done" else None
@@ -234,8 +234,7 @@ def _from_record(record: GenerationRecord, *, background: bool = False) -> dict[
         status = "incomplete"
     model, items = f"{record.provider}/{record.model}", _items_of(rid, record.message)
     return _response(
-        rid, record.created_at, model, status, items, usage=record.usage, error=record.error, incomplete=incomplete,
-        background=background,
+        rid, record.created_at, model, status, items, usage=record.usage, error=record.error, incomplete=incomplete
     )  # fmt: skip
 
 
