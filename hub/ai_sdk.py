@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,10 @@ _STOP_WAITS = 60  # x 50 ms: how long a stop waits for a queued answer to begin
 _PASSED = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort", "params")
 _FIELDS = frozenset({"id", "messages", "trigger", "messageId", "provider", "model", "metadata", *_PASSED})
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter"}
+
+
+def _new_chat_id() -> str:
+    return "run_" + secrets.token_hex(12)
 
 
 def _channel(chat_id: Any, max_len: int) -> str:
@@ -163,13 +168,28 @@ def _chunk(obj: Mapping[str, Any]) -> bytes:
 class _Chunks:
     """A generation's channel as UI message chunks, from its start: the whole current message, then live."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
+        """`skip`: leave out the first chunks (WorkflowChatTransport's `startIndex`); they are counted all the same."""
+        self._skip = skip
+        self.count = 0  # chunks derived so far, the skipped ones included
         self._open: tuple[str, str] | None = None  # (kind "text" | "reasoning", part id)
         self._parts = 0
         self._calls: dict[int, tuple[str, str]] = {}  # channel call index -> (toolCallId, toolName)
         self._over = False
 
     def encode(self, event: SSEEvent) -> bytes:
+        """The chunks of one channel event, each `data: ...` line kept or skipped as `skip` says."""
+        lines = [line for line in self._encode(event).split(b"\n\n") if line]
+        kept = []
+        for line in lines:
+            if line != b"data: [DONE]":
+                self.count += 1
+                if self.count <= self._skip:
+                    continue
+            kept.append(line + b"\n\n")
+        return b"".join(kept)
+
+    def _encode(self, event: SSEEvent) -> bytes:
         if self._over:
             return b""
         data = event_data(event)
@@ -241,8 +261,9 @@ class _Chunks:
     def _done(self, data: dict[str, Any]) -> bytes:
         reason = text_of(data, "finish_reason")
         if reason in ("cancelled", "unwatched"):
-            # Stopped: `abort`, never `error`, so the chat returns to ready.
-            return self._end([{"type": "abort"}])
+            # Stopped: `abort`, never `error`, so the chat returns to ready; then `finish`, without which a
+            # WorkflowChatTransport would reconnect for ever.
+            return self._end([{"type": "abort"}, {"type": "finish", "finishReason": "other"}])
         return self._end([{"type": "finish-step"}, {"type": "finish", "finishReason": _FINISH.get(reason, "other")}])
 
     def _end(self, chunks: list[dict[str, Any]]) -> bytes:
@@ -277,30 +298,64 @@ async def chat(request: web.Request) -> web.StreamResponse:
         peek = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    channel = _channel(peek.get("id") if isinstance(peek, dict) else None, settings.max_channel_len)
+    # WorkflowChatTransport sends no chat id: the hub makes one, the run id it reconnects with.
+    chat_id = peek.get("id", _new_chat_id()) if isinstance(peek, dict) else None
+    channel = _channel(chat_id, settings.max_channel_len)
     await _clear_ended(request, channel)
 
     try:
-        job, principal, _ = await start_translated(request, functools.partial(_generation, channel=channel))
+        translation = functools.partial(_generation, channel=channel)
+        job, principal, _ = await start_translated(request, translation, json_as_text=True)
     except ApiError as e:
         if e.code == "channel_exists":
             raise ApiError(409, "chat_busy", "an answer is still running in this chat: stop it, or wait") from None
         raise
-    headers = {**HEADERS, "X-Generation-Id": job.id}
+    headers = {**HEADERS, "X-Generation-Id": job.id, "x-workflow-run-id": channel.removeprefix("aichat:")}
     async with cancelled_if_refused(request, job):
         return await stream_channel(request, job.channel, "0", principal, transcoder=_Chunks(), headers=headers)
 
 
+def _start_index(request: web.Request) -> int | None:
+    raw = request.query.get("startIndex")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_params", "startIndex must be an integer (negative: from the tail)") from None
+
+
+async def _chunks_so_far(request: web.Request, channel: str) -> int:
+    """How many chunks the channel's events make now: where the tail of a `startIndex` below 0 is."""
+    counter, position = _Chunks(skip=1 << 62), "0"
+    while True:
+        page = await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
+        for entry in page.entries:
+            counter.encode(SSEEvent(entry.data, entry.event))
+        if not page.more or not page.entries:
+            return counter.count
+        position = page.entries[-1].id
+
+
 @routes.get("/v1/ai-sdk/chat/{chatId}/stream")
 async def resume(request: web.Request) -> web.StreamResponse:
+    """`useChat({resume: true})`: the running answer from its start, or 204. `?startIndex=N` (WorkflowChatTransport):
+    the chunks after the first N of the chat's latest answer, running or ended; below 0, from the tail."""
     refuse_when_draining(request)
     channel = _channel(request.match_info["chatId"], request.app[SETTINGS].max_channel_len)
     principal = request.app[AUTH].require(request, "subscribe", channel)
+    start_index = _start_index(request)
     info = await request.app[BACKEND].info(channel)
-    if info is None or info.closed:
+    if info is None or (info.closed and start_index is None):
         return web.Response(status=204)  # nothing running in this chat: useChat keeps what it has
+    headers = dict(HEADERS)
+    skip = start_index or 0
+    if skip < 0:
+        tail = await _chunks_so_far(request, channel)
+        headers["x-workflow-stream-tail-index"] = str(tail - 1)
+        skip = max(0, tail + skip)
     return await stream_channel(
-        request, channel, "0", principal, check_owner=True, transcoder=_Chunks(), headers=HEADERS
+        request, channel, "0", principal, check_owner=True, transcoder=_Chunks(skip), headers=headers
     )
 
 

@@ -48,14 +48,15 @@ def _wants_stream(request: web.Request) -> bool:
 
 
 async def start_generation(
-    request: web.Request, translate: Callable[[Any], Any] | None = None
+    request: web.Request, translate: Callable[[Any], Any] | None = None, *, json_as_text: bool = False
 ) -> tuple[Job, Principal]:
     """Validate the request's JSON body (translated first, for another API's shape) into a job and submit it: the
     generation's channel taken for its owner, its slot counted. Raises ApiError (nothing queued) when it cannot."""
     refuse_when_draining(request)
     auth = request.app[AUTH]
     auth.authenticate(request)  # 401 before anything is read
-    if request.content_type != "application/json":
+    # `json_as_text`: a client that sends its JSON as text/plain (WorkflowChatTransport's fetch does) is read alike.
+    if request.content_type != "application/json" and not (json_as_text and request.content_type == "text/plain"):
         raise ApiError(415, "unsupported_media_type", "send the job as application/json")
     limits = request.app[LIMITS]
     if request.content_length is not None:
@@ -105,7 +106,9 @@ async def start_generation(
 Translation = Callable[[Any, Mapping[str, str], str], Any]
 
 
-async def start_translated(request: web.Request, translation: Translation) -> tuple[Job, Principal, dict[str, Any]]:
+async def start_translated(
+    request: web.Request, translation: Translation, *, json_as_text: bool = False
+) -> tuple[Job, Principal, dict[str, Any]]:
     """`start_generation` for another API's request: the job, its principal, and the request's own body."""
     seen: dict[str, Any] = {}
     settings = request.app[SETTINGS]
@@ -114,7 +117,7 @@ async def start_translated(request: web.Request, translation: Translation) -> tu
         seen.update(body if isinstance(body, dict) else {})
         return translation(body, request.app[PROVIDERS].kinds, settings.default_provider)
 
-    job, principal = await start_generation(request, translate)
+    job, principal = await start_generation(request, translate, json_as_text=json_as_text)
     return job, principal, seen
 
 

@@ -1,6 +1,7 @@
 // The Vercel AI SDK's own client against a hub: `node ai_sdk_client.mjs <hub url> <scenario> <chat id> [model]`.
-// Prints one JSON line of what the SDK assembled; tests/producer/test_ai_sdk.py runs it and checks it against the
+// Prints one JSON line of what the SDK assembled (the last line of stdout: the SDK may warn before it); tests/producer/test_ai_sdk.py runs it and checks it against the
 // generation. Nothing here parses the stream itself: DefaultChatTransport and readUIMessageStream do.
+import { WorkflowChatTransport } from "@ai-sdk/workflow/client";
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
 const [, , base, scenario, chatId, model = "demo:40"] = process.argv;
@@ -81,6 +82,36 @@ if (scenario === "send" || scenario === "tools") {
     },
   });
   Object.assign(out, summary({ message, chunks }));
+} else if (scenario === "workflow") {
+  // WorkflowChatTransport, as it comes: no chat id (the hub makes the run), and its POST stream cut after six
+  // chunks (a proxy's timeout): it reconnects with ?startIndex=6 and gets the rest, each chunk once.
+  let runId;
+  const cutting = async (url, init) => {
+    const response = await fetch(url, init);
+    if (init?.method !== "POST") return response;
+    runId = response.headers.get("x-workflow-run-id");
+    const reader = response.body.getReader();
+    let chunks = 0;
+    const body = new ReadableStream({
+      async pull(controller) {
+        const { done, value } = await reader.read();
+        if (done || chunks >= 6) {
+          controller.close();
+          if (!done) await reader.cancel();
+          return;
+        }
+        chunks += new TextDecoder().decode(value).split("data: ").length - 1;
+        controller.enqueue(value);
+      },
+    });
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+  const workflow = new WorkflowChatTransport({ api: `${base}/v1/ai-sdk/chat`, fetch: cutting });
+  const whole = await assemble(await workflow.sendMessages({ chatId, messages: question, body }));
+  Object.assign(out, summary(whole), { runId });
+  // Then from the tail, as a page that comes back late asks: the last three chunks.
+  const late = new WorkflowChatTransport({ api: `${base}/v1/ai-sdk/chat`, initialStartIndex: -3 });
+  out.tail = (await assemble(await late.reconnectToStream({ chatId: runId }))).chunks;
 } else if (scenario === "idle") {
   out.stream = await transport.reconnectToStream({ chatId });
 } else {

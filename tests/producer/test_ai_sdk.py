@@ -1,7 +1,7 @@
-"""The Vercel AI SDK's own client (the `ai` package, pinned by tests/js/package-lock.json, run with the machine's
-Node) against a hub: DefaultChatTransport sends a chat and resumes it after its connection is cut, the message its
-readUIMessageStream assembles is the generation's, stop cancels, an idle chat resumes to nothing (204), and two
-resumes at once each get the message once."""
+"""The Vercel AI SDK's own clients (the `ai` package and @ai-sdk/workflow, pinned by tests/js/package-lock.json, run
+with the machine's Node) against a hub: DefaultChatTransport sends a chat and resumes it after its connection is
+cut, the message its readUIMessageStream assembles is the generation's, stop cancels, an idle chat resumes to nothing
+(204), two resumes at once each get the message once, and a WorkflowChatTransport run resumes by chunk index."""
 
 from __future__ import annotations
 
@@ -91,10 +91,22 @@ async def test_two_resumes_at_once_each_get_the_message_once(hub: HubProcess) ->
 
 async def test_stop_cancels_and_the_stream_ends_with_abort_not_error(hub: HubProcess) -> None:
     got = await sdk(hub, "stop")
-    assert got["chunks"][-1] == "abort" and "error" not in got["chunks"]
+    # abort, never error; then finish, without which a WorkflowChatTransport reconnects for ever.
+    assert got["chunks"][-2:] == ["abort", "finish"] and "error" not in got["chunks"]
     record = await generation(hub, got["id"])
     assert record["status"] == "cancelled" and record["finish_reason"] == "cancelled"
 
 
 async def test_a_chat_with_nothing_running_resumes_to_nothing(hub: HubProcess) -> None:
     assert (await sdk(hub, "idle"))["stream"] is None
+
+
+async def test_a_workflow_chat_transport_run_resumes_by_chunk_index_and_from_the_tail(hub: HubProcess) -> None:
+    """@ai-sdk/workflow's WorkflowChatTransport: no chat id (the hub makes the run, x-workflow-run-id), its stream cut
+    after six chunks and resumed with ?startIndex=6, then the last three chunks asked with a negative index."""
+    got = await sdk(hub, "workflow")
+    record = await generation(hub, got["id"])
+    assert got["runId"].startswith("run_") and got["text"] == record["message"]["content"]
+    assert got["chunks"].count("start") == 1 and got["chunks"][-1] == "finish"  # each chunk once, to the end
+    # The last three chunks came; the transport itself drops the text-end whose text-start is before the window.
+    assert got["chunks"][-3] == "text-end" and got["tail"] == got["chunks"][-2:]
