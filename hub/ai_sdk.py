@@ -23,8 +23,8 @@ from ssecore.sse import SSEEvent
 
 from .appkeys import AUTH, BACKEND, JOBS, SETTINGS
 from .channels import channel_ok
-from .chat_completions import count, event_data, provider_model, text_of
 from .errors import ApiError
+from .formats import count, event_data, json_response, provider_model, text_of
 from .generations import cancelled_if_refused, reachable_record, start_translated
 from .operations import refuse_when_draining
 from .ownership import reached_as
@@ -375,4 +375,4 @@ async def stop(request: web.Request) -> web.Response:
         raise ApiError(404, "chat_not_found", "nothing is running in this chat")
     record = await reachable_record(request, generation, "publish")
     await request.app[JOBS].request_cancel(record.id)
-    return web.json_response({"id": record.id, "status": record.status, "cancel_requested": True}, status=202)
+    return json_response({"id": record.id, "status": record.status, "cancel_requested": True}, status=202)

@@ -20,10 +20,11 @@ from ssecore.sse import SSEEvent
 
 from .auth import Principal
 from .errors import OPENAI_ERRORS, ApiError
+from .formats import NOWHERE, count, event_data, json_response, provider_model, text_of
 from .generations import cancelled_if_refused, start_translated
 from .stream import stream_channel
 
-__all__ = ["count", "event_data", "provider_model", "routes", "text_of"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
 
@@ -35,15 +36,6 @@ _IGNORED = frozenset({"user", "metadata", "store", "stream", "stream_options", "
 _ASSISTANT_EXTRAS = frozenset({"annotations", "audio", "function_call"})
 # The hub's reasons the API has no word for.
 _FINISH = {"cancelled": "stop", "unwatched": "stop"}
-
-
-def provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[str, str]:
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "invalid_model", "model must be <provider>/<model>, or a model of the default provider")
-    provider, slash, rest = model.partition("/")
-    if slash and provider in kinds:
-        return provider, rest
-    return default, model
 
 
 def _message(m: Any) -> Any:
@@ -68,20 +60,6 @@ def _call(call: Any) -> Any:
     if isinstance(function, dict) and "parsed_arguments" in function:
         call["function"] = {k: v for k, v in function.items() if k != "parsed_arguments"}
     return call
-
-
-def event_data(event: SSEEvent) -> dict[str, Any]:
-    """An event's JSON object; {} for anything else (a channel may hold what someone published after deleting it)."""
-    try:
-        data = orjson.loads(event.data)
-    except orjson.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def text_of(data: Mapping[str, Any], key: str = "text") -> str:
-    value = data.get(key, "")
-    return value if isinstance(value, str) else ""
 
 
 def _check_n(body: Mapping[str, Any]) -> None:
@@ -112,11 +90,6 @@ def _generation(body: Any, kinds: Mapping[str, str], default: str) -> dict[str, 
     params["stop"] = body.get("stop")
     job["params"] = {k: v for k, v in params.items() if v is not None}
     return job
-
-
-def count(usage: Mapping[str, Any], key: str) -> int:
-    value = usage.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _usage(usage: Any) -> dict[str, Any]:
@@ -224,11 +197,6 @@ class _Collected:
         return b""
 
 
-class _Nowhere:
-    async def write(self, data: bytes) -> None:
-        pass
-
-
 def _completion(head: Mapping[str, Any], done: Mapping[str, Any]) -> dict[str, Any]:
     message = dict(done.get("message") or {"role": "assistant", "content": ""})
     if "reasoning" in message:
@@ -256,7 +224,7 @@ async def _answer(request: web.Request, job: Job, principal: Principal, body: Ma
         chunks = _Chunks(completion_id, created, model, include_usage)
         return await stream_channel(request, job.channel, "0", principal, transcoder=chunks, headers=headers)
     collected = _Collected()
-    await stream_channel(request, job.channel, "0", principal, transcoder=collected, into=_Nowhere())
+    await stream_channel(request, job.channel, "0", principal, transcoder=collected, into=NOWHERE)
     head = {"id": completion_id, "created": created, "model": model}
     terminal = collected.terminal
     if terminal is None:
@@ -267,4 +235,4 @@ async def _answer(request: web.Request, job: Job, principal: Principal, body: Ma
         # The provider's refusal of the request is the caller's to fix (400); a failure of its own, a 502.
         status = 400 if code == "bad_request" else 502
         raise ApiError(status, code, text_of(data, "message") or "the generation failed")
-    return web.json_response(_completion(head, data), headers=headers, dumps=lambda o: orjson.dumps(o).decode())
+    return json_response(_completion(head, data), headers=headers)

@@ -7,7 +7,6 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from ssecore.backend import BackendError
@@ -25,6 +24,7 @@ from .appkeys import AUTH, BACKEND, JOBS, LIMITS, PROVIDERS, SETTINGS
 from .auth import Action, Principal
 from .channels import channel_ok
 from .errors import ApiError
+from .formats import json_response
 from .jsonbody import parse_json, read_body
 from .operations import refuse_when_draining
 from .ownership import may_reach
@@ -33,10 +33,6 @@ from .stream import stream_channel
 __all__ = ["cancelled_if_refused", "reachable_record", "routes", "start_generation", "start_translated"]
 
 routes = web.RouteTableDef()
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def _wants_stream(request: web.Request) -> bool:
@@ -141,7 +137,7 @@ async def create_generation(request: web.Request) -> web.StreamResponse:
         # Like the providers' own APIs: the events in this response; still resumable through events_url.
         return await stream_channel(request, job.channel, "0", principal)
     events_url = f"/v1/channels/{job.channel}/events"
-    return _json({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
+    return json_response({"id": job.id, "channel": job.channel, "events_url": events_url}, status=202)
 
 
 async def reachable_record(request: web.Request, generation_id: str, *actions: Action) -> GenerationRecord:
@@ -158,7 +154,7 @@ async def reachable_record(request: web.Request, generation_id: str, *actions: A
 @routes.get("/v1/generations/{id}")
 async def get_generation(request: web.Request) -> web.Response:
     record = await reachable_record(request, request.match_info["id"], "subscribe", "publish")
-    return _json(record.public())
+    return json_response(record.public())
 
 
 @routes.delete("/v1/generations/{id}")
@@ -168,4 +164,4 @@ async def cancel_generation(request: web.Request) -> web.Response:
     if record.status in TERMINAL_STATUSES:
         raise ApiError(409, "generation_finished", f"the generation is already {record.status}")
     await jobs.request_cancel(record.id)
-    return _json({"id": record.id, "status": record.status, "cancel_requested": True}, status=202)
+    return json_response({"id": record.id, "status": record.status, "cancel_requested": True}, status=202)

@@ -24,8 +24,8 @@ from ssecore.sse import SSEEvent
 
 from .appkeys import AUTH, JOBS
 from .auth import Principal
-from .chat_completions import count, event_data, provider_model, text_of
 from .errors import OPENAI_ERRORS, ApiError
+from .formats import NOWHERE, count, event_data, json_response, provider_model, text_of
 from .generations import cancelled_if_refused, reachable_record, start_translated
 from .operations import refuse_when_draining
 from .stream import stream_channel
@@ -443,11 +443,6 @@ class _Events:
 # -- the routes -------------------------------------------------------------------------------------------------------
 
 
-class _Nowhere:
-    async def write(self, data: bytes) -> None:
-        pass
-
-
 @routes.post("/v1/responses")
 async def create_response(request: web.Request) -> web.StreamResponse:
     request[OPENAI_ERRORS] = True
@@ -465,16 +460,12 @@ async def _answer(request: web.Request, job: Job, principal: Principal, seen: Ma
         return await stream_channel(request, job.channel, "0", principal, transcoder=events, headers=headers)
     if background:
         queued = _response(rid, job.created_at, model, "queued", [], background=True)
-        return web.json_response(queued, headers=headers, dumps=_dumps)
+        return json_response(queued, headers=headers)
     events = _Events(rid, job.created_at, model)
-    await stream_channel(request, job.channel, "0", principal, transcoder=events, into=_Nowhere())
+    await stream_channel(request, job.channel, "0", principal, transcoder=events, into=NOWHERE)
     if events.final is None:
         raise ApiError(503, "unavailable", "the response could not be followed to its end; read it by its id")
-    return web.json_response(events.final, headers=headers, dumps=_dumps)
-
-
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+    return json_response(events.final, headers=headers)
 
 
 def _starting_after(request: web.Request) -> int:
@@ -497,7 +488,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
         events = _Events(rid, record.created_at, f"{record.provider}/{record.model}", _starting_after(request))
         # From the channel's start, whatever N: every node numbers the events the same way.
         return await stream_channel(request, record.channel, "0", principal, transcoder=events, check_owner=True)
-    return web.json_response(_from_record(record), dumps=_dumps)
+    return json_response(_from_record(record))
 
 
 @routes.post("/v1/responses/{id}/cancel")
@@ -506,4 +497,4 @@ async def cancel_response(request: web.Request) -> web.Response:
     record = await reachable_record(request, _generation_id(request.match_info["id"]), "publish")
     if record.status not in TERMINAL_STATUSES:
         await request.app[JOBS].request_cancel(record.id)
-    return web.json_response(_from_record(record), dumps=_dumps)
+    return json_response(_from_record(record))

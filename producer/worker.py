@@ -56,7 +56,6 @@ _CHANNEL_LOST = {
 }
 
 
-_event = event
 # What done.finish_reason may say.
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "cancelled", "unwatched"})
 
@@ -385,7 +384,7 @@ class Worker:
             # A bug must not leave the channel open for ever, nor make the job run again and again.
             log.exception("generation %s failed unexpectedly", job.id)
             with contextlib.suppress(Exception):
-                await self._finish(run, _Outcome("error", _event("error", _INTERNAL), error=dict(_INTERNAL)))
+                await self._finish(run, _Outcome("error", event("error", _INTERNAL), error=dict(_INTERNAL)))
         finally:
             if run.fence is not None:
                 self._coalescer.forget(job.channel, run.fence)
@@ -410,11 +409,11 @@ class Worker:
             # Claim the channel for this run and open it, before any provider call (which costs money).
             if run.delivery.restarted:
                 self.metrics.restarts.inc()
-                _ = self._add(run, _event("reset", {"reason": "restarted"}))
-            await self._add(run, _event("start", {"id": job.id, "provider": job.provider, "model": job.model}))
+                _ = self._add(run, event("reset", {"reason": "restarted"}))
+            await self._add(run, event("start", {"id": job.id, "provider": job.provider, "model": job.model}))
             if attempt > self.settings.max_attempts + _EXTRA_RUNS:
                 error = {"code": "too_many_restarts", "message": "the generation was restarted too many times"}
-                outcome = _Outcome("error", _event("error", error), error=error)
+                outcome = _Outcome("error", event("error", error), error=error)
             else:
                 outcome = await self._produce(run)
         except ChannelClosed:
@@ -505,7 +504,7 @@ class Worker:
                 return self._done(run, finish.finish_reason, finish)
         except ProviderError as e:
             error = {"code": e.code, "message": e.message}
-            return _Outcome("error", _event("error", error), error=error, finish_reason="error")
+            return _Outcome("error", event("error", error), error=error, finish_reason="error")
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if run.abandon or run.cancel_reason is None or task is None:
@@ -526,7 +525,7 @@ class Worker:
             # Anthropic's pause_turn) ends a stop, and is told beside it.
             done["finish_reason"], done["provider_finish_reason"] = "stop", reason
             reason = "stop"
-        return _Outcome(status, _event("done", done), finish_reason=reason, usage=usage, message=message)
+        return _Outcome(status, event("done", done), finish_reason=reason, usage=usage, message=message)
 
     async def _call_provider(self, run: _Run, provider: Provider) -> Finish:
         job = run.delivery.job
