@@ -19,8 +19,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ssecore.sse import SSEEvent
-
 from .appkeys import AUTH, BACKEND, JOBS, SETTINGS
 from .channels import channel_ok
 from .errors import ApiError
@@ -29,6 +27,7 @@ from .generations import cancelled_if_refused, reachable_record, start_translate
 from .operations import refuse_when_draining
 from .ownership import reached_as
 from .stream import stream_channel
+from .transcode import Transcoding
 
 __all__ = ["routes"]
 
@@ -38,6 +37,7 @@ HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 _STOP_WAITS = 60  # x 50 ms: how long a stop waits for a queued answer to begin
 _PASSED = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort", "params")
 _FIELDS = frozenset({"id", "messages", "trigger", "messageId", "provider", "model", "metadata", *_PASSED})
+_FORMAT = "ai-sdk"  # a chat's streams all read its channel alike: one encoder per node serves them
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool-calls", "content_filter": "content-filter"}
 
 
@@ -166,42 +166,28 @@ def _chunk(obj: Mapping[str, Any]) -> bytes:
 
 
 class _Chunks:
-    """A generation's channel as UI message chunks, from its start: the whole current message, then live."""
+    """A generation's channel as UI message chunks, from its start: the whole current message, then live. Each unit
+    (hub.transcode) is one chunk, which WorkflowChatTransport's `startIndex` counts; `data: [DONE]` is no chunk, and
+    goes with the last."""
 
-    def __init__(self, skip: int = 0) -> None:
-        """`skip`: leave out the first chunks (WorkflowChatTransport's `startIndex`); they are counted all the same."""
-        self._skip = skip
-        self.count = 0  # chunks derived so far, the skipped ones included
+    def __init__(self) -> None:
         self._open: tuple[str, str] | None = None  # (kind "text" | "reasoning", part id)
         self._parts = 0
         self._calls: dict[int, tuple[str, str]] = {}  # channel call index -> (toolCallId, toolName)
         self._over = False
 
-    def encode(self, event: SSEEvent) -> bytes:
-        """The chunks of one channel event, each `data: ...` line kept or skipped as `skip` says."""
-        lines = [line for line in self._encode(event).split(b"\n\n") if line]
-        kept = []
-        for line in lines:
-            if line != b"data: [DONE]":
-                self.count += 1
-                if self.count <= self._skip:
-                    continue
-            kept.append(line + b"\n\n")
-        return b"".join(kept)
-
-    def _encode(self, event: SSEEvent) -> bytes:
+    def encode(self, kind: str, raw: str) -> list[bytes]:
         if self._over:
-            return b""
-        data = event_data(event)
-        kind = event.event
+            return []
+        data = event_data(raw)
         if kind == "start":
             message_id = "msg_" + (text_of(data, "id").removeprefix("gen_") or "0")
-            return _chunk({"type": "start", "messageId": message_id}) + _chunk({"type": "start-step"})
+            return [_chunk({"type": "start", "messageId": message_id}), _chunk({"type": "start-step"})]
         if kind in ("token", "refusal", "reasoning"):
             part = "reasoning" if kind == "reasoning" else "text"
             out = self._switch(part)
             assert self._open is not None
-            return out + _chunk({"type": f"{part}-delta", "id": self._open[1], "delta": text_of(data)})
+            return [*out, _chunk({"type": f"{part}-delta", "id": self._open[1], "delta": text_of(data)})]
         if kind == "tool_call_delta":
             return self._call_delta(data)
         if kind == "tool_call":
@@ -211,54 +197,53 @@ class _Chunks:
         if kind in ("error", "reset"):
             text = text_of(data, "message") if kind == "error" else "the answer was restarted after a worker failed"
             return self._end([{"type": "error", "errorText": text or "the generation failed"}])
-        return b""
+        return []
 
     def cut(self) -> bytes:
-        """Ended before the answer did (the node is draining): the client resumes with the chat's stream."""
-        if self._over:
+        """Ended before the answer did (the node is draining): the open part ends; the client resumes with the
+        chat's stream."""
+        if self._over or self._open is None:
             return b""
-        self._over = True
-        return self._close()
+        return _chunk({"type": f"{self._open[0]}-end", "id": self._open[1]})
 
-    def _switch(self, part: str) -> bytes:
+    def _switch(self, part: str) -> list[bytes]:
         if self._open is not None and self._open[0] == part:
-            return b""
+            return []
         out = self._close()
         self._parts += 1
         self._open = (part, f"{part}-{self._parts}")
-        return out + _chunk({"type": f"{part}-start", "id": self._open[1]})
+        return [*out, _chunk({"type": f"{part}-start", "id": self._open[1]})]
 
-    def _close(self) -> bytes:
+    def _close(self) -> list[bytes]:
         if self._open is None:
-            return b""
+            return []
         part, pid = self._open
         self._open = None
-        return _chunk({"type": f"{part}-end", "id": pid})
+        return [_chunk({"type": f"{part}-end", "id": pid})]
 
-    def _call_delta(self, data: dict[str, Any]) -> bytes:
+    def _call_delta(self, data: dict[str, Any]) -> list[bytes]:
         index = count(data, "index")
-        out = b""
+        out: list[bytes] = []
         if index not in self._calls:
             out = self._close()
-            self._calls[index] = (text_of(data, "id"), text_of(data, "name"))
-            out += _chunk(
-                {"type": "tool-input-start", "toolCallId": self._calls[index][0], "toolName": self._calls[index][1]}
-            )
+            self._calls[index] = call_id, name = text_of(data, "id"), text_of(data, "name")
+            out.append(_chunk({"type": "tool-input-start", "toolCallId": call_id, "toolName": name}))
         fragment = text_of(data, "arguments")
         if fragment:
-            out += _chunk({"type": "tool-input-delta", "toolCallId": self._calls[index][0], "inputTextDelta": fragment})
+            delta = {"type": "tool-input-delta", "toolCallId": self._calls[index][0], "inputTextDelta": fragment}
+            out.append(_chunk(delta))
         return out
 
-    def _call_done(self, data: dict[str, Any]) -> bytes:
+    def _call_done(self, data: dict[str, Any]) -> list[bytes]:
         call_id, name = text_of(data, "id"), text_of(data, "name")
         try:
             arguments = orjson.loads(text_of(data, "arguments") or "{}")
         except orjson.JSONDecodeError:
             arguments = {}
         chunk = {"type": "tool-input-available", "toolCallId": call_id, "toolName": name, "input": arguments}
-        return self._close() + _chunk(chunk)
+        return [*self._close(), _chunk(chunk)]
 
-    def _done(self, data: dict[str, Any]) -> bytes:
+    def _done(self, data: dict[str, Any]) -> list[bytes]:
         reason = text_of(data, "finish_reason")
         if reason in ("cancelled", "unwatched"):
             # Stopped: `abort`, never `error`, so the chat returns to ready; then `finish`, without which a
@@ -266,9 +251,11 @@ class _Chunks:
             return self._end([{"type": "abort"}, {"type": "finish", "finishReason": "other"}])
         return self._end([{"type": "finish-step"}, {"type": "finish", "finishReason": _FINISH.get(reason, "other")}])
 
-    def _end(self, chunks: list[dict[str, Any]]) -> bytes:
+    def _end(self, chunks: list[dict[str, Any]]) -> list[bytes]:
         self._over = True
-        return self._close() + b"".join(_chunk(c) for c in chunks) + b"data: [DONE]\n\n"
+        out = [*self._close(), *(_chunk(c) for c in chunks)]
+        out[-1] += b"data: [DONE]\n\n"
+        return out
 
 
 # -- the routes --------------------------------------------------------------------------------------------------------
@@ -312,7 +299,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         raise
     headers = {**HEADERS, "X-Generation-Id": job.id, "x-workflow-run-id": channel.removeprefix("aichat:")}
     async with cancelled_if_refused(request, job):
-        return await stream_channel(request, job.channel, "0", principal, transcoder=_Chunks(), headers=headers)
+        transcoding = Transcoding(_Chunks(), _FORMAT)
+        return await stream_channel(request, job.channel, "0", principal, transcoder=transcoding, headers=headers)
 
 
 def _start_index(request: web.Request) -> int | None:
@@ -327,13 +315,12 @@ def _start_index(request: web.Request) -> int | None:
 
 async def _chunks_so_far(request: web.Request, channel: str) -> int:
     """How many chunks the channel's events make now: where the tail of a `startIndex` below 0 is."""
-    counter, position = _Chunks(skip=1 << 62), "0"
+    counter, position, chunks = _Chunks(), "0", 0
     while True:
         page = await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
-        for entry in page.entries:
-            counter.encode(SSEEvent(entry.data, entry.event))
+        chunks += sum(len(counter.encode(entry.event, entry.data)) for entry in page.entries)
         if not page.more or not page.entries:
-            return counter.count
+            return chunks
         position = page.entries[-1].id
 
 
@@ -354,8 +341,9 @@ async def resume(request: web.Request) -> web.StreamResponse:
         tail = await _chunks_so_far(request, channel)
         headers["x-workflow-stream-tail-index"] = str(tail - 1)
         skip = max(0, tail + skip)
+    transcoding = Transcoding(_Chunks(), _FORMAT, skip)
     return await stream_channel(
-        request, channel, "0", principal, check_owner=True, transcoder=_Chunks(skip), headers=headers
+        request, channel, "0", principal, check_owner=True, transcoder=transcoding, headers=headers
     )
 
 
@@ -368,7 +356,7 @@ async def stop(request: web.Request) -> web.Response:
         # The answer's first event names its generation; a job still queued has written none yet.
         first = (await request.app[BACKEND].range(channel, "0", limit=1)).entries
         if first:
-            generation = event_data(SSEEvent(first[0].data)).get("id") if first[0].event == "start" else None
+            generation = event_data(first[0].data).get("id") if first[0].event == "start" else None
             break
         await asyncio.sleep(0.05)
     if not isinstance(generation, str):

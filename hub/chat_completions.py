@@ -16,13 +16,13 @@ import orjson
 from aiohttp import web
 
 from ssecore.jobs import Job
-from ssecore.sse import SSEEvent
 
 from .auth import Principal
 from .errors import OPENAI_ERRORS, ApiError
 from .formats import NOWHERE, count, event_data, json_response, provider_model, text_of
 from .generations import cancelled_if_refused, start_translated
 from .stream import stream_channel
+from .transcode import Transcoding
 
 __all__ = ["routes"]
 
@@ -131,42 +131,39 @@ class _Chunks:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
 
-    def encode(self, event: SSEEvent) -> bytes:
+    def encode(self, kind: str, raw: str) -> list[bytes]:
         if self._over:
-            return b""
-        kind = event.event
-        data = event_data(event)
+            return []
+        data = event_data(raw)
         if kind == "start":
-            return self._chunk({"role": "assistant", "content": ""})
+            return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "token":
-            return self._chunk({"content": text_of(data)})
+            return [self._chunk({"content": text_of(data)})]
         if kind == "reasoning":
-            return self._chunk({"reasoning_content": text_of(data)})
+            return [self._chunk({"reasoning_content": text_of(data)})]
         if kind == "refusal":
-            return self._chunk({"refusal": text_of(data)})
+            return [self._chunk({"refusal": text_of(data)})]
         if kind == "tool_call_delta":
-            return self._chunk({"tool_calls": [_tool_call_delta(data)]})
+            return [self._chunk({"tool_calls": [_tool_call_delta(data)]})]
         if kind == "done":
             return self._done(data)
         if kind in ("error", "reset"):
             # A restarted generation begins its answer again: a client that has half of it cannot be told to drop it.
             self._over = True
-            return b"data: " + orjson.dumps(_error(data if kind == "error" else _RESTARTED)) + b"\n\n"
-        return b""  # tool_call (its deltas said it all), and events of the channel's own
+            return [b"data: " + orjson.dumps(_error(data if kind == "error" else _RESTARTED)) + b"\n\n"]
+        return []  # tool_call (its deltas said it all), and events of the channel's own
 
     def cut(self) -> bytes:
-        if self._over:
-            return b""
-        self._over = True
-        return b"data: " + orjson.dumps(_error(_CUT)) + b"\n\n"
+        return b"" if self._over else b"data: " + orjson.dumps(_error(_CUT)) + b"\n\n"
 
-    def _done(self, data: Mapping[str, Any]) -> bytes:
+    def _done(self, data: Mapping[str, Any]) -> list[bytes]:
         self._over = True
         reason = text_of(data, "finish_reason") or "stop"
-        out = self._chunk({}, _FINISH.get(reason, reason))
+        out = [self._chunk({}, _FINISH.get(reason, reason))]
         if self._include_usage:
-            out += b"data: " + orjson.dumps({**self._head, "choices": [], "usage": _usage(data.get("usage"))}) + b"\n\n"
-        return out + b"data: [DONE]\n\n"
+            usage = {**self._head, "choices": [], "usage": _usage(data.get("usage"))}
+            out.append(b"data: " + orjson.dumps(usage) + b"\n\n")
+        return [*out, b"data: [DONE]\n\n"]
 
 
 def _tool_call_delta(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,14 +181,14 @@ class _Collected:
     """The channel's events, for the whole answer of `stream: false`."""
 
     def __init__(self) -> None:
-        self.terminal: SSEEvent | None = None
+        self.terminal: tuple[str, str] | None = None  # (kind, data) of the done or error event
 
-    def encode(self, event: SSEEvent) -> bytes:
-        if event.event in ("done", "error"):
-            self.terminal = event
-        elif event.event == "reset":
+    def encode(self, kind: str, raw: str) -> list[bytes]:
+        if kind in ("done", "error"):
+            self.terminal = kind, raw
+        elif kind == "reset":
             self.terminal = None  # a restarted generation: its answer is the one that follows
-        return b""
+        return []
 
     def cut(self) -> bytes:
         return b""
@@ -221,16 +218,17 @@ async def _answer(request: web.Request, job: Job, principal: Principal, body: Ma
     if body.get("stream") is True:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        chunks = _Chunks(completion_id, created, model, include_usage)
+        # Its own encoder: nobody else asks for this generation's stream in this form.
+        chunks = Transcoding(_Chunks(completion_id, created, model, include_usage))
         return await stream_channel(request, job.channel, "0", principal, transcoder=chunks, headers=headers)
     collected = _Collected()
-    await stream_channel(request, job.channel, "0", principal, transcoder=collected, into=NOWHERE)
+    await stream_channel(request, job.channel, "0", principal, transcoder=Transcoding(collected), into=NOWHERE)
     head = {"id": completion_id, "created": created, "model": model}
     terminal = collected.terminal
     if terminal is None:
         raise ApiError(503, "unavailable", "the generation could not be followed to its end; read it by its id")
-    data = event_data(terminal)
-    if terminal.event == "error":
+    kind, data = terminal[0], event_data(terminal[1])
+    if kind == "error":
         code = text_of(data, "code") or "provider_error"
         # The provider's refusal of the request is the caller's to fix (400); a failure of its own, a 502.
         status = 400 if code == "bad_request" else 502

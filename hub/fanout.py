@@ -22,7 +22,7 @@ import random
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,8 +34,9 @@ from ssecore.sse import comment, encode_event
 
 from .metrics import HubMetrics
 from .settings import TAIL_BACKOFF_MAX_S
+from .transcode import Feed, Transcoding, select
 
-__all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset"]
+__all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset", "reset_data"]
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,15 @@ class _Transport(Protocol):
     def close(self) -> None: ...
 
 
-def encode_reset(reset: Reset) -> bytes:
-    """The in-band `reset` event. Its id is where the stream continues after, so a reconnect does not repeat it."""
-    data = orjson.dumps(
+def reset_data(reset: Reset) -> str:
+    return orjson.dumps(
         {"reason": reset.reason, "requested": reset.requested, "continue_after": reset.continue_after}
     ).decode()
-    return encode_event(reset.continue_after, "reset", data)
+
+
+def encode_reset(reset: Reset) -> bytes:
+    """The in-band `reset` event. Its id is where the stream continues after, so a reconnect does not repeat it."""
+    return encode_event(reset.continue_after, "reset", reset_data(reset))
 
 
 def _may_follow(owner: str | None, client: str) -> bool:
@@ -72,6 +76,8 @@ class Subscriber:
     the connection's transport, framed as an HTTP/1.1 chunk when the response is chunked: no task wakes per event.
     Otherwise they queue, in order, for the handler to write in one go. Once the stream is handed over (hub.handover)
     there is no handler: every push is written straight away, and `end()` completes the response and closes.
+
+    A stream in another API's format reads the channel through a `feed` (hub.transcode), from its `skip`th unit on.
     """
 
     __slots__ = (
@@ -85,10 +91,13 @@ class Subscriber:
         "direct",
         "native",
         "ended",
+        "ending",
+        "feed",
         "handed_over",
         "last_key",
         "max_buffer_bytes",
         "provisional",
+        "skip",
         "transport",
     )
 
@@ -108,6 +117,10 @@ class Subscriber:
         # The client this stream counts as, while its right to the channel waits on the channel's owner (it was
         # admitted when the channel had none, by a token pattern): None once it may follow whatever comes.
         self.provisional: str | None = None
+        self.feed: Feed | None = None  # the encoder this stream reads the channel through (another API's format)
+        self.skip = 0  # of the feed's units, how many the client already has
+        # What a stream read through a feed ends with, taken from the feed when it ends: later events move the feed on.
+        self.ending: bytes | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -133,12 +146,17 @@ class Subscriber:
         self._pending.append(data)
         self._pending_bytes += len(data)
         if end:
-            self.ended = True
-        self._wake()
+            self.end()
+        else:
+            self._wake()
         return True
 
     def end(self) -> None:
         """Finish the stream after what is already pending."""
+        if self.feed is not None and not self.ended:
+            self.ending = self.feed.encoder.cut()
+            if self.handed_over and self.ending:
+                self.push(self.ending)
         if self.handed_over:
             if not self.ended and self.transport is not None and not self.transport.is_closing():
                 if self.chunked:
@@ -212,6 +230,7 @@ class _Channel:
     """
 
     __slots__ = (
+        "feeds",
         "idle_since",
         "owner",
         "owner_known",
@@ -237,6 +256,8 @@ class _Channel:
         self.window_keys: deque[StreamKey] = deque()
         self.window_data: deque[bytes] = deque()
         self.window_bytes = 0
+        # Its encoders for other APIs' formats (hub.transcode), by key; kept while the channel is, like the window.
+        self.feeds: dict[Hashable, Feed] = {}
 
     def remember(self, keys: Sequence[StreamKey], chunks: Sequence[bytes], cap: int) -> None:
         """Add events that follow the window's last one (or its base) and drop the oldest beyond `cap` bytes."""
@@ -370,13 +391,23 @@ class Fanout:
             # Accepted just before the drain began: it ends after its catch-up, like the others.
             sub.end()
 
-    def try_attach(self, sub: Subscriber, position: str, replayed: Replayed | None = None) -> bool:
+    def feed(self, sub: Subscriber, transcoding: Transcoding) -> Feed:
+        """A new feed for a stream that catches up in another format: its encoder takes the history the stream
+        replays, and the feed joins the channel's with the stream (see `try_attach`)."""
+        sub.skip = transcoding.skip
+        key = transcoding.key if transcoding.key is not None else sub
+        return Feed(transcoding.encoder, key, self._window_bytes)
+
+    def try_attach(
+        self, sub: Subscriber, position: str, replayed: Replayed | None = None, feed: Feed | None = None
+    ) -> bool:
         """Join the live feed at `position` if this node's tail is not ahead of it.
 
         False means the tail has already passed `position`: the caller reads the history in between and tries again.
         Synchronous, so nothing can be dispatched between the check and the join: no gap, no duplicate.
         `replayed` is the history page the caller has just sent, ending at `position`: a channel this attach starts
         tailing keeps it as its resume window, so the next clients resuming near here need not ask the store.
+        `feed`: the stream reads another format, and `feed` has taken the history up to `position`.
         """
         key = parse_id(position)
         ch = self._channels.get(sub.channel)
@@ -390,7 +421,44 @@ class Fanout:
             self._kick_reader()
         elif parse_id(ch.position) > key:
             return False
-        self._join(ch, sub, key)
+        if self._join(ch, sub, key) and feed is not None:
+            self._join_feed(ch, sub, feed)
+        return True
+
+    def _join_feed(self, ch: _Channel, sub: Subscriber, feed: Feed) -> None:
+        if sub.ended:
+            return  # it ends as it is, with its own encoder's ending (its handler writes it)
+        shared = ch.feeds.get(feed.key)
+        if shared is None:
+            shared = ch.feeds[feed.key] = feed
+        elif feed.position < shared.position:
+            shared.adopt(feed)
+        shared.subscribers.add(sub)
+        sub.feed = shared
+
+    def has_feed(self, channel: str, key: Hashable | None) -> bool:
+        """Whether `resume_feed` would serve a stream of this channel in that format now."""
+        ch = self._channels.get(channel)
+        shared = ch.feeds.get(key) if ch is not None and key is not None else None
+        return shared is not None and shared.kept is not None
+
+    def resume_feed(self, sub: Subscriber, key: Hashable) -> bool:
+        """Serve a stream in another format from the channel's feed for it, if this node has one that kept every unit
+        it made: join it and queue the units after the stream's `skip`, with neither a store read nor a replay.
+        False: it has none.
+        """
+        ch = self._channels.get(sub.channel)
+        shared = ch.feeds.get(key) if ch is not None else None
+        if ch is None or shared is None or shared.kept is None:
+            return False
+        if shared.kept and sub.provisional is not None and not ch.owner_known:
+            return False  # events whose owner this node has not looked up: the caller reads them from the store
+        if self._join(ch, sub, shared.position):
+            shared.subscribers.add(sub)
+            sub.feed = shared
+            missed = select(shared.kept, (0, 0), sub.skip)
+            if missed:
+                sub.push(missed, shared.position)
         return True
 
     def resume(self, sub: Subscriber, position: str) -> bool:
@@ -441,6 +509,8 @@ class Fanout:
         ch = self._channels.get(sub.channel)
         if ch is not None and sub in ch.subscribers:
             self._leave(ch, sub)
+        if sub.feed is not None:
+            sub.feed, sub.ending = None, b""  # it was shown nothing, so there is nothing to end
         sub.provisional = None
 
     def detach(self, sub: Subscriber) -> None:
@@ -452,6 +522,11 @@ class Fanout:
 
     def _leave(self, ch: _Channel, sub: Subscriber) -> None:
         ch.subscribers.discard(sub)
+        feed = sub.feed
+        if feed is not None:
+            feed.subscribers.discard(sub)
+            if feed.key is sub:
+                ch.feeds.pop(sub, None)  # this stream's own: nobody else reads it
         if sub.provisional is not None:
             ch.provisional -= 1
         if not ch.subscribers:
@@ -597,7 +672,7 @@ class Fanout:
         framed = b"%x\r\n%s\r\n" % (len(payload), payload)
         for sub in tuple(ch.subscribers):
             lk = sub.last_key
-            if lk >= last:
+            if lk >= last or sub.feed is not None:
                 continue
             # The common case, inlined, since this loop runs once per subscriber per event: a handler parked with
             # nothing unwritten, a client that keeps up, all of the batch new to it. Anything else takes `push`, which
@@ -619,6 +694,10 @@ class Fanout:
             else:
                 cut += 1
                 self._leave(ch, sub)
+        for feed in tuple(ch.feeds.values()):
+            d, c = self._dispatch_feed(ch, feed, entries)
+            delivered += d
+            cut += c
         if delivered:
             self._metrics.events_delivered.inc(delivered)
         if cut:
@@ -626,6 +705,38 @@ class Fanout:
         if end:
             # Nothing can follow the close marker: release the channel.
             self._drop(name)
+
+    def _dispatch_feed(self, ch: _Channel, feed: Feed, entries: list[Entry]) -> tuple[int, int]:
+        """Encode a batch once in a feed's format and hand each of its streams what it lacks: (events delivered,
+        streams cut off)."""
+        batch = feed.take(entries)  # taken even by a feed nobody reads now: a stream joining later starts from it
+        if not batch or not feed.subscribers:
+            return 0, 0
+        last, end = entries[-1].key, entries[-1].close
+        head, first_unit = batch[0][0], batch[0][1]
+        payload: bytes | None = None
+        delivered = cut = 0
+        for sub in tuple(feed.subscribers):
+            lk = sub.last_key
+            if lk >= last:
+                continue
+            if lk < head and sub.skip <= first_unit:
+                if payload is None:
+                    payload = b"".join(u for _, _, units in batch for u in units)
+                data, n = payload, len(batch)
+            else:
+                data, n = select(batch, lk, sub.skip), sum(1 for key, _, _ in batch if key > lk)
+            if not data:
+                # Nothing in this format, or nothing the client lacks: no empty write, which would end a chunked body.
+                sub.last_key = last
+                if end:
+                    sub.end()
+            elif sub.push(data, last, end=end):
+                delivered += n
+            else:
+                cut += 1
+                self._leave(ch, sub)
+        return delivered, cut
 
     async def _settle_owner(self, name: str, ch: _Channel) -> None:
         """Look up the owner of a channel whose entries are about to reach provisional subscribers, and let each of them
@@ -657,12 +768,20 @@ class Fanout:
         ch = self._drop(name)
         if ch is None:
             return
-        data = encode_reset(Reset("deleted", "0-0", ch.position))
+        reset = Reset("deleted", "0-0", ch.position)
+        data = encode_reset(reset)
+        # Each feed's streams are told in their format, encoded once for them all.
+        told_feeds = {key: b"".join(feed.encoder.encode("reset", reset_data(reset))) for key, feed in ch.feeds.items()}
         told = 0
         for sub in ch.subscribers:
             if sub.provisional is None:
-                sub.push(data, end=True)
                 told += 1
+                if sub.feed is None:
+                    sub.push(data, end=True)
+                elif told_feeds[sub.feed.key]:
+                    sub.push(told_feeds[sub.feed.key], end=True)
+                else:
+                    sub.end()
             else:
                 # Not told what was there: it ends, and its reconnect is authorized afresh.
                 sub.end()

@@ -10,8 +10,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ssecore.sse import SSEEvent
-
 from .errors import ApiError
 
 __all__ = ["NOWHERE", "count", "event_data", "json_response", "provider_model", "text_of"]
@@ -26,10 +24,10 @@ def provider_model(model: Any, kinds: Mapping[str, str], default: str) -> tuple[
     return default, model
 
 
-def event_data(event: SSEEvent) -> dict[str, Any]:
+def event_data(raw: str) -> dict[str, Any]:
     """An event's JSON object; {} for anything else (a channel may hold what someone published after deleting it)."""
     try:
-        data = orjson.loads(event.data)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}

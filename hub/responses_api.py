@@ -20,7 +20,6 @@ import orjson
 from aiohttp import web
 
 from ssecore.jobs import TERMINAL_STATUSES, GenerationRecord, Job
-from ssecore.sse import SSEEvent
 
 from .appkeys import AUTH, JOBS
 from .auth import Principal
@@ -29,6 +28,7 @@ from .formats import NOWHERE, count, event_data, json_response, provider_model, 
 from .generations import cancelled_if_refused, reachable_record, start_translated
 from .operations import refuse_when_draining
 from .stream import stream_channel
+from .transcode import Transcoding
 
 __all__ = ["routes"]
 
@@ -252,14 +252,11 @@ class _Item:
 
 
 class _Events:
-    """A generation's channel as Responses API events, numbered from 0 at `response.created`; only those after
-    `starting_after` are written."""
+    """A generation's channel as Responses API events, numbered from 0 at `response.created`: the `sequence_number`
+    of each is its index among the units this makes (hub.transcode)."""
 
-    def __init__(
-        self, rid: str, created: float, model: str, starting_after: int = -1, background: bool = False
-    ) -> None:
+    def __init__(self, rid: str, created: float, model: str, background: bool = False) -> None:
         self._rid, self._created, self._model, self._background = rid, created, model, background
-        self._after = starting_after
         self._seq = 0
         self._items: list[_Item] = []
         self._open: _Item | None = None
@@ -268,17 +265,14 @@ class _Events:
         self._over = False
         self.final: dict[str, Any] | None = None  # the response, once it ended
 
-    def encode(self, event: SSEEvent) -> bytes:
+    def encode(self, kind: str, raw: str) -> list[bytes]:
         if self._over:
-            return b""
-        data = event_data(event)
+            return []
         out: list[bytes] = []
-        for kind, body in self._map(event.event, data):
-            seq, self._seq = self._seq, self._seq + 1
-            if seq > self._after:
-                payload = orjson.dumps({"type": kind, "sequence_number": seq, **body})
-                out.append(b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n")
-        return b"".join(out)
+        for name, body in self._map(kind, event_data(raw)):
+            out.append(_event(name, self._seq, body))
+            self._seq += 1
+        return out
 
     def _response(self, status: str, **kw: Any) -> dict[str, Any]:
         output = [self._whole(i) for i in self._items]
@@ -316,13 +310,14 @@ class _Events:
         return []
 
     def cut(self) -> bytes:
-        """The stream ends before the response did (the node drains, the token expired): say so, as a failure."""
+        """The stream ends before the response did (the node drains, the token expired): say so, as a failure. It is
+        no event of the response: it repeats the last number written, so that a client resuming after the highest
+        number it saw misses nothing."""
         if self._over:
             return b""
         message = "the stream ended before the response did; read it again from its last sequence_number"
-        return self.encode(
-            SSEEvent(data=orjson.dumps({"code": "interrupted", "message": message}).decode(), event="error")
-        )
+        response = self._response("failed", error={"code": "interrupted", "message": message})
+        return _event("response.failed", self._seq - 1, {"response": response})
 
     def _end(self, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out = self._close(self._open)
@@ -440,6 +435,11 @@ class _Events:
                 "content": [part] if status == "completed" else []}  # fmt: skip
 
 
+def _event(name: str, seq: int, body: Mapping[str, Any]) -> bytes:
+    payload = orjson.dumps({"type": name, "sequence_number": seq, **body})
+    return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
+
+
 # -- the routes -------------------------------------------------------------------------------------------------------
 
 
@@ -457,12 +457,13 @@ async def _answer(request: web.Request, job: Job, principal: Principal, seen: Ma
     headers = {"X-Generation-Id": job.id}
     if seen.get("stream") is True:
         events = _Events(rid, job.created_at, model, background=background)
-        return await stream_channel(request, job.channel, "0", principal, transcoder=events, headers=headers)
+        transcoding = Transcoding(events, ("responses", rid, background))
+        return await stream_channel(request, job.channel, "0", principal, transcoder=transcoding, headers=headers)
     if background:
         queued = _response(rid, job.created_at, model, "queued", [], background=True)
         return json_response(queued, headers=headers)
     events = _Events(rid, job.created_at, model)
-    await stream_channel(request, job.channel, "0", principal, transcoder=events, into=NOWHERE)
+    await stream_channel(request, job.channel, "0", principal, transcoder=Transcoding(events), into=NOWHERE)
     if events.final is None:
         raise ApiError(503, "unavailable", "the response could not be followed to its end; read it by its id")
     return json_response(events.final, headers=headers)
@@ -485,9 +486,12 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     if request.query.get("stream") == "true":
         principal = request.app[AUTH].authenticate(request)
         rid = response_id(record.id)
-        events = _Events(rid, record.created_at, f"{record.provider}/{record.model}", _starting_after(request))
+        events = _Events(rid, record.created_at, f"{record.provider}/{record.model}")
         # From the channel's start, whatever N: every node numbers the events the same way.
-        return await stream_channel(request, record.channel, "0", principal, transcoder=events, check_owner=True)
+        transcoding = Transcoding(events, ("responses", rid, False), skip=_starting_after(request) + 1)
+        return await stream_channel(
+            request, record.channel, "0", principal, transcoder=transcoding, check_owner=True
+        )  # fmt: skip
     return json_response(_from_record(record))
 
 

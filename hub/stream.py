@@ -14,20 +14,21 @@ from typing import Protocol
 
 from aiohttp import web
 
-from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, check_position, parse_id
-from ssecore.sse import SSEEvent, SSEParser, comment, encode_event, event_id, retry
+from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, Reset, StreamKey, check_position, parse_id
+from ssecore.sse import comment, encode_event, event_id, retry
 
 from .appkeys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS
 from .auth import Principal, seconds_left
 from .channels import channel_name
-from .fanout import Fanout, Replayed, Subscriber, encode_reset
+from .fanout import Fanout, Replayed, Subscriber, encode_reset, reset_data
 from .handover import hand_over
 from .limits import Limits
 from .operations import refuse_when_draining
 from .ownership import HIDDEN_CHANNEL, stream_access
 from .settings import HubSettings
+from .transcode import Feed, Transcoding, select
 
-__all__ = ["Transcoder", "Writer", "routes", "stream_channel"]
+__all__ = ["Writer", "routes", "stream_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,18 @@ async def subscribe(request: web.Request) -> web.StreamResponse:
 
 
 async def _start(
-    request: web.Request, channel: str, position: str | None
+    request: web.Request, channel: str, position: str | None, transcoding: Transcoding | None = None
 ) -> tuple[str, RangeResult | None, bytes, bool] | None:
     """Where the stream starts: (position, the first history page if one was read, the preamble, whether the store
     was seen to hold the stream); None when the client already has the channel's end marker (answer 204, which tells
-    EventSource to stop reconnecting)."""
+    EventSource to stop reconnecting). A stream in another format has no preamble: its clients know no `retry:`."""
     settings = request.app[SETTINGS]
     fanout = request.app[FANOUT]
-    preamble = retry(settings.retry_ms) + comment("ok")
+    preamble = retry(settings.retry_ms) + comment("ok") if transcoding is None else b""
+    if transcoding is not None and position is not None and fanout.has_feed(channel, transcoding.key):
+        # This node reads the channel in that format already, and kept it whole: `_catch_up` serves it from there.
+        request.app[METRICS].resumes.labels("window").inc()
+        return position, None, preamble, False
     if position is None:
         # Live: start after whatever the channel holds now. The client is told that position at once, so a
         # reconnect before the first event resumes from it instead of silently starting from "now" again.
@@ -83,7 +88,7 @@ async def _start(
             live = info.last_id if info is not None else ZERO_ID
             existed = info is not None
         return live, None, preamble + event_id(live), existed
-    if fanout.can_resume(channel, position):
+    if transcoding is None and fanout.can_resume(channel, position):
         # What the client missed is in this node's window of the channel: `_catch_up` serves it from memory.
         request.app[METRICS].resumes.labels("window").inc()
         return position, None, preamble, False
@@ -98,41 +103,6 @@ class Writer(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
-class Transcoder(Protocol):
-    """Another API's stream format: each event of the channel as that API writes it (b"" for nothing)."""
-
-    def encode(self, event: SSEEvent) -> bytes: ...
-
-    def cut(self) -> bytes:
-        """What ends the stream in that format when it ends before the channel did (the token expired, the node is
-        draining): those clients do not reconnect, so it must say so rather than stop; b"" once the channel ended."""
-        ...
-
-
-class _Transcoding:
-    """Where a stream's native SSE goes when another format is wanted: each event re-encoded by the transcoder;
-    heartbeats passed on as comments, which every SSE reader skips, so proxies still see the connection alive."""
-
-    __slots__ = ("_out", "_parser", "_transcoder")
-
-    def __init__(self, out: Writer, transcoder: Transcoder) -> None:
-        self._out, self._transcoder, self._parser = out, transcoder, SSEParser()
-
-    async def write(self, data: bytes) -> None:
-        try:
-            encoded = b"".join(self._transcoder.encode(e) for e in self._parser.feed(data))
-        except (ValueError, TypeError, KeyError) as e:
-            # A channel event the format cannot read (someone published on a generation's deleted channel): end
-            # the stream as cut, not with a traceback.
-            log.warning("cannot re-encode an event: %s", e)
-            await self._out.write(self._transcoder.cut())
-            raise ConnectionResetError("unreadable event") from None
-        if encoded:
-            await self._out.write(encoded)
-        elif data.startswith(b":"):
-            await self._out.write(b": keep-alive\n\n")
-
-
 async def stream_channel(
     request: web.Request,
     channel: str,
@@ -140,7 +110,7 @@ async def stream_channel(
     principal: Principal,
     *,
     check_owner: bool = False,
-    transcoder: Transcoder | None = None,
+    transcoder: Transcoding | None = None,
     into: Writer | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
@@ -149,10 +119,11 @@ async def stream_channel(
     does not exist (see hub.ownership). The stream ends when the principal's token expires (the client reconnects with
     a fresh one).
 
-    `transcoder`: write the events in another API's format instead. `into`: write them there, not as this request's
-    response (which is then left for the caller to make: a whole answer built from the events).
+    `transcoder`: write the events in another API's format instead (hub.transcode), heartbeats still as comments,
+    which every SSE reader skips. `into`: write them there, not as this request's response (which is then left for
+    the caller to make: a whole answer built from the events).
     """
-    start = await _start(request, channel, position)
+    start = await _start(request, channel, position, transcoder)
     provisional = None
     if check_owner:
         # After the store was read, so that a stream seen to exist with no owner is known to be no generation's.
@@ -161,7 +132,7 @@ async def stream_channel(
             # Another client's generation: streamed as a channel that does not exist (the same preamble, the same
             # reset for a resume), and nothing ever comes. A refusal would tell the caller the channel is there.
             channel = HIDDEN_CHANNEL
-            start = await _start(request, channel, position)
+            start = await _start(request, channel, position, transcoder)
     if start is None:
         return web.Response(status=204)
     position, first, preamble, _ = start
@@ -178,11 +149,10 @@ async def stream_channel(
     # not to send its next request (the reconnect) on it.
     resp.force_close()
     out: Writer = into if into is not None else resp
-    if transcoder is not None:
-        out = _Transcoding(out, transcoder)
     sub = Subscriber(channel, request.transport, settings.max_buffer_bytes)
     sub.provisional = provisional
     sub.native = out is resp
+    feed = fanout.feed(sub, transcoder) if transcoder is not None else None
     # Another API's clients do not reconnect: no age-out ends their streams.
     end = _schedule_end(sub, seconds_left(principal), settings, age_out=transcoder is None)
     release = _Release(fanout, sub, end, limits, client)
@@ -195,11 +165,12 @@ async def stream_channel(
         # Events may be written by the fan-out straight to the transport (see Subscriber): they must be framed the
         # way this response's body is (chunked for HTTP/1.1, raw for HTTP/1.0; never compressed).
         sub.chunked = resp.headers.get("Transfer-Encoding") == "chunked"
-        await out.write(preamble)
-        handed_over = await _follow(request, out, resp, sub, release, position, first)
+        if preamble:
+            await out.write(preamble)
+        handed_over = await _follow(request, out, resp, sub, release, position, first, feed)
         if handed_over:
             return resp
-        if transcoder is not None and not sub.cut and (ending := transcoder.cut()):
+        if feed is not None and not sub.cut and (ending := _ending(sub, feed)):
             await out.write(ending)
     except ConnectionError:
         # The client went away (as early as before the headers were written: a reconnect storm does that), or
@@ -208,13 +179,19 @@ async def stream_channel(
     except BackendUnavailable as e:
         metrics.backend_errors.labels("history").inc()
         log.info("ending stream on %s: %s", channel, e)
-        if transcoder is not None:
+        if feed is not None and (ending := _ending(sub, feed)):
             with contextlib.suppress(ConnectionError):
-                await out.write(transcoder.cut())
+                await out.write(ending)
     finally:
         if not handed_over:
             release()
     return resp
+
+
+def _ending(sub: Subscriber, feed: Feed) -> bytes:
+    """What ends a stream in another format that ends before its channel: taken when the fan-out ended it, if it read
+    a shared feed by then; else its own encoder's, which took what the stream was written."""
+    return sub.ending if sub.ending is not None else feed.encoder.cut()
 
 
 async def _follow(
@@ -225,13 +202,14 @@ async def _follow(
     release: _Release,
     position: str,
     first: RangeResult | None,
+    feed: Feed | None,
 ) -> bool:
     """Catch up, then follow the live feed until the stream ends. True if it was handed over (then it lives on)."""
-    if not await _catch_up(request, out, sub, position, first):
+    if not await _catch_up(request, out, sub, position, first, feed):
         return False
     # Write what the catch-up queued, then hand the live stream over to a minimal protocol (hub.handover): checked and
-    # done synchronously, so nothing can be pushed in between. Only a native stream: the hand-over writes the fan-out's
-    # own bytes.
+    # done synchronously, so nothing can be pushed in between. Only a stream written as the response: the hand-over
+    # writes what the fan-out pushes as it is.
     while (chunk := sub.take_pending()) is not None:
         await out.write(chunk)
     if out is resp and not sub.ended and hand_over(request, sub, release):
@@ -291,8 +269,12 @@ async def _history(request: web.Request, channel: str, position: str) -> RangeRe
     return await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
 
 
-async def _catch_up(request: web.Request, resp: Writer, sub: Subscriber, position: str, r: RangeResult | None) -> bool:
-    """Replay history after `position` until this node's live tail can take over; then join the live feed.
+async def _catch_up(
+    request: web.Request, resp: Writer, sub: Subscriber, position: str, r: RangeResult | None, feed: Feed | None
+) -> bool:
+    """Replay history after `position` until this node's live tail can take over; then join the live feed. With
+    `feed`, the stream is in another format: the history goes through the feed's encoder, which the fan-out shares or
+    drops when the stream joins.
 
     Returns False when the stream is already over (the close marker was replayed).
     """
@@ -306,15 +288,16 @@ async def _catch_up(request: web.Request, resp: Writer, sub: Subscriber, positio
             reset = check_position(position, r)
             if reset is not None:
                 request.app[METRICS].resets.labels(reset.reason).inc()
-                await resp.write(encode_reset(reset))
+                if data := _reset(reset, sub, feed):
+                    await resp.write(data)
                 position = reset.continue_after
                 replayed = None
                 r = await _history(request, sub.channel, position)
                 continue
             if r.entries:
-                chunks = [encode_event(e.id, e.event, e.data) for e in r.entries]
-                await resp.write(b"".join(chunks))
-                replayed = Replayed(parse_id(position), [e.key for e in r.entries], chunks)
+                data, replayed = _replay(r, position, sub, feed)
+                if data:
+                    await resp.write(data)
                 position = r.entries[-1].id
                 if r.entries[-1].close:
                     return False
@@ -323,8 +306,7 @@ async def _catch_up(request: web.Request, resp: Writer, sub: Subscriber, positio
             if r.more:
                 r = await _history(request, sub.channel, position)
                 continue
-        # Both synchronous: what the window serves is queued before anything the tail dispatches next.
-        if fanout.resume(sub, position) or fanout.try_attach(sub, position, replayed):
+        if _attach(fanout, sub, position, replayed, feed, from_memory=r is None):
             return True
         replayed = None
         r = await _history(request, sub.channel, position)
@@ -332,6 +314,32 @@ async def _catch_up(request: web.Request, resp: Writer, sub: Subscriber, positio
             # The node's tail is ahead of the stream itself: entries it read are gone (the stream was lost or
             # recreated). Start the channel afresh; its other streams end and resume with a reset.
             fanout.break_channel(sub.channel, "tail ahead of the stream")
+
+
+_ALL: StreamKey = (-1, -1)  # before every entry: select what a batch made, whatever its entries' ids
+
+
+def _attach(
+    fanout: Fanout, sub: Subscriber, position: str, replayed: Replayed | None, feed: Feed | None, *, from_memory: bool
+) -> bool:
+    # Both synchronous: what the window (or the feed) serves is queued before anything the tail dispatches next.
+    if feed is None:
+        return fanout.resume(sub, position) or fanout.try_attach(sub, position, replayed)
+    return (from_memory and fanout.resume_feed(sub, feed.key)) or fanout.try_attach(sub, position, feed=feed)
+
+
+def _replay(r: RangeResult, position: str, sub: Subscriber, feed: Feed | None) -> tuple[bytes, Replayed | None]:
+    """A page of history as this stream is written it; native, also the page as the channel's resume window."""
+    if feed is not None:
+        return select(feed.take(r.entries), _ALL, sub.skip), None
+    chunks = [encode_event(e.id, e.event, e.data) for e in r.entries]
+    return b"".join(chunks), Replayed(parse_id(position), [e.key for e in r.entries], chunks)
+
+
+def _reset(reset: Reset, sub: Subscriber, feed: Feed | None) -> bytes:
+    if feed is None:
+        return encode_reset(reset)
+    return select(feed.take_reset(parse_id(reset.continue_after), reset_data(reset)), _ALL, sub.skip)
 
 
 async def _may_follow(request: web.Request, sub: Subscriber) -> bool:

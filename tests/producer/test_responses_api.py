@@ -89,11 +89,10 @@ async def test_a_cut_answer_is_an_incomplete_response(hub: Client) -> None:
 
 def _feed(events: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     from hub.responses_api import _Events
-    from ssecore.sse import SSEEvent
 
     encoder = _Events("resp_" + "0" * 24, 0, "openai/m")
     raw = b"".join(
-        encoder.encode(SSEEvent(d if isinstance(d, str) else orjson.dumps(d).decode(), e)) for e, d in events
+        u for e, d in events for u in encoder.encode(e, d if isinstance(d, str) else orjson.dumps(d).decode())
     )
     return [orjson.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
 
