@@ -27,7 +27,7 @@ from .generations import cancelled_if_refused, reachable_record, start_translate
 from .operations import refuse_when_draining
 from .ownership import reached_as
 from .stream import stream_channel
-from .transcode import Transcoding
+from .transcode import Transcoding, encode_safely
 
 __all__ = ["routes"]
 
@@ -200,11 +200,11 @@ class _Chunks:
         return []
 
     def cut(self) -> bytes:
-        """Ended before the answer did (the node is draining): the open part ends; the client resumes with the
+        """Ended before the answer did (the node is draining): said as a comment, not as a chunk. A chunk would be
+        counted by WorkflowChatTransport, whose resume (`startIndex`) would then skip a real one; and a `finish` or
+        `abort` would tell it the answer is over. It reconnects because no `finish` came; `useChat` resumes with the
         chat's stream."""
-        if self._over or self._open is None:
-            return b""
-        return _chunk({"type": f"{self._open[0]}-end", "id": self._open[1]})
+        return b"" if self._over else b": interrupted: resume the chat's stream\n\n"
 
     def _switch(self, part: str) -> list[bytes]:
         if self._open is not None and self._open[0] == part:
@@ -318,7 +318,7 @@ async def _chunks_so_far(request: web.Request, channel: str) -> int:
     counter, position, chunks = _Chunks(), "0", 0
     while True:
         page = await request.app[BACKEND].range(channel, position, limit=request.app[SETTINGS].replay_page)
-        chunks += sum(len(counter.encode(entry.event, entry.data)) for entry in page.entries)
+        chunks += sum(len(encode_safely(counter, entry.event, entry.data)) for entry in page.entries)
         if not page.more or not page.entries:
             return chunks
         position = page.entries[-1].id

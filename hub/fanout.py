@@ -34,7 +34,7 @@ from ssecore.sse import comment, encode_event
 
 from .metrics import HubMetrics
 from .settings import TAIL_BACKOFF_MAX_S
-from .transcode import Feed, Transcoding, select
+from .transcode import ALL, Batch, Feed, Transcoding, View, select
 
 __all__ = ["Fanout", "Replayed", "Subscriber", "encode_reset", "reset_data"]
 
@@ -77,7 +77,7 @@ class Subscriber:
     Otherwise they queue, in order, for the handler to write in one go. Once the stream is handed over (hub.handover)
     there is no handler: every push is written straight away, and `end()` completes the response and closes.
 
-    A stream in another API's format reads the channel through a `feed` (hub.transcode), from its `skip`th unit on.
+    A stream in another API's format reads the channel through its `view` of a feed (hub.transcode).
     """
 
     __slots__ = (
@@ -91,14 +91,12 @@ class Subscriber:
         "direct",
         "native",
         "ended",
-        "ending",
-        "feed",
         "handed_over",
         "last_key",
         "max_buffer_bytes",
         "provisional",
-        "skip",
         "transport",
+        "view",
     )
 
     def __init__(self, channel: str, transport: _Transport | None, max_buffer_bytes: int) -> None:
@@ -117,10 +115,7 @@ class Subscriber:
         # The client this stream counts as, while its right to the channel waits on the channel's owner (it was
         # admitted when the channel had none, by a token pattern): None once it may follow whatever comes.
         self.provisional: str | None = None
-        self.feed: Feed | None = None  # the encoder this stream reads the channel through (another API's format)
-        self.skip = 0  # of the feed's units, how many the client already has
-        # What a stream read through a feed ends with, taken from the feed when it ends: later events move the feed on.
-        self.ending: bytes | None = None
+        self.view: View | None = None  # how it reads the channel in another API's format; None: native
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -153,10 +148,13 @@ class Subscriber:
 
     def end(self) -> None:
         """Finish the stream after what is already pending."""
-        if self.feed is not None and not self.ended:
-            self.ending = self.feed.encoder.cut()
-            if self.handed_over and self.ending:
-                self.push(self.ending)
+        view = self.view
+        if view is not None and view.shared is not None and not self.ended:
+            # Not for a connection already gone (a handed-over stream learns that here): nobody would read it.
+            if self.transport is None or not self.transport.is_closing():
+                view.ending = view.source(self.last_key).ending()
+                if self.handed_over and view.ending:
+                    self.push(view.ending)
         if self.handed_over:
             if not self.ended and self.transport is not None and not self.transport.is_closing():
                 if self.chunked:
@@ -393,10 +391,12 @@ class Fanout:
 
     def feed(self, sub: Subscriber, transcoding: Transcoding) -> Feed:
         """A new feed for a stream that catches up in another format: its encoder takes the history the stream
-        replays, and the feed joins the channel's with the stream (see `try_attach`)."""
-        sub.skip = transcoding.skip
-        key = transcoding.key if transcoding.key is not None else sub
-        return Feed(transcoding.encoder, key, self._window_bytes)
+        replays, and the feed joins the channel's with the stream (see `try_attach`). A stream's own (no key) keeps
+        nothing: nobody else could be served from it."""
+        shared = transcoding.key is not None
+        own = Feed(transcoding.encoder, transcoding.key if shared else sub, self._window_bytes if shared else 0)
+        sub.view = View(own, transcoding.skip)
+        return own
 
     def try_attach(
         self, sub: Subscriber, position: str, replayed: Replayed | None = None, feed: Feed | None = None
@@ -426,15 +426,19 @@ class Fanout:
         return True
 
     def _join_feed(self, ch: _Channel, sub: Subscriber, feed: Feed) -> None:
-        if sub.ended:
+        view = sub.view
+        if sub.ended or view is None:
             return  # it ends as it is, with its own encoder's ending (its handler writes it)
+        if feed.reset:
+            # Its catch-up met a reset the channel's other streams did not: its encoder is its own alone.
+            feed.key = sub
         shared = ch.feeds.get(feed.key)
         if shared is None:
             shared = ch.feeds[feed.key] = feed
         elif feed.position < shared.position:
             shared.adopt(feed)
         shared.subscribers.add(sub)
-        sub.feed = shared
+        view.shared = shared
 
     def has_feed(self, channel: str, key: Hashable | None) -> bool:
         """Whether `resume_feed` would serve a stream of this channel in that format now."""
@@ -449,14 +453,15 @@ class Fanout:
         """
         ch = self._channels.get(sub.channel)
         shared = ch.feeds.get(key) if ch is not None else None
-        if ch is None or shared is None or shared.kept is None:
+        view = sub.view
+        if ch is None or shared is None or shared.kept is None or view is None:
             return False
         if shared.kept and sub.provisional is not None and not ch.owner_known:
             return False  # events whose owner this node has not looked up: the caller reads them from the store
-        if self._join(ch, sub, shared.position):
+        if self._join(ch, sub, shared.position) and not sub.ended:
             shared.subscribers.add(sub)
-            sub.feed = shared
-            missed = select(shared.kept, (0, 0), sub.skip)
+            view.shared = shared
+            missed = select(shared.kept, ALL, view.skip)
             if missed:
                 sub.push(missed, shared.position)
         return True
@@ -509,8 +514,8 @@ class Fanout:
         ch = self._channels.get(sub.channel)
         if ch is not None and sub in ch.subscribers:
             self._leave(ch, sub)
-        if sub.feed is not None:
-            sub.feed, sub.ending = None, b""  # it was shown nothing, so there is nothing to end
+        if sub.view is not None and sub.view.shared is not None:
+            sub.view.shared, sub.view.ending = None, b""  # it was shown nothing, so there is nothing to end
         sub.provisional = None
 
     def detach(self, sub: Subscriber) -> None:
@@ -522,7 +527,7 @@ class Fanout:
 
     def _leave(self, ch: _Channel, sub: Subscriber) -> None:
         ch.subscribers.discard(sub)
-        feed = sub.feed
+        feed = sub.view.shared if sub.view is not None else None
         if feed is not None:
             feed.subscribers.discard(sub)
             if feed.key is sub:
@@ -672,7 +677,7 @@ class Fanout:
         framed = b"%x\r\n%s\r\n" % (len(payload), payload)
         for sub in tuple(ch.subscribers):
             lk = sub.last_key
-            if lk >= last or sub.feed is not None:
+            if lk >= last or sub.view is not None:
                 continue
             # The common case, inlined, since this loop runs once per subscriber per event: a handler parked with
             # nothing unwritten, a client that keeps up, all of the batch new to it. Anything else takes `push`, which
@@ -718,14 +723,15 @@ class Fanout:
         delivered = cut = 0
         for sub in tuple(feed.subscribers):
             lk = sub.last_key
-            if lk >= last:
+            if lk >= last or sub.view is None:
                 continue
-            if lk < head and sub.skip <= first_unit:
+            skip = sub.view.skip
+            if lk < head and skip <= first_unit:
                 if payload is None:
                     payload = b"".join(u for _, _, units in batch for u in units)
                 data, n = payload, len(batch)
             else:
-                data, n = select(batch, lk, sub.skip), sum(1 for key, _, _ in batch if key > lk)
+                data, n = select(batch, lk, skip), sum(1 for key, _, _ in batch if key > lk)
             if not data:
                 # Nothing in this format, or nothing the client lacks: no empty write, which would end a chunked body.
                 sub.last_key = last
@@ -770,20 +776,25 @@ class Fanout:
             return
         reset = Reset("deleted", "0-0", ch.position)
         data = encode_reset(reset)
-        # Each feed's streams are told in their format, encoded once for them all.
-        told_feeds = {key: b"".join(feed.encoder.encode("reset", reset_data(reset))) for key, feed in ch.feeds.items()}
+        # The streams of a feed are told in their format, encoded once for them all (the reset ends the encoder).
+        told_feeds: dict[int, Batch] = {}
         told = 0
         for sub in ch.subscribers:
-            if sub.provisional is None:
-                told += 1
-                if sub.feed is None:
-                    sub.push(data, end=True)
-                elif told_feeds[sub.feed.key]:
-                    sub.push(told_feeds[sub.feed.key], end=True)
-                else:
-                    sub.end()
-            else:
+            if sub.provisional is not None:
                 # Not told what was there: it ends, and its reconnect is authorized afresh.
+                sub.end()
+                continue
+            told += 1
+            view = sub.view
+            if view is None:
+                sub.push(data, end=True)
+                continue
+            source = view.source(sub.last_key)
+            if id(source) not in told_feeds:
+                told_feeds[id(source)] = source.take_reset(source.position, reset_data(reset))
+            if said := select(told_feeds[id(source)], ALL, view.skip):
+                sub.push(said, end=True)
+            else:
                 sub.end()
         if told:
             self._metrics.resets.labels("deleted").inc(told)

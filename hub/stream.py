@@ -14,7 +14,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, Reset, StreamKey, check_position, parse_id
+from ssecore.backend import ZERO_ID, BackendUnavailable, RangeResult, Reset, check_position, parse_id
 from ssecore.sse import comment, encode_event, event_id, retry
 
 from .appkeys import AUTH, BACKEND, FANOUT, LIMITS, METRICS, SETTINGS
@@ -26,7 +26,7 @@ from .limits import Limits
 from .operations import refuse_when_draining
 from .ownership import HIDDEN_CHANNEL, stream_access
 from .settings import HubSettings
-from .transcode import Feed, Transcoding, select
+from .transcode import ALL, Feed, Transcoding, select
 
 __all__ = ["Writer", "routes", "stream_channel"]
 
@@ -191,7 +191,8 @@ async def stream_channel(
 def _ending(sub: Subscriber, feed: Feed) -> bytes:
     """What ends a stream in another format that ends before its channel: taken when the fan-out ended it, if it read
     a shared feed by then; else its own encoder's, which took what the stream was written."""
-    return sub.ending if sub.ending is not None else feed.encoder.cut()
+    ending = sub.view.ending if sub.view is not None else None
+    return ending if ending is not None else feed.encoder.cut()
 
 
 async def _follow(
@@ -316,9 +317,6 @@ async def _catch_up(
             fanout.break_channel(sub.channel, "tail ahead of the stream")
 
 
-_ALL: StreamKey = (-1, -1)  # before every entry: select what a batch made, whatever its entries' ids
-
-
 def _attach(
     fanout: Fanout, sub: Subscriber, position: str, replayed: Replayed | None, feed: Feed | None, *, from_memory: bool
 ) -> bool:
@@ -331,7 +329,7 @@ def _attach(
 def _replay(r: RangeResult, position: str, sub: Subscriber, feed: Feed | None) -> tuple[bytes, Replayed | None]:
     """A page of history as this stream is written it; native, also the page as the channel's resume window."""
     if feed is not None:
-        return select(feed.take(r.entries), _ALL, sub.skip), None
+        return select(feed.take(r.entries), ALL, _skip(sub)), None
     chunks = [encode_event(e.id, e.event, e.data) for e in r.entries]
     return b"".join(chunks), Replayed(parse_id(position), [e.key for e in r.entries], chunks)
 
@@ -339,7 +337,11 @@ def _replay(r: RangeResult, position: str, sub: Subscriber, feed: Feed | None) -
 def _reset(reset: Reset, sub: Subscriber, feed: Feed | None) -> bytes:
     if feed is None:
         return encode_reset(reset)
-    return select(feed.take_reset(parse_id(reset.continue_after), reset_data(reset)), _ALL, sub.skip)
+    return select(feed.take_reset(parse_id(reset.continue_after), reset_data(reset)), ALL, _skip(sub))
+
+
+def _skip(sub: Subscriber) -> int:
+    return sub.view.skip if sub.view is not None else 0
 
 
 async def _may_follow(request: web.Request, sub: Subscriber) -> bool:

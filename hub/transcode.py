@@ -20,7 +20,7 @@ from ssecore.backend import Entry, StreamKey
 if TYPE_CHECKING:
     from .fanout import Subscriber
 
-__all__ = ["Batch", "Encoder", "Feed", "Transcoding", "select"]
+__all__ = ["ALL", "Batch", "Encoder", "Feed", "Transcoding", "View", "encode_safely", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,22 @@ class Transcoding:
 
 # The units one batch made: (entry key, index of its first unit, its units) for each entry.
 Batch = list[tuple[StreamKey, int, list[bytes]]]
+ALL: StreamKey = (-1, -1)  # before every entry: `select` what a batch made, whatever its entries' ids
+_ENTRY_BYTES = 100  # what `kept` holds per entry besides its units' bytes, counted against the cap
+
+
+def encode_safely(encoder: Encoder, kind: str, data: str) -> list[bytes]:
+    """An event in the encoder's format. One it cannot read ends the answer as an error, the same way wherever it is
+    encoded: a feed that raised would raise again on the same entries, and the fan-out's one task must go on."""
+    try:
+        return encoder.encode(kind, data)
+    except Exception as exc:
+        log.warning("cannot re-encode a %r event: %r", kind, exc)
+    try:
+        return encoder.encode("error", _UNREADABLE)
+    except Exception:
+        log.exception("cannot encode the error ending an unreadable event")
+        return []
 
 
 def select(batch: Batch, after: StreamKey, skip: int) -> bytes:
@@ -67,9 +83,20 @@ def select(batch: Batch, after: StreamKey, skip: int) -> bytes:
 class Feed:
     """One encoder over one channel, with the streams that read it. `position` is the last entry the encoder took,
     `units` how many units it has made; `kept`, while it holds every unit from the channel's start within `cap`
-    bytes, what a stream joining later is served from (None once it would not)."""
+    bytes, what a stream joining later is served from (None once it would not, or when nobody could join)."""
 
-    __slots__ = ("cap", "encoder", "key", "kept", "kept_bytes", "position", "subscribers", "units")
+    __slots__ = (
+        "_ending",
+        "cap",
+        "encoder",
+        "key",
+        "kept",
+        "kept_bytes",
+        "position",
+        "reset",
+        "subscribers",
+        "units",
+    )
 
     def __init__(self, encoder: Encoder, key: Hashable, cap: int) -> None:
         self.encoder = encoder
@@ -79,30 +106,39 @@ class Feed:
         self.units = 0
         self.kept: Batch | None = [] if cap > 0 else None
         self.kept_bytes = 0
+        # It took a `reset` its catch-up met (the channel's start trimmed away): its events are not the channel's
+        # own any more, and no other stream may read it (see View).
+        self.reset = False
         self.subscribers: set[Subscriber] = set()
+        self._ending: tuple[int, bytes] | None = None  # the encoder's cut, and at how many units it was taken
 
     def take(self, entries: Iterable[Entry]) -> Batch:
-        """Encode the entries after `position`. An event the encoder cannot read ends its answer as a reset would: a
-        feed that raised would raise again on the same entries, and the fan-out's one task must go on."""
+        """Encode the entries after `position`."""
         batch: Batch = []
         for e in entries:
             if e.key <= self.position:
                 continue  # taken already: this feed was made by a stream that caught up ahead of the live tail
-            try:
-                units = self.encoder.encode(e.event, e.data)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                log.warning("cannot re-encode an event: %r", exc)
-                units = self.encoder.encode("error", _UNREADABLE)
-            self.add(batch, e.key, units)
+            self.add(batch, e.key, encode_safely(self.encoder, e.event, e.data))
         self._keep(batch)
         return batch
 
     def take_reset(self, key: StreamKey, data: str) -> Batch:
         """The in-band `reset` a catch-up met (the channel's start was trimmed away), at `key`."""
+        self.reset = True
+        self.private()
         batch: Batch = []
-        self.add(batch, key, self.encoder.encode("reset", data))
-        self._keep(batch)
+        self.add(batch, max(key, self.position), encode_safely(self.encoder, "reset", data))
         return batch
+
+    def private(self) -> None:
+        """Nobody else will read it: it keeps nothing for them."""
+        self.cap, self.kept, self.kept_bytes = 0, None, 0
+
+    def ending(self) -> bytes:
+        """The encoder's cut, taken once per state: a drain ends every stream of a feed at once."""
+        if self._ending is None or self._ending[0] != self.units:
+            self._ending = self.units, self.encoder.cut()
+        return self._ending[1]
 
     def add(self, batch: Batch, key: StreamKey, units: list[bytes]) -> None:
         batch.append((key, self.units, units))
@@ -113,7 +149,7 @@ class Feed:
         if self.kept is None or not batch:
             return
         self.kept.extend(batch)
-        self.kept_bytes += sum(len(u) for _, _, units in batch for u in units)
+        self.kept_bytes += sum(_ENTRY_BYTES + sum(len(u) for u in units) for _, _, units in batch)
         if self.kept_bytes > self.cap:
             self.kept = None  # not whole any more: a stream joining later replays the store
 
@@ -121,4 +157,24 @@ class Feed:
         """Take the state of a feed that is behind this one (a stream caught up to an earlier entry): the entries in
         between are encoded again, to the same units, and the streams that already have them skip them."""
         self.encoder, self.position, self.units = other.encoder, other.position, other.units
-        self.kept, self.kept_bytes = other.kept, other.kept_bytes
+        self.kept, self.kept_bytes, self._ending = other.kept, other.kept_bytes, None
+
+
+class View:
+    """How one stream reads the channel in another format: `own`, the feed its catch-up fed; `shared`, the channel's
+    feed it joined (None until then); `skip`, how many units the client already has; `ending`, what it ends with,
+    taken from the feed when it was ended (later events move the feed on)."""
+
+    __slots__ = ("ending", "own", "shared", "skip")
+
+    def __init__(self, own: Feed, skip: int) -> None:
+        self.own = own
+        self.shared: Feed | None = None
+        self.skip = skip
+        self.ending: bytes | None = None
+
+    def source(self, last_key: StreamKey) -> Feed:
+        """The feed whose state is what this stream was written, for a stream that has the entries up to `last_key`:
+        the shared one, unless the stream caught up past it (then its own encoder stopped where the stream is)."""
+        shared = self.shared
+        return shared if shared is not None and last_key <= shared.position else self.own

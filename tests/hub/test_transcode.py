@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
-from hub.fanout import Fanout, Subscriber
+from hub.fanout import Fanout, Subscriber, reset_data
 from hub.metrics import HubMetrics
 from hub.transcode import Transcoding
-from ssecore.backend import Entry
+from ssecore.backend import Entry, Reset
 from ssecore.backend_memory import MemoryBackend
 
 
@@ -78,13 +78,13 @@ def test_each_event_is_encoded_once_and_each_stream_gets_each_unit_once() -> Non
 
     # A stream that comes now is served from the feed's memory, from its fourth unit on, replaying nothing.
     late = Subscriber("c", None, 1 << 20)
-    late.skip = 3
+    fanout.feed(late, Transcoding(Units(), "k", skip=3))
     assert fanout.resume_feed(late, "k")
     assert Units.encoded == ["e2", "e3", "e4", "e5"]
     fanout._dispatch("c", fanout._channels["c"], e[5:])
     assert late.take_pending() == b"[e3][e4][e5][E5][e6]"
     assert Units.encoded == ["e2", "e3", "e4", "e5", "e6"]
-    assert ahead.ended and behind.ended and late.ended and ahead.ending == b""
+    assert ahead.ended and behind.ended and late.ended and _ending(ahead) == b""
 
 
 def test_a_stream_ended_early_gets_the_ending_of_what_it_was_written() -> None:
@@ -96,8 +96,40 @@ def test_a_stream_ended_early_gets_the_ending_of_what_it_was_written() -> None:
     first.end()  # the node drains, or its token expired
     fanout.detach(first)
     fanout._dispatch("c", fanout._channels["c"], e[2:])
-    assert first.take_pending() == b"[e2]" and first.ending == b"<cut after 2>"
-    assert second.take_pending() == b"[e2][e3][e4]" and second.ending == b""
+    assert first.take_pending() == b"[e2]" and _ending(first) == b"<cut after 2>"
+    assert second.take_pending() == b"[e2][e3][e4]" and _ending(second) == b""
+
+
+def test_a_stream_ahead_of_the_feed_ends_and_is_told_of_a_deletion_from_where_it_is() -> None:
+    fanout = _fanout()
+    e = list(_entries("token", "token", "token", "token"))
+    behind, _ = _stream(fanout, e[:1])
+    ahead, _ = _stream(fanout, e[:3])  # past the feed, which the live tail has not moved on yet
+    ahead.end()
+    assert _ending(ahead) == b"<cut after 3>"  # what it was written, not where the shared feed stands (1)
+    fanout._on_deleted("c")
+    told = reset_data(Reset("deleted", "0-0", "1-0")).encode()
+    assert behind.take_pending() == b"[" + told + b"]" and behind.ended
+
+
+def test_a_stream_whose_catch_up_met_a_reset_reads_its_own_encoder() -> None:
+    fanout = _fanout()
+    e = list(_entries("token", "token", "token", "token"))
+    first, _ = _stream(fanout, e[:2])
+    trimmed = Subscriber("c", None, 1 << 20)
+    own = fanout.feed(trimmed, Transcoding(Units(), "k"))
+    wrote = b"".join(u for _, _, units in own.take_reset((1, 0), '"trimmed"') for u in units)
+    wrote += b"".join(u for _, _, units in own.take(e[1:2]) for u in units)
+    assert fanout.try_attach(trimmed, e[1].id, feed=own)
+    fanout._dispatch("c", fanout._channels["c"], e[2:])
+    assert first.take_pending() == b"[e3][e4]"
+    assert wrote + (trimmed.take_pending() or b"") == b'["trimmed"][e2][e3][e4]'
+    assert fanout._channels["c"].feeds["k"].subscribers == {first}
+
+
+def _ending(sub: Subscriber) -> bytes | None:
+    assert sub.view is not None
+    return sub.view.ending
 
 
 def test_a_streams_own_encoder_goes_when_it_does() -> None:
