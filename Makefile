@@ -80,6 +80,7 @@ bench: install-dev system-deps bench-deps
 	$(BIN)/python bench/run.py --out bench/results.md
 	$(BIN)/python bench/producer.py --out bench/results-producer.md
 	$(BIN)/python bench/formats.py --out bench/results-formats.md
+	$(BIN)/python bench/publish_path.py --out bench/results-publish-path.md
 	$(BIN)/python bench/replicas.py --out bench/results-replicas.md
 
 # The soak with random kill -9 of hub nodes and workers (`make test` runs 30 s of it without kills). It prints its
