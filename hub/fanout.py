@@ -28,7 +28,17 @@ from typing import Protocol
 
 import orjson
 
-from ssecore.backend import Backend, BackendUnavailable, Entry, Reset, StreamKey, TailReader, format_id, parse_id
+from ssecore.backend import (
+    Backend,
+    BackendUnavailable,
+    ChannelInfo,
+    Entry,
+    Reset,
+    StreamKey,
+    TailReader,
+    format_id,
+    parse_id,
+)
 from ssecore.presence import PRESENCE_INTERVAL_S, Presence
 from ssecore.sse import comment, encode_event
 
@@ -326,6 +336,7 @@ class Fanout:
         self._draining = False
         self._tail_ok = True  # False while the live tail cannot read the backend
         self._released = True  # the reader holds nothing for channels (no subscription, no ring kept)
+        self._info_reads: dict[str, asyncio.Future[ChannelInfo | None]] = {}  # see channel_info
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -486,6 +497,25 @@ class Fanout:
         """Whether `resume` would serve this position now (the handler then skips its first history read)."""
         ch = self._channels.get(channel)
         return ch is not None and ch.holds(parse_id(position))
+
+    async def channel_info(self, channel: str) -> ChannelInfo | None:
+        """The store's view of a channel, read once for all the streams that ask while a read is under way. In a
+        reconnect storm thousands of streams start on a few channels before this node tails them: each asking the
+        store on its own would cost a round trip per stream and keep every one of them waiting, all at once, which
+        leaves the node's memory at the storm's peak. A stream that joins a read begun just before it came may start
+        a few events earlier than it would have: never later, so it misses nothing."""
+        read = self._info_reads.get(channel)
+        if read is None:
+            self._metrics.subscribe_reads.inc()
+            read = self._info_reads[channel] = asyncio.ensure_future(self._backend.info(channel))
+            read.add_done_callback(lambda done: self._info_read_done(channel, done))
+        return await asyncio.shield(read)
+
+    def _info_read_done(self, channel: str, read: asyncio.Future[ChannelInfo | None]) -> None:
+        if self._info_reads.get(channel) is read:
+            del self._info_reads[channel]
+        if not read.cancelled():
+            read.exception()  # retrieved: every stream that waited had its own answer
 
     def live_position(self, channel: str) -> str | None:
         """Where a live (non-resuming) subscriber may join a channel this node already tails: every entry after it

@@ -81,8 +81,7 @@ async def _start(
         live = fanout.live_position(channel)
         existed = False
         if live is None:
-            request.app[METRICS].subscribe_reads.inc()
-            info = await request.app[BACKEND].info(channel)
+            info = await fanout.channel_info(channel)
             if info is not None and info.closed:
                 return None
             live = info.last_id if info is not None else ZERO_ID

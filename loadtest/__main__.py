@@ -7,7 +7,7 @@ The only module that reads os.environ. Every flag is also a variable `LOADTEST_<
     --url URL           hub base URL(s); connections and publishes go round-robin   [http://127.0.0.1:8080]
     --connections N     subscribers (idle, fanout) or concurrent publishers (publish) [1000; publish: 16]
     --channels M        channels the connections spread over                        [10]
-    --ramp R            connections opened per second, in total                     [1000]
+    --ramp R            connections opened per second, in total (a large R: as fast as the server accepts) [1000]
     --rate R            events published per second, in total (publish: 0 = as fast as possible) [100; publish: 0]
     --batch B           events per publish request (publish: a second phase at B)   [1]
     --payload BYTES     padding in each event's data                                [0]
@@ -27,6 +27,9 @@ The only module that reads os.environ. Every flag is also a variable `LOADTEST_<
                         counts the store commands the storm cost on it
     --key-prefix P      the hub's --key-prefix                                        [hub:]
     --coalesce-ms MS    generations: the producer's coalescing window                 [5]
+    --source-addresses A
+                        local addresses the subscribers connect from, in turn (A, or a range A-B): one source
+                        address reaches one server address from ~28,000 ports; e.g. 127.0.0.2-127.0.0.9
 
 Exit status: 0 when every check passed, 1 when the run found problems (lost, duplicate or reordered events, failed
 connections, publish errors) or could not finish, 2 for bad settings or a file limit too low, 130 when interrupted.
@@ -53,7 +56,7 @@ from .plot import plot_missing, write_plot
 from .report import build_result, write_outputs
 from .runner import Run, WorkerError
 from .scenario import SCENARIOS, Scenario
-from .settings import LoadSettings
+from .settings import LoadSettings, address_range
 
 __all__ = ["fd_limit_problem", "main", "settings_from_args"]
 
@@ -83,8 +86,9 @@ _FLAGS: dict[str, tuple[str, type]] = {
     "redis-url": ("redis_url", str),
     "key-prefix": ("key_prefix", str),
     "coalesce-ms": ("coalesce_ms", float),
+    "source-addresses": ("source_addresses", str),
 }
-_LISTS = {"url", "pid", "metrics-url"}
+_LISTS = {"url", "pid", "metrics-url", "source-addresses"}
 
 
 def _env_name(flag: str) -> str:
@@ -121,6 +125,8 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
         if raw is None:
             continue
         values[field_name] = _convert(flag, kind, raw)
+    if "source_addresses" in values:
+        values["source_addresses"] = tuple(a for spec in values["source_addresses"] for a in address_range(spec))
     if values.get("target", "hub") not in ADAPTERS:
         raise ValueError(f"unknown --target {values['target']!r}; known: {', '.join(ADAPTERS)}")
     settings = LoadSettings(scenario=name, **values)
@@ -167,12 +173,14 @@ def _port_range_warning(settings: LoadSettings) -> str | None:
             low, high = (int(x) for x in f.read().split())
     except (OSError, ValueError):
         return None
-    per_target = settings.connections / len({urlsplit(u).netloc for u in settings.urls})
-    if per_target <= high - low + 1:
+    pairs = len({urlsplit(u).netloc for u in settings.urls}) * max(1, len(settings.source_addresses))
+    per_pair = settings.connections / pairs
+    if per_pair <= high - low + 1:
         return None
     return (
-        f"warning: {per_target:.0f} connections to one address exceed the {high - low + 1} local ports of "
-        f"net.ipv4.ip_local_port_range ({low}-{high}); connections will fail with EADDRNOTAVAIL"
+        f"warning: {per_pair:.0f} connections from one source address to one server address exceed the "
+        f"{high - low + 1} local ports of net.ipv4.ip_local_port_range ({low}-{high}); connections will fail with "
+        "EADDRNOTAVAIL: spread them with --source-addresses (on loopback, e.g. 127.0.0.2-127.0.0.9)"
     )
 
 

@@ -84,6 +84,7 @@ class SubscribeJob:
     ramp_per_s: float  # this worker's share of the ramp
     token: str | None
     connect_timeout_s: float
+    source_addresses: tuple[str, ...] = ()  # of each stream in `streams`, in order; () for the system's choice
 
 
 class _Refused(Exception):
@@ -95,11 +96,23 @@ class _Refused(Exception):
 class _Stream:
     """One subscriber: its connection task and its delivery record."""
 
-    __slots__ = ("channel", "endpoint", "expected", "last_id", "ready", "resumed_at", "settled", "task", "tracker")
+    __slots__ = (
+        "channel",
+        "endpoint",
+        "expected",
+        "last_id",
+        "ready",
+        "resumed_at",
+        "settled",
+        "source",
+        "task",
+        "tracker",
+    )
 
-    def __init__(self, url: str, channel: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, url: str, channel: str, loop: asyncio.AbstractEventLoop, source: str | None = None) -> None:
         self.endpoint = Endpoint.from_url(url)
         self.channel = channel
+        self.source = (source, 0) if source else None  # the local address it connects from
         self.tracker = SequenceTracker()
         self.expected: int | None = None  # known once the publisher is done
         self.settled = False  # complete, or given up on (dropped); counted once towards the drain
@@ -119,7 +132,9 @@ class SubscriberPool:
         self.ramp_per_s = job.ramp_per_s
         self.connect_timeout_s = job.connect_timeout_s
         self.headers = _auth(job.token)
-        self.streams = [_Stream(url, channel, loop) for url, channel in job.streams]
+        sources = job.source_addresses or (None,) * len(job.streams)
+        pairs = zip(job.streams, sources, strict=True)
+        self.streams = [_Stream(url, channel, loop, src) for (url, channel), src in pairs]
         self.totals = StreamTotals()  # resets, unexpected and dropped, counted as they happen
         self._ssl: ssl.SSLContext | None = None
         self._unsettled = 0
@@ -200,7 +215,9 @@ class SubscriberPool:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 ep = s.endpoint
-                reader, writer = await asyncio.open_connection(ep.host, ep.port, ssl=self._ssl_context(ep))
+                reader, writer = await asyncio.open_connection(
+                    ep.host, ep.port, ssl=self._ssl_context(ep), local_addr=s.source
+                )
                 writer.write(build_get(ep, headers))
                 head = parse_head(await reader.readuntil(b"\r\n\r\n"))
                 if head.status != 200:
@@ -371,8 +388,10 @@ async def subscribe_role(ctx: WorkerContext, job: SubscribeJob) -> None:
     every stream and send `done` with the delivery record."""
     pool = SubscriberPool(ctx, job)
     try:
+        began = time.time()
         await pool.open_all()
-        ctx.ready()
+        # When this worker began opening its streams and when the last was live: the ramp the server sustained.
+        ctx.ready({"began": began, "ended": time.time()})
         kind, payload = await ctx.command()
         if kind == "storm":
             await pool.storm(payload["timeout_s"])

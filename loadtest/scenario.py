@@ -59,17 +59,23 @@ def register(cls: S) -> S:
 
 
 def spawn_subscribers(run: Run, channels: list[str]) -> list[WorkerHandle]:
-    """N subscribers, subscriber i on channel i mod M at URL i mod U, dealt to the workers like cards so that every
-    worker holds every channel and the workers' ramps add up to --ramp."""
+    """N subscribers, subscriber i on channel i mod M at URL i mod U (from source address i mod A), dealt to the
+    workers like cards so that every worker holds every channel and the workers' ramps add up to --ramp."""
     s = run.settings
     adapter = ADAPTERS[s.target]()
     streams = [
         (adapter.subscribe_url(s.urls[i % len(s.urls)], channels[i % len(channels)]), channels[i % len(channels)])
         for i in range(s.connections)
     ]
+    # Subscriber i connects from source address i mod A: each address carries its share whatever the workers.
+    sources = tuple(s.source_addresses[i % len(s.source_addresses)] for i in range(s.connections)) if (
+        s.source_addresses) else ()  # fmt: skip
     w = s.client_workers
     jobs = [
-        SubscribeJob(s.target, tuple(streams[k::w]), s.ramp_per_s / w, s.token, s.connect_timeout_s) for k in range(w)
+        SubscribeJob(
+            s.target, tuple(streams[k::w]), s.ramp_per_s / w, s.token, s.connect_timeout_s, tuple(sources[k::w])
+        )
+        for k in range(w)
     ]
     return run.spawn("subscribe", jobs)
 
@@ -255,13 +261,16 @@ class Idle(Scenario):
         before = run.sample()
         run.begin_phase("connect")
         subs = spawn_subscribers(run, channels)
-        await run.expect(subs, "ready", ramp_timeout_s(run))
+        ramp = await run.expect(subs, "ready", ramp_timeout_s(run))
         run.begin_phase("hold")
         loaded = run.sample()
         await run.hold(s.duration_s)
         after = run.sample()
         streams, _, _ = await finish_subscribers(run, subs, dict.fromkeys(channels, 0), 0.0)
         c = connections_outcome(run, out, streams)
+        span_s = max(r["ended"] for r in ramp) - min(r["began"] for r in ramp)
+        c["opened_per_s"] = round(c["opened"] / span_s, 1) if span_s > 0 else None
+        out.rows.append(("connections opened per second (first attempt to last live)", f"{c['opened_per_s']}"))
         hub = hub_figures(s.pids, before, after, run.proc.peak_rss_bytes)
         if before is not None and after is not None and loaded is not None and c["opened"]:
             hub["rss_loaded_bytes"] = loaded.rss_bytes

@@ -5,6 +5,7 @@ Built by `loadtest.__main__` from flags and `LOADTEST_*` variables (scenario def
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -64,6 +65,9 @@ class LoadSettings:
     redis_url: str | None = None  # the hub's Redis: generations append to it; store commands are counted on it
     key_prefix: str = "hub:"  # the hub's --key-prefix, for appends to its Redis
     coalesce_ms: float = DEFAULT_WINDOW_MS  # generations: the producer's --coalesce-ms
+    # Local addresses the subscribers' connections come from, in turn: one address reaches one server address from
+    # about 28,000 ports only, so a node filled to 100,000 needs several (on loopback, any of 127.0.0.0/8).
+    source_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -92,8 +96,27 @@ class LoadSettings:
             "must be a redis://, rediss:// or unix:// URL",
         )
         need(0 <= self.coalesce_ms <= 1000, "coalesce-ms", "must be 0-1000")
+        for address in self.source_addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                need(False, "source-addresses", f"{address!r} is not an IP address (or a range A-B of them)")
 
     @property
     def client_workers(self) -> int:
         """Worker processes that share the connections: never more than there are connections."""
         return min(self.workers, self.connections)
+
+
+def address_range(spec: str) -> tuple[str, ...]:
+    """`127.0.0.2-127.0.0.9` as the addresses it spans (both ends included); a single address as itself."""
+    first, dash, last = spec.partition("-")
+    if not dash:
+        return (spec.strip(),)
+    try:
+        low, high = ipaddress.ip_address(first.strip()), ipaddress.ip_address(last.strip())
+    except ValueError:
+        raise ValueError(f"invalid setting --source-addresses: {spec!r} is not a range of IP addresses") from None
+    if low.version != high.version or not 0 <= int(high) - int(low) < 65536:
+        raise ValueError(f"invalid setting --source-addresses: {spec!r} must go up, within 65,536 addresses")
+    return tuple(str(ipaddress.ip_address(int(low) + k)) for k in range(int(high) - int(low) + 1))

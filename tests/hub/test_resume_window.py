@@ -177,3 +177,25 @@ async def test_resumes_stay_exact_while_publishing_whatever_the_window(
     for got in results:
         assert got == [str(i) for i in range(total)]
     keeper.close()
+
+
+class SlowInfo(CountingBackend):
+    """A store whose channel-info reads take a while, as on a busy Redis in a reconnect storm."""
+
+    async def info(self, channel: str) -> ChannelInfo | None:
+        self.infos += 1
+        await asyncio.sleep(0.1)
+        return await self.inner.info(channel)
+
+
+async def test_live_subscribers_arriving_together_share_one_store_read(
+    make_client: ClientFactory, backend: Backend
+) -> None:
+    slow = SlowInfo(backend)
+    client = await make_client(slow)
+    await publish(client, "storm", {"data": "before"})
+    streams = await asyncio.gather(*(subscribe(client, "storm") for _ in range(20)))
+    assert slow.infos == 1  # one read for the twenty, not one each
+    ids = await publish(client, "storm", {"data": "after"})
+    for stream in streams:
+        assert [e.id for e in await collect(stream, count=1)] == ids  # each from now on: nothing older, nothing lost

@@ -88,6 +88,31 @@ def test_flags_win_over_environment_and_lists_take_commas_and_repeats() -> None:
     assert (s.scenario, s.connections, s.rate_per_s) == ("publish", 16, 0.0)
 
 
+def test_source_addresses_take_ranges_and_lists() -> None:
+    argv = ["idle", "--source-addresses", "127.0.0.2-127.0.0.4,10.0.0.1", "--source-addresses", "::1"]
+    s, _ = settings_from_args(argv, {})
+    assert s.source_addresses == ("127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.1", "::1")
+
+
+@pytest.mark.e2e
+def test_connections_come_from_each_source_address_in_turn(tmp_path: Path) -> None:
+    # The hub counts streams per client address: two per address, four connections, all open only when they come
+    # from two addresses (from one, two of them are refused with 429).
+    node = HubProcess(*LOAD_FLAGS[:-2], "--max-streams-per-client", "2", "--log-level", "warning")
+    node.start()
+    try:
+        for sources, opened in (("127.0.0.2-127.0.0.3", 4), ("127.0.0.2", 2)):
+            out = tmp_path / "out.json"
+            args = ["idle", "--url", node.url, "--connections", "4", "--channels", "2", "--duration", "0.5"]
+            args += ["--workers", "1", "--source-addresses", sources, "--json", str(out)]
+            proc = subprocess.run([sys.executable, "-m", "loadtest", *args], cwd=ROOT, capture_output=True, timeout=60)
+            r = orjson.loads(out.read_bytes())
+            assert r["connections"]["opened"] == opened, proc.stderr.decode(errors="replace")[-2000:]
+            assert r["connections"]["opened_per_s"] > 0
+    finally:
+        node.close()
+
+
 @pytest.mark.parametrize(
     ("argv", "env"),
     [
@@ -98,6 +123,8 @@ def test_flags_win_over_environment_and_lists_take_commas_and_repeats() -> None:
         (["fanout", "--url", "ftp://x"], {}),
         (["fanout", "--target", "nope"], {}),
         (["fanout", "--redis-url", "http://x"], {}),
+        (["idle", "--source-addresses", "127.0.0.9-127.0.0.2"], {}),
+        (["idle", "--source-addresses", "localhost"], {}),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(argv: list[str], env: dict[str, str]) -> None:
