@@ -76,6 +76,30 @@ def _raise_fd_limit() -> None:
     log.info("file descriptor limit: %s", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def backlog_warning(backlog: int, somaxconn: int | None) -> str | None:
+    """What to say when the kernel will queue fewer unaccepted connections than --backlog asks (it caps the queue at
+    net.core.somaxconn without a word): beyond that, a reconnect storm's connections are dropped at the handshake and
+    wait for the client's SYN retries, 1 s, then 3 s, then 7 s."""
+    if somaxconn is None or somaxconn >= backlog:
+        return None
+    return (
+        f"the kernel queues at most {somaxconn} connections before they are accepted (net.core.somaxconn), below "
+        f"--backlog {backlog}: in a reconnect storm of more, the rest wait for SYN retries (1 s, 3 s, ...); raise "
+        "net.core.somaxconn (docs/deployment.md)"
+    )
+
+
+def _somaxconn() -> int | None:
+    try:
+        with open(_SOMAXCONN) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def create_node(
     settings: HubSettings,
     *,
@@ -146,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _raise_fd_limit()
+    if (warning := backlog_warning(settings.backlog, _somaxconn())) is not None:
+        log.warning("%s", warning)
     try:
         app = create_node(settings, worker_settings=worker_settings, provider_keys=ProviderKeys.from_env(os.environ))
     except (ValueError, OSError) as e:

@@ -166,3 +166,12 @@ async def test_sigterm_drains_streams_and_exits_within_grace(hubs: list[HubProce
         assert time.monotonic() - started < 4 + 2
         with pytest.raises(aiohttp.ClientConnectionError):
             await s.get(f"{node.url}/v1/channels/d0/events")
+
+
+def test_a_backlog_the_kernel_caps_is_said_at_start_with_what_to_raise() -> None:
+    from hub.__main__ import backlog_warning
+
+    warning = backlog_warning(32768, 4096)
+    assert warning is not None and "net.core.somaxconn" in warning and "4096" in warning and "32768" in warning
+    assert backlog_warning(4096, 4096) is None
+    assert backlog_warning(4096, None) is None  # not Linux, or /proc not readable: nothing to say
