@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["Report", "cpu_seconds"]
 
@@ -25,3 +26,8 @@ class Report:
     def add(self, line: str = "") -> None:
         print(line, flush=True)
         self.lines.append(line)
+
+    def save(self, path: Path | None) -> None:
+        """Write the report to `path` (the script's --out), if given."""
+        if path is not None:
+            path.write_text("\n".join(self.lines) + "\n")

@@ -196,8 +196,7 @@ def main() -> None:
             if process is not None:
                 process.close()
         redis.close()
-    if args.out:
-        args.out.write_text("\n".join(report.lines) + "\n")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

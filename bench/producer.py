@@ -147,8 +147,7 @@ def main() -> None:
         asyncio.run(measure(redis.url, args, report))
     finally:
         redis.close()
-    if args.out:
-        args.out.write_text("\n".join(report.lines) + "\n")
+    report.save(args.out)
 
 
 if __name__ == "__main__":

@@ -234,8 +234,7 @@ def main() -> None:
         for s in {id(s.proc): s for s in servers}.values():
             s.stop()
         redis.close()
-    if args.out:
-        args.out.write_text("\n".join(report.lines) + "\n")
+    report.save(args.out)
 
 
 if __name__ == "__main__":
