@@ -28,6 +28,9 @@ class _OutOfRange(ValueError):
 
 async def read_body(request: web.Request, settings: HubSettings) -> bytes:
     """The request body, within --body-timeout: a body that never finishes must not hold a handler for ever."""
+    if request.content.is_eof():
+        # All of it came with the head, as a small publish's does: nothing to wait for, so no timer to arm.
+        return await request.read()
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             return await request.read()
