@@ -750,6 +750,7 @@ class Fanout:
         last, end = entries[-1].key, entries[-1].close
         head, first_unit = batch[0][0], batch[0][1]
         payload: bytes | None = None
+        framed = b""
         delivered = cut = 0
         for sub in tuple(feed.subscribers):
             lk = sub.last_key
@@ -759,6 +760,17 @@ class Fanout:
             if lk < head and skip <= first_unit:
                 if payload is None:
                     payload = b"".join(u for _, _, units in batch for u in units)
+                    # Framed once for all, as `_dispatch` frames the native bytes.
+                    framed = b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b""
+                # The common case, as in `_dispatch`: written straight to a parked handler's or handed-over stream's
+                # transport, which keeps up.
+                if payload and sub.direct and not end and not sub.ended:
+                    t = sub.transport
+                    if t is not None and t.get_write_buffer_size() <= sub.max_buffer_bytes and not t.is_closing():
+                        t.write(framed if sub.chunked else payload)
+                        sub.last_key = last
+                        delivered += len(batch)
+                        continue
                 data, n = payload, len(batch)
             else:
                 data, n = select(batch, lk, skip), sum(1 for key, _, _ in batch if key > lk)
