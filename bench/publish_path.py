@@ -31,7 +31,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import TICKS, Report  # noqa: E402
+from bench.common import Report, cpu_seconds  # noqa: E402
 from tests.processes import RedisServer, free_port, wait_port  # noqa: E402
 
 _BODY = b'{"ids":["1-0"]}'
@@ -89,17 +89,17 @@ def _serve_aiohttp(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, loop=uvloop.new_event_loop(), print=None, access_log=None)
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
-
-
 class Server:
-    def __init__(self, name: str, command: list[str], port: int, subscribers: int = 0) -> None:
-        self.name, self.port, self.subscribers = name, port, subscribers
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port, 30)
+    """A server process under test, and how many subscribers watch the channel it is published to."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], port: int, subscribers: int = 0) -> None:
+        self.name, self.proc, self.port, self.subscribers = name, proc, port, subscribers
+
+    @classmethod
+    def start(cls, name: str, command: list[str], port: int) -> Server:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, 30, proc)
+        return cls(name, proc, port)
 
     @property
     def url(self) -> str:
@@ -127,12 +127,12 @@ async def _window(server: Server, rate: float, seconds: float) -> float:
     async with aiohttp.ClientSession() as session:
         streams = [await session.get(server.url) for _ in range(server.subscribers)]
         await asyncio.sleep(0.3)
-        user0, sys0 = _cpu(server.proc.pid)
+        cpu0 = cpu_seconds(server.proc.pid)
         n = await _publish(session, server, rate, seconds)
-        user1, sys1 = _cpu(server.proc.pid)
+        cpu = cpu_seconds(server.proc.pid) - cpu0
         for s in streams:
             s.close()
-    return ((user1 - user0) + (sys1 - sys0)) / n * 1e6
+    return cpu / n * 1e6
 
 
 async def _traced_window(server: Server, rate: float, seconds: float, size: Callable[[], int]) -> tuple[int, int, int]:
@@ -198,14 +198,14 @@ def main() -> None:
         here = [sys.executable, str(Path(__file__).resolve())]
         for name, serve in (("bare uvloop protocol", "raw"), ("bare aiohttp handler", "aiohttp")):
             port = free_port()
-            servers.append(Server(name, [*here, "--serve", serve, "--port", str(port)], port))
+            servers.append(Server.start(name, [*here, "--serve", serve, "--port", str(port)], port))
         port = free_port()
         hub = [sys.executable, "-m", "hub", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis.url]
         hub += ["--anonymous", "--embedded-worker", "off", "--publish-rate", "1000000", "--publish-burst", "1000000"]
         hub += ["--log-level", "warning"]
-        servers.append(Server("hub publish, no subscriber", hub, port))
-        servers.append(Server("hub publish, 10 subscribers", hub, port, subscribers=10))
-        servers[-1].proc = servers[-2].proc  # the same hub process, its channel watched
+        alone = Server.start("hub publish, no subscriber", hub, port)
+        # The same hub process, publishing to a channel that 10 streams watch.
+        servers += [alone, Server("hub publish, 10 subscribers", alone.proc, port, subscribers=10)]
         report.add(f"# Publish path benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         report.add()
         report.add(

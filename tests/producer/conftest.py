@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from producer.settings import ProducerSettings, ProviderKeys
+from producer.settings import ProducerSettings
 from ssecore.backend_memory import MemoryBackend
 from tests.conftest import ClientFactory
-from tests.producer.fake_providers import TEST_API_KEY, FakeProviders
+from tests.producer.fake_providers import FakeProviders
 
 
 @pytest.fixture
@@ -30,14 +30,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def fake_hub(make_client: ClientFactory, fake: FakeProviders) -> TestClient[Any, Any]:
     """A hub with its embedded worker, every built-in provider pointed at the fake server, the demo at full speed."""
-    keys = ProviderKeys(
-        openai_api_key=TEST_API_KEY,
-        openai_base_url=fake.base_url("openai"),
-        anthropic_api_key=TEST_API_KEY,
-        anthropic_base_url=fake.base_url("anthropic"),
-        gemini_api_key=TEST_API_KEY,
-        gemini_base_url=fake.base_url("gemini"),
-    )
+    keys = fake.provider_keys()
     return await make_client(
         MemoryBackend(history=10_000, ttl_s=3600),
         worker_settings=ProducerSettings(metrics_port=0, poll_s=0.05, demo_tokens_per_s=0),

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from producer.providers.base import ProviderConfig
+from producer.settings import ProviderKeys
 
 __all__ = [
     "DEFAULT_TOKENS",
@@ -731,6 +732,17 @@ class FakeProviders:
         """What to put in ProviderConfig.base_url: OpenAI's includes /v1, the others (Azure's resource root too) are
         the server root."""
         return f"{self.root}/v1" if provider in ("openai", "openai-responses") else self.root
+
+    def provider_keys(self) -> ProviderKeys:
+        """Keys pointing every built-in provider at this server, as a worker's environment would."""
+        return ProviderKeys(
+            openai_api_key=TEST_API_KEY,
+            openai_base_url=self.base_url("openai"),
+            anthropic_api_key=TEST_API_KEY,
+            anthropic_base_url=self.base_url("anthropic"),
+            gemini_api_key=TEST_API_KEY,
+            gemini_base_url=self.base_url("gemini"),
+        )
 
     def config(self, provider: ProviderName, **overrides: Any) -> ProviderConfig:
         settings: dict[str, Any] = {"api_key": TEST_API_KEY, "base_url": self.base_url(provider)}

@@ -14,7 +14,7 @@ from producer.providers.anthropic import AnthropicProvider
 from producer.providers.base import Provider, TextDelta
 from producer.providers.gemini import GeminiProvider
 from producer.providers.openai import OpenAIProvider
-from producer.settings import ProducerSettings, ProviderKeys, providers_for
+from producer.settings import ProducerSettings, providers_for
 from producer.worker import Worker
 from ssecore.backend import ChannelClosed, Entry, NewEvent
 from ssecore.backend_memory import MemoryBackend
@@ -242,14 +242,7 @@ async def patient_rig() -> AsyncIterator[Rig]:
             anthropic_timeout_s=0.2,
             gemini_timeout_s=0.2,
         )
-        keys = ProviderKeys(
-            openai_api_key=TEST_API_KEY,
-            openai_base_url=fake.base_url("openai"),
-            anthropic_api_key=TEST_API_KEY,
-            anthropic_base_url=fake.base_url("anthropic"),
-            gemini_api_key=TEST_API_KEY,
-            gemini_base_url=fake.base_url("gemini"),
-        )
+        keys = fake.provider_keys()
         worker = Worker(settings, backend=backend, queue=queue, providers=providers_for(settings, keys))
         task = asyncio.create_task(worker.run_async())
         yield Rig(fake, backend, queue, worker)
